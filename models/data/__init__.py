@@ -1,0 +1,1 @@
+"""HDF5 data sets: checks (in-process and sandboxed), summaries and readers."""
