@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         2 * 2**30, gt=0, description="Address-space limit of the sandboxed HDF5 validator process."
     )
     validate_cpu_seconds: int = Field(120, gt=0, description="CPU-time limit of the sandboxed HDF5 validator.")
+    max_classes: int = Field(
+        100_000, ge=2, description="Refuse integer labels implying more classes than this (largest label+1)."
+    )
     scan_slice_bytes: int = Field(
         16 * 2**20, gt=0, description="Bytes read per slice when scanning a dataset for NaN/Inf and labels."
     )
@@ -45,6 +48,72 @@ class Settings(BaseSettings):
     # Trainer
     progress_interval_s: float = Field(0.5, gt=0, description="Minimum seconds between two batch progress events.")
     probe_batch_size: int = Field(64, gt=0, description="Rows in the fixed batch used for per-layer diagnostics.")
+
+    # Job service: database, queue, storage (service/, worker/db.py, worker/storage.py)
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL of the job database, e.g. postgresql+psycopg://user@host/gpuyard. "
+        "Empty: SQLite at <data_dir>/gpuyard.db.",
+    )
+    redis_url: str = Field(
+        "redis://localhost:6379/0", description="Redis URL: the Celery broker, and what /v1/ready checks."
+    )
+    train_queue: str = Field("gpuyard.jobs", description="Celery queue the API sends gpuyard.train tasks to.")
+    storage_dir: Path | None = Field(
+        None, description="Root of local storage (data sets, job artifacts). Empty: <data_dir>/storage."
+    )
+    max_upload_bytes: int = Field(2 * 2**30, gt=0, description="Largest data set upload accepted, in bytes.")
+    max_active_jobs_per_user: int = Field(
+        4, ge=1, description="Queued plus running jobs one user may have; more answer 429."
+    )
+    lease_seconds: int = Field(
+        60, gt=0, description="How long a worker's claim on a job lasts without renewal before the janitor "
+        "may requeue it."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts a job gets before a lost worker marks it interrupted, not requeued."
+    )
+    dry_run_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds the API waits for a dry-run subprocess (it builds the Keras model)."
+    )
+    sse_poll_interval_s: float = Field(
+        0.5, gt=0, description="Seconds between two job-event polls of the database in an SSE stream."
+    )
+    sse_keepalive_s: float = Field(
+        15.0, gt=0, description="Seconds of silence after which an SSE stream sends a keep-alive comment."
+    )
+
+    # Celery workers, supervisor and janitor (worker/celery_app.py, worker/supervisor.py, worker/janitor.py)
+    visibility_timeout_s: int = Field(
+        6 * 3600,
+        gt=0,
+        description="Redis redelivers a task not acknowledged within this many seconds (tasks ack when they "
+        "end). Must exceed twice lease_seconds; a redelivery of a running job is a no-op (its lease is live).",
+    )
+    cancel_poll_s: float = Field(
+        0.5, gt=0, le=1.0, description="Seconds between two checks of a running job's cancel flag."
+    )
+    cancel_grace_s: float = Field(
+        3.0,
+        gt=0,
+        description="Seconds a trainer gets after SIGTERM (cancel, time limit) to checkpoint and exit "
+        "before its process group is killed.",
+    )
+    janitor_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between two janitor passes (requeue jobs whose lease expired)."
+    )
+    worker_gpu: str = Field(
+        "cpu", description="What this worker's trainers run on: 'cpu' or a GPU UUID (one worker per GPU)."
+    )
+
+    @model_validator(mode="after")
+    def _default_paths(self) -> Settings:
+        """Fill the DB URL and storage root from ``data_dir`` when they are left empty."""
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'gpuyard.db').as_posix()}"
+        if self.storage_dir is None:
+            self.storage_dir = self.data_dir / "storage"
+        return self
 
 
 @lru_cache(maxsize=1)
