@@ -1,0 +1,237 @@
+"""/v1/jobs: submit (or dry-run), list, show, cancel jobs; stream their events; fetch logs and artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+from flask import Blueprint, Response, request, send_file, url_for
+
+from models.errors import Problem
+from models.spec import parse_spec
+from service.api import json_body, query_args, respond
+from service.auth import authenticate, current_user, visible_owner_id
+from service.errors import NotFound, ServiceUnavailable, Unprocessable
+from service.extensions import services
+from service.schemas import ARTIFACT_NAMES, DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut
+from worker.db import TERMINAL_STATES, Database, Job, JobEvent
+from worker.storage import JOB_LOG_NAME
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+bp.before_request(authenticate)
+
+_TRUE = ("1", "true", "yes")
+_FALSE = ("0", "false", "no", "")
+
+
+@bp.post("")
+def submit() -> Response:
+    """Validate and queue a job (201), or with ``?dry_run=1`` report what it would build (200).
+
+    422 lists every spec problem; 404 when the data set is not the caller's; 429 at the per-user cap of
+    queued + running jobs; 503 when the queue is unreachable (the job is then marked interrupted).
+    """
+    svc = services()
+    dry_run = _flag("dry_run")
+    body = json_body(JobCreate)
+    spec = parse_spec(body.spec)  # SpecError: 422 with every problem
+    dataset = svc.db.get_dataset(body.dataset, visible_owner_id())
+    if dataset is None:
+        raise NotFound(f"no data set {body.dataset!r}; upload one with POST /v1/datasets", field="dataset")
+    spec_json = spec.model_dump(mode="json")
+    if dry_run:
+        data_path = svc.storage.local_path(dataset.storage_key)
+        result = svc.dry_run(spec_json, data_path)
+        report = result.get("report") or {}
+        if report.get("ok") is False:  # the model could not be built for this data: say every reason
+            errors = report.get("errors") or [{"code": "dry_run_failed", "detail": "the dry run failed"}]
+            problems = [
+                Problem(e.get("code", "invalid"), e.get("detail", ""), e.get("field")) for e in errors
+            ]
+            raise Unprocessable.from_problems("spec_invalid", problems, prefix="spec.")
+        return respond(
+            DryRunOut(dataset=dataset.id, spec=spec_json, report=result.get("report"), env=result.get("env"))
+        )
+    job = svc.db.create_job(
+        current_user().id,
+        dataset.id,
+        spec_json,
+        max_active=svc.settings.max_active_jobs_per_user,
+        max_attempts=svc.settings.max_attempts,
+    )
+    try:
+        svc.queue.enqueue(job.id)
+    except ServiceUnavailable as exc:
+        svc.db.interrupt_queued(job.id, "queue_unavailable", exc.detail)
+        raise
+    return respond(JobOut.of(job), 201, {"Location": url_for("jobs.show", job_id=job.id)})
+
+
+@bp.get("")
+def index() -> Response:
+    """The caller's jobs (an admin's: everyone's), newest first; ``?state=``, ``?limit=``, ``?cursor=``."""
+    query = query_args(JobListQuery)
+    try:
+        page = services().db.list_jobs(
+            visible_owner_id(), state=query.state, limit=query.limit, cursor=query.cursor
+        )
+    except ValueError as exc:
+        raise Unprocessable(str(exc), field="cursor") from exc
+    return respond(JobListOut(jobs=[JobOut.of(j) for j in page.jobs], next_cursor=page.next_cursor))
+
+
+@bp.get("/<job_id>")
+def show(job_id: str) -> Response:
+    """One job: state, attempts, progress, error."""
+    return respond(JobOut.of(_visible_job(job_id)))
+
+
+@bp.post("/<job_id>/cancel")
+def cancel(job_id: str) -> Response:
+    """Cancel a job: a queued one at once; a running one is stopped by its worker; a finished one stays."""
+    _visible_job(job_id)
+    job = services().db.request_cancel(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return respond(JobOut.of(job))
+
+
+@bp.get("/<job_id>/events")
+def events(job_id: str) -> Response:
+    """Server-Sent Events: past events from the job DB, then new ones as they are stored.
+
+    New events are found by polling the job DB every ``sse_poll_interval_s`` (0.5 s): it works with any
+    number of API processes and needs no broker. ``id:`` is the event's sequence number; a client resumes
+    with ``Last-Event-ID`` (or ``?last_event_id=``). The stream ends after the job's terminal state event.
+    """
+    _visible_job(job_id)
+    after = _last_event_id()
+    svc = services()
+    stream = _event_stream(
+        svc.db, job_id, after, svc.settings.sse_poll_interval_s, svc.settings.sse_keepalive_s
+    )
+    return Response(
+        stream,
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _event_stream(db: Database, job_id: str, after: int, poll_s: float, keepalive_s: float) -> Iterator[str]:
+    """The SSE body. Takes the DB as an argument: the generator runs after the request context is gone."""
+    last = after
+    quiet_s = 0.0
+    yield "retry: 2000\n\n"
+    while True:
+        batch = db.events_since(job_id, last)
+        for job_event in batch:
+            last = job_event.seq
+            yield _sse(job_event)
+            if _is_terminal(job_event):
+                return
+        if batch:
+            quiet_s = 0.0
+            continue
+        job = db.get_job(job_id)
+        if job is None:
+            return
+        if job.is_terminal:
+            # Ended without a terminal event after ours (or a resume past it): flush what is left, stop.
+            for job_event in db.events_since(job_id, last):
+                yield _sse(job_event)
+            return
+        time.sleep(poll_s)
+        quiet_s += poll_s
+        if quiet_s >= keepalive_s:
+            quiet_s = 0.0
+            yield ": keep-alive\n\n"
+
+
+def _sse(job_event: JobEvent) -> str:
+    name = str(job_event.event.get("event", "message")).replace("\n", " ")
+    data = json.dumps(job_event.event, separators=(",", ":"))
+    return f"id: {job_event.seq}\nevent: {name}\ndata: {data}\n\n"
+
+
+def _is_terminal(job_event: JobEvent) -> bool:
+    return job_event.event.get("event") == "state" and job_event.event.get("state") in TERMINAL_STATES
+
+
+def _last_event_id() -> int:
+    raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
+    if not raw.strip().isdigit():
+        raise Unprocessable(
+            f"Expected Last-Event-ID (or ?last_event_id=) to be an event sequence number. Received: {raw!r}",
+            field="last_event_id",
+        )
+    return int(raw)
+
+
+@bp.get("/<job_id>/logs")
+def logs(job_id: str) -> Response:
+    """The trainer's log (its stderr) as text; Range requests let a client follow its tail."""
+    job = _visible_job(job_id)
+    storage = services().storage
+    key = storage.job_key(job.id, JOB_LOG_NAME)
+    if not storage.exists(key):
+        raise NotFound(f"job {job_id} has no log yet (state: {job.state})")
+    return send_file(
+        storage.local_path(key), mimetype="text/plain; charset=utf-8", conditional=True, max_age=0
+    )
+
+
+@bp.get("/<job_id>/artifacts/<name>")
+def artifact(job_id: str, name: str) -> Response:
+    """Download one artifact (model.h5, model.keras, history.json, diagnostics.json, summary.json).
+
+    The ETag is the file's SHA-256; ``If-None-Match`` answers 304 and ``Range`` 206.
+    """
+    job = _visible_job(job_id)
+    if name not in ARTIFACT_NAMES:
+        raise NotFound(f"Expected an artifact among {', '.join(ARTIFACT_NAMES)}. Received: {name!r}")
+    storage = services().storage
+    key = storage.job_key(job.id, name)
+    if not storage.exists(key):
+        raise NotFound(f"job {job_id} has no {name} (state: {job.state})")
+    path = storage.local_path(key)
+    stat = path.stat()
+    return send_file(
+        path,
+        conditional=True,
+        etag=_sha256_of(str(path), stat.st_mtime_ns, stat.st_size),
+        download_name=name,
+        as_attachment=True,
+        max_age=0,
+    )
+
+
+@lru_cache(maxsize=256)
+def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
+    """SHA-256 of a file; cached per (path, mtime, size), since artifacts are replaced, never edited."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _visible_job(job_id: str) -> Job:
+    job = services().db.get_job(job_id, visible_owner_id())
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+def _flag(name: str) -> bool:
+    raw = request.args.get(name)
+    if raw is None:
+        return False
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise Unprocessable(f"Expected ?{name}=1 or ?{name}=0. Received: {name}={raw!r}", field=name)

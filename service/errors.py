@@ -1,0 +1,148 @@
+"""The API's errors: each carries its HTTP status and renders as ``{"error", "detail", "field"?}``.
+
+Hierarchy::
+
+    GpuyardError (models.errors)
+    └── ApiError                  500 internal_error         base; renders every API error body
+        ├── BadRequest            400 bad_request            malformed JSON, bad query value
+        ├── Unauthorized          401 unauthorized           missing or unknown bearer token
+        ├── NotFound              404 not_found              no such resource, or someone else's
+        ├── Conflict              409 conflict               e.g. a data set still used by a job
+        ├── PayloadTooLarge       413 payload_too_large
+        ├── UnsupportedMediaType  415 unsupported_media_type
+        ├── Unprocessable         422 validation_error       carries ``problems`` (every one found)
+        ├── TooManyRequests       429 too_many_active_jobs
+        └── ServiceUnavailable    503 service_unavailable    database, Redis or queue unreachable
+
+Errors from below (job DB, storage, spec and data checks) are translated by :func:`to_api_error`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.errors import DataError, GpuyardError, Problem, SpecError
+from worker.db import ActiveJobLimit, DatabaseUnavailable, DatasetInUse, UnknownDataset
+from worker.storage import InvalidKey, UploadTooLarge
+
+
+class ApiError(GpuyardError):
+    """An error the API answers with ``status_code`` and the JSON body of :meth:`to_dict`.
+
+    Args:
+        detail: a sentence saying what was wrong and what was expected.
+        code: machine-readable error code (defaults to the class's).
+        field: the request field at fault (``"spec.training.epochs"``, ``"file"``, ``"limit"``).
+        problems: every problem found, for errors that can have several (422).
+        headers: extra response headers (``WWW-Authenticate``, ``Retry-After``).
+    """
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        code: str | None = None,
+        field: str | None = None,
+        problems: list[Problem] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(problems or [Problem(code or self.code, detail, field)])
+        self.detail = detail
+        self.code = code or self.code
+        self.field = field
+        self.has_problem_list = problems is not None
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.code, "detail": self.detail}
+        if self.field is not None:
+            body["field"] = self.field
+        if self.has_problem_list:
+            body["problems"] = [p.to_dict() for p in self.problems]
+        return body
+
+
+class BadRequest(ApiError):
+    status_code = 400
+    code = "bad_request"
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class NotFound(ApiError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    status_code = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class Unprocessable(ApiError):
+    status_code = 422
+    code = "validation_error"
+
+    @classmethod
+    def from_problems(cls, code: str, problems: list[Problem], *, prefix: str = "") -> Unprocessable:
+        """A 422 listing every problem; ``prefix`` places their fields in the request (``"spec."``)."""
+        if prefix:
+            problems = [
+                Problem(p.code, p.detail, f"{prefix}{p.field}" if p.field else None) for p in problems
+            ]
+        summary = (
+            problems[0].detail
+            if len(problems) == 1
+            else f"{len(problems)} problems: " + "; ".join(p.detail for p in problems)
+        )
+        field = problems[0].field if len(problems) == 1 else None
+        return cls(summary, code=code, field=field, problems=problems)
+
+
+class TooManyRequests(ApiError):
+    status_code = 429
+    code = "too_many_active_jobs"
+
+
+class ServiceUnavailable(ApiError):
+    status_code = 503
+    code = "service_unavailable"
+
+
+def to_api_error(exc: GpuyardError) -> ApiError:
+    """Translate an error from a layer below into the API error a client should see."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, SpecError):
+        return Unprocessable.from_problems(exc.code, exc.problems, prefix="spec.")
+    if isinstance(exc, DataError):
+        return Unprocessable.from_problems(exc.code, exc.problems)
+    if isinstance(exc, ActiveJobLimit):
+        return TooManyRequests(str(exc), code=exc.code)
+    if isinstance(exc, DatasetInUse):
+        return Conflict(str(exc), code=exc.code)
+    if isinstance(exc, UnknownDataset):
+        return NotFound(str(exc), code=exc.code, field="dataset")
+    if isinstance(exc, UploadTooLarge):
+        return PayloadTooLarge(str(exc))
+    if isinstance(exc, InvalidKey):
+        return NotFound(str(exc))
+    if isinstance(exc, DatabaseUnavailable):
+        return ServiceUnavailable("the job database is unavailable; try again shortly", code=exc.code)
+    return ApiError(str(exc), code=exc.code)  # our own message: safe to show, no traceback in it

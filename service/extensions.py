@@ -1,0 +1,43 @@
+"""The service's long-lived parts (settings, job DB, storage, queue, checkers), built once per app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, current_app
+
+from models.data.summary import DataKeys, DatasetSummary
+from service.queue import JobQueue
+from worker.db import Database
+from worker.settings import Settings
+from worker.storage import Storage
+
+EXTENSION_KEY = "gpuyard"
+
+DatasetChecker = Callable[[Path, DataKeys], DatasetSummary]
+"""Validates an uploaded HDF5 file; raises models.errors.DataError listing every reason."""
+
+DryRunner = Callable[[dict[str, Any], Path], dict[str, Any]]
+"""Dry-runs a validated spec against a stored data set; returns the summary, raises SpecError/DataError."""
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    storage: Storage
+    queue: JobQueue
+    check_dataset: DatasetChecker
+    dry_run: DryRunner
+
+
+def init_services(app: Flask, services: Services) -> None:
+    app.extensions[EXTENSION_KEY] = services
+
+
+def services() -> Services:
+    """The current app's services."""
+    return current_app.extensions[EXTENSION_KEY]

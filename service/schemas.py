@@ -1,0 +1,192 @@
+"""The API's request and response bodies as pydantic models; /openapi.json is generated from them."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from models.data.summary import DatasetSummary
+from worker.db import JOB_STATES, Dataset, Job, JobEvent
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
+assert set(JobState.__args__) == set(JOB_STATES)  # type: ignore[attr-defined]
+
+ARTIFACT_NAMES = ("model.h5", "model.keras", "history.json", "diagnostics.json", "summary.json")
+ArtifactName = Literal["model.h5", "model.keras", "history.json", "diagnostics.json", "summary.json"]
+
+# allOf: a bare $ref beside a description would make pydantic resolve the ref, which lives elsewhere.
+SpecObject = Annotated[dict[str, Any], WithJsonSchema({"allOf": [{"$ref": "#/components/schemas/JobSpec"}]})]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ── errors ──
+class ProblemOut(BaseModel):
+    code: str = Field(description="Machine-readable reason, e.g. 'missing_key', 'greater_than'.")
+    detail: str = Field(
+        description="What was wrong, naming the field and value received, and what was expected."
+    )
+    field: str | None = Field(None, description="Dotted path of the field or HDF5 key at fault.")
+
+
+class ErrorOut(BaseModel):
+    """Every error response (4xx and 5xx) has this body."""
+
+    error: str = Field(description="Machine-readable error code, e.g. 'not_found', 'spec_invalid'.")
+    detail: str = Field(description="A sentence saying what was wrong and what was expected.")
+    field: str | None = Field(None, description="The request field at fault, when there is one.")
+    problems: list[ProblemOut] | None = Field(None, description="Every problem found (422 responses).")
+
+
+# ── health ──
+class HealthOut(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str] = Field(description="Per dependency (database, redis): 'ok' or what failed.")
+
+
+# ── data sets ──
+class DatasetOut(BaseModel):
+    id: str
+    owner: str
+    name: str | None = Field(None, description="The uploaded file's name, if one was given.")
+    sha256: str
+    size_bytes: int
+    summary: DatasetSummary
+    created_at: dt.datetime
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> DatasetOut:
+        return cls(
+            id=dataset.id,
+            owner=dataset.owner.name,
+            name=dataset.name,
+            sha256=dataset.sha256,
+            size_bytes=dataset.size_bytes,
+            summary=DatasetSummary.model_validate(dataset.summary),
+            created_at=dataset.created_at,
+        )
+
+
+class DatasetListOut(BaseModel):
+    datasets: list[DatasetOut]
+
+
+class DatasetUploadQuery(_Body):
+    """Optional query parameters of an upload: the HDF5 keys to check (defaults: X_train, Y_train, ...)."""
+
+    name: str | None = Field(None, max_length=255, description="A name to remember the upload by.")
+    x_train: str | None = None
+    y_train: str | None = None
+    x_val: str | None = None
+    y_val: str | None = None
+    x_test: str | None = None
+    y_test: str | None = None
+    num_classes: int | None = Field(None, ge=2)
+
+
+# ── jobs ──
+class JobCreate(_Body):
+    """POST /v1/jobs: a data set id and a job spec."""
+
+    dataset: str = Field(description="Id of one of your data sets (POST /v1/datasets).")
+    spec: SpecObject = Field(description="The job spec (see the JobSpec schema).")
+
+
+class JobProgress(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    epoch: int | None = None
+    loss: float | None = None
+    metrics: dict[str, float] | None = None
+    samples_per_s: float | None = None
+    eta_s: float | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    owner: str
+    state: JobState
+    spec: SpecObject
+    dataset: str | None = Field(description="The data set's id; null once the data set was deleted.")
+    priority: int
+    attempts: int
+    max_attempts: int
+    gpu: str | None = Field(description="GPU UUID or 'cpu' of the latest attempt.")
+    queued_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    cancel_requested: bool
+    progress: JobProgress | None = Field(description="The latest epoch's progress.")
+    error_reason: str | None = Field(
+        description="Machine-readable reason of a failed/interrupted/cancelled job."
+    )
+    error_detail: str | None
+    exit_code: int | None = Field(description="The trainer's exit code (see worker.exitcodes).")
+    peak_gpu_memory_bytes: int | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls(
+            id=job.id,
+            owner=job.owner.name,
+            state=job.state,  # type: ignore[arg-type]
+            spec=job.spec,
+            dataset=job.dataset_id,
+            priority=job.priority,
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            gpu=job.gpu,
+            queued_at=job.queued_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            cancel_requested=job.cancel_requested,
+            progress=JobProgress.model_validate(job.last_progress) if job.last_progress else None,
+            error_reason=job.error_reason,
+            error_detail=job.error_detail,
+            exit_code=job.exit_code,
+            peak_gpu_memory_bytes=job.peak_gpu_memory_bytes,
+        )
+
+
+class JobListQuery(_Body):
+    state: JobState | None = Field(None, description="Only jobs in this state.")
+    limit: int = Field(50, ge=1, le=200, description="Jobs per page.")
+    cursor: str | None = Field(None, description="The previous page's next_cursor.")
+
+
+class JobListOut(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page.")
+
+
+class DryRunOut(BaseModel):
+    """POST /v1/jobs?dry_run=1: what the job would build; nothing is queued."""
+
+    dry_run: Literal[True] = True
+    dataset: str
+    spec: SpecObject = Field(description="The spec as validated (aliases replaced by full names).")
+    report: dict[str, Any] | None = Field(
+        description="The trainer's dry-run report: parameters, layer table, memory estimate, warnings."
+    )
+    env: dict[str, Any] | None = Field(None, description="The environment the trainer would set up.")
+
+
+class JobEventOut(BaseModel):
+    """One Server-Sent Event of GET /v1/jobs/{id}/events: ``id:`` is ``seq``, ``event:`` the event's name,
+    ``data:`` this object's ``event`` field as JSON."""
+
+    seq: int
+    time: dt.datetime
+    event: dict[str, Any]
+
+    @classmethod
+    def of(cls, job_event: JobEvent) -> JobEventOut:
+        return cls(seq=job_event.seq, time=job_event.time, event=job_event.event)

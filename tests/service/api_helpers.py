@@ -1,0 +1,72 @@
+"""Small helpers shared by the API tests (imported by name: pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flask.testing import FlaskClient
+
+from service.errors import ServiceUnavailable
+
+GOOD_SPEC: dict[str, Any] = {"architecture": {"family": "mlp", "widths": [16]}, "training": {"epochs": 1}}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def upload(client: FlaskClient, token: str, path: Path) -> Any:
+    return client.post(
+        "/v1/datasets", data=path.read_bytes(), content_type="application/x-hdf5", headers=bearer(token)
+    )
+
+
+def assert_error_body(response: Any, status: int, error: str | None = None) -> dict[str, Any]:
+    """Every error is JSON {"error", "detail", "field"?}, never HTML."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert isinstance(body["error"], str) and isinstance(body["detail"], str) and body["detail"]
+    assert set(body) <= {"error", "detail", "field", "problems"}
+    assert "Traceback" not in response.get_data(as_text=True)
+    if error is not None:
+        assert body["error"] == error
+    return body
+
+
+@dataclass
+class FakeQueue:
+    """Stands in for Celery: records what would have been sent."""
+
+    sent: list[str] = field(default_factory=list)
+    down: bool = False
+
+    def enqueue(self, job_id: str) -> None:
+        if self.down:
+            raise ServiceUnavailable("the job queue is unreachable (test)", code="queue_unavailable")
+        self.sent.append(job_id)
+
+
+@dataclass
+class FakeDryRun:
+    """Stands in for the trainer's dry-run subprocess (which imports Keras)."""
+
+    calls: list[tuple[dict[str, Any], Path]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=lambda: {"ok": True, "parameters": 1234, "layers": []})
+
+    def __call__(self, spec: dict[str, Any], data_path: Path) -> dict[str, Any]:
+        self.calls.append((spec, data_path))
+        return {"report": self.report, "env": {"backend": "tensorflow"}}
+
+
+@dataclass
+class Tokens:
+    alice: str
+    bob: str
+    admin: str
+
+    @staticmethod
+    def header(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}

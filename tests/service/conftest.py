@@ -1,0 +1,136 @@
+"""Fixtures of the API tests: an app on a temporary SQLite DB and storage, users, and a private Redis."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from api_helpers import FakeDryRun, FakeQueue, Tokens
+from flask import Flask
+from flask.testing import FlaskClient, FlaskCliRunner
+
+from service.app import create_app
+from service.extensions import Services
+from worker.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "gpuyard",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens: tests needing Redis use redis_url
+        max_upload_bytes=2 * 2**20,
+        max_active_jobs_per_user=2,
+        sse_poll_interval_s=0.05,
+        validate_cpu_seconds=20,
+    )
+
+
+@pytest.fixture
+def queue() -> FakeQueue:
+    return FakeQueue()
+
+
+@pytest.fixture
+def dry_run() -> FakeDryRun:
+    return FakeDryRun()
+
+
+@pytest.fixture
+def app(settings: Settings, queue: FakeQueue, dry_run: FakeDryRun) -> Iterator[Flask]:
+    app = create_app(
+        {
+            "TESTING": True,
+            "GPUYARD_SETTINGS": settings,
+            "GPUYARD_JOB_QUEUE": queue,
+            "GPUYARD_DRY_RUNNER": dry_run,
+        }
+    )
+    yield app
+    services(app).db.dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app: Flask) -> FlaskCliRunner:
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def tokens(app: Flask) -> Tokens:
+    db = services(app).db
+    return Tokens(
+        alice=db.create_user("alice")[1],
+        bob=db.create_user("bob")[1],
+        admin=db.create_user("root", is_admin=True)[1],
+    )
+
+
+def services(app: Flask) -> Services:
+    return app.extensions["gpuyard"]
+
+
+@pytest.fixture(scope="session")
+def digits_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models.data.digits import write_digits_h5
+
+    return write_digits_h5(tmp_path_factory.mktemp("data") / "digits.h5")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server on a free port, no persistence; stopped after the session."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        else:
+            pytest.skip("the private redis-server did not start")
+        yield url
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=10)

@@ -1,0 +1,77 @@
+"""Bearer tokens: who may call what, and who sees which rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from api_helpers import Tokens, assert_error_body, bearer, upload
+from click.testing import CliRunner
+
+from service.users_cli import users
+from worker.db import Database
+from worker.settings import get_settings
+
+
+def test_health_needs_no_token(client) -> None:  # type: ignore[no-untyped-def]
+    assert client.get("/v1/health").get_json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/datasets", "/v1/jobs/job_x/events", "/v1/datasets/ds_x"])
+def test_everything_else_needs_a_token(client, path: str) -> None:  # type: ignore[no-untyped-def]
+    response = client.get(path)
+    assert_error_body(response, 401, "unauthorized")
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_an_unknown_token_is_refused(client, tokens: Tokens) -> None:  # type: ignore[no-untyped-def]
+    response = client.get("/v1/jobs", headers=bearer(tokens.alice + "x"))
+    assert_error_body(response, 401)
+    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+    assert client.get("/v1/jobs", headers=bearer(tokens.alice)).status_code == 200
+
+
+def test_users_see_only_their_own_rows_and_admins_see_all(  # type: ignore[no-untyped-def]
+    client, tokens: Tokens, digits_file: Path
+) -> None:
+    dataset_id = upload(client, tokens.alice, digits_file).get_json()["id"]
+    assert_error_body(client.get(f"/v1/datasets/{dataset_id}", headers=bearer(tokens.bob)), 404, "not_found")
+    assert client.get("/v1/datasets", headers=bearer(tokens.bob)).get_json() == {"datasets": []}
+    assert_error_body(client.delete(f"/v1/datasets/{dataset_id}", headers=bearer(tokens.bob)), 404)
+    job = client.post(
+        "/v1/jobs",
+        json={"dataset": dataset_id, "spec": {"architecture": {"family": "mlp", "widths": [8]}}},
+        headers=bearer(tokens.alice),
+    ).get_json()
+    for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/events", f"/v1/jobs/{job['id']}/logs"):
+        assert_error_body(client.get(path, headers=bearer(tokens.bob)), 404)
+    assert_error_body(client.post(f"/v1/jobs/{job['id']}/cancel", headers=bearer(tokens.bob)), 404)
+    # Bob cannot run jobs on Alice's data either.
+    response = client.post("/v1/jobs", json={"dataset": dataset_id, "spec": {}}, headers=bearer(tokens.bob))
+    assert response.status_code in (404, 422)
+    admin_jobs = client.get("/v1/jobs", headers=bearer(tokens.admin)).get_json()["jobs"]
+    assert [j["id"] for j in admin_jobs] == [job["id"]] and admin_jobs[0]["owner"] == "alice"
+    assert client.get(f"/v1/datasets/{dataset_id}", headers=bearer(tokens.admin)).status_code == 200
+
+
+def test_users_cli_creates_a_user_and_prints_the_token_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPUYARD_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        result = runner.invoke(users, ["create", "carol", "--admin"])
+        assert result.exit_code == 0, result.output
+        token = result.stdout.strip().splitlines()[-1]
+        db = Database(get_settings().database_url)
+        user = db.user_for_token(token)
+        assert user is not None and user.name == "carol" and user.is_admin
+        assert token not in (tmp_path / "gpuyard.db").read_bytes().decode("latin-1")
+        again = runner.invoke(users, ["create", "carol"])
+        assert again.exit_code != 0 and "already exists" in again.output
+        listed = runner.invoke(users, ["list"])
+        assert "carol" in listed.output and token not in listed.output
+        db.dispose()
+    finally:
+        get_settings.cache_clear()
