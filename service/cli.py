@@ -91,3 +91,7 @@ from service.worker_cli import janitor_command, worker_command  # noqa: E402
 
 main.add_command(worker_command)
 main.add_command(janitor_command)
+
+from service.demo_cli import demo_command  # noqa: E402
+
+main.add_command(demo_command)

@@ -384,9 +384,7 @@ class Database:
                     )
                 )
             elif current > LATEST_VERSION:
-                raise SchemaError(
-                    f"the database is at schema version {current}; this code knows {LATEST_VERSION}"
-                )
+                raise SchemaError(f"the database is at schema version {current}; this code knows {LATEST_VERSION}")
             else:
                 for migration in MIGRATIONS:
                     if migration.version > current:
@@ -410,9 +408,7 @@ class Database:
             UserExists: the name is taken.
         """
         if not _USER_NAME.match(name):
-            raise ValueError(
-                f"Expected a user name of 1-64 letters, digits, '_', '.', '-'. Received: {name!r}"
-            )
+            raise ValueError(f"Expected a user name of 1-64 letters, digits, '_', '.', '-'. Received: {name!r}")
         token = "gy_" + secrets.token_urlsafe(32)
         try:
             with self._begin() as s:
@@ -511,9 +507,7 @@ class Database:
         with self._begin() as s:
             # One statement decides, so a job submitted meanwhile either blocks this or fails its FK.
             deleted = s.execute(
-                delete(Dataset)
-                .where(Dataset.id == dataset_id, ~active)
-                .execution_options(synchronize_session=False)
+                delete(Dataset).where(Dataset.id == dataset_id, ~active).execution_options(synchronize_session=False)
             ).rowcount
         if deleted == 1:
             return dataset
@@ -552,9 +546,7 @@ class Database:
                 s.execute(select(User.id).where(User.id == owner_id).with_for_update())
             s.execute(update(User).where(User.id == owner_id).values(is_admin=User.is_admin))
             active = s.scalar(
-                select(func.count())
-                .select_from(Job)
-                .where(Job.owner_id == owner_id, Job.state.in_(ACTIVE_STATES))
+                select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.state.in_(ACTIVE_STATES))
             )
             if active >= max_active:
                 raise ActiveJobLimit(
@@ -612,9 +604,7 @@ class Database:
             query = query.where(Job.state == state)
         if cursor:
             after_time, after_id = _decode_cursor(cursor)
-            query = query.where(
-                or_(Job.queued_at < after_time, and_(Job.queued_at == after_time, Job.id < after_id))
-            )
+            query = query.where(or_(Job.queued_at < after_time, and_(Job.queued_at == after_time, Job.id < after_id)))
         with self._begin() as s:
             jobs = list(s.scalars(query).unique())
         next_cursor = None
@@ -675,14 +665,10 @@ class Database:
                 return None
             job = s.get(Job, job_id, populate_existing=True)
             assert job is not None
-            self._append(
-                s, job_id, {"event": "state", "state": RUNNING, "attempt": job.attempts, "gpu": gpu}, now
-            )
+            self._append(s, job_id, {"event": "state", "state": RUNNING, "attempt": job.attempts, "gpu": gpu}, now)
             return job
 
-    def renew_lease(
-        self, job_id: str, owner: str, lease_seconds: float, *, now: dt.datetime | None = None
-    ) -> bool:
+    def renew_lease(self, job_id: str, owner: str, lease_seconds: float, *, now: dt.datetime | None = None) -> bool:
         """Extend ``owner``'s lease to ``now + lease_seconds``.
 
         Returns:
@@ -752,9 +738,7 @@ class Database:
             False when ``owner`` no longer holds the job; nothing is changed then.
         """
         if state not in TERMINAL_STATES:
-            raise ValueError(
-                f"Expected a terminal state among {', '.join(TERMINAL_STATES)}. Received: {state!r}"
-            )
+            raise ValueError(f"Expected a terminal state among {', '.join(TERMINAL_STATES)}. Received: {state!r}")
         now = now or utcnow()
         values: dict[str, Any] = {
             "state": state,
@@ -798,9 +782,7 @@ class Database:
         with self._begin() as s:
             return self._release(s, job_id, now, reason, detail, owner=owner)
 
-    def interrupt_queued(
-        self, job_id: str, reason: str, detail: str, *, now: dt.datetime | None = None
-    ) -> bool:
+    def interrupt_queued(self, job_id: str, reason: str, detail: str, *, now: dt.datetime | None = None) -> bool:
         """Mark a queued job that was never handed to a worker (e.g. the broker was down) interrupted.
 
         Returns:
@@ -858,9 +840,7 @@ class Database:
         now = now or utcnow()
         with self._begin() as s:
             expired = list(
-                s.scalars(
-                    select(Job.id).where(Job.state == RUNNING, Job.lease_expires_at < now).order_by(Job.id)
-                )
+                s.scalars(select(Job.id).where(Job.state == RUNNING, Job.lease_expires_at < now).order_by(Job.id))
             )
         report = JanitorReport()
         for job_id in expired:
@@ -888,11 +868,7 @@ class Database:
     ) -> str | None:
         """Move one running job out of its lease: expired (``owner`` None) or handed back by ``owner``."""
         held = and_(Job.id == job_id, Job.state == RUNNING)
-        held = (
-            and_(held, Job.lease_owner == owner)
-            if owner is not None
-            else and_(held, Job.lease_expires_at < now)
-        )
+        held = and_(held, Job.lease_owner == owner) if owner is not None else and_(held, Job.lease_expires_at < now)
         cleared = {"lease_owner": None, "lease_expires_at": None}
         steps = (
             (CANCELLED, Job.cancel_requested.is_(True), {"finished_at": now, "error_reason": "cancelled"}),
@@ -904,10 +880,7 @@ class Database:
             if new_state == INTERRUPTED:
                 values["error_detail"] = f"{detail or reason}; no attempts left"
             changed = s.execute(
-                update(Job)
-                .where(held, condition)
-                .values(**values)
-                .execution_options(synchronize_session=False)
+                update(Job).where(held, condition).values(**values).execution_options(synchronize_session=False)
             ).rowcount
             if changed == 1:
                 event_reason = reason if new_state != CANCELLED else "cancelled"
@@ -981,6 +954,4 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
             raise ValueError("bad cursor")
         return parsed, job_id
     except (ValueError, TypeError) as exc:
-        raise ValueError(
-            f"Expected a cursor from a previous page's next_cursor. Received: {cursor!r}"
-        ) from exc
+        raise ValueError(f"Expected a cursor from a previous page's next_cursor. Received: {cursor!r}") from exc

@@ -67,8 +67,9 @@ class Settings(BaseSettings):
         4, ge=1, description="Queued plus running jobs one user may have; more answer 429."
     )
     lease_seconds: int = Field(
-        60, gt=0, description="How long a worker's claim on a job lasts without renewal before the janitor "
-        "may requeue it."
+        60,
+        gt=0,
+        description="How long a worker's claim on a job lasts without renewal before the janitor may requeue it.",
     )
     max_attempts: int = Field(
         3, ge=1, description="Attempts a job gets before a lost worker marks it interrupted, not requeued."
@@ -104,6 +105,18 @@ class Settings(BaseSettings):
     )
     worker_gpu: str = Field(
         "cpu", description="What this worker's trainers run on: 'cpu' or a GPU UUID (one worker per GPU)."
+    )
+
+    # Client side: the ``gpuyard`` commands that talk to the API (service/client.py, service/client_cli.py)
+    url: str = Field(
+        "http://127.0.0.1:8000",
+        description="Client side: base URL of the gpuyard API that the gpuyard commands talk to "
+        "(overridden by --url).",
+    )
+    token: str = Field(
+        "",
+        description="Client side: bearer token the gpuyard commands send (overridden by --token); "
+        "'gpuyard users create NAME' prints one, 'gpuyard up' the admin's.",
     )
 
     @model_validator(mode="after")

@@ -33,9 +33,7 @@ from worker.db import (
     UserExists,
 )
 
-POSTGRES_URL = os.environ.get(
-    "GPUYARD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+POSTGRES_URL = os.environ.get("GPUYARD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SHA = "ab" * 32
 
 
@@ -102,9 +100,7 @@ def dataset_id(db: Database, owner: int) -> str:
 
 
 def _job(db: Database, owner: int, dataset_id: str, *, max_attempts: int = 3) -> str:
-    return db.create_job(
-        owner, dataset_id, {"architecture": {}}, max_active=100, max_attempts=max_attempts
-    ).id
+    return db.create_job(owner, dataset_id, {"architecture": {}}, max_active=100, max_attempts=max_attempts).id
 
 
 def _later(seconds: float) -> dt.datetime:
@@ -183,9 +179,7 @@ def test_active_job_cap(db: Database, owner: int, dataset_id: str) -> None:
 def test_list_jobs_pages_with_a_cursor(db: Database, owner: int, dataset_id: str) -> None:
     start = jobdb.utcnow()
     ids = [
-        db.create_job(
-            owner, dataset_id, {}, max_active=99, max_attempts=1, now=start + dt.timedelta(seconds=i)
-        ).id
+        db.create_job(owner, dataset_id, {}, max_active=99, max_attempts=1, now=start + dt.timedelta(seconds=i)).id
         for i in range(5)
     ]
     seen, cursor = [], None
@@ -238,9 +232,7 @@ def test_janitor_requeues_then_interrupts(db: Database, owner: int, dataset_id: 
     assert db.take_lease(job_id, "w3", 30, now=_later(200)) is None
 
 
-def test_janitor_cancels_an_expired_job_with_a_cancel_request(
-    db: Database, owner: int, dataset_id: str
-) -> None:
+def test_janitor_cancels_an_expired_job_with_a_cancel_request(db: Database, owner: int, dataset_id: str) -> None:
     job_id = _job(db, owner, dataset_id)
     db.take_lease(job_id, "w1", 30)
     assert db.request_cancel(job_id).cancel_requested

@@ -1,0 +1,58 @@
+"""``gpuyard demo``: train the course's Highway network on the digits data with the standalone trainer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from models.data.digits import write_digits_h5
+from service.progress import render_events
+from worker.exitcodes import ExitCode
+from worker.settings import get_settings
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "specs"
+
+
+def _json_lines(stream: Iterator[str]) -> Iterator[dict]:
+    for line in stream:
+        line = line.strip()
+        if line.startswith("{"):
+            yield json.loads(line)
+
+
+@click.command("demo")
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=EXAMPLES / "highway.json", show_default=True, help="Job spec to train.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output directory [default: <data dir>/demo/run].")
+@click.option("--backend", type=click.Choice(["tensorflow", "jax", "torch"]), default=None,
+              help="Keras backend [default: the spec's].")
+def demo_command(spec_path: Path, out_dir: Path | None, backend: str | None) -> None:
+    """Train SPEC (the Highway example by default) on sklearn's digits, written as HDF5, on the CPU."""
+    console = Console(stderr=True)
+    demo_dir = get_settings().data_dir / "demo"
+    data_path = write_digits_h5(demo_dir / "digits.h5")
+    out_dir = out_dir or demo_dir / "run"
+    console.print(f"data: {data_path}\nspec: {spec_path}\nout:  {out_dir}")
+    command = [sys.executable, "-m", "worker.trainer", "--spec", str(spec_path), "--data", str(data_path),
+               "--out", str(out_dir), "--gpu", "cpu"]
+    if backend:
+        command += ["--backend", backend]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        last = render_events(_json_lines(proc.stdout), console)
+        for _ in proc.stdout:  # drain whatever follows the terminal event
+            pass
+    code = ExitCode(proc.returncode) if proc.returncode in ExitCode._value2member_map_ else ExitCode.INTERNAL_ERROR
+    if code is not ExitCode.SUCCEEDED:
+        raise click.ClickException(f"training ended with exit code {proc.returncode} ({code.reason})")
+    metrics = (last or {}).get("metrics", {})
+    test = metrics.get("test", {}) if isinstance(metrics, dict) else {}
+    console.print(f"[green]done[/green]: test metrics {json.dumps(test)}")
+    console.print(f"model: {out_dir / 'model.h5'}  (loads with keras.models.load_model)")

@@ -1,0 +1,112 @@
+"""The janitor: expired leases are requeued (and their task re-sent), interrupted or cancelled."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+from celery_helpers import wait_for
+
+from worker.celery_app import TRAIN_TASK
+from worker.db import CANCELLED, INTERRUPTED, QUEUED, RUNNING, Database
+from worker.janitor import celery_sender, janitor_pass, run_janitor
+from worker.settings import Settings
+
+SPEC = {"name": "janitor", "resources": {"gpu": "cpu"}}
+
+
+def expire(db: Database, job_id: str, owner: str = "dead-worker") -> None:
+    """Take the job's lease for a worker that dies at once (a 10 ms lease, then nothing)."""
+    assert db.take_lease(job_id, owner, 0.01) is not None
+    time.sleep(0.03)
+
+
+def test_expired_lease_is_requeued_and_its_task_sent_again(db: Database, make_job: Callable[..., str]) -> None:
+    job_id = make_job(SPEC)
+    expire(db, job_id)
+    sent: list[str] = []
+
+    report = janitor_pass(db, sent.append)
+
+    assert report.requeued == [job_id] and sent == [job_id]
+    job = db.get_job(job_id)
+    assert job.state == QUEUED and job.lease_owner is None and job.attempts == 1
+    # the next delivery counts the second attempt
+    assert db.take_lease(job_id, "next-worker", 60).attempts == 2
+
+
+def test_live_lease_is_left_alone(db: Database, make_job: Callable[..., str]) -> None:
+    job_id = make_job(SPEC)
+    assert db.take_lease(job_id, "live-worker", 60) is not None
+    sent: list[str] = []
+    report = janitor_pass(db, sent.append)
+    assert report.requeued == [] and sent == []
+    assert db.get_job(job_id).state == RUNNING
+
+
+def test_job_out_of_attempts_is_interrupted_not_resent(db: Database, make_job: Callable[..., str]) -> None:
+    job_id = make_job(SPEC, max_attempts=1)
+    expire(db, job_id)
+    sent: list[str] = []
+    report = janitor_pass(db, sent.append)
+    assert report.interrupted == [job_id] and sent == []
+    job = db.get_job(job_id)
+    assert (job.state, job.error_reason) == (INTERRUPTED, "worker_lost")
+
+
+def test_expired_job_with_a_cancel_request_is_cancelled(db: Database, make_job: Callable[..., str]) -> None:
+    job_id = make_job(SPEC)
+    expire(db, job_id)
+    db.request_cancel(job_id)
+    sent: list[str] = []
+    assert janitor_pass(db, sent.append).cancelled == [job_id]
+    assert db.get_job(job_id).state == CANCELLED and sent == []
+
+
+def test_a_failing_send_does_not_stop_the_pass(db: Database, make_job: Callable[..., str]) -> None:
+    first, second = make_job(SPEC), make_job(SPEC)
+    expire(db, first)
+    expire(db, second)
+    sent: list[str] = []
+
+    def send(job_id: str) -> None:
+        if job_id == first:
+            raise ConnectionError("broker down")
+        sent.append(job_id)
+
+    report = janitor_pass(db, send)
+    assert sorted(report.requeued) == sorted([first, second]) and sent == [second]
+
+
+def test_celery_sender_puts_the_task_on_the_train_queue(settings: Settings, make_job: Callable[..., str]) -> None:
+    job_id = make_job(SPEC)
+    celery_sender(settings)(job_id)
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        messages = client.lrange(settings.train_queue, 0, -1)
+        assert len(messages) == 1
+        headers = json.loads(messages[0])["headers"]
+        assert headers["task"] == TRAIN_TASK and job_id in headers["argsrepr"]
+    finally:
+        client.delete(settings.train_queue)  # our own test queue only
+        client.close()
+
+
+def test_run_janitor_loops_until_stopped(settings: Settings, db: Database, make_job: Callable[..., str]) -> None:
+    job_id = make_job(SPEC)
+    sent: list[str] = []
+    stop = threading.Event()
+    loop = threading.Thread(
+        target=run_janitor, args=(settings, 0.1), kwargs={"stop": stop, "db": db, "send": sent.append}
+    )
+    loop.start()
+    try:
+        expire(db, job_id)
+        wait_for(lambda: sent == [job_id], 5, "the janitor loop to requeue the job")
+    finally:
+        stop.set()
+        loop.join(5)
+    assert not loop.is_alive()

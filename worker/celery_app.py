@@ -1,0 +1,91 @@
+"""The Celery application: built by ``make_celery(settings)``, configured for hour-long trainer jobs.
+
+Nothing here imports TensorFlow, JAX or torch, and nothing is built at import time: ``celery -A
+worker.celery_app worker`` reaches the module attribute ``app``, which is created on first access from
+the process's settings.
+"""
+
+from __future__ import annotations
+
+import re
+
+from celery import Celery
+
+from worker.settings import Settings, get_settings
+
+TRAIN_TASK = "gpuyard.train"
+CPU_QUEUE = "cpu"
+GPU_QUEUE_PREFIX = "gpu."
+
+_GPU_UUID = re.compile(r"^GPU-[0-9A-Za-z-]+$")
+
+
+def queue_name(gpu_uuid: str | None = None) -> str:
+    """The queue a job for ``gpu_uuid`` goes to: ``gpu.<uuid>``, or ``cpu`` when there is no GPU.
+
+    Raises:
+        ValueError: ``gpu_uuid`` is not an NVML UUID such as ``GPU-5c1a...``.
+    """
+    if gpu_uuid is None or gpu_uuid == "cpu":
+        return CPU_QUEUE
+    if not _GPU_UUID.match(gpu_uuid):
+        raise ValueError(f"Expected a GPU UUID like 'GPU-5c1a…' or 'cpu'. Received: gpu_uuid={gpu_uuid!r}")
+    return GPU_QUEUE_PREFIX + gpu_uuid
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    """Build the gpuyard Celery app: Redis broker and result backend, late acks, no prefetch.
+
+    A job holds its pool slot for hours, so: acknowledge only after the task returns (``task_acks_late``)
+    and give the message back when the pool process dies (``task_reject_on_worker_lost``); reserve one
+    message at a time and none ahead (``worker_prefetch_multiplier=1``, ``worker_disable_prefetch``), so
+    no job waits behind another in a busy worker's buffer. Redis redelivers a message that is not acked
+    within ``visibility_timeout`` even though its first run goes on; the job DB's lease makes such a
+    second delivery a no-op, and the janitor, not redelivery, is what restarts a job whose worker died —
+    after ``lease_seconds``, long before the visibility timeout.
+
+    Raises:
+        ValueError: the visibility timeout is not longer than a lease, so Redis would redeliver
+            messages before the janitor could tell a dead worker from a live one.
+    """
+    settings = settings or get_settings()
+    if settings.visibility_timeout_s <= 2 * settings.lease_seconds:
+        raise ValueError(
+            "Expected visibility_timeout_s greater than twice lease_seconds. "
+            f"Received: visibility_timeout_s={settings.visibility_timeout_s}, "
+            f"lease_seconds={settings.lease_seconds}"
+        )
+    app = Celery("gpuyard", broker=settings.redis_url, backend=settings.redis_url, include=["worker.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_disable_prefetch=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        # The API sends to settings.train_queue; gpu.<uuid> queues appear with the workers consuming them.
+        task_default_queue=settings.train_queue,
+        task_create_missing_queues=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_track_started=True,
+        result_expires=7 * 24 * 3600,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+    )
+    return app
+
+
+_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Celery:
+    # ``celery -A worker.celery_app`` looks up ``app``; build it lazily, once, from the environment.
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = make_celery()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,149 @@
+"""Process-group helpers for trainers: start one in its own group, tied to its parent; stop a whole group.
+
+Run as ``python -m worker.procs --parent-pid PID -- ARGV...`` it is the launcher the supervisor puts in
+front of the trainer: it asks Linux to send the trainer SIGTERM when the supervising process dies
+(``PR_SET_PDEATHSIG``, kept across ``exec``), so a worker killed with ``kill -9`` does not leave an
+orphaned trainer holding a GPU while the janitor hands the job to another worker. SIGTERM, not SIGKILL,
+so the orphan checkpoints before it exits; the next supervisor on the same host waits for it (see
+``stop_stale_trainer``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+_PR_SET_PDEATHSIG = 1
+
+
+def launcher_argv(argv: Sequence[str], parent_pid: int | None = None) -> list[str]:
+    """The command that runs ``argv`` under the parent-death launcher (same interpreter)."""
+    parent = os.getpid() if parent_pid is None else parent_pid
+    return [sys.executable, "-m", "worker.procs", "--parent-pid", str(parent), "--", *argv]
+
+
+def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send ``signum`` to this process when its parent dies; False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+
+
+def group_alive(pgid: int) -> bool:
+    """True while a process that is not a zombie (exited, waiting to be reaped) is in group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
+
+
+def signal_group(pgid: int, signum: int) -> bool:
+    """Send ``signum`` to process group ``pgid``; False if the group is already gone."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_group_gone(pgid: int, timeout_s: float, poll_s: float = 0.05, reap_pid: int | None = None) -> bool:
+    """Wait up to ``timeout_s`` for group ``pgid`` to empty; reap ``reap_pid`` (our child) meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if reap_pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(reap_pid, os.WNOHANG)
+        if not group_alive(pgid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+
+
+def terminate_group(pgid: int, grace_s: float, reap_pid: int | None = None) -> bool:
+    """SIGTERM the group, SIGKILL whatever is left after ``grace_s``; True if it had to kill."""
+    if not signal_group(pgid, signal.SIGTERM):
+        return False
+    if wait_group_gone(pgid, grace_s, reap_pid=reap_pid):
+        return False
+    signal_group(pgid, signal.SIGKILL)
+    wait_group_gone(pgid, 5.0, reap_pid=reap_pid)
+    return True
+
+
+# --- the trainer's pid file: lets the next supervisor on this host wait for an orphan ----------------
+
+
+def write_pid_file(path: Path, pid: int) -> None:
+    """Record the trainer ``pid`` (its group leader) with this host's name and the process start time."""
+    try:
+        create_time = psutil.Process(pid).create_time()
+    except psutil.Error:
+        create_time = None
+    record = {"host": socket.gethostname(), "pid": pid, "create_time": create_time}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def stop_stale_trainer(path: Path, grace_s: float) -> int | None:
+    """Stop the trainer recorded in ``path`` if it still runs on this host; returns its pid, else None.
+
+    The record is trusted only when host name and process start time both match, so a recycled pid is
+    never signalled.
+    """
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if record.get("create_time") is not None and abs(proc.create_time() - record["create_time"]) > 0.01:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+    except psutil.Error:
+        return None
+    terminate_group(pid, grace_s)
+    return pid
+
+
+def _launch(args: list[str]) -> int:
+    if len(args) < 4 or args[0] != "--parent-pid" or args[2] != "--":
+        print("usage: python -m worker.procs --parent-pid PID -- ARGV...", file=sys.stderr)
+        return 2
+    parent_pid = int(args[1])
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        return 1
+    argv = args[3:]
+    os.execvp(argv[0], argv)
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(_launch(sys.argv[1:]))

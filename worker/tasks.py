@@ -1,0 +1,38 @@
+"""The Celery tasks: thin wrappers that hand a job id to the supervisor (``gpuyard.train``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from celery import Task, shared_task
+
+from worker.celery_app import TRAIN_TASK
+from worker.db import Database
+from worker.settings import get_settings
+from worker.supervisor import default_owner, supervise
+
+
+@lru_cache(maxsize=1)
+def _database(url: str) -> Database:
+    # Opened lazily in the pool process that runs the task, never in the parent before the fork.
+    return Database(url)
+
+
+@shared_task(name=TRAIN_TASK, bind=True)
+def train(self: Task, job_id: str) -> dict[str, Any]:
+    """Run job ``job_id`` (idempotent: a second delivery finds the lease held and returns at once)."""
+    settings = get_settings()
+    queue = (self.request.delivery_info or {}).get("routing_key") or settings.train_queue
+
+    def requeue(requeued_id: str) -> None:
+        self.app.send_task(TRAIN_TASK, args=[requeued_id], queue=queue)
+
+    outcome = supervise(
+        job_id,
+        settings,
+        db=_database(settings.database_url),
+        owner=default_owner(self.request.id),
+        requeue=requeue,
+    )
+    return outcome.to_dict()
