@@ -68,7 +68,8 @@ def render_events(events: Iterable[dict[str, Any]], console: Console | None = No
                 progress.update(epochs_task, completed=event.get("epoch", 0), info=_metrics_text(metrics))
                 progress.update(batch_task, visible=False)
             elif kind == "state" and event.get("state") not in TERMINAL_STATES:
-                console.print(f"job {event.get('state')}" + (f" (attempt {event['attempt']})" if "attempt" in event else ""))
+                attempt = f" (attempt {event['attempt']})" if "attempt" in event else ""
+                console.print(f"job {event.get('state')}{attempt}")
             if is_terminal(event):
                 break
     if last is not None and last.get("event") == "failed":
