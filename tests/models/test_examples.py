@@ -1,0 +1,95 @@
+"""Every spec in examples/specs parses, dry-runs, builds and trains on sklearn's digits."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+from models.build import build_model, compute_input_stats, needs_input_stats
+from models.data.summary import DataKeys, DatasetSummary
+from models.dryrun import dry_run
+from models.spec import parse_spec
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "specs"
+NAMES = ["mlp", "highway", "resnet_dense", "resnet_conv", "snn", "cnn", "keras_json"]
+IMAGE_EXAMPLES = {"resnet_conv", "cnn"}  # meant for digits stored as 8×8×1 images
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The 1797 digits (raw 0..16 features), shuffled, 1437 train and 360 test rows."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order].astype("float32"), y[order].astype("int64")
+    return x[:1437], y[:1437], x[1437:], y[1437:]
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((EXAMPLES / f"{name}.json").read_text())
+
+
+def digits_summary(name: str, rows: int) -> DatasetSummary:
+    shape = [8, 8, 1] if name in IMAGE_EXAMPLES else [64]
+    return DatasetSummary(
+        sha256="0" * 64,
+        size_bytes=1,
+        keys=DataKeys(),
+        arrays={},
+        rows={"train": rows},
+        input_shape=shape,
+        target="integer_labels",
+        num_classes=10,
+        classes=list(range(10)),
+        output_dim=10,
+    )
+
+
+def test_every_family_has_an_example() -> None:
+    assert sorted(p.stem for p in EXAMPLES.glob("*.json")) == sorted(NAMES)
+    families = {load(n)["architecture"]["family"] for n in NAMES}
+    assert families == {"mlp", "highway", "resnet", "snn", "cnn", "keras_json"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_example_parses_dry_runs_builds_and_trains(name: str, digits: tuple[np.ndarray, ...]) -> None:
+    x_train, y_train, _, _ = digits
+    x, y = x_train[:200], y_train[:200]
+    summary = digits_summary(name, len(x))
+    x = x.reshape(-1, *summary.input_shape)
+    spec = parse_spec(load(name))
+    result = dry_run(load(name), summary)
+    assert result["ok"], result["errors"]
+    assert result["warnings"] == []
+    model = build_model(spec, summary, input_stats=compute_input_stats(x) if needs_input_stats(spec) else None)
+    assert result["parameters"]["total"] == model.count_params()
+    history = model.fit(x, y, epochs=1, batch_size=64, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+@pytest.mark.slow
+def test_highway_example_reaches_090_test_accuracy(digits: tuple[np.ndarray, ...]) -> None:
+    x_train, y_train, x_test, y_test = digits
+    spec = parse_spec(load("highway"))
+    model = build_model(spec, digits_summary("highway", len(x_train)), input_stats=compute_input_stats(x_train))
+    training = spec.training
+    model.fit(
+        x_train,
+        y_train,
+        epochs=training.epochs,
+        batch_size=training.batch_size,
+        validation_split=training.validation_split,
+        shuffle=training.shuffle,
+        verbose=0,
+    )
+    _, accuracy = model.evaluate(x_test, y_test, verbose=0)
+    assert accuracy >= 0.9
