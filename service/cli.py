@@ -95,3 +95,18 @@ main.add_command(janitor_command)
 from service.demo_cli import demo_command  # noqa: E402
 
 main.add_command(demo_command)
+
+from service import client_cli  # noqa: E402
+
+main.add_command(client_cli.datasets)
+main.add_command(client_cli.submit)
+main.add_command(client_cli.status)
+main.add_command(client_cli.logs)
+main.add_command(client_cli.cancel)
+main.add_command(client_cli.download)
+main.add_command(client_cli.api)
+main.add_command(client_cli.up)
+
+from service.compose_cli import compose_command  # noqa: E402
+
+main.add_command(compose_command)

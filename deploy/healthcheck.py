@@ -1,0 +1,92 @@
+"""Container health checks: ``python deploy/healthcheck.py api|worker|janitor`` exits 0 when healthy.
+
+api      GET /v1/health on the local gunicorn answers 200.
+worker   this container's Celery node (``<GPUYARD_TRAIN_QUEUE>@<hostname>``, the name ``gpuyard worker``
+         gives itself) answers a ping over the broker; it does while its trainers run.
+janitor  the job database and Redis, the two things a janitor pass needs, answer.
+
+Each check imports only what it needs, inside the function: the API's check runs every 30 s and should
+not pay for importing Celery.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import urllib.request
+
+API_HEALTH_URL = "http://127.0.0.1:8000/v1/health"
+
+
+def check_api(url: str = API_HEALTH_URL, timeout_s: float = 5.0) -> str | None:
+    """None when the API answers 200, else what went wrong."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return None if response.status == 200 else f"{url} answered {response.status}"
+    except OSError as exc:  # URLError, HTTPError and timeouts are all OSErrors
+        return f"{url}: {exc}"
+
+
+def worker_node_name(queue: str, hostname: str | None = None) -> str:
+    """The node name ``gpuyard worker`` uses when not given ``--name``: ``<queue>@<host>``."""
+    return f"{queue}@{hostname or socket.gethostname()}"
+
+
+def check_worker(timeout_s: float = 5.0) -> str | None:
+    """None when this container's Celery worker answers a ping, else what went wrong."""
+    from worker.celery_app import make_celery
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    node = worker_node_name(settings.train_queue)
+    try:
+        replies = make_celery(settings).control.ping(destination=[node], timeout=timeout_s)
+    except Exception as exc:  # kombu's connection errors have no common base worth naming here
+        return f"cannot reach the broker (GPUYARD_REDIS_URL): {type(exc).__name__}: {exc}"
+    if not any(node in reply for reply in replies):
+        return f"worker {node} did not answer a ping within {timeout_s:g}s"
+    return None
+
+
+def check_janitor(timeout_s: float = 5.0) -> str | None:
+    """None when the job database and Redis answer, else what went wrong."""
+    import redis
+
+    from worker.db import Database, DatabaseUnavailable
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    db = Database(settings.database_url)
+    try:
+        db.ping()
+    except DatabaseUnavailable as exc:
+        return f"job database: {exc}"
+    finally:
+        db.dispose()
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        return f"redis (GPUYARD_REDIS_URL): {type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+    return None
+
+
+CHECKS = {"api": check_api, "worker": check_worker, "janitor": check_janitor}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] not in CHECKS:
+        print(f"usage: healthcheck.py {'|'.join(CHECKS)}. Received: {args}", file=sys.stderr)
+        return 2
+    problem = CHECKS[args[0]]()
+    if problem:
+        print(f"unhealthy: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
