@@ -1,0 +1,344 @@
+"""Keras callbacks of the trainer: progress events, stop checks, diagnostics, history and checkpoints.
+
+Only ``BatchMonitor`` runs per batch; it declares ``async_safe`` so that on JAX and torch Keras keeps
+dispatching steps asynchronously (a per-batch hook that is not async-safe forces a device sync every step).
+Every other callback works at epoch boundaries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from models.atomicio import atomic_path, atomic_write_json
+from worker.trainer.diagnostics import Diagnostics
+from worker.trainer.env import StopFlag
+from worker.trainer.events import EventEmitter, jsonable
+
+STATE_FILE = "state.json"
+SEED_STATE_NAME = "seed_generator_state"
+
+
+def spec_sha256(spec_dump: dict[str, Any], data_sha256: str) -> str:
+    """Fingerprint of what a checkpoint was trained on: the spec (resources left out) and the data."""
+    payload = {k: v for k, v in spec_dump.items() if k != "resources"}
+    text = json.dumps({"spec": payload, "data": data_sha256}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def seed_states(model: keras.Model) -> list[list[int]]:
+    """States of the model's random seed generators (dropout), in the model's order.
+
+    Keras does not save them with the model; without them a resumed run draws other dropout masks.
+    """
+    return [
+        np.asarray(keras.ops.convert_to_numpy(v.value)).astype(np.int64).tolist()
+        for v in model.variables
+        if v.name == SEED_STATE_NAME
+    ]
+
+
+def restore_seed_states(model: keras.Model, states: list[list[int]]) -> None:
+    variables = [v for v in model.variables if v.name == SEED_STATE_NAME]
+    if len(variables) != len(states):
+        raise ValueError(f"Expected {len(variables)} seed generator states for this model. Received: {len(states)}")
+    for variable, state in zip(variables, states, strict=True):
+        variable.assign(np.asarray(state, dtype=keras.backend.standardize_dtype(variable.dtype)))
+
+
+class BatchMonitor(keras.callbacks.Callback):
+    """After every batch: stop when asked (signal, time limit), and emit a rate-limited ``batch`` event."""
+
+    async_safe = True
+
+    def __init__(
+        self,
+        emitter: EventEmitter,
+        stop: StopFlag,
+        *,
+        epochs: int,
+        steps: int,
+        rows: int,
+        batch_size: int,
+    ) -> None:
+        super().__init__()
+        self.emitter = emitter
+        self.stop = stop
+        self.epochs = epochs
+        self.steps = steps
+        self.rows = rows
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.epoch_started = time.monotonic()
+        self.last_batch_end: float | None = None
+        self.epoch_seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch = epoch
+        self.epoch_started = time.monotonic()
+        self.last_batch_end = None
+        self.stop.check()
+
+    def train_seconds(self) -> float | None:
+        """Seconds from this epoch's start to the end of its last training batch."""
+        if self.last_batch_end is None:
+            return None
+        return self.last_batch_end - self.epoch_started
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.last_batch_end = time.monotonic()
+        self.stop.check()
+        if not self.emitter.batch_due():
+            return
+        elapsed = max(time.monotonic() - self.epoch_started, 1e-9)
+        done = batch + 1
+        samples = min(done * self.batch_size, self.rows)
+        epoch_estimate = float(np.mean(self.epoch_seconds)) if self.epoch_seconds else elapsed * self.steps / done
+        eta = elapsed / done * (self.steps - done) + epoch_estimate * (self.epochs - self.epoch - 1)
+        self.emitter.batch(
+            epoch=self.epoch + 1,
+            step=done,
+            steps=self.steps,
+            loss=(logs or {}).get("loss"),
+            samples_per_s=samples / elapsed,
+            eta_s=round(eta, 2),
+        )
+
+    def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.stop.check()
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """``epoch_start`` / ``epoch_end`` events, with training throughput and the ETA."""
+
+    def __init__(self, emitter: EventEmitter, *, epochs: int, steps: int, rows: int, monitor: BatchMonitor) -> None:
+        super().__init__()
+        self.emitter = emitter
+        self.epochs = epochs
+        self.steps = steps
+        self.rows = rows
+        self.monitor = monitor
+        self.started = 0.0
+        self.records: list[dict[str, Any]] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.started = time.monotonic()
+        self.emitter.emit("epoch_start", epoch=epoch + 1, epochs=self.epochs, steps=self.steps)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = dict(logs or {})
+        duration = time.monotonic() - self.started
+        # Throughput counts the training steps only (validation and diagnostics come after them).
+        train_seconds = self.monitor.train_seconds() or duration
+        self.monitor.epoch_seconds.append(duration)
+        eta = float(np.mean(self.monitor.epoch_seconds)) * (self.epochs - epoch - 1)
+        record = {
+            "epoch": epoch + 1,
+            "epochs": self.epochs,
+            "loss": logs.pop("loss", None),
+            "metrics": logs,
+            "samples_per_s": self.rows / train_seconds if train_seconds > 0 else None,
+            "train_s": round(train_seconds, 4),
+            "duration_s": round(duration, 4),
+            "eta_s": round(eta, 2),
+        }
+        self.records.append(record)
+        self.emitter.emit("epoch_end", **record)
+
+
+class EpochSetter(keras.callbacks.Callback):
+    """Tells the training PyDataset which epoch starts, so its shuffle is a function of (seed, epoch)."""
+
+    def __init__(self, dataset: Any) -> None:
+        super().__init__()
+        self.dataset = dataset
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
+
+
+class HistoryRecorder(keras.callbacks.Callback):
+    """Per-epoch logs across a resume (Keras' own History restarts with every ``fit``)."""
+
+    def __init__(self, history: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.history = history
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.history.append({"epoch": epoch + 1, **jsonable(dict(logs or {}))})
+
+
+class DiagnosticsRecorder(keras.callbacks.Callback):
+    """Appends a diagnostics record after each epoch."""
+
+    def __init__(self, diagnostics: Diagnostics, records: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.diagnostics = diagnostics
+        self.records = records
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.records.append(jsonable(self.diagnostics.record(epoch + 1)))
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """``EarlyStopping`` whose counters survive a resume (``get_state``/``set_state``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._restored: dict[str, Any] | None = None
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        super().on_train_begin(logs)
+        if self._restored is not None:
+            state = self._restored
+            self.wait = int(state["wait"])
+            self.stopped_epoch = int(state["stopped_epoch"])
+            self.best = float(state["best"]) if state.get("best") is not None else self.best
+            self.best_epoch = int(state.get("best_epoch", 0))
+            self.best_weights = state.get("best_weights")
+
+    def get_state(self) -> dict[str, Any]:
+        best = float(self.best) if self.best is not None and np.isfinite(self.best) else None
+        return {
+            "wait": int(self.wait),
+            "stopped_epoch": int(self.stopped_epoch),
+            "best": best,
+            "best_epoch": int(getattr(self, "best_epoch", 0)),
+            "stopped": bool(self.model is not None and self.model.stop_training),
+        }
+
+    def set_state(self, state: dict[str, Any], best_weights: list[np.ndarray] | None = None) -> None:
+        self._restored = {**state, "best_weights": best_weights}
+
+
+class CheckpointStore:
+    """``checkpoint/``: a model file per completed epoch and ``state.json`` naming it, written last.
+
+    A crash between the two writes leaves the previous ``state.json`` naming the previous model file,
+    which is deleted only after the new state is in place: the pair on disk is always consistent.
+    """
+
+    def __init__(self, directory: Path, *, fingerprint: str, emitter: EventEmitter | None = None) -> None:
+        self.directory = directory
+        self.fingerprint = fingerprint
+        self.emitter = emitter
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / STATE_FILE
+
+    def load_state(self) -> dict[str, Any] | None:
+        """The last consistent state, or None when no checkpoint was written."""
+        try:
+            state = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return None
+        if not (self.directory / state["model"]).is_file():
+            raise FileNotFoundError(f"checkpoint state names {state['model']}, which is missing")
+        return state
+
+    def clear(self) -> None:
+        """Remove a previous job's checkpoint (a fresh start must not resume from it later)."""
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.iterdir():
+            if path.is_file() and (path.name == STATE_FILE or path.name.startswith(("model-", "best-", "."))):
+                path.unlink()
+
+    def save(
+        self,
+        model: keras.Model,
+        *,
+        epoch: int,
+        history: list[dict[str, Any]],
+        diagnostics: list[dict[str, Any]],
+        early_stopping: ResumableEarlyStopping | None,
+        partial_epoch: bool = False,
+    ) -> dict[str, Any]:
+        """Write the model (with optimizer state), then the state naming it; drop the older files."""
+        stem = f"model-{epoch:04d}{'-partial' if partial_epoch else ''}"
+        model_name = f"{stem}.keras"
+        started = time.monotonic()
+        with atomic_path(self.directory / model_name) as tmp:
+            model.save(tmp)
+        best_name = None
+        stopping_state = None
+        if early_stopping is not None:
+            stopping_state = early_stopping.get_state()
+            if early_stopping.best_weights is not None:
+                best_name = f"best-{epoch:04d}.npz"
+                with atomic_path(self.directory / best_name) as tmp, open(tmp, "wb") as fh:
+                    np.savez(fh, *[np.asarray(w) for w in early_stopping.best_weights])
+        state = {
+            "epoch": epoch,
+            "partial_epoch": partial_epoch,
+            "model": model_name,
+            "best_weights": best_name,
+            "fingerprint": self.fingerprint,
+            "seed_states": seed_states(model),
+            "early_stopping": stopping_state,
+            "history": history,
+            "diagnostics": diagnostics,
+            "written_at": time.time(),
+        }
+        atomic_write_json(self.state_path, state)
+        keep = {STATE_FILE, model_name, best_name}
+        for path in self.directory.iterdir():
+            if path.name.startswith(("model-", "best-")) and path.name not in keep:
+                path.unlink(missing_ok=True)
+        if self.emitter is not None:
+            self.emitter.emit(
+                "checkpoint",
+                epoch=epoch,
+                partial_epoch=partial_epoch,
+                path=str(self.directory / model_name),
+                duration_s=round(time.monotonic() - started, 4),
+            )
+        return state
+
+    def load_best_weights(self, state: dict[str, Any]) -> list[np.ndarray] | None:
+        if not state.get("best_weights"):
+            return None
+        with np.load(self.directory / state["best_weights"]) as archive:
+            return [archive[f"arr_{i}"] for i in range(len(archive.files))]
+
+
+class CheckpointWriter(keras.callbacks.Callback):
+    """Writes the checkpoint at the end of every epoch, after history, early stopping and diagnostics."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        *,
+        history: list[dict[str, Any]],
+        diagnostics: list[dict[str, Any]],
+        early_stopping: ResumableEarlyStopping | None,
+        stop: StopFlag,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.history = history
+        self.diagnostics = diagnostics
+        self.early_stopping = early_stopping
+        self.stop = stop
+        self.last_epoch: int | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.store.save(
+            self.model,
+            epoch=epoch + 1,
+            history=self.history,
+            diagnostics=self.diagnostics,
+            early_stopping=self.early_stopping,
+        )
+        self.last_epoch = epoch + 1
+        # A signal that arrived during validation or the save stops here, on a clean checkpoint.
+        self.stop.check()

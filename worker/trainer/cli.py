@@ -1,0 +1,213 @@
+"""Command line of the trainer: parse, check spec and data, set up the process, then train (one job).
+
+Nothing here imports a framework at module level: the device, backend and memory cap are set first
+(``worker.trainer.env``), and only then is ``worker.trainer.run`` (which imports Keras) imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from models.errors import DataError, GpuyardError, Problem, SpecError
+from worker.exitcodes import ExitCode
+from worker.settings import Settings, get_settings
+from worker.trainer import env
+from worker.trainer.events import EventEmitter
+
+PROCESS_STARTED = time.monotonic()
+
+
+@dataclass
+class Job:
+    """Everything ``run.train`` needs, gathered before any framework is imported."""
+
+    spec: Any  # models.spec.JobSpec
+    summary: Any  # models.data.summary.DatasetSummary
+    data_path: Path
+    out_dir: Path
+    resume: bool
+    env: env.EnvPlan
+    settings: Settings
+    emitter: EventEmitter
+    stop: env.StopFlag
+    started: float
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.trainer",
+        description="Train one gpuyard job. stdout carries JSON-line events only; logs go to stderr.",
+    )
+    parser.add_argument("--spec", required=True, type=Path, help="job spec, JSON")
+    parser.add_argument("--data", required=True, type=Path, help="HDF5 data set")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--gpu", help="GPU UUID, 'cpu' or 'any' (overrides resources.gpu)")
+    parser.add_argument("--memory-fraction", type=float, help="share of GPU memory (overrides the spec)")
+    parser.add_argument("--backend", choices=env.BACKENDS, help="Keras backend (overrides the spec)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint when present")
+    parser.add_argument("--dry-run", action="store_true", help="check spec and data, build, report, no training")
+    return parser
+
+
+def claim_stdout() -> TextIO:
+    """Keep the real stdout for events; send everything else printed to fd 1 (C libraries too) to stderr."""
+    sys.stdout.flush()
+    events_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return io.TextIOWrapper(os.fdopen(events_fd, "wb", buffering=0), encoding="utf-8", write_through=True)
+
+
+def route_logs_to_stderr() -> None:
+    import logging
+
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, force=True)
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+
+
+def load_spec(path: Path, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Read and validate the spec, with the command line's resource overrides applied first."""
+    from models.spec import parse_spec
+
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as exc:
+        raise SpecError([Problem("spec_unreadable", f"Cannot read the spec file {path}: {exc.strerror}")]) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError([Problem("json_invalid", f"The spec file {path} is not JSON: {exc}")]) from exc
+    if isinstance(raw, dict) and overrides:
+        resources = raw.get("resources")
+        raw["resources"] = {**(resources if isinstance(resources, dict) else {}), **overrides}
+    return parse_spec(raw), raw
+
+
+def classify(exc: BaseException) -> ExitCode:
+    """Exit code of an exception escaping training: OOM on any backend, else internal error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, env.TrainingStopped):
+            return current.exit_code
+        if isinstance(current, SpecError):
+            return ExitCode.SPEC_INVALID
+        if isinstance(current, DataError):
+            return ExitCode.DATASET_INVALID
+        if isinstance(current, MemoryError):
+            return ExitCode.OUT_OF_MEMORY
+        name = type(current).__name__
+        # tf.errors.ResourceExhaustedError, torch.cuda.OutOfMemoryError, jax's XlaRuntimeError text.
+        if name in ("ResourceExhaustedError", "OutOfMemoryError") or "RESOURCE_EXHAUSTED" in str(current):
+            return ExitCode.OUT_OF_MEMORY
+        current = current.__cause__ or current.__context__
+    return ExitCode.INTERNAL_ERROR
+
+
+def fail(emitter: EventEmitter, exc: BaseException) -> int:
+    """Emit ``failed`` for an exception and return its exit code; tracebacks go to stderr only."""
+    code = classify(exc)
+    problems: list[dict[str, Any]] = []
+    if isinstance(exc, GpuyardError):
+        problems = [p.to_dict() for p in exc.problems]
+    if code is ExitCode.INTERNAL_ERROR or code is ExitCode.OUT_OF_MEMORY:
+        traceback.print_exception(exc, file=sys.stderr)
+    detail = exc.detail if isinstance(exc, env.TrainingStopped) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, GpuyardError):
+        detail = str(exc)
+    emitter.emit("failed", reason=code.reason, exit_code=int(code), detail=detail[:4000], problems=problems)
+    return int(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # usage errors: exit 2 from argparse, message on stderr
+    events_stream = claim_stdout()
+    route_logs_to_stderr()
+    settings = get_settings()
+    emitter = EventEmitter(events_stream, min_batch_interval_s=settings.progress_interval_s)
+    stop = env.StopFlag(started=PROCESS_STARTED)
+    stop.install()
+    try:
+        return prepare_and_train(args, settings, emitter, stop)
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
+            raise
+        if stop.requested and not isinstance(exc, env.TrainingStopped):
+            # A signal to the process group also ends the sandboxed data check; it is a cancel.
+            cancelled = env.TrainingStopped(ExitCode.CANCELLED, f"stopped by {stop.signal_name} ({exc})")
+            cancelled.__cause__ = exc
+            return fail(emitter, cancelled)
+        return fail(emitter, exc)
+    finally:
+        events_stream.flush()
+        events_stream.close()
+
+
+def prepare_and_train(args: argparse.Namespace, settings: Settings, emitter: EventEmitter, stop: env.StopFlag) -> int:
+    overrides: dict[str, Any] = {}
+    if args.gpu is not None:
+        overrides["gpu"] = args.gpu
+    if args.memory_fraction is not None:
+        overrides["memory_fraction"] = args.memory_fraction
+    if args.backend is not None:
+        overrides["backend"] = args.backend
+    spec, raw_spec = load_spec(args.spec, overrides)
+    stop.set_max_runtime(spec.resources.max_runtime_s)
+
+    # The data is checked in a sandboxed child process before anything reads it here.
+    from models.data.sandbox import check_file
+
+    summary = check_file(args.data, spec.data)
+    stop.check()
+
+    device = "cpu" if args.dry_run else spec.resources.gpu
+    from worker.nvml import gpu_total_memory_bytes
+
+    total = None if device == "cpu" else gpu_total_memory_bytes(None if device == "any" else device)
+    plan = env.plan_environment(
+        backend=spec.resources.backend,
+        device=device,
+        memory_fraction=spec.resources.memory_fraction,
+        gpu_total_bytes=total,
+    )
+    env.apply_environment(plan)
+    env.cap_framework_memory(plan)
+    for note in plan.notes:
+        print(f"gpuyard trainer: {note}", file=sys.stderr)
+
+    if args.dry_run:
+        from models.dryrun import dry_run
+
+        report = dry_run(raw_spec, summary)
+        emitter.emit("dry_run", env=plan.to_dict(), report=report)
+        if not report.get("ok"):
+            problems = [Problem(**p) for p in report.get("errors", [])]
+            raise SpecError(problems or "the dry run failed without naming a problem")
+        return int(ExitCode.SUCCEEDED)
+
+    from worker.trainer import run  # imports Keras: only now that the environment is set
+
+    job = Job(
+        spec=spec,
+        summary=summary,
+        data_path=args.data,
+        out_dir=args.out,
+        resume=args.resume,
+        env=plan,
+        settings=settings,
+        emitter=emitter,
+        stop=stop,
+        started=PROCESS_STARTED,
+    )
+    return run.train(job)

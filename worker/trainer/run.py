@@ -1,0 +1,331 @@
+"""Training one job: data, model (or checkpoint), ``fit`` with events, diagnostics and checkpoints, artifacts.
+
+Imported by the CLI only after ``worker.trainer.env`` has set the device, backend and memory cap.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import h5py
+import keras
+import numpy as np
+
+from models.atomicio import atomic_path, atomic_write_json
+from models.build import build_model, layer_blocks, needs_input_stats
+from models.data.reader import open_training_data
+from models.errors import Problem, SpecError
+from worker.exitcodes import ExitCode
+from worker.trainer import callbacks as cbs
+from worker.trainer.diagnostics import Diagnostics
+from worker.trainer.env import TrainingStopped
+from worker.trainer.events import jsonable
+
+if TYPE_CHECKING:
+    from worker.trainer.cli import Job
+
+ARTIFACTS = ("model.h5", "model.keras", "history.json", "diagnostics.json", "summary.json")
+
+
+def train(job: Job) -> int:
+    """Train ``job`` to the end and write its artifacts; return the exit code (0).
+
+    Raises:
+        TrainingStopped: cancelled or out of time, after the checkpoint was written.
+        SpecError: ``--resume`` against a checkpoint of another spec or data set.
+    """
+    spec, settings = job.spec, job.settings
+    training = spec.training
+    timings: dict[str, float] = {"setup_s": time.monotonic() - job.started}
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    store = cbs.CheckpointStore(
+        job.out_dir / "checkpoint",
+        fingerprint=cbs.spec_sha256(spec.model_dump(mode="json"), job.summary.sha256),
+        emitter=job.emitter,
+    )
+    state = _resume_state(store) if job.resume else None
+    if state is None:
+        store.clear()
+
+    keras.utils.set_random_seed(training.seed)
+    data = open_training_data(
+        job.data_path,
+        job.summary,
+        batch_size=training.batch_size,
+        seed=training.seed,
+        shuffle=training.shuffle,
+        validation_split=training.validation_split,
+        in_memory_limit_bytes=settings.in_memory_limit_bytes,
+    )
+    try:
+        return _train(job, data, store, state, timings)
+    finally:
+        data.close()
+
+
+def _resume_state(store: cbs.CheckpointStore) -> dict[str, Any] | None:
+    state = store.load_state()
+    if state is None:
+        print("gpuyard trainer: --resume without a checkpoint: starting from scratch", file=sys.stderr)
+        return None
+    if state.get("fingerprint") != store.fingerprint:
+        raise SpecError(
+            [
+                Problem(
+                    "checkpoint_mismatch",
+                    "The checkpoint was written for another spec or data set; refusing --resume. "
+                    f"Checkpoint fingerprint {state.get('fingerprint')}, this job {store.fingerprint}",
+                    "resume",
+                )
+            ]
+        )
+    return state
+
+
+def _train(job: Job, data: Any, store: cbs.CheckpointStore, state: dict[str, Any] | None, timings: dict) -> int:
+    spec, settings, emitter, stop = job.spec, job.settings, job.emitter, job.stop
+    training = spec.training
+    history: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    initial_epoch = 0
+    if state is None:
+        model = build_model(spec, job.summary, input_stats=_input_stats(spec, data))
+    else:
+        model = keras.models.load_model(store.directory / state["model"], compile=True)
+        cbs.restore_seed_states(model, state["seed_states"])
+        history = list(state["history"])
+        records = list(state["diagnostics"])
+        initial_epoch = int(state["epoch"])
+    blocks = _blocks(model)
+    probe_x, probe_y = data.probe(settings.probe_batch_size)
+    diagnostics = Diagnostics(model, blocks, probe_x, probe_y)
+    steps = len(data.train)
+    train_rows = int(data.rows["train"])
+    emitter.emit(
+        "started",
+        name=spec.name,
+        family=spec.architecture.family,
+        backend=keras.backend.backend(),
+        device=_device_description(job.env.device),
+        memory_cap=job.env.memory_cap,
+        env=job.env.to_dict(),
+        rows=data.rows,
+        train_rows=train_rows,
+        steps=steps,
+        epochs=training.epochs,
+        batch_size=training.batch_size,
+        parameters=model.count_params(),
+        resumed_from_epoch=initial_epoch if state is not None else None,
+        pid=os.getpid(),
+    )
+    if state is None:
+        records.append(jsonable(diagnostics.record(0)))
+    timings["ready_s"] = time.monotonic() - job.started
+
+    early_stopping = _early_stopping(spec)
+    if early_stopping is not None and state is not None and state.get("early_stopping"):
+        early_stopping.set_state(state["early_stopping"], store.load_best_weights(state))
+    stopped_early = bool(state and (state.get("early_stopping") or {}).get("stopped"))
+
+    monitor = cbs.BatchMonitor(
+        emitter, stop, epochs=training.epochs, steps=steps, rows=train_rows, batch_size=training.batch_size
+    )
+    progress = cbs.EpochProgress(emitter, epochs=training.epochs, steps=steps, rows=train_rows, monitor=monitor)
+    writer = cbs.CheckpointWriter(store, history=history, diagnostics=records, early_stopping=early_stopping, stop=stop)
+    callbacks: list[keras.callbacks.Callback] = [
+        cbs.EpochSetter(data.train),
+        monitor,
+        progress,
+        cbs.HistoryRecorder(history),
+    ]
+    if early_stopping is not None:
+        callbacks.append(early_stopping)
+    callbacks += [cbs.DiagnosticsRecorder(diagnostics, records), writer]
+
+    fit_started = time.monotonic()
+    try:
+        stop.check()
+        if initial_epoch < training.epochs and not stopped_early:
+            model.fit(
+                data.train,
+                validation_data=data.validation,
+                epochs=training.epochs,
+                initial_epoch=initial_epoch,
+                callbacks=callbacks,
+                shuffle=False,  # the PyDataset shuffles, as a function of (seed, epoch)
+                verbose=0,
+            )
+    except TrainingStopped as stopped:
+        if writer.last_epoch is None and state is None:
+            # Nothing checkpointed yet: keep the interrupted first epoch's weights rather than nothing.
+            store.save(
+                model,
+                epoch=initial_epoch,
+                history=history,
+                diagnostics=records,
+                early_stopping=early_stopping,
+                partial_epoch=True,
+            )
+        stopped.detail += f"; checkpoint at epoch {writer.last_epoch or initial_epoch} in {store.directory}"
+        raise
+    timings["fit_s"] = time.monotonic() - fit_started
+    if stopped_early and early_stopping is not None and early_stopping.restore_best_weights:
+        # Resumed after early stopping had already ended training: fit did not run, restore here.
+        best = store.load_best_weights(state or {})
+        if best is not None:
+            model.set_weights(best)
+
+    final = {
+        "train": _last(history, val=False),
+        "val": _last(history, val=True),
+        "test": _evaluate(model, data.test, training.batch_size),
+    }
+    artifacts = _write_artifacts(job, model, history, records, final, timings, progress.records)
+    emitter.emit(
+        "finished",
+        epochs_completed=history[-1]["epoch"] if history else 0,
+        stopped_early=bool(early_stopping is not None and early_stopping.stopped_epoch > 0) or stopped_early,
+        metrics=final,
+        artifacts=artifacts,
+        wall_s=round(time.monotonic() - job.started, 3),
+    )
+    return int(ExitCode.SUCCEEDED)
+
+
+def _input_stats(spec: Any, data: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The training inputs' (mean, variance) along the last axis when the model standardizes, else None.
+
+    The reader gives per-element statistics (shape of one sample, e.g. 8×8×1); the Normalization layer
+    takes one pair per feature of the last axis (channels of an image), as ``compute_input_stats`` does.
+    The total variance per channel is the mean of the element variances plus the variance of the element
+    means. Constant features get variance 1 (as in ``compute_input_stats``), so they map to 0.
+    """
+    if not needs_input_stats(spec):
+        return None
+    mean, variance = (np.asarray(a, dtype=np.float64) for a in data.input_stats())
+    if mean.ndim > 1:
+        axes = tuple(range(mean.ndim - 1))
+        channel_mean = mean.mean(axis=axes)
+        variance = (variance + (mean - channel_mean) ** 2).mean(axis=axes)
+        mean = channel_mean
+    variance = np.where(variance <= 1e-12, 1.0, variance)
+    return mean.astype(np.float32), variance.astype(np.float32)
+
+
+def _blocks(model: keras.Model) -> dict[str, list[str]]:
+    try:
+        return {str(k): list(v) for k, v in layer_blocks(model).items()}
+    except (KeyError, ValueError, AttributeError, TypeError) as exc:
+        print(f"gpuyard trainer: no block table ({exc}); diagnostics per layer", file=sys.stderr)
+        return {}
+
+
+def _early_stopping(spec: Any) -> cbs.ResumableEarlyStopping | None:
+    config = spec.training.early_stopping
+    if config is None:
+        return None
+    return cbs.ResumableEarlyStopping(
+        monitor=config.monitor,
+        patience=config.patience,
+        min_delta=config.min_delta,
+        restore_best_weights=config.restore_best_weights,
+    )
+
+
+def _last(history: list[dict[str, Any]], *, val: bool) -> dict[str, Any]:
+    if not history:
+        return {}
+    last = history[-1]
+    if val:
+        return {k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")}
+    return {k: v for k, v in last.items() if k != "epoch" and not k.startswith("val_")}
+
+
+def _evaluate(model: keras.Model, split: Any, batch_size: int) -> dict[str, Any]:
+    if split is None:
+        return {}
+    if isinstance(split, tuple | list):
+        x, y = split
+        result = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
+    else:
+        result = model.evaluate(split, verbose=0, return_dict=True)
+    return jsonable(result)
+
+
+def _write_artifacts(
+    job: Job,
+    model: keras.Model,
+    history: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    final: dict[str, Any],
+    timings: dict[str, float],
+    epoch_records: list[dict[str, Any]],
+) -> dict[str, str]:
+    out = job.out_dir
+    save_started = time.monotonic()
+    # atomic_path keeps the target's suffix on its temporary name, so Keras picks the format from it.
+    with atomic_path(out / "model.h5") as tmp:
+        model.save(tmp)
+    with atomic_path(out / "model.keras") as tmp:
+        model.save(tmp)
+    atomic_write_json(out / "history.json", _history_columns(history))
+    atomic_write_json(out / "diagnostics.json", records)
+    timings["save_s"] = time.monotonic() - save_started
+    timings["total_s"] = time.monotonic() - job.started
+    summary = {
+        "spec": job.spec.model_dump(mode="json"),
+        "dataset": job.summary.model_dump(mode="json"),
+        "parameters": model.count_params(),
+        "env": job.env.to_dict(),
+        "metrics": final,
+        "epochs": epoch_records,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "versions": _versions(),
+    }
+    atomic_write_json(out / "summary.json", jsonable(summary))
+    return {name: str(out / name) for name in (*ARTIFACTS, "checkpoint")}
+
+
+def _history_columns(history: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Keras' ``History.history`` layout (metric → one value per epoch), with the epoch numbers."""
+    columns: dict[str, list[Any]] = {"epoch": []}
+    for row in history:
+        for key in row:
+            columns.setdefault(key, [])
+    for row in history:
+        for key, values in columns.items():
+            values.append(row.get(key))
+    return columns
+
+
+def _versions() -> dict[str, str]:
+    versions = {
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "backend": keras.backend.backend(),
+    }
+    framework = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[keras.backend.backend()]
+    module = sys.modules.get(framework)
+    if module is not None:
+        versions[framework] = getattr(module, "__version__", "unknown")
+    try:
+        from importlib.metadata import version
+
+        versions["gpuyard"] = version("gpuyard")
+    except Exception:
+        versions["gpuyard"] = "source"
+    return versions
+
+
+def _device_description(device: str) -> str:
+    try:
+        names = keras.distribution.list_devices()
+    except Exception:
+        names = []
+    return f"{device} ({', '.join(names)})" if names else device
