@@ -143,14 +143,19 @@ def run_child(request: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
 
 
 def _child_command() -> list[str]:
-    """The child's command line: a fresh interpreter ignoring PYTHON* variables and user site-packages."""
-    return [sys.executable, "-E", "-s", "-m", "models.data.sandbox"]
+    """The child's command line: a fresh interpreter without user site-packages (its environment is ours)."""
+    return [sys.executable, "-s", "-m", "models.data.sandbox"]
 
 
 def _child_env() -> dict[str, str]:
-    """A minimal environment: no secrets, one BLAS thread, and no HDF5 filter plugins loaded."""
+    """A minimal environment: no secrets, one BLAS thread, and no HDF5 filter plugins loaded.
+
+    PYTHONPATH is the caller's own import path, so the child imports the same gpuyard and h5py as its
+    parent whether gpuyard is installed, run from a checkout, or carried onto a machine by PYTHONPATH.
+    """
     return {
         "PATH": os.defpath,
+        "PYTHONPATH": os.pathsep.join(entry for entry in sys.path if entry),
         "LANG": "C.UTF-8",
         "OPENBLAS_NUM_THREADS": "1",
         "OMP_NUM_THREADS": "1",
