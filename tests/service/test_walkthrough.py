@@ -1,0 +1,56 @@
+"""The README's curl-only walkthrough (docs/walkthrough.sh), run for real against ``gpuyard up``.
+
+The end-to-end acceptance test: a Highway job on digits trains in the real worker and trainer, succeeds,
+and the model.h5 downloaded with curl loads in bare Keras with test accuracy >= 0.9.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from stack_helpers import REPO, alive, clean_env, gpuyard_up
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_walkthrough_trains_and_the_model_loads_in_bare_keras(tmp_path: Path) -> None:
+    data_dir = tmp_path / "stack"
+    work = tmp_path / "work"
+    work.mkdir()
+    with gpuyard_up(data_dir, free_port()) as stack:
+        env = clean_env(
+            GPUYARD_URL=stack.url,
+            GPUYARD_DATA_DIR=str(data_dir),
+            PYTHON=sys.executable,
+            GPUYARD=str(Path(sys.executable).with_name("gpuyard")),
+            WORK=str(work),
+        )
+        result = subprocess.run(
+            ["bash", str(REPO / "docs" / "walkthrough.sh")],
+            capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+        )  # fmt: skip
+        logs = "".join(
+            f"\n--- {p.name} ---\n" + p.read_text(errors="replace")[-3000:]
+            for p in sorted((data_dir / "logs").glob("*.log"))
+        )
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}{logs}"
+        pids = [p.pid for p in stack.descendants()]
+        stack.process.send_signal(signal.SIGINT)
+        assert stack.process.wait(30) == 0
+
+    assert [pid for pid in pids if alive(pid)] == []  # the worker's pool process and trainers went too
+
+    out = result.stdout
+    assert "final state: succeeded" in out
+    assert re.search(r'^data: \{"event":"epoch_end"', out, re.MULTILINE)
+    accuracy = float(re.search(r"test accuracy ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    assert accuracy >= 0.9, out
+    assert (work / "model.h5").stat().st_size > 0
