@@ -1,10 +1,10 @@
-# gpuyard developer entry points. `make demo` and `make test` are the README's quick start.
+# gpuyard developer entry points. `make up` and `make test` are the README's quick start.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 EXTRA  ?= cpu
 
-.PHONY: install demo test lint bench clean
+.PHONY: install redis-server up demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,15 +14,28 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The local stack and the tests start a private redis-server; install it when it is missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing redis-server with apt-get"; apt-get update -qq && apt-get install -y -qq redis-server; \
+	  else \
+	    echo "redis-server is missing: run 'sudo apt-get install redis-server' (Debian/Ubuntu)" \
+	         "or 'brew install redis' (macOS), then again."; exit 1; \
+	  fi; }
+
+up: install redis-server
+	$(VENV)/bin/gpuyard up
+
 demo: install
 	$(VENV)/bin/gpuyard demo
 
-test: install
+test: install redis-server
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) bench/trainer_overhead.py
+	$(PY) bench/trainer_overhead.py --rows 3000 --epochs 3 --backend tensorflow --gpu cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

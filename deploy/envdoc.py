@@ -1,5 +1,7 @@
 """Render ``.env.example`` from :class:`worker.settings.Settings`: ``python deploy/envdoc.py > .env.example``.
 
+``python deploy/envdoc.py --markdown`` renders the README's configuration table instead.
+
 Every ``GPUYARD_*`` setting appears with its description and default, commented out (a default needs no
 line); a test checks the file in the repository is what this renders.
 """
@@ -88,5 +90,15 @@ def settings_env_example() -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def settings_markdown_table() -> str:
+    """The README's configuration table: every Settings field with its variable, default and meaning."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = _default_text(field).replace("|", "\\|")
+        description = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `{env_name(name)}` | {f'`{default}`' if default else '*(empty)*'} | {description} |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    sys.stdout.write(settings_env_example())
+    sys.stdout.write(settings_markdown_table() if sys.argv[1:] == ["--markdown"] else settings_env_example())
