@@ -11,12 +11,13 @@ from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
 from models.errors import GpuyardError
-from service.api import datasets, health, jobs, openapi
+from service.api import datasets, gpus, health, jobs, openapi
 from service.checks import sandbox_check_dataset, trainer_dry_run
 from service.errors import to_api_error
 from service.extensions import Services, init_services
 from service.queue import CeleryJobQueue
 from worker.db import Database
+from worker.dispatch import GpuBoard
 from worker.settings import Settings, get_settings
 from worker.storage import LocalStorage
 
@@ -25,7 +26,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "MAX_FORM_MEMORY_SIZE": 64 * 1024,  # non-file multipart fields
     "MAX_FORM_PARTS": 16,
     # Components tests may replace: GPUYARD_SETTINGS (Settings), GPUYARD_JOB_QUEUE (JobQueue),
-    # GPUYARD_DATASET_CHECKER, GPUYARD_DRY_RUNNER (see service.extensions), GPUYARD_DB_SCHEMA (PostgreSQL).
+    # GPUYARD_DATASET_CHECKER, GPUYARD_DRY_RUNNER, GPUYARD_GPU_HEARTBEATS (see service.extensions),
+    # GPUYARD_DB_SCHEMA (PostgreSQL).
     "GPUYARD_AUTO_MIGRATE": True,
 }
 
@@ -74,13 +76,14 @@ def register_extensions(app: Flask) -> None:
             or functools.partial(sandbox_check_dataset, settings=settings),
             dry_run=app.config.get("GPUYARD_DRY_RUNNER")
             or functools.partial(trainer_dry_run, timeout_s=settings.dry_run_timeout_s),
+            heartbeats=app.config.get("GPUYARD_GPU_HEARTBEATS") or GpuBoard(settings.redis_url or None).heartbeats,
         ),
     )
 
 
 def register_blueprints(app: Flask) -> None:
     """One blueprint per resource, all under /v1 but the OpenAPI document."""
-    for module in (health, datasets, jobs, openapi):
+    for module in (health, datasets, jobs, gpus, openapi):
         app.register_blueprint(module.bp)
 
 

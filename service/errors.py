@@ -6,6 +6,7 @@ Hierarchy::
     └── ApiError                  500 internal_error         base; renders every API error body
         ├── BadRequest            400 bad_request            malformed JSON, bad query value
         ├── Unauthorized          401 unauthorized           missing or unknown bearer token
+        ├── Forbidden             403 forbidden              an admin-only endpoint, called by a user
         ├── NotFound              404 not_found              no such resource, or someone else's
         ├── Conflict              409 conflict               e.g. a data set still used by a job
         ├── PayloadTooLarge       413 payload_too_large
@@ -75,6 +76,11 @@ class Unauthorized(ApiError):
     code = "unauthorized"
 
 
+class Forbidden(ApiError):
+    status_code = 403
+    code = "forbidden"
+
+
 class NotFound(ApiError):
     status_code = 404
     code = "not_found"
@@ -103,9 +109,7 @@ class Unprocessable(ApiError):
     def from_problems(cls, code: str, problems: list[Problem], *, prefix: str = "") -> Unprocessable:
         """A 422 listing every problem; ``prefix`` places their fields in the request (``"spec."``)."""
         if prefix:
-            problems = [
-                Problem(p.code, p.detail, f"{prefix}{p.field}" if p.field else None) for p in problems
-            ]
+            problems = [Problem(p.code, p.detail, f"{prefix}{p.field}" if p.field else None) for p in problems]
         summary = (
             problems[0].detail
             if len(problems) == 1

@@ -12,6 +12,7 @@ from flask import Flask, current_app
 from models.data.summary import DataKeys, DatasetSummary
 from service.queue import JobQueue
 from worker.db import Database
+from worker.dispatch import HeartbeatSource
 from worker.settings import Settings
 from worker.storage import Storage
 
@@ -32,6 +33,8 @@ class Services:
     queue: JobQueue
     check_dataset: DatasetChecker
     dry_run: DryRunner
+    heartbeats: HeartbeatSource
+    """The workers' GPU heartbeats by uuid (Redis; tests substitute a dict)."""
 
 
 def init_services(app: Flask, services: Services) -> None:

@@ -15,8 +15,9 @@ TRAIN_TASK = "gpuyard.train"
 class JobQueue(Protocol):
     """Where the API puts queued jobs. Tests substitute a list."""
 
-    def enqueue(self, job_id: str) -> None:
-        """Send one job to the workers; raise ServiceUnavailable when the broker cannot be reached."""
+    def enqueue(self, job_id: str, queue: str | None = None) -> None:
+        """Send one job to the workers' ``queue`` (default: the CPU queue, ``train_queue``); raise
+        ServiceUnavailable when the broker cannot be reached. The dispatcher picks the queue."""
         ...
 
 
@@ -45,15 +46,15 @@ def make_celery(settings: Settings) -> Celery:
 
 
 class CeleryJobQueue:
-    """:class:`JobQueue` sending ``gpuyard.train(job_id)`` to ``settings.train_queue``."""
+    """:class:`JobQueue` sending ``gpuyard.train(job_id)`` to a queue (``train_queue`` or ``gpu.<uuid>``)."""
 
     def __init__(self, settings: Settings) -> None:
         self.celery = make_celery(settings)
         self.queue = settings.train_queue
 
-    def enqueue(self, job_id: str) -> None:
+    def enqueue(self, job_id: str, queue: str | None = None) -> None:
         try:
-            self.celery.send_task(TRAIN_TASK, args=[job_id], queue=self.queue)
+            self.celery.send_task(TRAIN_TASK, args=[job_id], queue=queue or self.queue)
         except Exception as exc:  # kombu and redis raise a zoo of connection errors; all mean the same here
             raise ServiceUnavailable(
                 f"the job queue is unreachable ({type(exc).__name__}); the job was not started",

@@ -27,9 +27,7 @@ class _Body(BaseModel):
 # ── errors ──
 class ProblemOut(BaseModel):
     code: str = Field(description="Machine-readable reason, e.g. 'missing_key', 'greater_than'.")
-    detail: str = Field(
-        description="What was wrong, naming the field and value received, and what was expected."
-    )
+    detail: str = Field(description="What was wrong, naming the field and value received, and what was expected.")
     field: str | None = Field(None, description="Dotted path of the field or HDF5 key at fault.")
 
 
@@ -105,7 +103,10 @@ class JobProgress(BaseModel):
 
     epoch: int | None = None
     loss: float | None = None
-    metrics: dict[str, float] | None = None
+    metrics: dict[str, float | None] | None = None
+    final_metrics: dict[str, dict[str, float | None] | None] | None = Field(
+        None, description="When the job finished: metrics per split (train, val, test)."
+    )
     samples_per_s: float | None = None
     eta_s: float | None = None
 
@@ -125,15 +126,24 @@ class JobOut(BaseModel):
     finished_at: dt.datetime | None
     cancel_requested: bool
     progress: JobProgress | None = Field(description="The latest epoch's progress.")
-    error_reason: str | None = Field(
-        description="Machine-readable reason of a failed/interrupted/cancelled job."
-    )
+    error_reason: str | None = Field(description="Machine-readable reason of a failed/interrupted/cancelled job.")
     error_detail: str | None
     exit_code: int | None = Field(description="The trainer's exit code (see worker.exitcodes).")
-    peak_gpu_memory_bytes: int | None
+    peak_gpu_memory_bytes: int | None = Field(
+        description="The most GPU memory the job's processes held at once (the watchdog's readings)."
+    )
+    dispatched_at: dt.datetime | None = Field(
+        None, description="When the dispatcher placed the job on `gpu` (null while it waits for room)."
+    )
+    queue_position: int | None = Field(
+        None,
+        description="1-based place among the jobs waiting for a GPU (priority first, then FIFO); "
+        "null once dispatched, and in job lists.",
+    )
+    dispatch_note: str | None = Field(None, description="Why a queued job is still waiting, when it is.")
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
+    def of(cls, job: Job, *, queue_position: int | None = None) -> JobOut:
         return cls(
             id=job.id,
             owner=job.owner.name,
@@ -153,6 +163,9 @@ class JobOut(BaseModel):
             error_detail=job.error_detail,
             exit_code=job.exit_code,
             peak_gpu_memory_bytes=job.peak_gpu_memory_bytes,
+            dispatched_at=job.dispatched_at,
+            queue_position=queue_position,
+            dispatch_note=job.dispatch_note if job.state == "queued" else None,
         )
 
 
@@ -177,6 +190,47 @@ class DryRunOut(BaseModel):
         description="The trainer's dry-run report: parameters, layer table, memory estimate, warnings."
     )
     env: dict[str, Any] | None = Field(None, description="The environment the trainer would set up.")
+
+
+# ── GPUs ──
+class GpuProcessOut(BaseModel):
+    pid: int
+    memory_bytes: int
+
+
+class GpuJobOut(BaseModel):
+    id: str
+    owner: str
+    state: JobState
+    memory_fraction: float
+    budget_bytes: int = Field(description="memory_fraction × the GPU's total + the context allowance.")
+    memory_bytes: int | None = Field(description="GPU memory its processes hold now (null: not measured).")
+
+
+class GpuOut(BaseModel):
+    uuid: str
+    host: str
+    index: int = Field(description="NVML index (PCI bus order) on its host.")
+    name: str
+    state: Literal["online", "offline", "draining", "quarantined"] = Field(
+        description="quarantined (failed a hygiene check) > draining (admin) > online (heartbeat) > offline."
+    )
+    online: bool = Field(description="Whether its worker's heartbeat is live.")
+    slots: int | None = Field(description="Jobs its worker runs at once.")
+    memory_total_bytes: int
+    memory_used_bytes: int | None
+    utilization_percent: int | None
+    fraction_committed: float = Field(description="Sum of memory_fraction of its running and dispatched jobs.")
+    jobs: list[GpuJobOut]
+    foreign_processes: list[GpuProcessOut] = Field(description="Processes on it that gpuyard did not start.")
+    draining_since: dt.datetime | None
+    quarantined_since: dt.datetime | None
+    quarantine_reason: str | None
+    heartbeat_at: float | None = Field(description="Unix time of its last heartbeat.")
+
+
+class GpuListOut(BaseModel):
+    gpus: list[GpuOut]
 
 
 class JobEventOut(BaseModel):

@@ -35,6 +35,7 @@ import redis
 import requests
 
 from models.errors import GpuyardError
+from service.worker_cli import worker_argv
 from worker.db import Database, UserExists
 from worker.procs import set_parent_death_signal
 from worker.settings import Settings
@@ -226,7 +227,7 @@ class Stack:
             gunicorn_argv(config.host, config.port, config.api_workers, extra=["--graceful-timeout", "5"]),
             env,
         )
-        self._spawn("worker", gpuyard_argv("worker", "--concurrency", str(config.worker_concurrency)), env)
+        self._spawn("worker", gpuyard_argv(*worker_argv("all", config.worker_concurrency)), env)
         self._spawn("janitor", gpuyard_argv("janitor"), env)
         self._wait_ready(stopping)
 

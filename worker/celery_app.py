@@ -64,7 +64,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         broker_connection_retry_on_startup=True,
-        # The API sends to settings.train_queue; gpu.<uuid> queues appear with the workers consuming them.
+        # The dispatcher sends CPU jobs to settings.train_queue, GPU jobs to gpu.<uuid> (worker/dispatch.py).
         task_default_queue=settings.train_queue,
         task_create_missing_queues=True,
         task_serializer="json",

@@ -10,9 +10,9 @@ timeout) instead of failing to upgrade a read snapshot.
 
 Job states::
 
-    queued ──take_lease──▶ running ──finish_job──▶ succeeded | failed | cancelled | interrupted
-      ▲                      │
-      └──requeue_expired─────┘   (lease expired, attempts left; none left → interrupted)
+    queued ──dispatch──▶ queued+dispatched ──take_lease──▶ running ──finish_job──▶ succeeded | failed | ...
+      ▲   (gpu, dispatched_at set)                           │
+      └──requeue_expired / requeue_job (gpu, dispatched_at cleared)──┘
 
 ``failed`` is the job's own fault (bad spec, out of memory, time limit); ``interrupted`` is the
 infrastructure's (worker lost, attempts exhausted, queue unreachable).
@@ -224,12 +224,51 @@ class Job(Base):
     exit_code: Mapped[int | None] = mapped_column(Integer)
     peak_gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
     last_event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # Set by the dispatcher (worker/dispatch.py) with ``gpu`` before it sends the task; cleared on requeue.
+    dispatched_at: Mapped[dt.datetime | None]
+    dispatch_note: Mapped[str | None] = mapped_column(String(300))
 
     owner: Mapped[User] = relationship(lazy="joined")
 
     @property
     def is_terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+
+GPU_ACTIVE = "active"
+
+
+class Gpu(Base):
+    """A GPU some worker registered: what it is, and the admin's and hygiene's verdicts on it.
+
+    Live readings (memory, utilization, processes) are not here: they live in the workers' Redis
+    heartbeats, which expire. This row is what every API and worker process agrees on.
+    """
+
+    __tablename__ = "gpus"
+
+    uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    index: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(255))
+    memory_total_bytes: Mapped[int] = mapped_column(BigInteger)
+    registered_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    draining_since: Mapped[dt.datetime | None]
+    draining_by: Mapped[str | None] = mapped_column(String(64))
+    quarantined: Mapped[bool] = mapped_column(Boolean, default=False)
+    quarantined_since: Mapped[dt.datetime | None]
+    quarantine_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class DispatchLock(Base):
+    """One row: dispatchers update it first, so read-decide-mark runs one dispatcher at a time."""
+
+    __tablename__ = "dispatch_lock"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    held_by: Mapped[str | None] = mapped_column(String(255))
+    held_at: Mapped[dt.datetime | None]
 
 
 class JobEvent(Base):
@@ -255,13 +294,22 @@ def _v1_initial(conn: Connection) -> None:
     Base.metadata.create_all(conn)
 
 
+def _v2_gpus(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN dispatched_at TIMESTAMP"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN dispatch_note VARCHAR(300)"))
+    Gpu.__table__.create(conn)
+    DispatchLock.__table__.create(conn)
+
+
 # Append only. A fresh database gets the models' current tables at once and is stamped with the last
 # version (so these steps must leave an old database exactly where create_all leaves a new one).
 MIGRATIONS: list[Migration] = [
     Migration(1, "users, datasets, jobs, job_events", _v1_initial),
+    Migration(2, "gpus, dispatch_lock; jobs.dispatched_at, jobs.dispatch_note", _v2_gpus),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 _PG_MIGRATION_LOCK = 0x67707964  # "gpyd": any constant shared by every process migrating this DB
+_PG_DISPATCH_LOCK = 0x67707965
 
 
 # ── results ───────────────────────────────────────────────────────────────────────────────────────────
@@ -646,6 +694,10 @@ class Database:
             Job.attempts < Job.max_attempts,
             or_(Job.state == QUEUED, and_(Job.state == RUNNING, Job.lease_expires_at < now)),
         )
+        if gpu is not None:
+            # A job the dispatcher placed on one GPU runs there only: a stray message on another GPU's
+            # queue (a re-dispatch after that GPU went offline) must not run it where nothing was reserved.
+            runnable = and_(runnable, or_(Job.dispatched_at.is_(None), Job.gpu.is_(None), Job.gpu == gpu))
         values: dict[str, Any] = {
             "state": RUNNING,
             "attempts": Job.attempts + 1,
@@ -870,9 +922,10 @@ class Database:
         held = and_(Job.id == job_id, Job.state == RUNNING)
         held = and_(held, Job.lease_owner == owner) if owner is not None else and_(held, Job.lease_expires_at < now)
         cleared = {"lease_owner": None, "lease_expires_at": None}
+        undispatched = {"gpu": None, "dispatched_at": None, "dispatch_note": None}  # the dispatcher places it anew
         steps = (
             (CANCELLED, Job.cancel_requested.is_(True), {"finished_at": now, "error_reason": "cancelled"}),
-            (QUEUED, Job.attempts < Job.max_attempts, {}),
+            (QUEUED, Job.attempts < Job.max_attempts, undispatched),
             (INTERRUPTED, Job.attempts >= Job.max_attempts, {"finished_at": now, "error_reason": reason}),
         )
         for new_state, condition, extra in steps:
@@ -887,6 +940,156 @@ class Database:
                 self._append(s, job_id, _state_event(new_state, event_reason, detail, None), now)
                 return new_state
         return None
+
+    # ── dispatch (worker/dispatch.py decides; these read and mark under the dispatch lock) ──
+    @contextlib.contextmanager
+    def dispatch_lock(self, holder: str, now: dt.datetime | None = None) -> Iterator[Session]:
+        """A transaction holding the dispatch lock: one dispatcher at a time reads, decides and marks.
+
+        PostgreSQL: a transaction-scoped advisory lock. SQLite: the first statement is a write (the lock
+        row's UPDATE), which takes the database's write lock until commit, so a second dispatcher waits
+        at that statement (busy timeout) instead of reading a snapshot the first is about to change.
+        """
+        now = now or utcnow()
+        with self._begin() as s:
+            if self.is_postgres:
+                s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_DISPATCH_LOCK})
+            held = s.execute(
+                update(DispatchLock)
+                .where(DispatchLock.id == 1)
+                .values(held_by=holder, held_at=now)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if held != 1:
+                s.add(DispatchLock(id=1, held_by=holder, held_at=now))
+                s.flush()
+            yield s
+
+    def undispatch(self, job_id: str, dispatched_at: dt.datetime, note: str) -> bool:
+        """Take back a dispatch whose task could not be sent (still queued, same dispatch): the next
+        dispatch pass places the job again."""
+        with self._begin() as s:
+            return (
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == QUEUED, Job.dispatched_at == dispatched_at)
+                    .values(gpu=None, dispatched_at=None, dispatch_note=note)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                == 1
+            )
+
+    def stale_dispatches(self, before: dt.datetime) -> list[Job]:
+        """Jobs dispatched before ``before`` that no worker has taken yet."""
+        with self._begin() as s:
+            return list(
+                s.scalars(
+                    select(Job).where(Job.state == QUEUED, Job.dispatched_at.is_not(None), Job.dispatched_at < before)
+                ).unique()
+            )
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1-based place of a queued, not yet dispatched job in dispatch order (priority, then FIFO)."""
+        with self._begin() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state != QUEUED or job.dispatched_at is not None:
+                return None
+            ahead = s.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(
+                    Job.state == QUEUED,
+                    Job.dispatched_at.is_(None),
+                    or_(
+                        Job.priority > job.priority,
+                        and_(
+                            Job.priority == job.priority,
+                            or_(
+                                Job.queued_at < job.queued_at,
+                                and_(Job.queued_at == job.queued_at, Job.id < job.id),
+                            ),
+                        ),
+                    ),
+                )
+            )
+            return int(ahead or 0) + 1
+
+    # ── GPUs ──
+    def register_gpu(
+        self, uuid: str, *, host: str, index: int, name: str, memory_total_bytes: int, now: dt.datetime | None = None
+    ) -> Gpu:
+        """Record (or refresh) a GPU a worker serves; its drain and quarantine flags are kept."""
+        now = now or utcnow()
+        values = {"host": host, "index": index, "name": name, "memory_total_bytes": memory_total_bytes}
+        with self._begin() as s:
+            changed = s.execute(
+                update(Gpu).where(Gpu.uuid == uuid).values(**values).execution_options(synchronize_session=False)
+            ).rowcount
+            if changed != 1:
+                s.add(Gpu(uuid=uuid, registered_at=now, draining=False, quarantined=False, **values))
+                s.flush()
+            gpu = s.get(Gpu, uuid, populate_existing=True)
+            assert gpu is not None
+            return gpu
+
+    def get_gpu(self, uuid: str) -> Gpu | None:
+        with self._begin() as s:
+            return s.get(Gpu, uuid)
+
+    def list_gpus(self) -> list[Gpu]:
+        """Every registered GPU, by host then NVML index."""
+        with self._begin() as s:
+            return list(s.scalars(select(Gpu).order_by(Gpu.host, Gpu.index, Gpu.uuid)))
+
+    def set_gpu_draining(
+        self, uuid: str, draining: bool, *, by: str | None = None, now: dt.datetime | None = None
+    ) -> Gpu | None:
+        """Start or stop draining a GPU (its running jobs finish; no new job is placed on it)."""
+        now = now or utcnow()
+        values = {"draining": True, "draining_since": now, "draining_by": by} if draining else {
+            "draining": False, "draining_since": None, "draining_by": None}  # fmt: skip
+        with self._begin() as s:
+            s.execute(update(Gpu).where(Gpu.uuid == uuid).values(**values).execution_options(synchronize_session=False))
+            return s.get(Gpu, uuid, populate_existing=True)
+
+    def quarantine_gpu(self, uuid: str, reason: str, *, now: dt.datetime | None = None) -> Gpu | None:
+        """Keep new jobs off a GPU that failed its hygiene check, until an admin clears it.
+
+        A GPU already quarantined keeps its first reason and time.
+        """
+        now = now or utcnow()
+        with self._begin() as s:
+            s.execute(
+                update(Gpu)
+                .where(Gpu.uuid == uuid, Gpu.quarantined.is_(False))
+                .values(quarantined=True, quarantined_since=now, quarantine_reason=reason[:2000])
+                .execution_options(synchronize_session=False)
+            )
+            return s.get(Gpu, uuid, populate_existing=True)
+
+    def clear_gpu_quarantine(self, uuid: str) -> Gpu | None:
+        with self._begin() as s:
+            s.execute(
+                update(Gpu)
+                .where(Gpu.uuid == uuid)
+                .values(quarantined=False, quarantined_since=None, quarantine_reason=None)
+                .execution_options(synchronize_session=False)
+            )
+            return s.get(Gpu, uuid, populate_existing=True)
+
+    def jobs_on_gpu(self, uuid: str) -> list[Job]:
+        """Running and dispatched jobs on a GPU."""
+        with self._begin() as s:
+            return list(
+                s.scalars(
+                    select(Job)
+                    .where(
+                        Job.gpu == uuid,
+                        or_(Job.state == RUNNING, and_(Job.state == QUEUED, Job.dispatched_at.is_not(None))),
+                    )
+                    .order_by(Job.started_at, Job.id)
+                ).unique()
+            )
 
     # ── events ──
     def append_event(self, job_id: str, event_data: dict[str, Any], *, now: dt.datetime | None = None) -> int:

@@ -5,6 +5,10 @@ left goes back to ``queued`` and its ``gpuyard.train`` task is sent again; its n
 the last checkpoint in the job's folder. A job out of attempts becomes ``interrupted``; one whose cancel
 was requested becomes ``cancelled``. Run one janitor per deployment (several are safe, only wasteful:
 each release is a guarded UPDATE that exactly one of them wins).
+
+With a dispatcher (``run_janitor`` in production), requeued jobs are not re-sent to a fixed queue: the
+pass ends with a dispatch pass (``worker/dispatch.py``) that places them, every other waiting job and
+those whose dispatch went stale (their GPU went offline before a worker took them).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Callable
 
 from worker.celery_app import TRAIN_TASK, make_celery
 from worker.db import Database, JanitorReport, JobDBError
+from worker.dispatch import Dispatcher, celery_send
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,18 +38,33 @@ def celery_sender(settings: Settings) -> Sender:
     return send
 
 
-def janitor_pass(db: Database, send: Sender, *, now: dt.datetime | None = None) -> JanitorReport:
-    """Release every lease expired before ``now`` and re-send a task for each job put back in the queue.
+def janitor_pass(
+    db: Database,
+    send: Sender | None,
+    *,
+    now: dt.datetime | None = None,
+    dispatcher: Dispatcher | None = None,
+) -> JanitorReport:
+    """Release every lease expired before ``now``; then place the requeued jobs again.
 
-    A send that fails (broker down) leaves that job ``queued`` with no message; it is logged, and the
-    job waits for an operator (``gpuyard`` has no queued-job sweeper yet).
+    With a ``dispatcher``: one dispatch pass (requeued, waiting and stale-dispatched jobs alike); a job
+    whose task cannot be sent stays queued for the next pass. Without one: ``send(job_id)`` for each
+    requeued job (a failing send is logged and leaves that job queued).
     """
     report = db.requeue_expired(now)
-    for job_id in report.requeued:
+    if dispatcher is not None:
         try:
-            send(job_id)
-        except Exception:  # kombu/redis raise many kinds; one job's failure must not stop the pass
-            log.exception("janitor: job %s requeued but its task could not be sent", job_id)
+            dispatcher.run(recover=True)
+        except JobDBError:
+            raise
+        except Exception:  # the broker or Redis is down: the next pass tries again
+            log.exception("janitor: dispatch pass failed")
+    elif send is not None:
+        for job_id in report.requeued:
+            try:
+                send(job_id)
+            except Exception:  # kombu/redis raise many kinds; one job's failure must not stop the pass
+                log.exception("janitor: job %s requeued but its task could not be sent", job_id)
     if report.requeued or report.interrupted or report.cancelled:
         log.info(
             "janitor: requeued %s, interrupted %s, cancelled %s",
@@ -64,15 +84,19 @@ def run_janitor(
     send: Sender | None = None,
 ) -> None:
     """Run :func:`janitor_pass` every ``interval_s`` (default: ``settings.janitor_interval_s``) until ``stop``
-    is set; a pass that cannot reach the DB is logged and the next one tries again."""
+    is set; a pass that cannot reach the DB is logged and the next one tries again.
+
+    Without ``send`` (production) each pass also dispatches (``worker/dispatch.py``); a test passing
+    ``send`` gets the plain re-send of requeued jobs.
+    """
     interval = settings.janitor_interval_s if interval_s is None else interval_s
     stop = stop or threading.Event()
     db = db or Database(settings.database_url)
-    send = send or celery_sender(settings)
+    dispatcher = Dispatcher(settings, db, celery_send(settings)) if send is None else None
     log.info("janitor: every %.1f s on %s", interval, db.url)
     while not stop.is_set():
         try:
-            janitor_pass(db, send)
+            janitor_pass(db, send, dispatcher=dispatcher)
         except JobDBError as exc:
             log.warning("janitor: pass failed: %s", exc)
         stop.wait(interval)

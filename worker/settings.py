@@ -58,7 +58,11 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "redis://localhost:6379/0", description="Redis URL: the Celery broker, and what /v1/ready checks."
     )
-    train_queue: str = Field("gpuyard.jobs", description="Celery queue the API sends gpuyard.train tasks to.")
+    train_queue: str = Field(
+        "gpuyard.jobs",
+        description="Celery queue of CPU jobs (resources.gpu 'cpu', or any job where no GPU is registered); "
+        "GPU jobs go to gpu.<uuid>, one queue per GPU.",
+    )
     storage_dir: Path | None = Field(
         None, description="Root of local storage (data sets, job artifacts). Empty: <data_dir>/storage."
     )
@@ -106,12 +110,67 @@ class Settings(BaseSettings):
     worker_gpu: str = Field(
         "cpu", description="What this worker's trainers run on: 'cpu' or a GPU UUID (one worker per GPU)."
     )
+    trainer_command: str = Field(
+        "",
+        description="The command that starts a trainer (split like a shell would); empty: "
+        "'<this python> -m worker.trainer'. Tests substitute a stand-in.",
+    )
+
+    # GPUs: inventory, heartbeats, placement, memory watchdog, hygiene (worker/gpus.py, worker/dispatch.py)
+    fake_gpus: str = Field(
+        "",
+        description="Simulate GPUs instead of asking NVML, e.g. '2x16GiB' (two 16 GiB devices) or "
+        "'1x80GiB,1x40GiB'. Per-process memory then comes from fake_gpu_dir (declared figures) or RSS.",
+    )
+    fake_gpu_dir: Path | None = Field(
+        None,
+        description="Where fake GPUs keep their per-process memory declarations. Empty: <data_dir>/fake-gpus.",
+    )
+    gpu_heartbeat_s: float = Field(2.0, gt=0, description="Seconds between two GPU heartbeats of a worker.")
+    gpu_heartbeat_ttl_s: float = Field(
+        10.0, gt=0, description="A GPU whose last heartbeat is older than this is offline (Redis key TTL)."
+    )
+    gpu_reserve_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Share of every GPU kept free: the memory fractions of its jobs sum to at most 1 - this.",
+    )
+    gpu_context_allowance_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Memory a job may hold beyond fraction x total before the watchdog kills it (the CUDA "
+        "context and cuDNN/cuBLAS workspaces, which no framework cap covers). Empty: 1 GiB on real GPUs, "
+        "0 on fake ones.",
+    )
+    gpu_watchdog_interval_s: float = Field(
+        0.25, gt=0, le=1.0, description="Seconds between two reads of a running job's GPU memory."
+    )
+    gpu_hygiene_tolerance_bytes: int = Field(
+        512 * 2**20,
+        ge=0,
+        description="After a job, the GPU memory no process accounts for may exceed what it was before the "
+        "job by at most this much; more (or a process of the job still listed) quarantines the GPU.",
+    )
+    gpu_hygiene_wait_s: float = Field(
+        5.0, ge=0, description="Seconds the hygiene check waits for the driver to release a finished job's memory."
+    )
+    max_gpu_fraction_per_user: float = Field(
+        2.0,
+        gt=0,
+        description="The most GPU (sum of memory_fraction over running and dispatched jobs) one user holds.",
+    )
+    dispatch_stale_s: float = Field(
+        120.0,
+        gt=0,
+        description="A job dispatched to a GPU that went offline and still not started after this many seconds "
+        "is dispatched again.",
+    )
 
     # Client side: the ``gpuyard`` commands that talk to the API (service/client.py, service/client_cli.py)
     url: str = Field(
         "http://127.0.0.1:8000",
-        description="Client side: base URL of the gpuyard API that the gpuyard commands talk to "
-        "(overridden by --url).",
+        description="Client side: base URL of the gpuyard API that the gpuyard commands talk to (overridden by --url).",
     )
     token: str = Field(
         "",
@@ -126,6 +185,8 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{(self.data_dir / 'gpuyard.db').as_posix()}"
         if self.storage_dir is None:
             self.storage_dir = self.data_dir / "storage"
+        if self.fake_gpu_dir is None:
+            self.fake_gpu_dir = self.data_dir / "fake-gpus"
         return self
 
 

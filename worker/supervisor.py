@@ -12,9 +12,16 @@
     loop   each stdout event → job_events + pub/sub ``gpuyard:job:<id>:events`` (+ progress);
       │    every poll: cancel flag → SIGTERM the group, SIGKILL after the grace period;
       │    past max_runtime_s (+ grace, the trainer enforces it first) → the same, failed time_limit;
-      │    lease renewed by a thread; lease lost → SIGKILL the group, record nothing.
+      │    lease renewed by a thread; lease lost → SIGKILL the group, record nothing;
+      │    on a GPU, a watchdog thread (worker/watchdog.py) reads the group's GPU memory every
+      │    gpu_watchdog_interval_s; past fraction × total + allowance → SIGKILL, memory_budget_exceeded.
       │
-    exit code → succeeded | failed(reason) | cancelled, lease released (finish_job)
+    hygiene (GPU): the job's processes gone, no new memory held by no process → else quarantine the GPU
+      │
+    exit code → succeeded | failed(reason) | cancelled, lease released (finish_job, with the peak GPU
+    memory), then ``dispatch()`` so the freed room is used at once
+
+Redis is optional: without ``redis_url`` events go to the DB only (``bench/gpu_check.sh`` runs so).
 
 Nothing here imports TensorFlow, JAX or torch: the framework lives only in the trainer process.
 """
@@ -27,6 +34,7 @@ import json
 import logging
 import os
 import queue
+import shlex
 import signal
 import socket
 import subprocess
@@ -39,15 +47,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import redis
+try:  # optional: without Redis (bench/gpu_check.sh) events go to the job DB only
+    import redis
+except ImportError:  # pragma: no cover - redis-py is a dependency of the service
+    redis = None  # type: ignore[assignment]
 
 import worker
 from models.atomicio import atomic_write_json
 from worker import procs
 from worker.db import CANCELLED, FAILED, QUEUED, SUCCEEDED, Database, Job, JobDBError
 from worker.exitcodes import ExitCode
+from worker.gpus import GpuBackend, context_allowance_bytes, declare_fake_process_if_absent, get_backend
 from worker.settings import Settings, get_settings
 from worker.storage import LocalStorage, Storage
+from worker.watchdog import MemoryWatchdog, hygiene_problem
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +73,7 @@ CHECKPOINT_STATE = Path("checkpoint") / "state.json"
 _EOF_WAIT_S = 2.0
 _EOF = object()
 _TRAINER_WITHOUT = ("database_url", "redis_url")
+MEMORY_BUDGET_EXCEEDED = "memory_budget_exceeded"
 
 
 def events_channel(job_id: str) -> str:
@@ -96,7 +110,9 @@ class EventPublisher:
 
     def __init__(self, redis_url: str | None) -> None:
         self._client = (
-            redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2) if redis_url else None
+            redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+            if redis_url and redis is not None
+            else None
         )
         self._warned = False
 
@@ -105,7 +121,7 @@ class EventPublisher:
             return
         try:
             self._client.publish(events_channel(job_id), json.dumps(payload, default=str))
-        except redis.RedisError as exc:
+        except Exception as exc:  # redis.RedisError and its kin: live updates are best effort
             if not self._warned:
                 log.warning("job %s: cannot publish events to Redis (%s); the DB still gets them", job_id, exc)
                 self._warned = True
@@ -177,6 +193,8 @@ def classify_exit(
         return CANCELLED, "cancelled", "cancelled on request"
     if stop_reason == "time_limit":
         return FAILED, ExitCode.TIME_LIMIT.reason, detail or "the job ran past its max_runtime_s"
+    if stop_reason == MEMORY_BUDGET_EXCEEDED:
+        return FAILED, MEMORY_BUDGET_EXCEEDED, "the job used more GPU memory than its memory_fraction allows"
     if exit_code < 0:
         name = signal.strsignal(-exit_code) or f"signal {-exit_code}"
         hint = " (the kernel's OOM killer does this when the host runs out of memory)"
@@ -216,13 +234,18 @@ class Supervisor:
         publisher: EventPublisher,
         requeue: Callable[[str], None] | None,
         trainer_argv: Sequence[str] | None,
+        backend: GpuBackend | None = None,
     ) -> None:
         self.job_id, self.settings, self.db, self.storage = job_id, settings, db, storage
         self.owner, self.gpu, self.publisher, self.requeue = owner, gpu, publisher, requeue
-        self.trainer_argv = list(trainer_argv or [sys.executable, "-m", "worker.trainer"])
+        self.trainer_argv = list(
+            trainer_argv or shlex.split(settings.trainer_command) or [sys.executable, "-m", "worker.trainer"]
+        )
+        self.backend = backend
         self.published_seq = 0
         self.failed_event: dict[str, Any] | None = None
         self.progress: dict[str, Any] = {}
+        self.watchdog: MemoryWatchdog | None = None
 
     # ── top level ──
     def run(self) -> Outcome:
@@ -305,6 +328,10 @@ class Supervisor:
                 cwd=job_dir,
             )
         procs.write_pid_file(job_dir / PID_FILE, proc.pid)
+        unaccounted_before = self._start_watchdog(job, proc.pid)
+        self.progress["trainer_pid"] = proc.pid  # its process group: GET /v1/gpus maps GPU memory to jobs
+        with contextlib.suppress(JobDBError):
+            self.db.record_progress(self.job_id, dict(self.progress), owner=self.owner)
         log.info(
             "job %s: attempt %d, trainer pid %d%s",
             self.job_id,
@@ -315,6 +342,8 @@ class Supervisor:
         try:
             stop_reason = self._watch(proc, job, keeper)
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             # Kill whatever is left in the group (everything, after an exception in _watch; stragglers the
             # trainer left behind, otherwise) while the unreaped leader still pins the group id, then reap.
             procs.signal_group(proc.pid, signal.SIGKILL)
@@ -322,6 +351,9 @@ class Supervisor:
             assert proc.stdout is not None
             proc.stdout.close()
         (job_dir / PID_FILE).unlink(missing_ok=True)
+        if self.watchdog is not None and self.watchdog.exceeded.is_set() and stop_reason != "lease_lost":
+            stop_reason = MEMORY_BUDGET_EXCEEDED
+        self._check_hygiene(unaccounted_before)
 
         base = {
             "job_id": self.job_id,
@@ -337,6 +369,13 @@ class Supervisor:
         if stop_reason is None and proc.returncode != 0 and self.db.is_cancel_requested(self.job_id):
             stop_reason = "cancelled"  # asked between our last poll and the trainer's exit
         state, reason, detail = classify_exit(proc.returncode, stop_reason, self.failed_event)
+        if reason == MEMORY_BUDGET_EXCEEDED and self.watchdog is not None:
+            detail = (
+                f"the job held {_mib(self.watchdog.exceeded_bytes)} of GPU memory, over its budget of "
+                f"{_mib(self.watchdog.budget_bytes)} (memory_fraction × the GPU's total + "
+                f"{_mib(context_allowance_bytes(self.settings))} allowance); killed. Ask for a larger "
+                "resources.memory_fraction or make the model smaller"
+            )
         if state is None:
             return self._hand_back(base, reason, detail)
         outcome = self._finish(job, state, None if state == SUCCEEDED else reason, detail, proc.returncode)
@@ -352,6 +391,48 @@ class Supervisor:
             return None
         path = self.storage.local_path(dataset.storage_key)
         return path if path.is_file() else None
+
+    # ── GPU: watchdog and hygiene ──
+    def _start_watchdog(self, job: Job, pgid: int) -> int:
+        """Start the memory watchdog of a GPU job; returns the GPU's unaccounted memory before the job."""
+        if self.gpu in ("cpu", "any", "") or self.backend is None:
+            return 0
+        info = self.backend.device(self.gpu)
+        if info is None:
+            log.warning("job %s: GPU %s is not in the inventory; no memory watchdog", self.job_id, self.gpu)
+            return 0
+        if self.backend.kind == "fake":
+            # The fake GPU counts the trainer's RSS unless the trainer (or a test) declares a figure.
+            assert self.settings.fake_gpu_dir is not None
+            declare_fake_process_if_absent(self.settings.fake_gpu_dir, self.gpu, pgid)
+        fraction = float(((job.spec.get("resources") or {}).get("memory_fraction")) or 0.25)
+        budget = int(fraction * info.memory_total_bytes) + context_allowance_bytes(self.settings)
+        self.watchdog = MemoryWatchdog(
+            self.backend, self.gpu, pgid, budget, self.settings.gpu_watchdog_interval_s, self.job_id
+        )
+        self.watchdog.start()
+        return info.unaccounted_bytes
+
+    def _check_hygiene(self, unaccounted_before: int) -> None:
+        """After the trainer's group is gone: quarantine the GPU unless it is back to clean."""
+        if self.watchdog is None or self.backend is None:
+            return
+        problem = hygiene_problem(
+            self.backend,
+            self.gpu,
+            self.watchdog.pids,
+            unaccounted_before,
+            self.settings.gpu_hygiene_tolerance_bytes,
+            self.settings.gpu_hygiene_wait_s,
+        )
+        if problem is None:
+            return
+        reason = f"after job {self.job_id}: {problem}"
+        log.error("GPU %s quarantined: %s", self.gpu, reason)
+        try:
+            self.db.quarantine_gpu(self.gpu, reason)
+        except JobDBError as exc:
+            log.warning("GPU %s: cannot record the quarantine: %s", self.gpu, exc)
 
     # ── the watch loop ──
     def _watch(self, proc: subprocess.Popen[bytes], job: Job, keeper: LeaseKeeper) -> str | None:
@@ -387,7 +468,7 @@ class Supervisor:
                 next_poll = now + poll
                 if stop_reason is None:
                     stop_reason = self._stop_reason(keeper, deadline, now)
-                    if stop_reason == "lease_lost":
+                    if stop_reason in ("lease_lost", MEMORY_BUDGET_EXCEEDED):
                         procs.signal_group(proc.pid, signal.SIGKILL)  # someone else may own the job now
                     elif stop_reason is not None:
                         log.info("job %s: stopping trainer (%s)", self.job_id, stop_reason)
@@ -414,6 +495,8 @@ class Supervisor:
     def _stop_reason(self, keeper: LeaseKeeper, deadline: float | None, now: float) -> str | None:
         if keeper.lost.is_set():
             return "lease_lost"
+        if self.watchdog is not None and self.watchdog.exceeded.is_set():
+            return MEMORY_BUDGET_EXCEEDED  # the watchdog already killed the group
         try:
             if self.db.is_cancel_requested(self.job_id):
                 return "cancelled"
@@ -452,7 +535,10 @@ class Supervisor:
 
     # ── endings ──
     def _finish(self, job: Job, state: str, reason: str | None, detail: str | None, exit_code: int | None) -> Outcome:
-        if not self.db.finish_job(self.job_id, self.owner, state, reason, detail, exit_code):
+        peak = self.watchdog.peak_bytes if self.watchdog is not None and self.watchdog.readings else None
+        if not self.db.finish_job(
+            self.job_id, self.owner, state, reason, detail, exit_code, peak_gpu_memory_bytes=peak
+        ):
             log.warning("job %s: lease lost before the result could be recorded", self.job_id)
             return Outcome(self.job_id, ran=True, reason="lease_lost", attempt=job.attempts, exit_code=exit_code)
         log.info("job %s: %s%s", self.job_id, state, f" ({reason})" if reason else "")
@@ -478,6 +564,10 @@ class Supervisor:
         for stored in self.db.events_since(self.job_id, self.published_seq):
             self.publisher.publish(self.job_id, {"seq": stored.seq, **stored.event})
             self.published_seq = stored.seq
+
+
+def _mib(value: int | None) -> str:
+    return f"{(value or 0) / 2**20:.0f} MiB"
 
 
 def _has_exited(proc: subprocess.Popen[bytes]) -> bool:
@@ -516,7 +606,8 @@ def _progress_of(event: dict[str, Any]) -> dict[str, Any] | None:
             "resumed_from_epoch": event.get("resumed_from_epoch"),
         }
     if kind == "finished":
-        return {"stage": "finished", "metrics": event.get("metrics")}
+        # Final metrics are nested by split (train/val/test); `metrics` stays the flat per-epoch figures.
+        return {"stage": "finished", "final_metrics": event.get("metrics")}
     return None
 
 
@@ -531,6 +622,8 @@ def supervise(
     gpu: str | None = None,
     requeue: Callable[[str], None] | None = None,
     trainer_argv: Sequence[str] | None = None,
+    backend: GpuBackend | None = None,
+    dispatch: Callable[[], object] | None = None,
 ) -> Outcome:
     """Run one delivery of job ``job_id`` to its end; idempotent against duplicate deliveries.
 
@@ -542,7 +635,11 @@ def supervise(
         owner: lease owner, unique per delivery (default: ``host:pid:random``).
         gpu: GPU UUID for the trainer, or ``cpu`` (default: ``settings.worker_gpu``).
         requeue: called with the job id when the job is handed back to the queue (re-sends the task).
-        trainer_argv: the command that starts a trainer (tests substitute a fake one).
+        trainer_argv: the command that starts a trainer (default: ``settings.trainer_command``, else
+            ``python -m worker.trainer``; tests substitute a fake one).
+        backend: GPU readings for the watchdog and hygiene (default: :func:`worker.gpus.get_backend`).
+        dispatch: called once the job has ended (the GPU room it held is free), e.g. a dispatch pass;
+            its errors are logged, never raised.
 
     Returns:
         What happened; ``ran`` is False when this delivery found nothing to do.
@@ -552,18 +649,28 @@ def supervise(
     db = db or Database(settings.database_url)
     storage = storage or LocalStorage(settings.storage_dir)
     publisher = EventPublisher(settings.redis_url)
+    gpu = gpu or settings.worker_gpu
+    if backend is None and gpu not in ("cpu", "any", ""):
+        backend = get_backend(settings)
     try:
-        return Supervisor(
+        outcome = Supervisor(
             job_id,
             settings,
             db,
             storage,
             owner=owner or default_owner(),
-            gpu=gpu or settings.worker_gpu,
+            gpu=gpu,
             publisher=publisher,
             requeue=requeue,
             trainer_argv=trainer_argv,
+            backend=backend,
         ).run()
+        if outcome.ran and dispatch is not None:
+            try:
+                dispatch()
+            except Exception:  # the job's outcome stands; the janitor's pass dispatches later
+                log.exception("job %s: dispatch after the job ended failed", job_id)
+        return outcome
     finally:
         publisher.close()
         if own_db:

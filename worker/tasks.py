@@ -9,6 +9,7 @@ from celery import Task, shared_task
 
 from worker.celery_app import TRAIN_TASK
 from worker.db import Database
+from worker.dispatch import Dispatcher
 from worker.settings import get_settings
 from worker.supervisor import default_owner, supervise
 
@@ -21,18 +22,25 @@ def _database(url: str) -> Database:
 
 @shared_task(name=TRAIN_TASK, bind=True)
 def train(self: Task, job_id: str) -> dict[str, Any]:
-    """Run job ``job_id`` (idempotent: a second delivery finds the lease held and returns at once)."""
+    """Run job ``job_id`` (idempotent: a second delivery finds the lease held and returns at once).
+
+    When the job ends, or is handed back to the queue, a dispatch pass places what now fits.
+    """
     settings = get_settings()
-    queue = (self.request.delivery_info or {}).get("routing_key") or settings.train_queue
+    db = _database(settings.database_url)
 
-    def requeue(requeued_id: str) -> None:
-        self.app.send_task(TRAIN_TASK, args=[requeued_id], queue=queue)
+    def send(dispatched_id: str, queue: str) -> None:
+        self.app.send_task(TRAIN_TASK, args=[dispatched_id], queue=queue)
 
-    outcome = supervise(
-        job_id,
-        settings,
-        db=_database(settings.database_url),
-        owner=default_owner(self.request.id),
-        requeue=requeue,
-    )
+    dispatcher = Dispatcher(settings, db, send)
+    try:
+        outcome = supervise(
+            job_id,
+            settings,
+            db=db,
+            owner=default_owner(self.request.id),
+            dispatch=dispatcher.run,
+        )
+    finally:
+        dispatcher.close()
     return outcome.to_dict()

@@ -18,7 +18,8 @@ from service.auth import authenticate, current_user, visible_owner_id
 from service.errors import NotFound, ServiceUnavailable, Unprocessable
 from service.extensions import services
 from service.schemas import ARTIFACT_NAMES, DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut
-from worker.db import TERMINAL_STATES, Database, Job, JobEvent
+from worker.db import QUEUED, TERMINAL_STATES, Database, Job, JobEvent
+from worker.dispatch import dispatch, gpu_views, never_fits
 from worker.storage import JOB_LOG_NAME
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -32,8 +33,13 @@ _FALSE = ("0", "false", "no", "")
 def submit() -> Response:
     """Validate and queue a job (201), or with ``?dry_run=1`` report what it would build (200).
 
-    422 lists every spec problem; 404 when the data set is not the caller's; 429 at the per-user cap of
-    queued + running jobs; 503 when the queue is unreachable (the job is then marked interrupted).
+    422 lists every spec problem, and a job no registered GPU could ever hold (an unknown
+    ``resources.gpu``, a ``memory_fraction`` above ``1 − gpu_reserve_fraction`` or the per-user cap);
+    404 when the data set is not the caller's; 429 at the per-user cap of queued + running jobs; 503 when
+    the queue is unreachable (the job is then marked interrupted).
+
+    A queued job is dispatched at once when a GPU has room for it (worker/dispatch.py); otherwise it
+    waits, and GET /v1/jobs/<id> shows its ``queue_position`` and ``dispatch_note``.
     """
     svc = services()
     dry_run = _flag("dry_run")
@@ -43,15 +49,17 @@ def submit() -> Response:
     if dataset is None:
         raise NotFound(f"no data set {body.dataset!r}; upload one with POST /v1/datasets", field="dataset")
     spec_json = spec.model_dump(mode="json")
+    gpus = gpu_views(svc.db, svc.heartbeats)
+    never = never_fits(spec_json, gpus, svc.settings)
+    if never:
+        raise Unprocessable.from_problems("never_fits", never, prefix="spec.")
     if dry_run:
         data_path = svc.storage.local_path(dataset.storage_key)
         result = svc.dry_run(spec_json, data_path)
         report = result.get("report") or {}
         if report.get("ok") is False:  # the model could not be built for this data: say every reason
             errors = report.get("errors") or [{"code": "dry_run_failed", "detail": "the dry run failed"}]
-            problems = [
-                Problem(e.get("code", "invalid"), e.get("detail", ""), e.get("field")) for e in errors
-            ]
+            problems = [Problem(e.get("code", "invalid"), e.get("detail", ""), e.get("field")) for e in errors]
             raise Unprocessable.from_problems("spec_invalid", problems, prefix="spec.")
         return respond(
             DryRunOut(dataset=dataset.id, spec=spec_json, report=result.get("report"), env=result.get("env"))
@@ -63,12 +71,16 @@ def submit() -> Response:
         max_active=svc.settings.max_active_jobs_per_user,
         max_attempts=svc.settings.max_attempts,
     )
-    try:
-        svc.queue.enqueue(job.id)
-    except ServiceUnavailable as exc:
-        svc.db.interrupt_queued(job.id, "queue_unavailable", exc.detail)
-        raise
-    return respond(JobOut.of(job), 201, {"Location": url_for("jobs.show", job_id=job.id)})
+    report = dispatch(svc.db, svc.settings, gpus, svc.queue.enqueue)
+    for placement, exc in report.failed:
+        if placement.job_id == job.id:
+            detail = exc.detail if isinstance(exc, ServiceUnavailable) else f"{type(exc).__name__}: {exc}"
+            svc.db.interrupt_queued(job.id, "queue_unavailable", detail)
+            if isinstance(exc, ServiceUnavailable):
+                raise exc
+            raise ServiceUnavailable(f"the job queue is unreachable ({detail})", code="queue_unavailable") from exc
+    job = svc.db.get_job(job.id) or job
+    return respond(_job_out(job), 201, {"Location": url_for("jobs.show", job_id=job.id)})
 
 
 @bp.get("")
@@ -76,9 +88,7 @@ def index() -> Response:
     """The caller's jobs (an admin's: everyone's), newest first; ``?state=``, ``?limit=``, ``?cursor=``."""
     query = query_args(JobListQuery)
     try:
-        page = services().db.list_jobs(
-            visible_owner_id(), state=query.state, limit=query.limit, cursor=query.cursor
-        )
+        page = services().db.list_jobs(visible_owner_id(), state=query.state, limit=query.limit, cursor=query.cursor)
     except ValueError as exc:
         raise Unprocessable(str(exc), field="cursor") from exc
     return respond(JobListOut(jobs=[JobOut.of(j) for j in page.jobs], next_cursor=page.next_cursor))
@@ -86,8 +96,13 @@ def index() -> Response:
 
 @bp.get("/<job_id>")
 def show(job_id: str) -> Response:
-    """One job: state, attempts, progress, error."""
-    return respond(JobOut.of(_visible_job(job_id)))
+    """One job: state, attempts, progress, error; while it waits for a GPU, its place in the queue."""
+    return respond(_job_out(_visible_job(job_id)))
+
+
+def _job_out(job: Job) -> JobOut:
+    position = services().db.queue_position(job.id) if job.state == QUEUED else None
+    return JobOut.of(job, queue_position=position)
 
 
 @bp.post("/<job_id>/cancel")
@@ -111,9 +126,7 @@ def events(job_id: str) -> Response:
     _visible_job(job_id)
     after = _last_event_id()
     svc = services()
-    stream = _event_stream(
-        svc.db, job_id, after, svc.settings.sse_poll_interval_s, svc.settings.sse_keepalive_s
-    )
+    stream = _event_stream(svc.db, job_id, after, svc.settings.sse_poll_interval_s, svc.settings.sse_keepalive_s)
     return Response(
         stream,
         mimetype="text/event-stream",
@@ -179,9 +192,7 @@ def logs(job_id: str) -> Response:
     key = storage.job_key(job.id, JOB_LOG_NAME)
     if not storage.exists(key):
         raise NotFound(f"job {job_id} has no log yet (state: {job.state})")
-    return send_file(
-        storage.local_path(key), mimetype="text/plain; charset=utf-8", conditional=True, max_age=0
-    )
+    return send_file(storage.local_path(key), mimetype="text/plain; charset=utf-8", conditional=True, max_age=0)
 
 
 @bp.get("/<job_id>/artifacts/<name>")

@@ -17,6 +17,8 @@ from service.schemas import (
     DatasetOut,
     DryRunOut,
     ErrorOut,
+    GpuListOut,
+    GpuOut,
     HealthOut,
     JobCreate,
     JobEventOut,
@@ -31,6 +33,7 @@ REF = "#/components/schemas/{model}"
 _ERRORS = {
     "400": "Malformed request",
     "401": "Missing or invalid bearer token",
+    "403": "Admins only",
     "404": "No such resource, or not yours",
     "413": "Upload larger than max_upload_bytes",
     "415": "Unsupported Content-Type",
@@ -65,6 +68,8 @@ def openapi_document() -> dict[str, Any]:
         (JobListOut, "serialization"),
         (DryRunOut, "serialization"),
         (JobEventOut, "serialization"),
+        (GpuOut, "serialization"),
+        (GpuListOut, "serialization"),
     ]
     _, top = models_json_schema(models, ref_template=REF)
     schemas = _openapi_safe(top.get("$defs", {}))
@@ -81,31 +86,22 @@ def openapi_document() -> dict[str, Any]:
             )
         },
         "/v1/datasets": {
-            "get": _op(
-                "listDatasets", "Your data sets (an admin's: everyone's)", {"200": _json("DatasetListOut")}
-            ),
+            "get": _op("listDatasets", "Your data sets (an admin's: everyone's)", {"200": _json("DatasetListOut")}),
             "post": _op(
                 "uploadDataset",
                 "Upload an HDF5 data set (raw body or multipart field `file`); 200 when you already have it",
                 {"201": _json("DatasetOut", "Stored"), "200": _json("DatasetOut", "Already yours")},
                 errors=("400", "401", "413", "415", "422"),
-                params=[
-                    _query(n, "string", f"HDF5 key of {n}")
-                    for n in ("x_train", "y_train", "x_test", "y_test")
-                ]
+                params=[_query(n, "string", f"HDF5 key of {n}") for n in ("x_train", "y_train", "x_test", "y_test")]
                 + [_query("name", "string", "A name to remember the upload by")],
                 body={
                     "required": True,
                     "content": {
-                        "application/x-hdf5": {
-                            "schema": {"type": "string", "contentMediaType": "application/x-hdf5"}
-                        },
+                        "application/x-hdf5": {"schema": {"type": "string", "contentMediaType": "application/x-hdf5"}},
                         "multipart/form-data": {
                             "schema": {
                                 "type": "object",
-                                "properties": {
-                                    "file": {"type": "string", "contentMediaType": "application/x-hdf5"}
-                                },
+                                "properties": {"file": {"type": "string", "contentMediaType": "application/x-hdf5"}},
                                 "required": ["file"],
                             }
                         },
@@ -151,6 +147,22 @@ def openapi_document() -> dict[str, Any]:
             "parameters": [_path("job_id")],
             "get": _op("getJob", "One job", {"200": _json("JobOut")}, errors=("401", "404")),
         },
+        "/v1/gpus": {
+            "get": _op(
+                "listGpus", "Every registered GPU: state, memory, jobs, foreign processes", {"200": _json("GpuListOut")}
+            ),
+        },
+        **{
+            f"/v1/gpus/{{uuid}}/{action}": {
+                "parameters": [_path("uuid")],
+                "post": _op(f"{action}Gpu", summary, {"200": _json("GpuOut")}, errors=("401", "403", "404")),
+            }
+            for action, summary in (
+                ("drain", "Drain a GPU: running jobs finish, no new ones start (admin)"),
+                ("undrain", "Let a drained GPU take jobs again (admin)"),
+                ("clear", "Clear a GPU's quarantine (admin)"),
+            )
+        },
         "/v1/jobs/{job_id}/cancel": {
             "parameters": [_path("job_id")],
             "post": _op("cancelJob", "Cancel a job", {"200": _json("JobOut")}, errors=("401", "404")),
@@ -159,8 +171,7 @@ def openapi_document() -> dict[str, Any]:
             "parameters": [_path("job_id")],
             "get": _op(
                 "jobEvents",
-                "Server-Sent Events, replayed then live; `id:` is the sequence number, "
-                "resume with Last-Event-ID",
+                "Server-Sent Events, replayed then live; `id:` is the sequence number, resume with Last-Event-ID",
                 {
                     "200": {
                         "description": "text/event-stream; each `data:` is a JobEventOut.event object",

@@ -18,9 +18,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def upload(client: FlaskClient, token: str, path: Path) -> Any:
-    return client.post(
-        "/v1/datasets", data=path.read_bytes(), content_type="application/x-hdf5", headers=bearer(token)
-    )
+    return client.post("/v1/datasets", data=path.read_bytes(), content_type="application/x-hdf5", headers=bearer(token))
 
 
 def assert_error_body(response: Any, status: int, error: str | None = None) -> dict[str, Any]:
@@ -38,15 +36,17 @@ def assert_error_body(response: Any, status: int, error: str | None = None) -> d
 
 @dataclass
 class FakeQueue:
-    """Stands in for Celery: records what would have been sent."""
+    """Stands in for Celery: records what would have been sent (``queues``: to which queue)."""
 
     sent: list[str] = field(default_factory=list)
+    queues: dict[str, str | None] = field(default_factory=dict)
     down: bool = False
 
-    def enqueue(self, job_id: str) -> None:
+    def enqueue(self, job_id: str, queue: str | None = None) -> None:
         if self.down:
             raise ServiceUnavailable("the job queue is unreachable (test)", code="queue_unavailable")
         self.sent.append(job_id)
+        self.queues[job_id] = queue
 
 
 @dataclass

@@ -3,6 +3,12 @@
 Behaviour comes from the spec's ``fake`` key: ``epochs``, ``epoch_s`` (seconds per epoch),
 ``exit_code`` (exit with it after the first epoch, with a ``failed`` event), ``ignore_sigterm``.
 SIGTERM: checkpoint, ``failed`` (cancelled), exit 6, unless ``ignore_sigterm``.
+
+On a fake GPU (``GPUYARD_FAKE_GPUS``; the declarations live in ``GPUYARD_FAKE_GPU_DIR``):
+``gpu_memory_bytes`` (declared at start, instead of the RSS), ``grow_to_bytes`` after ``grow_after_s``
+seconds (to go over budget mid-run), ``leak_bytes`` (memory left held by no process at exit: a dirty GPU).
+``--sleep S`` (or ``fake.sleep_s``) sleeps before the first epoch. The ``started`` event reports the
+``CUDA_VISIBLE_DEVICES`` it inherited.
 """
 
 from __future__ import annotations
@@ -28,8 +34,21 @@ def main() -> int:
     for name in ("--spec", "--data", "--out", "--gpu"):
         parser.add_argument(name, required=name != "--gpu")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--sleep", type=float, default=None)
     args = parser.parse_args()
     fake = json.loads(Path(args.spec).read_text()).get("fake", {})
+    fake_dir = os.environ.get("GPUYARD_FAKE_GPU_DIR")
+    on_fake_gpu = bool(os.environ.get("GPUYARD_FAKE_GPUS")) and fake_dir and (args.gpu or "cpu").startswith("GPU-")
+
+    def declare(memory: int | None, pid: int | None = None, name: str | None = None) -> None:
+        if on_fake_gpu:
+            from worker.gpus import declare_fake_process
+
+            declare_fake_process(Path(fake_dir), args.gpu, pid, memory, name=name)
+
+    if "gpu_memory_bytes" in fake:
+        declare(int(fake["gpu_memory_bytes"]), os.getpid())
+    grow_at = time.monotonic() + float(fake.get("grow_after_s", 0)) if "grow_to_bytes" in fake else None
     out = Path(args.out)
     state_path = out / "checkpoint" / "state.json"
     stop = {"requested": False}
@@ -40,12 +59,23 @@ def main() -> int:
 
     first = json.loads(state_path.read_text())["epoch"] if args.resume and state_path.exists() else 0
     epochs = int(fake.get("epochs", 2))
-    emit("started", epochs=epochs, resumed_from_epoch=first if args.resume else None, pid=os.getpid())
+    emit(
+        "started",
+        epochs=epochs,
+        resumed_from_epoch=first if args.resume else None,
+        pid=os.getpid(),
+        env={"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")},
+    )
+    time.sleep(args.sleep if args.sleep is not None else float(fake.get("sleep_s", 0)))
     print(f"fake trainer on {args.gpu}, data {args.data}", file=sys.stderr)
     for epoch in range(first + 1, epochs + 1):
         emit("epoch_start", epoch=epoch, epochs=epochs)
         deadline = time.monotonic() + float(fake.get("epoch_s", 0.05))
         while time.monotonic() < deadline and not stop["requested"]:
+            if grow_at is not None and time.monotonic() >= grow_at:
+                declare(int(fake["grow_to_bytes"]), os.getpid())
+                emit("fake_grew", memory_bytes=int(fake["grow_to_bytes"]))
+                grow_at = None
             time.sleep(0.01)
         if stop["requested"]:
             emit("failed", reason="cancelled", exit_code=6, detail="stopped by SIGTERM", problems=[])
@@ -59,6 +89,8 @@ def main() -> int:
             reason = REASONS.get(code, "internal_error")
             emit("failed", reason=reason, exit_code=code, detail="fake", problems=[])
             return code
+    if "leak_bytes" in fake:
+        declare(int(fake["leak_bytes"]), None, name=f"leak-{os.getpid()}")
     (out / "model.h5").write_bytes(b"fake")
     emit("finished", epochs_completed=epochs, metrics={}, artifacts=["model.h5"])
     return 0

@@ -1,0 +1,175 @@
+"""/v1/gpus and GPU placement through the API: states, jobs and foreign processes per GPU, admin-only
+drain/undrain/clear, 422 for a job no GPU could ever hold, a waiting job's queue position."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from api_helpers import FakeDryRun, FakeQueue, Tokens, assert_error_body, bearer, upload
+from conftest import free_port
+from flask import Flask
+from flask.testing import FlaskClient
+
+from service.app import create_app
+from worker.db import Database
+from worker.gpus import GiB, fake_uuid
+from worker.settings import Settings
+
+GPU0, GPU1 = fake_uuid(0), fake_uuid(1)
+MLP = {"architecture": {"family": "mlp", "widths": [16]}, "training": {"epochs": 1}}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "gpuyard",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        max_upload_bytes=2 * 2**20,
+        max_active_jobs_per_user=10,
+        validate_cpu_seconds=20,
+        fake_gpus="2x16GiB",
+        gpu_reserve_fraction=0.1,
+    )
+
+
+@pytest.fixture
+def beats() -> dict[str, dict[str, Any]]:
+    """The workers' live heartbeats by GPU uuid (what Redis would hold); a test edits it."""
+    return {}
+
+
+@pytest.fixture
+def app(settings: Settings, queue: FakeQueue, dry_run: FakeDryRun, beats: dict[str, dict[str, Any]]) -> Iterator[Flask]:
+    app = create_app(
+        {
+            "TESTING": True,
+            "GPUYARD_SETTINGS": settings,
+            "GPUYARD_JOB_QUEUE": queue,
+            "GPUYARD_DRY_RUNNER": dry_run,
+            "GPUYARD_GPU_HEARTBEATS": lambda uuids: {u: beats[u] for u in uuids if u in beats},
+        }
+    )
+    yield app
+    app.extensions["gpuyard"].db.dispose()
+
+
+def _db(app: Flask) -> Database:
+    return app.extensions["gpuyard"].db
+
+
+def register_two(app: Flask, beats: dict[str, dict[str, Any]], *, online: tuple[str, ...] = (GPU0, GPU1)) -> None:
+    for index, uuid in enumerate((GPU0, GPU1)):
+        _db(app).register_gpu(uuid, host="node1", index=index, name="Fake GPU 16 GiB", memory_total_bytes=16 * GiB)
+        if uuid in online:
+            beats[uuid] = {
+                "host": "node1",
+                "slots": 4,
+                "memory_total_bytes": 16 * GiB,
+                "memory_used_bytes": 0,
+                "utilization_percent": 0,
+                "processes": [],
+                "foreign_bytes": 0,
+                "gpuyard_bytes": 0,
+                "time": 1.0,
+            }
+
+
+@pytest.fixture
+def dataset_id(client: FlaskClient, tokens: Tokens, digits_file: Path) -> str:
+    return upload(client, tokens.alice, digits_file).get_json()["id"]
+
+
+def submit(client: FlaskClient, token: str, dataset_id: str, **resources: Any) -> Any:
+    spec = {**MLP, "resources": resources}
+    return client.post("/v1/jobs", json={"dataset": dataset_id, "spec": spec}, headers=bearer(token))
+
+
+def test_gpus_need_a_token_and_list_every_registered_gpu(
+    client: FlaskClient, app: Flask, tokens: Tokens, beats: dict[str, dict[str, Any]]
+) -> None:
+    assert_error_body(client.get("/v1/gpus"), 401, "unauthorized")
+    assert client.get("/v1/gpus", headers=bearer(tokens.alice)).get_json() == {"gpus": []}
+    register_two(app, beats, online=(GPU0,))
+    beats[GPU0]["processes"] = [{"pid": 4242, "pgid": 4242, "memory_bytes": 3 * GiB, "gpuyard": False}]
+    beats[GPU0]["foreign_bytes"] = 3 * GiB
+    gpus = client.get("/v1/gpus", headers=bearer(tokens.alice)).get_json()["gpus"]
+    assert [(g["uuid"], g["index"], g["host"], g["state"], g["online"]) for g in gpus] == [
+        (GPU0, 0, "node1", "online", True),
+        (GPU1, 1, "node1", "offline", False),
+    ]
+    assert gpus[0]["foreign_processes"] == [{"pid": 4242, "memory_bytes": 3 * GiB}]
+    assert gpus[0]["memory_total_bytes"] == 16 * GiB and gpus[0]["slots"] == 4 and gpus[0]["jobs"] == []
+
+
+def test_jobs_are_placed_on_gpus_and_shown_on_them(
+    client: FlaskClient, app: Flask, tokens: Tokens, beats: dict[str, dict[str, Any]], dataset_id: str, queue: FakeQueue
+) -> None:
+    register_two(app, beats, online=(GPU0,))
+    first = submit(client, tokens.alice, dataset_id, memory_fraction=0.5).get_json()
+    assert first["gpu"] == GPU0 and first["dispatched_at"] and first["queue_position"] is None
+    assert queue.queues[first["id"]] == f"gpu.{GPU0}"
+    # 0.5 + 0.5 > 1 − reserve (0.9): the second waits, and says where it is and why
+    second = submit(client, tokens.alice, dataset_id, memory_fraction=0.5).get_json()
+    third = submit(client, tokens.alice, dataset_id, memory_fraction=0.25).get_json()
+    assert second["gpu"] is None and second["queue_position"] == 1 and "memory fraction free" in second["dispatch_note"]
+    assert third["queue_position"] == 2 and "FIFO" in third["dispatch_note"]  # not overtaking on GPU 0
+    assert queue.sent == [first["id"]]
+    shown = client.get(f"/v1/jobs/{second['id']}", headers=bearer(tokens.alice)).get_json()
+    assert shown["queue_position"] == 1
+    jobs = client.get("/v1/gpus", headers=bearer(tokens.alice)).get_json()["gpus"][0]["jobs"]
+    assert [(j["id"], j["owner"], j["memory_fraction"], j["budget_bytes"]) for j in jobs] == [
+        (first["id"], "alice", 0.5, 8 * GiB)
+    ]
+    # GPU 1 comes online: the waiting jobs go there at the next dispatch (a submit, a job end, the janitor)
+    register_two(app, beats)
+    fourth = submit(client, tokens.alice, dataset_id, gpu="cpu").get_json()
+    assert queue.queues[fourth["id"]] == app.extensions["gpuyard"].settings.train_queue
+    assert queue.queues[second["id"]] == f"gpu.{GPU1}"
+    third = client.get(f"/v1/jobs/{third['id']}", headers=bearer(tokens.alice)).get_json()
+    assert (third["gpu"], third["queue_position"], third["dispatch_note"]) == (GPU0, None, None)  # FIFO kept
+
+
+def test_a_job_no_gpu_could_ever_hold_is_refused(
+    client: FlaskClient, app: Flask, tokens: Tokens, beats: dict[str, dict[str, Any]], dataset_id: str
+) -> None:
+    missing = "GPU-11111111-2222-3333-4444-555555555555"
+    body = assert_error_body(submit(client, tokens.alice, dataset_id, gpu=missing), 422, "never_fits")
+    assert body["field"] == "spec.resources.gpu" and missing in body["detail"]
+    register_two(app, beats)
+    body = assert_error_body(submit(client, tokens.alice, dataset_id, memory_fraction=0.95), 422, "never_fits")
+    assert body["field"] == "spec.resources.memory_fraction" and "0.95" in body["detail"]
+    assert submit(client, tokens.alice, dataset_id, gpu=GPU1, memory_fraction=0.9).status_code == 201
+
+
+def test_no_gpus_registered_sends_any_job_to_the_cpu_queue(
+    client: FlaskClient, app: Flask, tokens: Tokens, dataset_id: str, queue: FakeQueue
+) -> None:
+    job = submit(client, tokens.alice, dataset_id, memory_fraction=1.0).get_json()
+    assert job["gpu"] == "cpu" and queue.queues[job["id"]] == app.extensions["gpuyard"].settings.train_queue
+
+
+def test_drain_undrain_and_clear_are_for_admins(
+    client: FlaskClient, app: Flask, tokens: Tokens, beats: dict[str, dict[str, Any]], dataset_id: str
+) -> None:
+    register_two(app, beats)
+    for action in ("drain", "undrain", "clear"):
+        assert_error_body(client.post(f"/v1/gpus/{GPU0}/{action}", headers=bearer(tokens.alice)), 403, "forbidden")
+    assert_error_body(client.post("/v1/gpus/GPU-nope/drain", headers=bearer(tokens.admin)), 404)
+
+    drained = client.post(f"/v1/gpus/{GPU0}/drain", headers=bearer(tokens.admin)).get_json()
+    assert drained["state"] == "draining" and drained["draining_since"]
+    client.post(f"/v1/gpus/{GPU1}/drain", headers=bearer(tokens.admin))
+    waiting = submit(client, tokens.alice, dataset_id, memory_fraction=0.5).get_json()
+    assert waiting["gpu"] is None and "draining" in waiting["dispatch_note"]
+    assert client.post(f"/v1/gpus/{GPU0}/undrain", headers=bearer(tokens.admin)).get_json()["state"] == "online"
+    assert _db(app).get_job(waiting["id"]).gpu == GPU0  # undrain dispatches at once
+
+    _db(app).quarantine_gpu(GPU1, "after job x: 900 MiB held by no process")
+    _db(app).set_gpu_draining(GPU1, False)
+    shown = client.get("/v1/gpus", headers=bearer(tokens.alice)).get_json()["gpus"][1]
+    assert shown["state"] == "quarantined" and "900 MiB" in shown["quarantine_reason"]
+    cleared = client.post(f"/v1/gpus/{GPU1}/clear", headers=bearer(tokens.admin)).get_json()
+    assert cleared["state"] == "online" and cleared["quarantine_reason"] is None

@@ -1,0 +1,263 @@
+"""One Celery worker per GPU, and the heartbeats that tell the dispatcher which GPUs are online.
+
+``gpuyard worker --gpus all`` runs :func:`run_fleet`: for each selected GPU it registers the GPU in the
+job DB and starts a child ``celery worker`` with
+
+    CUDA_DEVICE_ORDER=PCI_BUS_ID  CUDA_VISIBLE_DEVICES=<uuid>  GPUYARD_WORKER_GPU=<uuid>
+    -Q gpu.<uuid>  -n gpu<index>@<host>  -c <slots>
+
+while this process (which never touches CUDA: NVML only reads the driver's bookkeeping) publishes every
+``gpu_heartbeat_s`` each GPU's readings to Redis under ``gpuyard:gpu:<uuid>`` with a TTL of
+``gpu_heartbeat_ttl_s``: memory, utilization, and its processes, each marked gpuyard's (a descendant of
+that GPU's worker) or foreign. No heartbeat → the GPU is offline and gets no new jobs. A child that
+exits stops the fleet (its supervisor — ``gpuyard up``, compose, systemd — restarts the whole).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import redis
+
+from worker.celery_app import queue_name
+from worker.db import Database, JobDBError
+from worker.dispatch import heartbeat_key
+from worker.gpus import GpuBackend, GpuInfo, get_backend, select_gpus
+from worker.procs import set_parent_death_signal
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GpuWorker:
+    """One child ``celery worker`` serving one GPU."""
+
+    gpu: GpuInfo
+    name: str
+    queue: str
+    slots: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        env = dict(base)
+        env.update(
+            CUDA_DEVICE_ORDER="PCI_BUS_ID",
+            CUDA_VISIBLE_DEVICES=self.gpu.uuid,
+            GPUYARD_WORKER_GPU=self.gpu.uuid,
+        )
+        return env
+
+    def argv(self, loglevel: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(self.slots),
+            "--queues",
+            self.queue,
+            "--hostname",
+            self.name,
+            "--loglevel",
+            loglevel,
+        ]
+
+
+def plan_workers(backend: GpuBackend, selection: str, slots: int, host: str | None = None) -> list[GpuWorker]:
+    """The workers ``--gpus selection`` starts: one per selected GPU (none without GPUs).
+
+    Raises:
+        ValueError: the selection names a GPU that does not exist.
+    """
+    host = host or socket.gethostname()
+    return [
+        GpuWorker(gpu=gpu, name=f"gpu{gpu.index}@{host}", queue=queue_name(gpu.uuid), slots=slots)
+        for gpu in select_gpus(backend.devices(), selection)
+    ]
+
+
+def descendants(pid: int | None) -> set[int]:
+    """``pid`` and every process below it (empty when it is gone)."""
+    if pid is None:
+        return set()
+    try:
+        proc = psutil.Process(pid)
+        return {pid, *(child.pid for child in proc.children(recursive=True))}
+    except psutil.Error:
+        return set()
+
+
+def heartbeat(info: GpuInfo, *, host: str, worker: str, slots: int, ours: set[int]) -> dict[str, Any]:
+    """One GPU's heartbeat: its readings, with each process marked gpuyard's (in ``ours``) or foreign."""
+    processes = [
+        {"pid": p.pid, "pgid": _pgid(p.pid), "memory_bytes": p.memory_bytes, "gpuyard": p.pid in ours}
+        for p in info.processes
+    ]
+    gpuyard_bytes = sum(p["memory_bytes"] for p in processes if p["gpuyard"])
+    return {
+        "uuid": info.uuid,
+        "index": info.index,
+        "name": info.name,
+        "pci_bus_id": info.pci_bus_id,
+        "host": host,
+        "worker": worker,
+        "slots": slots,
+        "memory_total_bytes": info.memory_total_bytes,
+        "memory_used_bytes": info.memory_used_bytes,
+        "memory_free_bytes": info.memory_free_bytes,
+        "utilization_percent": info.utilization_percent,
+        "processes": processes,
+        "gpuyard_bytes": gpuyard_bytes,
+        "foreign_bytes": sum(p["memory_bytes"] for p in processes if not p["gpuyard"]),
+        "time": time.time(),
+    }
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+class Heartbeats(threading.Thread):
+    """Publishes each worker's GPU heartbeat to Redis every ``gpu_heartbeat_s``, with a TTL."""
+
+    def __init__(self, settings: Settings, backend: GpuBackend, workers: Sequence[GpuWorker]) -> None:
+        super().__init__(name="gpu-heartbeats", daemon=True)
+        self.settings, self.backend, self.workers = settings, backend, list(workers)
+        self.host = socket.gethostname()
+        self._client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self._stopping = threading.Event()
+        self._warned = False
+
+    def beat(self) -> None:
+        ttl_ms = max(1, int(self.settings.gpu_heartbeat_ttl_s * 1000))
+        pipe = self._client.pipeline(transaction=False)
+        for worker in self.workers:
+            info = self.backend.device(worker.gpu.uuid)
+            if info is None or worker.proc is None or worker.proc.poll() is not None:
+                continue  # no reading, or no worker to take jobs: let the key expire (offline)
+            record = heartbeat(
+                info, host=self.host, worker=worker.name, slots=worker.slots, ours=descendants(worker.proc.pid)
+            )
+            pipe.set(heartbeat_key(worker.gpu.uuid), json.dumps(record), px=ttl_ms)
+        try:
+            pipe.execute()
+            self._warned = False
+        except redis.RedisError as exc:
+            if not self._warned:
+                log.warning("GPU heartbeats: Redis unreachable (%s); GPUs look offline until it is back", exc)
+                self._warned = True
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.beat()
+            except Exception:  # a reading error must not end the heartbeats
+                log.exception("GPU heartbeat failed")
+            self._stopping.wait(self.settings.gpu_heartbeat_s)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.is_alive():
+            self.join(timeout=5)
+        with contextlib.suppress(redis.RedisError):  # go offline now rather than at the TTL
+            self._client.delete(*[heartbeat_key(w.gpu.uuid) for w in self.workers])
+        self._client.close()
+
+
+def register(db: Database, workers: Sequence[GpuWorker], host: str | None = None) -> None:
+    """Record each worker's GPU in the job DB (kept: its drain and quarantine flags)."""
+    host = host or socket.gethostname()
+    for worker in workers:
+        gpu = worker.gpu
+        db.register_gpu(gpu.uuid, host=host, index=gpu.index, name=gpu.name, memory_total_bytes=gpu.memory_total_bytes)
+
+
+def run_fleet(
+    settings: Settings,
+    workers: Sequence[GpuWorker],
+    *,
+    loglevel: str = "INFO",
+    backend: GpuBackend | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Start one Celery worker per GPU, publish heartbeats, and wait until a worker exits or a signal
+    (SIGTERM/SIGINT) or ``stop`` ends the fleet; then stop every worker. Returns the exit status."""
+    backend = backend or get_backend(settings)
+    stop = stop or threading.Event()
+    db = Database(settings.database_url)
+    try:
+        db.migrate()
+        register(db, workers)
+    except JobDBError as exc:
+        log.error("cannot register the GPUs in the job DB: %s", exc)
+        return 1
+    finally:
+        db.dispose()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+    base_env = dict(os.environ)
+    for worker in workers:
+        worker.proc = subprocess.Popen(
+            worker.argv(loglevel), env=worker.env(base_env), preexec_fn=set_parent_death_signal
+        )
+        log.info(
+            "GPU %d (%s): worker %s on queue %s, %d slot(s)",
+            worker.gpu.index,
+            worker.gpu.uuid,
+            worker.name,
+            worker.queue,
+            worker.slots,
+        )
+    beats = Heartbeats(settings, backend, workers)
+    beats.start()
+    status = 0
+    try:
+        while not stop.wait(0.5):
+            ended = [w for w in workers if w.proc is not None and w.proc.poll() is not None]
+            if ended:
+                for worker in ended:
+                    log.error("worker %s exited with %s; stopping the fleet", worker.name, worker.proc.returncode)  # type: ignore[union-attr]
+                status = 1
+                break
+    finally:
+        beats.stop()
+        _stop_workers(workers)
+    return status
+
+
+def _stop_workers(workers: Sequence[GpuWorker], grace_s: float = 30.0) -> None:
+    """SIGTERM every worker (Celery's warm shutdown), SIGKILL what is left after ``grace_s``."""
+    running = [w.proc for w in workers if w.proc is not None and w.proc.poll() is None]
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in running:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
