@@ -294,6 +294,20 @@ def get_backend(settings: Settings) -> GpuBackend:
     return NvmlBackend()
 
 
+def gpu_total_memory_bytes(settings: Settings, uuid: str | None = None) -> int | None:
+    """Total memory of the GPU with this UUID (or of the first GPU when ``uuid`` is None).
+
+    Returns:
+        Bytes, or None when there is no driver, no GPU, or no such GPU.
+    """
+    backend = get_backend(settings)
+    if uuid is None:
+        devices = backend.devices()
+        return devices[0].memory_total_bytes if devices else None
+    device = backend.device(uuid)
+    return device.memory_total_bytes if device is not None else None
+
+
 def context_allowance_bytes(settings: Settings) -> int:
     """The watchdog's allowance beyond fraction × total: the setting, else 1 GiB on real GPUs, 0 on fakes."""
     if settings.gpu_context_allowance_bytes is not None:

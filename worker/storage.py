@@ -12,7 +12,6 @@ old file or the whole new one, never half of it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from models.atomicio import atomic_write_bytes
+from models.atomicio import atomic_write_bytes, fsync_dir
 from models.errors import GpuyardError
 
 CHUNK_BYTES = 1024 * 1024
@@ -169,7 +168,7 @@ class LocalStorage:
             self.discard(staged)  # same bytes, same name: keep the copy already there
         else:
             os.replace(staged.path, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         return StoredDataset(staged.sha256, staged.size_bytes, key, target)
 
     def discard(self, staged: StagedUpload) -> None:
@@ -195,11 +194,3 @@ class LocalStorage:
         else:
             path.unlink(missing_ok=True)
 
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_apply_sets_variables_and_keeps_callers_log_level() -> None:
 def test_setup_happens_before_any_framework_import() -> None:
     """Importing the CLI module and planning the environment imports no framework."""
     code = (
-        "import sys; import worker.trainer.cli, worker.trainer.env, worker.trainer.events, worker.nvml;"
+        "import sys; import worker.trainer.cli, worker.trainer.env, worker.trainer.events, worker.gpus;"
         "bad = [m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules];"
         "print(','.join(bad))"
     )
@@ -111,7 +112,18 @@ def test_stop_flag_signal_and_time_limit() -> None:
 
 
 def test_nvml_without_driver_is_none() -> None:
-    from worker.nvml import gpu_total_memory_bytes
+    from worker.gpus import gpu_total_memory_bytes
+    from worker.settings import Settings
 
-    total = gpu_total_memory_bytes(UUID)
+    total = gpu_total_memory_bytes(Settings(fake_gpus=""), UUID)
     assert total is None or total > 0
+
+
+def test_fake_gpu_total_is_what_the_trainer_caps_against(tmp_path: Path) -> None:
+    from worker.gpus import fake_uuid, gpu_total_memory_bytes
+    from worker.settings import Settings
+
+    settings = Settings(fake_gpus="2x16GiB", fake_gpu_dir=tmp_path)
+    assert gpu_total_memory_bytes(settings, fake_uuid(1)) == 16 * 2**30
+    assert gpu_total_memory_bytes(settings) == 16 * 2**30
+    assert gpu_total_memory_bytes(settings, "GPU-ffffffff-ffff-ffff-ffff-ffffffffffff") is None

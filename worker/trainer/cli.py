@@ -172,9 +172,10 @@ def prepare_and_train(args: argparse.Namespace, settings: Settings, emitter: Eve
     stop.check()
 
     device = "cpu" if args.dry_run else spec.resources.gpu
-    from worker.nvml import gpu_total_memory_bytes
+    from worker.gpus import gpu_total_memory_bytes
+    from worker.settings import get_settings
 
-    total = None if device == "cpu" else gpu_total_memory_bytes(None if device == "any" else device)
+    total = None if device == "cpu" else gpu_total_memory_bytes(get_settings(), None if device == "any" else device)
     plan = env.plan_environment(
         backend=spec.resources.backend,
         device=device,
