@@ -7,12 +7,13 @@
 #
 # Settings (environment): GPUYARD_URL (default http://127.0.0.1:8000), GPUYARD_DATA_DIR (the stack's
 # data directory, default ./.gpuyard, so that `gpuyard users create` writes to the stack's database),
-# PYTHON (default python3), SPEC (default examples/specs/highway.json), WORK (default: a new temp dir).
+# PYTHON (default python3), BARE_PYTHON (loads the model; default $PYTHON), SPEC (default examples/specs/highway.json), WORK (default: a new temp dir).
 # tests/service/test_walkthrough.py runs this very script against a fresh `gpuyard up`.
 set -euo pipefail
 
 URL="${GPUYARD_URL:-http://127.0.0.1:8000}"
 PYTHON="${PYTHON:-python3}"
+BARE_PYTHON="${BARE_PYTHON:-$PYTHON}"
 GPUYARD="${GPUYARD:-gpuyard}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SPEC="${SPEC:-$REPO/examples/specs/highway.json}"
@@ -62,7 +63,7 @@ echo "model.h5: sha256 $SHA256, ETag $ETAG"
 [ "$SHA256" = "$ETAG" ]
 
 # 6. Plain Keras loads it: no gpuyard code involved. Test accuracy on the digits test split.
-KERAS_BACKEND="${KERAS_BACKEND:-tensorflow}" "$PYTHON" - <<'EOF'
+KERAS_BACKEND="${KERAS_BACKEND:-tensorflow}" "$BARE_PYTHON" - <<'EOF'
 import sys
 
 import h5py

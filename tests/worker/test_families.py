@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import site
 import subprocess
 import sys
 import textwrap
@@ -79,14 +80,17 @@ def test_h5_models_load_in_bare_keras_and_predict_like_model_keras(trained: dict
             native = keras.models.load_model(out + "/model.keras")
             a, b = h5.predict(x, verbose=0), native.predict(x, verbose=0)
             report[name] = float(np.max(np.abs(a - b)))
-        leaked = [m for m in ("models", "worker", "service") if m in sys.modules]
+        import importlib.util
+        leaked = [m for m in ("models", "worker", "service") if importlib.util.find_spec(m) is not None]
         print(json.dumps({"max_abs_diff": report, "gpuyard_modules": leaked}))
         """
     )
+    # An interpreter where gpuyard cannot even be imported: no site processing (the editable install's
+    # .pth is not read), the venv's site-packages alone on its path, and / as its working directory.
     environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KERAS_BACKEND")}
-    environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    environ.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=site.getsitepackages()[0])
     out = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(jobs)],
+        [sys.executable, "-S", "-c", script, json.dumps(jobs)],
         capture_output=True,
         text=True,
         cwd="/",
