@@ -17,16 +17,17 @@ from typing import Any
 import keras
 import numpy as np
 
-from models.blocks import image_shape_problems, to_image
-from models.blocks.cnn import cnn_body, cnn_shape_problems
+from models.blocks import to_image
+from models.blocks.cnn import cnn_body
 from models.blocks.highway import highway_body
 from models.blocks.keras_json import keras_json_model
 from models.blocks.mlp import mlp_body
 from models.blocks.resnet import resnet_conv_body, resnet_dense_body
 from models.blocks.snn import snn_body
 from models.data.summary import DatasetSummary
-from models.errors import Problem, SpecError
-from models.heads import Head, resolve_head
+from models.errors import SpecError
+from models.fit import IMAGE_FAMILIES, spec_data_problems
+from models.heads import resolve_head
 from models.spec import (
     CnnArchitecture,
     HighwayArchitecture,
@@ -46,7 +47,6 @@ _BODIES: dict[type, Callable[[keras.KerasTensor, Any], keras.KerasTensor]] = {
     SnnArchitecture: snn_body,
     CnnArchitecture: cnn_body,
 }
-_IMAGE_FAMILIES = {CnnArchitecture: "cnn", ResnetConvArchitecture: "resnet (variant conv)"}
 _BLOCK_PATTERN = re.compile(r"^(stage\d+_block\d+|[a-z]+\d+|input|proj|stem|pool|flatten|output)(?:_|$)")
 
 
@@ -98,27 +98,6 @@ def make_optimizer(spec: JobSpec) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(learning_rate=opt.learning_rate)
 
 
-def _input_problems(spec: JobSpec, input_shape: list[int]) -> list[Problem]:
-    arch = spec.architecture
-    problems = []
-    if arch.input_shape is not None and list(arch.input_shape) != list(input_shape):
-        problems.append(
-            Problem(
-                "input_shape_mismatch",
-                f"architecture.input_shape: the data's X_train samples have shape {list(input_shape)}. "
-                f"Received: input_shape={list(arch.input_shape)}",
-                "architecture.input_shape",
-            )
-        )
-    family = _IMAGE_FAMILIES.get(type(arch))
-    if family is not None:
-        shape_problems = image_shape_problems(family, input_shape)
-        problems.extend(shape_problems)
-        if not shape_problems and isinstance(arch, CnnArchitecture):
-            problems.extend(cnn_shape_problems(arch, (input_shape[0], input_shape[1])))
-    return problems
-
-
 def _preprocess(
     inputs: keras.KerasTensor,
     spec: JobSpec,
@@ -139,7 +118,7 @@ def _preprocess(
         x = keras.layers.Normalization(mean=mean, variance=variance, name="input_normalization")(x)
     elif arch.input_normalization == "rescale":
         x = keras.layers.Rescaling(arch.input_scale, name="input_rescale")(x)
-    if type(arch) in _IMAGE_FAMILIES:
+    if type(arch) in IMAGE_FAMILIES:
         x = to_image(x)
     return x
 
@@ -170,15 +149,10 @@ def build_model(
     """
     arch = spec.architecture
     input_shape = list(summary.input_shape)
-    problems = _input_problems(spec, input_shape)
-    head: Head | None = None
-    try:
-        head = resolve_head(spec, summary)
-    except SpecError as exc:
-        problems.extend(exc.problems)
+    problems = spec_data_problems(spec, summary)
     if problems:
         raise SpecError(problems)
-    assert head is not None
+    head = resolve_head(spec, summary)
 
     keras.utils.set_random_seed(spec.training.seed)
     if isinstance(arch, KerasJsonArchitecture):

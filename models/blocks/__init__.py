@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import keras
 
-from models.errors import Problem
-
 
 def activation_layer(activation: str, name: str, leaky_relu_slope: float = 0.2) -> keras.layers.Layer:
     """A layer applying ``activation``: ``LeakyReLU`` for leaky_relu, else ``Activation``.
@@ -42,30 +40,6 @@ def flatten_if_needed(x: keras.KerasTensor, name: str = "input_flatten") -> kera
     if len(x.shape) > 2:
         return keras.layers.Flatten(name=name)(x)
     return x
-
-
-def image_shape_problems(family: str, input_shape: list[int] | tuple[int, ...]) -> list[Problem]:
-    """Why an input shape cannot feed a convolutional family (empty when it can).
-
-    Args:
-        family: the family's name for the message (``"cnn"``, ``"resnet (conv)"``).
-        input_shape: per-sample input shape.
-
-    Returns:
-        Problems naming ``architecture.family`` and the shape received.
-    """
-    if len(input_shape) in (2, 3):
-        return []
-    return [
-        Problem(
-            "input_shape_mismatch",
-            f"architecture.family: {family} needs image-shaped samples, (H, W) or (H, W, C); the data's "
-            f"X_train samples have shape {list(input_shape)} (use mlp/highway/resnet dense/snn for vectors, "
-            "or store X as images). Received: input_shape="
-            f"{list(input_shape)}",
-            "architecture.family",
-        )
-    ]
 
 
 def to_image(x: keras.KerasTensor, name: str = "input_reshape") -> keras.KerasTensor:

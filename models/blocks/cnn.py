@@ -5,7 +5,6 @@ from __future__ import annotations
 import keras
 
 from models.blocks import activation_layer
-from models.errors import Problem
 from models.spec import CnnArchitecture
 
 
@@ -72,38 +71,3 @@ def cnn_body(x: keras.KerasTensor, arch: CnnArchitecture) -> keras.KerasTensor:
     return x
 
 
-def cnn_shape_problems(arch: CnnArchitecture, image_hw: tuple[int, int]) -> list[Problem]:
-    """Why the convolutions and pooling would shrink an H×W image to nothing (empty when they fit).
-
-    Args:
-        arch: the cnn spec.
-        image_hw: the input's height and width.
-
-    Returns:
-        Problems naming ``architecture.kernel_size`` or ``architecture.pool_size``.
-    """
-    height, width = image_hw
-    if arch.padding == "valid":
-        shrink = (arch.kernel_size - 1) * len(arch.filters)
-        height, width = height - shrink, width - shrink
-        if min(height, width) < 1:
-            return [
-                Problem(
-                    "input_shape_mismatch",
-                    f"architecture.kernel_size: {len(arch.filters)} 'valid' convolutions of size "
-                    f"{arch.kernel_size} need images larger than {shrink}×{shrink}; the data's are "
-                    f"{image_hw[0]}×{image_hw[1]} (use padding 'same' or a smaller kernel). "
-                    f"Received: kernel_size={arch.kernel_size}",
-                    "architecture.kernel_size",
-                )
-            ]
-    if min(height, width) < arch.pool_size:
-        return [
-            Problem(
-                "input_shape_mismatch",
-                f"architecture.pool_size: the feature maps before pooling are {height}×{width}, smaller "
-                f"than the pool. Received: pool_size={arch.pool_size}",
-                "architecture.pool_size",
-            )
-        ]
-    return []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from functools import lru_cache
@@ -11,14 +12,16 @@ from pathlib import Path
 
 from flask import Blueprint, Response, request, send_file, url_for
 
+from models.data.summary import DatasetSummary
 from models.errors import Problem
-from models.spec import parse_spec
+from models.fit import spec_data_problems
+from models.spec import JobSpec, parse_spec
 from service.api import json_body, query_args, respond
 from service.auth import authenticate, current_user, visible_owner_id
 from service.errors import NotFound, ServiceUnavailable, Unprocessable
 from service.extensions import services
 from service.schemas import ARTIFACT_NAMES, DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut
-from worker.db import QUEUED, TERMINAL_STATES, Database, Job, JobEvent
+from worker.db import QUEUED, TERMINAL_STATES, Database, Dataset, Job, JobEvent
 from worker.dispatch import dispatch, gpu_views, never_fits
 from worker.storage import JOB_LOG_NAME
 
@@ -48,6 +51,7 @@ def submit() -> Response:
     dataset = svc.db.get_dataset(body.dataset, visible_owner_id())
     if dataset is None:
         raise NotFound(f"no data set {body.dataset!r}; upload one with POST /v1/datasets", field="dataset")
+    _check_fits_dataset(spec, dataset)
     spec_json = spec.model_dump(mode="json")
     gpus = gpu_views(svc.db, svc.heartbeats)
     never = never_fits(spec_json, gpus, svc.settings)
@@ -174,9 +178,24 @@ def _is_terminal(job_event: JobEvent) -> bool:
     return job_event.event.get("event") == "state" and job_event.event.get("state") in TERMINAL_STATES
 
 
+def _check_fits_dataset(spec: JobSpec, dataset: Dataset) -> None:
+    """Refuse (422, every reason) a spec that cannot fit its data set, before a worker finds out.
+
+    The stored summary was checked with the keys given at upload; a spec naming other keys (or declaring
+    classes) has the file checked again, in the sandbox, with its own.
+    """
+    svc = services()
+    summary = DatasetSummary.model_validate(dataset.summary)
+    if spec.data != summary.keys:
+        summary = svc.check_dataset(svc.storage.local_path(dataset.storage_key), spec.data)  # DataError: 422
+    problems = spec_data_problems(spec, summary)
+    if problems:
+        raise Unprocessable.from_problems("spec_invalid", problems, prefix="spec.")
+
+
 def _last_event_id() -> int:
     raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
-    if not raw.strip().isdigit():
+    if not re.fullmatch(r"[0-9]{1,18}", raw.strip()):
         raise Unprocessable(
             f"Expected Last-Event-ID (or ?last_event_id=) to be an event sequence number. Received: {raw!r}",
             field="last_event_id",

@@ -67,6 +67,23 @@ def test_a_bad_spec_lists_every_problem(client, tokens: Tokens, dataset_id: str,
     assert queue.sent == []
 
 
+@pytest.mark.parametrize(
+    ("spec_change", "error", "field"),
+    [
+        ({"architecture": {"family": "cnn"}}, "spec_invalid", "spec.architecture.family"),  # images only
+        ({"output": {"units": 3}}, "spec_invalid", "spec.output.units"),
+        ({"data": {"x_train": "NOPE"}}, "dataset_invalid", "NOPE"),  # checked again with the spec's keys
+        ({"data": {"num_classes": 3}}, "dataset_invalid", "Y_train"),
+    ],
+)
+def test_a_spec_that_does_not_fit_the_data_is_refused_at_submit(  # type: ignore[no-untyped-def]
+    client, tokens: Tokens, dataset_id: str, queue: FakeQueue, spec_change: dict, error: str, field: str
+) -> None:
+    body = assert_error_body(_submit(client, tokens.alice, dataset_id, {**GOOD_SPEC, **spec_change}), 422, error)
+    assert field in {p.get("field") for p in body["problems"]}, body
+    assert queue.sent == []
+
+
 def test_a_malformed_body_is_refused(client, tokens: Tokens) -> None:  # type: ignore[no-untyped-def]
     assert_error_body(client.post("/v1/jobs", data="nope", headers=bearer(tokens.alice)), 400, "bad_request")
     body = assert_error_body(client.post("/v1/jobs", json={"spec": {}}, headers=bearer(tokens.alice)), 422)
@@ -235,7 +252,8 @@ def test_events_replay_and_resume(client, app, tokens: Tokens, dataset_id: str) 
         )
     )
     assert by_query == []  # resumed past the terminal event: the stream ends at once
-    assert_error_body(client.get(url, headers={**bearer(tokens.alice), "Last-Event-ID": "x"}), 422)
+    for bad in ("x", "²", "99999999999999999999999"):  # not digits, a digit that is no number, past int64
+        assert_error_body(client.get(url, headers={**bearer(tokens.alice), "Last-Event-ID": bad}), 422)
 
 
 def test_events_stream_live_until_the_job_ends(client, app, tokens: Tokens, dataset_id: str) -> None:  # type: ignore[no-untyped-def]
