@@ -6,16 +6,24 @@
 # then:                                         bash docs/walkthrough.sh
 #
 # Settings (environment): GPUYARD_URL (default http://127.0.0.1:8000), GPUYARD_DATA_DIR (the stack's
-# data directory, default ./.gpuyard, so that `gpuyard users create` writes to the stack's database),
-# PYTHON (default python3), BARE_PYTHON (loads the model; default $PYTHON), SPEC (default examples/specs/highway.json), WORK (default: a new temp dir).
+# data directory, default the checkout's .gpuyard, where `make up` keeps it, so that `gpuyard users
+# create` writes to the stack's database), PYTHON and GPUYARD (default: the checkout's .venv, where
+# `make up` installed gpuyard), BARE_PYTHON (loads the model; default $PYTHON), SPEC (default
+# examples/specs/highway.json), WORK (default: a new temp dir).
 # tests/service/test_walkthrough.py runs this very script against a fresh `gpuyard up`.
 set -euo pipefail
 
 URL="${GPUYARD_URL:-http://127.0.0.1:8000}"
-PYTHON="${PYTHON:-python3}"
-BARE_PYTHON="${BARE_PYTHON:-$PYTHON}"
-GPUYARD="${GPUYARD:-gpuyard}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -x "$REPO/.venv/bin/python" ]; then VENV_BIN="$REPO/.venv/bin/"; else VENV_BIN=""; fi
+PYTHON="${PYTHON:-${VENV_BIN}python3}"
+BARE_PYTHON="${BARE_PYTHON:-$PYTHON}"
+GPUYARD="${GPUYARD:-${VENV_BIN}gpuyard}"
+# Absolute, since the script works in $WORK: `gpuyard users create` must reach the stack's database.
+GPUYARD_DATA_DIR="${GPUYARD_DATA_DIR:-$REPO/.gpuyard}"
+mkdir -p "$GPUYARD_DATA_DIR"
+GPUYARD_DATA_DIR="$(cd "$GPUYARD_DATA_DIR" && pwd)"
+export GPUYARD_DATA_DIR
 SPEC="${SPEC:-$REPO/examples/specs/highway.json}"
 WORK="${WORK:-$(mktemp -d)}"
 cd "$WORK"

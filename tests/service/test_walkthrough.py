@@ -6,6 +6,7 @@ and the model.h5 downloaded with curl loads in bare Keras with test accuracy >= 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -37,14 +38,12 @@ def test_curl_walkthrough_trains_and_the_model_loads_in_bare_keras(tmp_path: Pat
         env = clean_env(
             BARE_PYTHON=str(bare_python),
             GPUYARD_URL=stack.url,
-            GPUYARD_DATA_DIR=str(data_dir),
-            PYTHON=sys.executable,
-            GPUYARD=str(Path(sys.executable).with_name("gpuyard")),
+            GPUYARD_DATA_DIR=os.path.relpath(data_dir, work),  # relative to the caller, as a user would give it
             WORK=str(work),
         )
         result = subprocess.run(
             ["bash", str(REPO / "docs" / "walkthrough.sh")],
-            capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+            capture_output=True, text=True, env=env, cwd=work, timeout=900,
         )  # fmt: skip
         logs = "".join(
             f"\n--- {p.name} ---\n" + p.read_text(errors="replace")[-3000:]
