@@ -135,6 +135,31 @@ def test_worker_killed_mid_job_is_resumed_from_its_checkpoint_after_the_janitor(
     print(f"requeued {requeued_after:.1f} s after kill -9; resumed from epoch {resumed_from}")
 
 
+@pytest.mark.slow
+def test_cancel_through_the_api_stops_a_job_on_a_real_worker_within_5_s(
+    settings: Settings, db: Database, make_job: Callable[..., str], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    from service.app import create_app
+
+    start_worker(settings)
+    job_id = make_job(highway_spec(epochs=50, batch_size=16))
+    make_celery(settings).send_task(TRAIN_TASK, args=[job_id], queue=settings.train_queue)
+    wait_for(lambda: bool(events_of(db, job_id, "epoch_end")), 180, "the first epoch")
+    trainer = psutil.Process(events_of(db, job_id, "started")[0]["pid"])
+
+    _admin, token = db.create_user("canceller", is_admin=True)
+    client = create_app({"TESTING": True, "GPUYARD_SETTINGS": settings}).test_client()
+    response = client.post(f"/v1/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {token}"})
+    asked = time.monotonic()
+    assert response.status_code < 300, response.get_json()
+
+    wait_for(lambda: db.get_job(job_id).is_terminal, 5, "the job to end after its cancel", poll_s=0.1)
+    elapsed = time.monotonic() - asked
+    assert db.get_job(job_id).state == "cancelled"
+    wait_for(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, 5, "the trainer to go")
+    print(f"cancelled through the API in {elapsed:.2f} s")
+
+
 def test_gpuyard_worker_command_starts_a_worker_with_the_train_task(settings: Settings, tmp_path: Path) -> None:
     log_path = tmp_path / "cli-worker.log"
     argv = [sys.executable, "-c", "from service.cli import main; main()", "worker", "-c", "1"]
