@@ -1,8 +1,10 @@
 """Container health checks: ``python deploy/healthcheck.py api|worker|janitor`` exits 0 when healthy.
 
 api      GET /v1/health on the local gunicorn answers 200.
-worker   this container's Celery node (``<GPUYARD_TRAIN_QUEUE>@<hostname>``, the name ``gpuyard worker``
-         gives itself) answers a ping over the broker; it does while its trainers run.
+worker   a Celery node of this container answers a ping over the broker (it does while its trainers run):
+         any node named ``…@<hostname>``, since ``gpuyard worker`` names its nodes ``gpu<index>@<host>``
+         (one per GPU) and ``<GPUYARD_TRAIN_QUEUE>@<host>`` (the CPU worker), and a container's hostname
+         is its own.
 janitor  the job database and Redis, the two things a janitor pass needs, answer.
 
 Each check imports only what it needs, inside the function: the API's check runs every 30 s and should
@@ -14,6 +16,7 @@ from __future__ import annotations
 import socket
 import sys
 import urllib.request
+from collections.abc import Iterable
 
 API_HEALTH_URL = "http://127.0.0.1:8000/v1/health"
 
@@ -27,24 +30,28 @@ def check_api(url: str = API_HEALTH_URL, timeout_s: float = 5.0) -> str | None:
         return f"{url}: {exc}"
 
 
-def worker_node_name(queue: str, hostname: str | None = None) -> str:
-    """The node name ``gpuyard worker`` uses when not given ``--name``: ``<queue>@<host>``."""
-    return f"{queue}@{hostname or socket.gethostname()}"
+def local_nodes(replies: Iterable[dict[str, object]], hostname: str | None = None) -> list[str]:
+    """The nodes among ping ``replies`` (``[{node: {"ok": "pong"}}, …]``) that run on ``hostname``:
+    named ``<anything>@<hostname>``, as every node ``gpuyard worker`` starts is."""
+    suffix = f"@{hostname or socket.gethostname()}"
+    return sorted(node for reply in replies for node in reply if node.endswith(suffix) and node != suffix)
 
 
 def check_worker(timeout_s: float = 5.0) -> str | None:
-    """None when this container's Celery worker answers a ping, else what went wrong."""
+    """None when a Celery worker of this host (container) answers a ping, else what went wrong."""
     from worker.celery_app import make_celery
     from worker.settings import get_settings
 
     settings = get_settings()
-    node = worker_node_name(settings.train_queue)
+    hostname = socket.gethostname()
     try:
-        replies = make_celery(settings).control.ping(destination=[node], timeout=timeout_s)
+        # A broadcast: every node answers, each under its own name; ours end in @<hostname>.
+        replies = make_celery(settings).control.ping(timeout=timeout_s)
     except Exception as exc:  # kombu's connection errors have no common base worth naming here
         return f"cannot reach the broker (GPUYARD_REDIS_URL): {type(exc).__name__}: {exc}"
-    if not any(node in reply for reply in replies):
-        return f"worker {node} did not answer a ping within {timeout_s:g}s"
+    if not local_nodes(replies, hostname):
+        others = sorted(node for reply in replies for node in reply)
+        return f"no worker named …@{hostname} answered a ping within {timeout_s:g}s (answered: {others or 'none'})"
     return None
 
 

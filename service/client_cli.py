@@ -515,13 +515,30 @@ def up(data_dir: Path | None, host: str, port: int, api_workers: int, concurrenc
     click.echo("stopped")
 
 
+def _worker_lines(stack: Stack) -> list[str]:
+    """What the one ``gpuyard worker --gpus all`` child runs, as it plans it: a worker per GPU and one
+    on the CPU queue, or one CPU worker when there is no GPU."""
+    from service.worker_cli import plan_host_workers  # imports Celery: only for `gpuyard up`
+
+    concurrency = stack.config.worker_concurrency
+    try:
+        workers, _ = plan_host_workers(stack.settings or get_settings(), "all", concurrency)
+    except click.ClickException as exc:
+        return [f"--gpus all, concurrency {concurrency} ({exc.format_message()})"]
+    return [
+        f"{'cpu' if w.gpu is None else f'GPU {w.gpu.index} {w.gpu.uuid}'}, queue {w.queue}, concurrency {w.slots}"
+        for w in workers
+    ]
+
+
 def _print_started(stack: Stack) -> None:
     config = stack.config
     pids = {child.name: child.process.pid for child in stack.all_children()}
     redis_note = f"private redis-server, pid {pids['redis']}" if "redis" in pids else "GPUYARD_REDIS_URL"
     click.echo(f"  redis    {stack.redis_url}  ({redis_note})")
     click.echo(f"  api      {config.url}  (gunicorn, {config.api_workers} workers, pid {pids['api']})")
-    click.echo(f"  worker   cpu, concurrency {config.worker_concurrency}  (pid {pids['worker']})")
+    for line in _worker_lines(stack):
+        click.echo(f"  worker   {line}  (pid {pids['worker']})")
     click.echo(f"  janitor  pid {pids['janitor']}")
     click.echo(f"  logs     {stack.data_dir / 'logs'}")
     token_file = stack.data_dir / "admin-token"

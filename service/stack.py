@@ -4,7 +4,8 @@
 
     gpuyard up ─┬─ redis-server   private, on a free loopback port (unless GPUYARD_REDIS_URL is set)
                 ├─ gunicorn       service.app:create_app(), gthread
-                ├─ gpuyard worker one CPU worker (prefork; each job's trainer in its own process group)
+                ├─ gpuyard worker --gpus all: one worker per GPU (gpu.<uuid>) and one on the CPU queue, or
+                │                 one CPU worker without GPUs (prefork; each trainer in its own process group)
                 └─ gpuyard janitor
 
 Everything lives under the data directory: ``gpuyard.db`` (SQLite), ``storage/``, ``redis/``, ``logs/``

@@ -1,10 +1,12 @@
-"""``gpuyard worker`` and ``gpuyard janitor``: Celery workers (one per GPU with ``--gpus``), or the janitor."""
+"""``gpuyard worker`` and ``gpuyard janitor``: Celery workers (one per GPU with ``--gpus``, plus one on the CPU
+queue), or the janitor."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import shlex
 import socket
 
 import click
@@ -12,8 +14,8 @@ import click
 from worker.celery_app import make_celery
 from worker.db import Database
 from worker.dispatch import Dispatcher, celery_send
-from worker.fleet import plan_workers, run_fleet
-from worker.gpus import get_backend
+from worker.fleet import GpuWorker, plan_workers, run_fleet
+from worker.gpus import GpuBackend, get_backend
 from worker.janitor import janitor_pass, run_janitor
 from worker.settings import Settings, get_settings
 
@@ -21,9 +23,56 @@ log = logging.getLogger(__name__)
 
 
 def worker_argv(gpus: str = "all", concurrency: int = 1) -> list[str]:
-    """The ``gpuyard worker`` arguments that serve every GPU of this host (a CPU worker without GPUs):
-    what ``gpuyard up`` runs."""
+    """The ``gpuyard worker`` arguments that serve every GPU of this host and its CPU queue (one CPU worker
+    without GPUs): what ``gpuyard up`` runs."""
     return ["worker", "--gpus", gpus, "--concurrency", str(concurrency)]
+
+
+def plan_host_workers(
+    settings: Settings,
+    gpus: str,
+    concurrency: int,
+    *,
+    cpu_worker: bool = True,
+    expect_gpus: int | None = None,
+    backend: GpuBackend | None = None,
+) -> tuple[list[GpuWorker], bool]:
+    """What ``gpuyard worker --gpus gpus`` runs: ``(workers, fleet)``.
+
+    ``fleet`` True: one child per GPU, plus one on the CPU queue unless ``cpu_worker`` is False.
+    ``fleet`` False: no GPU was found, and the one worker (on the CPU queue) runs in this process.
+
+    Raises:
+        click.BadParameter: ``gpus`` names a GPU that does not exist.
+        click.ClickException: not ``expect_gpus`` GPUs were selected, or no GPU and no CPU worker either.
+    """
+    backend = backend or get_backend(settings)
+    try:
+        workers = plan_workers(backend, gpus, concurrency, cpu_queue=settings.train_queue if cpu_worker else None)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gpus") from exc
+    found = [w.gpu.uuid for w in workers if w.gpu is not None]
+    if expect_gpus is not None and len(found) != expect_gpus:
+        raise click.ClickException(
+            f"Expected exactly {expect_gpus} GPU(s) (--expect-gpus) for --gpus {gpus!r}. Received: {len(found)} "
+            f"{found}. In a container: is the NVIDIA container toolkit installed on the host, and does the "
+            "service reserve exactly one device (deploy.resources.reservations.devices, one device_ids entry)?"
+        )
+    if workers:
+        return workers, True
+    if not cpu_worker:
+        raise click.ClickException(
+            f"no GPU found for --gpus {gpus!r}, and --no-cpu-worker leaves nothing else to run "
+            "(is the NVIDIA driver reachable from here?)"
+        )
+    host = socket.gethostname()
+    queue = settings.train_queue
+    return [GpuWorker(gpu=None, name=f"{queue}@{host}", queue=queue, slots=concurrency)], False
+
+
+def command_line(env: dict[str, str], argv: list[str]) -> str:
+    """``VAR=value … argv`` as a shell would read it."""
+    return " ".join([*(f"{name}={shlex.quote(value)}" for name, value in env.items()), shlex.join(argv)])
 
 
 @click.command("worker")
@@ -33,21 +82,35 @@ def worker_argv(gpus: str = "all", concurrency: int = 1) -> list[str]:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Jobs run at once by this worker (one trainer process each); with --gpus, per GPU (its slots).",
+    help="Jobs run at once by this worker (one trainer process each); with --gpus, per GPU (its slots) "
+    "and for the CPU worker.",
 )
 @click.option(
     "--gpus",
     default=None,
     help="Start one worker per GPU: 'all', NVML indices '0,1', or UUIDs 'GPU-…' (comma-separated). "
-    "Each worker is pinned (CUDA_VISIBLE_DEVICES=<uuid>), consumes gpu.<uuid> and sends heartbeats. "
+    "Each worker is pinned (CUDA_VISIBLE_DEVICES=<uuid>), consumes gpu.<uuid> and sends heartbeats; one "
+    "more worker consumes the CPU queue (GPUYARD_TRAIN_QUEUE) with no GPU visible, unless --no-cpu-worker. "
     "Without GPUs: one CPU worker.",
+)
+@click.option(
+    "--no-cpu-worker",
+    is_flag=True,
+    help="With --gpus: start only the per-GPU workers, none on the CPU queue (another worker serves it); "
+    "then finding no GPU is an error.",
+)
+@click.option(
+    "--expect-gpus",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --gpus: refuse to start unless exactly this many GPUs are selected (a GPU container: 1).",
 )
 @click.option(
     "--queue",
     "-Q",
     "queue",
     default=None,
-    help="Queue to consume. Default: the queue the API sends to (GPUYARD_TRAIN_QUEUE).",
+    help="Queue to consume. Default: the queue the API sends CPU jobs to (GPUYARD_TRAIN_QUEUE).",
 )
 @click.option(
     "--gpu",
@@ -56,8 +119,22 @@ def worker_argv(gpus: str = "all", concurrency: int = 1) -> list[str]:
 )
 @click.option("--name", default=None, help="Celery node name (default: <queue>@<host>).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Validate the options, print each worker command line this would run (environment, queue, node "
+    "name), and exit without starting anything.",
+)
 def worker_command(
-    concurrency: int, gpus: str | None, queue: str | None, gpu: str | None, name: str | None, loglevel: str
+    concurrency: int,
+    gpus: str | None,
+    no_cpu_worker: bool,
+    expect_gpus: int | None,
+    queue: str | None,
+    gpu: str | None,
+    name: str | None,
+    loglevel: str,
+    check: bool,
 ) -> None:
     """Start a Celery worker that runs training jobs (prefork; trainers in their own processes)."""
     settings = get_settings()
@@ -66,47 +143,43 @@ def worker_command(
     if gpus is not None:
         if queue is not None or name is not None:
             raise click.UsageError("--queue and --name do not combine with --gpus (each GPU gets gpu.<uuid>)")
-        _run_gpu_workers(settings, gpus, concurrency, loglevel)
+        workers, fleet = plan_host_workers(
+            settings, gpus, concurrency, cpu_worker=not no_cpu_worker, expect_gpus=expect_gpus
+        )
+        if check:
+            _print_plan(workers, loglevel, fleet)
+            return
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        if fleet:
+            raise SystemExit(run_fleet(settings, workers, loglevel=loglevel))
+        click.echo(f"gpuyard worker: no GPU found; starting one CPU worker on queue {settings.train_queue}", err=True)
+        _start_celery(settings, workers[0], loglevel, pin=True)
         return
-    if gpu == "cpu":
-        os.environ["GPUYARD_WORKER_GPU"] = "cpu"
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker's trainers never see a GPU
+    if no_cpu_worker or expect_gpus is not None:
+        raise click.UsageError("--no-cpu-worker and --expect-gpus need --gpus")
+    # CPU jobs go to train_queue (worker/dispatch.py), whatever the worker's GPU setting.
+    queue = queue or settings.train_queue
+    worker = GpuWorker(gpu=None, name=name or f"{queue}@{socket.gethostname()}", queue=queue, slots=concurrency)
+    if check:
+        _print_plan([worker], loglevel, False, pin=gpu == "cpu")
+        return
+    _start_celery(settings, worker, loglevel, pin=gpu == "cpu")
+
+
+def _print_plan(workers: list[GpuWorker], loglevel: str, fleet: bool, pin: bool = True) -> None:
+    """One line per worker on stdout: the command it runs, with its environment (pinning)."""
+    how = "one child per line, with GPU heartbeats" if fleet else "in this process"
+    click.echo(f"gpuyard worker --check: {len(workers)} worker(s), {how}; nothing started", err=True)
+    for worker in workers:
+        click.echo(command_line(worker.pinning() if pin else {}, worker.argv(loglevel)))
+
+
+def _start_celery(settings: Settings, worker: GpuWorker, loglevel: str, *, pin: bool) -> None:
+    if pin:  # a CPU worker's trainers never see a GPU
+        os.environ.update(worker.pinning())
         get_settings.cache_clear()
         settings = get_settings()
-    # CPU jobs go to train_queue (worker/dispatch.py), whatever the worker's GPU setting.
-    _start_celery(settings, queue or settings.train_queue, concurrency, name, loglevel)
-
-
-def _run_gpu_workers(settings: Settings, gpus: str, concurrency: int, loglevel: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    backend = get_backend(settings)
-    try:
-        workers = plan_workers(backend, gpus, concurrency)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--gpus") from exc
-    if not workers:
-        click.echo(f"gpuyard worker: no GPU found; starting one CPU worker on queue {settings.train_queue}", err=True)
-        _start_celery(settings, settings.train_queue, concurrency, None, loglevel)
-        return
-    raise SystemExit(run_fleet(settings, workers, loglevel=loglevel, backend=backend))
-
-
-def _start_celery(settings: Settings, queue: str, concurrency: int, name: str | None, loglevel: str) -> None:
-    make_celery(settings).worker_main(
-        [
-            "worker",
-            "--pool",
-            "prefork",
-            "--concurrency",
-            str(concurrency),
-            "--queues",
-            queue,
-            "--hostname",
-            name or f"{queue}@{socket.gethostname()}",
-            "--loglevel",
-            loglevel,
-        ]
-    )
+    make_celery(settings).worker_main(worker.celery_args(loglevel))
 
 
 @click.command("janitor")

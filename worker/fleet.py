@@ -6,6 +6,11 @@ job DB and starts a child ``celery worker`` with
     CUDA_DEVICE_ORDER=PCI_BUS_ID  CUDA_VISIBLE_DEVICES=<uuid>  GPUYARD_WORKER_GPU=<uuid>
     -Q gpu.<uuid>  -n gpu<index>@<host>  -c <slots>
 
+and, unless ``--no-cpu-worker``, one more child on the CPU queue (``GPUYARD_TRAIN_QUEUE``, where the
+dispatcher sends jobs with ``resources.gpu: cpu``) whose trainers see no GPU:
+
+    CUDA_VISIBLE_DEVICES=""  GPUYARD_WORKER_GPU=cpu  -Q <train_queue>  -n <train_queue>@<host>  -c <slots>
+
 while this process (which never touches CUDA: NVML only reads the driver's bookkeeping) publishes every
 ``gpu_heartbeat_s`` each GPU's readings to Redis under ``gpuyard:gpu:<uuid>`` with a TTL of
 ``gpu_heartbeat_ttl_s``: memory, utilization, and its processes, each marked gpuyard's (a descendant of
@@ -44,30 +49,37 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GpuWorker:
-    """One child ``celery worker`` serving one GPU."""
+    """One child ``celery worker`` serving one GPU, or (``gpu`` None) the CPU queue with no GPU visible."""
 
-    gpu: GpuInfo
+    gpu: GpuInfo | None
     name: str
     queue: str
     slots: int
     proc: subprocess.Popen[bytes] | None = None
 
+    def pinning(self) -> dict[str, str]:
+        """The environment that pins this worker's trainers: its GPU's UUID, or no GPU at all."""
+        if self.gpu is None:
+            return {"CUDA_VISIBLE_DEVICES": "", "GPUYARD_WORKER_GPU": "cpu"}
+        return {
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "CUDA_VISIBLE_DEVICES": self.gpu.uuid,
+            "GPUYARD_WORKER_GPU": self.gpu.uuid,
+        }
+
     def env(self, base: dict[str, str]) -> dict[str, str]:
-        env = dict(base)
-        env.update(
-            CUDA_DEVICE_ORDER="PCI_BUS_ID",
-            CUDA_VISIBLE_DEVICES=self.gpu.uuid,
-            GPUYARD_WORKER_GPU=self.gpu.uuid,
-        )
-        return env
+        return {**base, **self.pinning()}
+
+    def describe(self) -> str:
+        """``GPU 0 (GPU-…)`` or ``CPU``."""
+        return "CPU" if self.gpu is None else f"GPU {self.gpu.index} ({self.gpu.uuid})"
 
     def argv(self, loglevel: str) -> list[str]:
+        return [sys.executable, "-m", "celery", "-A", "worker.celery_app", *self.celery_args(loglevel)]
+
+    def celery_args(self, loglevel: str) -> list[str]:
+        """``worker …``: the arguments after ``celery -A worker.celery_app`` (also ``worker_main``'s)."""
         return [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app",
             "worker",
             "--pool",
             "prefork",
@@ -82,17 +94,23 @@ class GpuWorker:
         ]
 
 
-def plan_workers(backend: GpuBackend, selection: str, slots: int, host: str | None = None) -> list[GpuWorker]:
-    """The workers ``--gpus selection`` starts: one per selected GPU (none without GPUs).
+def plan_workers(
+    backend: GpuBackend, selection: str, slots: int, host: str | None = None, *, cpu_queue: str | None = None
+) -> list[GpuWorker]:
+    """The workers ``--gpus selection`` starts: one per selected GPU, then (when ``cpu_queue`` is given and
+    a GPU was selected) one CPU worker on ``cpu_queue``. None without GPUs.
 
     Raises:
         ValueError: the selection names a GPU that does not exist.
     """
     host = host or socket.gethostname()
-    return [
+    workers = [
         GpuWorker(gpu=gpu, name=f"gpu{gpu.index}@{host}", queue=queue_name(gpu.uuid), slots=slots)
         for gpu in select_gpus(backend.devices(), selection)
     ]
+    if workers and cpu_queue:
+        workers.append(GpuWorker(gpu=None, name=f"{cpu_queue}@{host}", queue=cpu_queue, slots=slots))
+    return workers
 
 
 def descendants(pid: int | None) -> set[int]:
@@ -144,7 +162,8 @@ class Heartbeats(threading.Thread):
 
     def __init__(self, settings: Settings, backend: GpuBackend, workers: Sequence[GpuWorker]) -> None:
         super().__init__(name="gpu-heartbeats", daemon=True)
-        self.settings, self.backend, self.workers = settings, backend, list(workers)
+        self.settings, self.backend = settings, backend
+        self.workers = [w for w in workers if w.gpu is not None]  # the CPU worker has no GPU to report
         self.host = socket.gethostname()
         self._client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._stopping = threading.Event()
@@ -154,6 +173,7 @@ class Heartbeats(threading.Thread):
         ttl_ms = max(1, int(self.settings.gpu_heartbeat_ttl_s * 1000))
         pipe = self._client.pipeline(transaction=False)
         for worker in self.workers:
+            assert worker.gpu is not None
             info = self.backend.device(worker.gpu.uuid)
             if info is None or worker.proc is None or worker.proc.poll() is not None:
                 continue  # no reading, or no worker to take jobs: let the key expire (offline)
@@ -182,7 +202,7 @@ class Heartbeats(threading.Thread):
         if self.is_alive():
             self.join(timeout=5)
         with contextlib.suppress(redis.RedisError):  # go offline now rather than at the TTL
-            self._client.delete(*[heartbeat_key(w.gpu.uuid) for w in self.workers])
+            self._client.delete(*[heartbeat_key(w.gpu.uuid) for w in self.workers if w.gpu is not None])
         self._client.close()
 
 
@@ -191,6 +211,8 @@ def register(db: Database, workers: Sequence[GpuWorker], host: str | None = None
     host = host or socket.gethostname()
     for worker in workers:
         gpu = worker.gpu
+        if gpu is None:
+            continue  # the CPU worker
         db.register_gpu(gpu.uuid, host=host, index=gpu.index, name=gpu.name, memory_total_bytes=gpu.memory_total_bytes)
 
 
@@ -202,8 +224,9 @@ def run_fleet(
     backend: GpuBackend | None = None,
     stop: threading.Event | None = None,
 ) -> int:
-    """Start one Celery worker per GPU, publish heartbeats, and wait until a worker exits or a signal
-    (SIGTERM/SIGINT) or ``stop`` ends the fleet; then stop every worker. Returns the exit status."""
+    """Start one Celery worker per GPU (and the CPU worker, when planned), publish heartbeats, and wait
+    until a worker exits or a signal (SIGTERM/SIGINT) or ``stop`` ends the fleet; then stop every worker.
+    Returns the exit status."""
     backend = backend or get_backend(settings)
     stop = stop or threading.Event()
     db = Database(settings.database_url)
@@ -224,9 +247,8 @@ def run_fleet(
             worker.argv(loglevel), env=worker.env(base_env), preexec_fn=set_parent_death_signal
         )
         log.info(
-            "GPU %d (%s): worker %s on queue %s, %d slot(s)",
-            worker.gpu.index,
-            worker.gpu.uuid,
+            "%s: worker %s on queue %s, %d slot(s)",
+            worker.describe(),
             worker.name,
             worker.queue,
             worker.slots,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
+import tempfile
 from typing import Any
 
 import click
 import jsonschema
 import pytest
+from click.testing import CliRunner
 from deploy_helpers import (
     COMPOSE_FILE,
     DOCKERFILES,
@@ -22,10 +24,10 @@ from deploy_helpers import (
 )
 
 from deploy.envdoc import COMPOSE_VARIABLES, settings_env_example
-from deploy.gpu_worker import worker_argv
 from deploy.healthcheck import CHECKS
 from service.cli import main as gpuyard_cli
-from worker.settings import Settings
+from worker.gpus import fake_uuid
+from worker.settings import Settings, get_settings
 
 COMPOSE = load_compose()
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
@@ -91,6 +93,16 @@ def test_each_gpu_worker_pins_a_different_device() -> None:
     assert "deploy" not in SERVICES["worker-cpu"]
 
 
+def test_gpu_workers_share_the_hosts_pid_namespace() -> None:
+    # NVML reports host pids: in its own pid namespace the watchdog would find none of its trainers and
+    # the heartbeat would call gpuyard's own trainers foreign (worker/watchdog.py).
+    for name in GPU_WORKERS:
+        assert SERVICES[name].get("pid") == "host", name
+        assert SERVICES[name]["environment"].get("TINI_SUBREAPER") == "1", f"{name}: init is not PID 1 there"
+    for name in set(SERVICES) - set(GPU_WORKERS):
+        assert "pid" not in SERVICES[name], f"{name} has no GPU: keep its own pid namespace"
+
+
 def test_storage_is_one_volume_shared_at_the_data_dir() -> None:
     for name in ["api", "janitor", *WORKERS]:
         service = SERVICES[name]
@@ -136,11 +148,46 @@ def assert_gpuyard_command(argv: list[str]) -> None:
             context = click.Context(command, info_name=name, parent=context)
 
 
+def check_worker_command(argv: list[str], fake_gpus: str = "1x16GiB") -> tuple[int, str, list[list[str]]]:
+    """Run ``gpuyard worker ... --check`` (parsing and the command's own validation, nothing started) where
+    ``fake_gpus`` are the visible GPUs ('' for none): (exit code, output, each planned worker's command line).
+    """
+    assert argv[:2] == ["gpuyard", "worker"], argv
+    with tempfile.TemporaryDirectory() as data_dir:
+        env = {"GPUYARD_FAKE_GPUS": fake_gpus, "GPUYARD_DATA_DIR": data_dir, "GPUYARD_TRAIN_QUEUE": "cpu.jobs"}
+        get_settings.cache_clear()
+        try:
+            result = CliRunner().invoke(gpuyard_cli, [*argv[1:], "--check"], env=env)
+        finally:
+            get_settings.cache_clear()
+    lines = [shlex.split(line) for line in result.stdout.splitlines()]
+    return result.exit_code, result.output, lines
+
+
+def option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def assert_runs_one_gpu_worker(argv: list[str]) -> None:
+    """On a container's one visible GPU, ``argv`` runs one worker pinned to that GPU, on gpu.<uuid>."""
+    code, output, planned = check_worker_command(argv)
+    assert code == 0, f"{argv}: {output}"
+    (line,) = planned
+    uuid = fake_uuid(0)
+    assert f"CUDA_VISIBLE_DEVICES={uuid}" in line and f"GPUYARD_WORKER_GPU={uuid}" in line, line
+    assert option(line, "--queues") == f"gpu.{uuid}", line
+    assert option(line, "--hostname").startswith("gpu0@"), line
+
+
 def resolve_command(argv: list[str]) -> None:
-    """Fail unless ``argv`` starts something that exists: a gpuyard command, gunicorn's app, a deploy script."""
+    """Fail unless ``argv`` starts something that exists and accepts its options: a gpuyard command (a
+    worker's validated by ``--check``), gunicorn's app, a deploy script."""
     program = argv[0]
     if program == "gpuyard":
         assert_gpuyard_command(argv)
+        if argv[1] == "worker":
+            code, output, planned = check_worker_command(argv)
+            assert code == 0 and planned, f"{argv}: {output}"
     elif program == "gunicorn":
         config = argv[argv.index("-c") + 1]
         assert (ROOT / config).is_file()
@@ -153,9 +200,6 @@ def resolve_command(argv: list[str]) -> None:
     elif program == "python":
         script = ROOT / argv[1]
         assert script.is_file() and script.parent.name == "deploy", argv
-        if script.name == "gpu_worker.py":
-            # What it execs once it knows its GPU.
-            assert_gpuyard_command(worker_argv("GPU-" + "0" * 8 + "-0000-0000-0000-" + "0" * 12, "q", argv[2:]))
     else:
         pytest.fail(f"unknown program {program!r} in {argv}")
 
@@ -167,6 +211,40 @@ def test_every_command_resolves_to_a_real_entry_point() -> None:
         resolve_command(command)
     assert SERVICES["worker-cpu"]["command"][:2] == ["gpuyard", "worker"]
     assert SERVICES["janitor"]["command"] == ["gpuyard", "janitor"]
+
+
+def test_a_gpu_container_runs_one_worker_on_its_gpus_queue() -> None:
+    # Inside a GPU worker's container exactly one GPU is visible: the command must pin a worker to it
+    # and consume its own queue, gpu.<uuid>, where the dispatcher sends its jobs (worker/dispatch.py).
+    for name in GPU_WORKERS:
+        command = SERVICES[name]["command"]
+        assert_runs_one_gpu_worker(command)
+        # And it refuses to start rather than run on the wrong GPUs or on none.
+        for visible in ("2x16GiB", ""):
+            code, output, _ = check_worker_command(command, fake_gpus=visible)
+            assert code != 0, f"{name} started with fake GPUs {visible!r}: {output}"
+
+
+def test_the_gpu_image_runs_the_same_worker() -> None:
+    from dockerfile_parser import read_stages
+
+    command = read_stages(DOCKERFILES["gpu"])[-1].all("CMD")[-1].exec_form() or []
+    assert_runs_one_gpu_worker(command)
+
+
+def test_the_cpu_worker_consumes_the_cpu_queue() -> None:
+    # CPU jobs go to GPUYARD_TRAIN_QUEUE; the GPU containers leave it to worker-cpu.
+    for visible in ("", "1x16GiB"):
+        code, output, planned = check_worker_command(SERVICES["worker-cpu"]["command"], fake_gpus=visible)
+        assert code == 0, output
+        assert [option(line, "--queues") for line in planned] == ["cpu.jobs"], output
+    assert "--no-cpu-worker" in SERVICES["worker-gpu0"]["command"]
+
+
+def test_the_old_gpu_worker_command_fails_the_check() -> None:
+    # What deploy/gpu_worker.py used to exec: --queue with a GPU is a usage error.
+    code, _, _ = check_worker_command(["gpuyard", "worker", "--gpu", fake_uuid(0), "--queue", "gpuyard.jobs"])
+    assert code == 2
 
 
 def test_dockerfile_default_commands_resolve() -> None:

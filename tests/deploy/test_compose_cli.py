@@ -1,4 +1,4 @@
-"""``gpuyard compose`` (one worker per GPU), and the scripts the containers run: gpu_worker, healthcheck."""
+"""``gpuyard compose`` (one worker per GPU), and the healthcheck script the containers run."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 from deploy_helpers import COMPOSE_FILE, load_compose, validate_compose
 
-from deploy import gpu_worker, healthcheck
+from deploy import healthcheck
 from service.cli import main
 from service.compose_cli import UNUSED_PROFILE, nvidia_device_ids, parse_gpus, service_name
 
@@ -88,6 +88,8 @@ def test_a_count_adds_workers_beside_the_base_ones() -> None:
     validate_compose(override)
     added = override["services"]["worker-gpu3"]
     assert added["command"] == load_compose()["services"]["worker-gpu0"]["command"]
+    assert added["command"][:4] == ["gpuyard", "worker", "--gpus", "all"]  # the one GPU its container sees
+    assert added["pid"] == "host"
     assert "storage:/data" in added["volumes"]
 
 
@@ -157,33 +159,6 @@ def test_by_uuid_needs_all() -> None:
     assert result.exit_code == 2 and "--by-uuid" in result.output
 
 
-# ---- deploy/gpu_worker.py
-
-
-def test_gpu_worker_needs_exactly_one_gpu() -> None:
-    assert gpu_worker.the_one_gpu([UUIDS[0]]) == UUIDS[0]
-    for uuids in ([], UUIDS[:2]):
-        with pytest.raises(gpu_worker.NoGpu, match=f"Received: {len(uuids)} visible"):
-            gpu_worker.the_one_gpu(uuids)
-
-
-def test_gpu_worker_without_a_driver(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_driver() -> None:
-        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
-
-    monkeypatch.setattr(pynvml, "nvmlInit", no_driver)
-    with pytest.raises(gpu_worker.NoGpu, match="no NVIDIA driver"):
-        gpu_worker.visible_gpu_uuids()
-
-
-@pytest.mark.usefixtures("three_gpus")
-def test_gpu_worker_lists_uuids_and_builds_the_worker_command() -> None:
-    assert gpu_worker.visible_gpu_uuids() == UUIDS
-    assert gpu_worker.worker_argv(UUIDS[0], "gpuyard.jobs", ["-c", "2"]) == [
-        "gpuyard", "worker", "--gpu", UUIDS[0], "--queue", "gpuyard.jobs", "-c", "2",
-    ]  # fmt: skip
-
-
 # ---- deploy/healthcheck.py
 
 
@@ -219,4 +194,42 @@ def test_api_healthcheck_when_nothing_listens() -> None:
 
 def test_healthcheck_usage() -> None:
     assert healthcheck.main(["nope"]) == 2
-    assert healthcheck.worker_node_name("gpuyard.jobs", "box1") == "gpuyard.jobs@box1"
+
+
+def test_worker_healthcheck_accepts_any_node_of_this_host() -> None:
+    # gpuyard worker --gpus names its nodes gpu<index>@<host> and <train queue>@<host> (worker/fleet.py).
+    replies = [
+        {"gpu0@box1": {"ok": "pong"}},
+        {"gpuyard.jobs@box1": {"ok": "pong"}},
+        {"gpu0@box2": {"ok": "pong"}},
+        {"gpu1@box1.example": {"ok": "pong"}},
+    ]
+    assert healthcheck.local_nodes(replies, "box1") == ["gpu0@box1", "gpuyard.jobs@box1"]
+    assert healthcheck.local_nodes(replies, "box2") == ["gpu0@box2"]
+    assert healthcheck.local_nodes(replies, "box3") == []
+    assert healthcheck.local_nodes([{"@box1": {"ok": "pong"}}], "box1") == []
+    assert healthcheck.local_nodes([], "box1") == []
+
+
+def test_worker_healthcheck_pings_every_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from worker import celery_app
+
+    calls: list[dict[str, Any]] = []
+
+    class Control:
+        def ping(self, **kwargs: Any) -> list[dict[str, Any]]:
+            calls.append(kwargs)
+            return [{"gpu3@container1": {"ok": "pong"}}, {"gpu0@other": {"ok": "pong"}}]
+
+    class App:
+        control = Control()
+
+    monkeypatch.setattr(celery_app, "make_celery", lambda settings: App())
+    monkeypatch.setattr(socket, "gethostname", lambda: "container1")
+    assert healthcheck.check_worker(timeout_s=1) is None
+    assert "destination" not in calls[0]  # a broadcast: the node names are not known in advance
+    monkeypatch.setattr(socket, "gethostname", lambda: "container2")
+    problem = healthcheck.check_worker(timeout_s=1)
+    assert problem and "…@container2" in problem and "gpu3@container1" in problem

@@ -136,5 +136,5 @@ def test_dockerignore_leaves_out_what_an_image_must_not_carry() -> None:
                  "gpuyard.egg-info/PKG-INFO", ".env", "big.h5"]:  # fmt: skip
         assert dockerignored(path), path
     for path in ["pyproject.toml", "README.md", "models/spec.py", "worker/settings.py", "service/app.py",
-                 "deploy/healthcheck.py", "deploy/gunicorn.conf.py", "deploy/gpu_worker.py"]:  # fmt: skip
+                 "deploy/healthcheck.py", "deploy/gunicorn.conf.py"]:  # fmt: skip
         assert not dockerignored(path), path

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -121,6 +122,60 @@ def test_one_worker_per_gpu_each_on_its_queue(tmp_path: Path) -> None:
         "--loglevel",
         "INFO",
     ]
+
+
+def test_gpus_all_also_serves_the_cpu_queue(tmp_path: Path) -> None:
+    # CPU jobs go to the train queue (worker/dispatch.py): a host with GPUs must consume it too.
+    workers = plan_workers(FakeBackend("2x16GiB", tmp_path), "all", slots=2, host="h", cpu_queue="gpuyard.jobs")
+    assert [(w.name, w.queue, w.slots) for w in workers] == [
+        ("gpu0@h", f"gpu.{fake_uuid(0)}", 2),
+        ("gpu1@h", f"gpu.{fake_uuid(1)}", 2),
+        ("gpuyard.jobs@h", "gpuyard.jobs", 2),
+    ]
+    cpu = workers[-1]
+    assert cpu.gpu is None
+    env = cpu.env({"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["GPUYARD_WORKER_GPU"] == "cpu" and env["PATH"] == "/bin"
+    assert cpu.argv("INFO")[cpu.argv("INFO").index("--queues") + 1] == "gpuyard.jobs"
+    assert plan_workers(FakeBackend("2x16GiB", tmp_path), "1", 1, cpu_queue="q")[-1].queue == "q"
+    # No GPU: nothing to plan (the caller runs one CPU worker itself).
+    assert plan_workers(FakeBackend("1x1GiB", tmp_path), "all", 1, cpu_queue="q")[0].gpu is not None
+    assert plan_workers(_NoGpus(), "all", 1, cpu_queue="q") == []
+
+
+class _NoGpus:
+    def devices(self) -> list[Any]:
+        return []
+
+
+def test_worker_command_plans_gpu_and_cpu_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from service.cli import main
+    from worker.settings import get_settings
+
+    def check(*args: str, fake: str = "2x16GiB") -> tuple[int, list[str], str]:
+        monkeypatch.setenv("GPUYARD_FAKE_GPUS", fake)
+        monkeypatch.setenv("GPUYARD_DATA_DIR", str(tmp_path))
+        get_settings.cache_clear()
+        try:
+            result = CliRunner().invoke(main, ["worker", *args, "--check"])
+        finally:
+            get_settings.cache_clear()
+        queues = [line.split("--queues ")[1].split()[0] for line in result.stdout.splitlines()]
+        return result.exit_code, queues, result.output
+
+    train_queue = Settings(data_dir=tmp_path).train_queue
+    assert check("--gpus", "all")[:2] == (0, [f"gpu.{fake_uuid(0)}", f"gpu.{fake_uuid(1)}", train_queue])
+    assert check("--gpus", "all", "--no-cpu-worker")[:2] == (0, [f"gpu.{fake_uuid(0)}", f"gpu.{fake_uuid(1)}"])
+    assert check("--gpus", "all", fake="")[:2] == (0, [train_queue])  # no GPU: one CPU worker
+    code, _, output = check("--gpus", "all", "--no-cpu-worker", fake="")
+    assert code == 1 and "nothing else to run" in output
+    code, _, output = check("--gpus", "all", "--expect-gpus", "1")
+    assert code == 1 and "Expected exactly 1 GPU(s)" in output and "Received: 2" in output
+    assert check("--gpus", "1", "--expect-gpus", "1")[:2] == (0, [f"gpu.{fake_uuid(1)}", train_queue])
+    assert check("--no-cpu-worker")[0] == 2  # needs --gpus
+    assert check("--gpu", fake_uuid(0), "--queue", "q")[0] == 2
 
 
 def test_heartbeat_marks_processes_gpuyard_or_foreign(tmp_path: Path) -> None:
