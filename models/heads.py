@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from models.data.summary import DatasetSummary
 from models.errors import Problem, SpecError
-from models.spec import JobSpec
+from models.spec import CLASSIFICATION_METRICS, JobSpec
 
 DEFAULT_LOSS = {
     "integer_labels": "sparse_categorical_crossentropy",
@@ -32,15 +32,6 @@ _LOSS_TARGETS = {
     "categorical_crossentropy": ("one_hot",),
     "categorical_hinge": ("one_hot",),
     "kl_divergence": ("one_hot", "regression"),
-}
-_CLASSIFICATION_METRICS = {
-    "accuracy",
-    "sparse_categorical_accuracy",
-    "categorical_accuracy",
-    "binary_accuracy",
-    "top_k_categorical_accuracy",
-    "sparse_top_k_categorical_accuracy",
-    "auc",
 }
 _METRIC_TARGETS = {
     "sparse_categorical_accuracy": ("integer_labels",),
@@ -142,7 +133,7 @@ def resolve_head(spec: JobSpec, summary: DatasetSummary) -> Head:
 
     metrics = spec.metrics if spec.metrics is not None else list(DEFAULT_METRICS[target])
     for index, metric in enumerate(metrics):
-        if target == "regression" and metric in _CLASSIFICATION_METRICS:
+        if target == "regression" and metric in CLASSIFICATION_METRICS:
             problems.append(
                 Problem(
                     "metric_mismatch",

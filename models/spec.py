@@ -71,19 +71,22 @@ LOSS_ALIASES = {
     "cce": "categorical_crossentropy",
     "scce": "sparse_categorical_crossentropy",
 }
-METRICS = (
+CLASSIFICATION_METRICS = (
     "accuracy",
     "sparse_categorical_accuracy",
     "categorical_accuracy",
     "binary_accuracy",
     "top_k_categorical_accuracy",
     "sparse_top_k_categorical_accuracy",
+    "auc",
+)
+METRICS = (
+    *CLASSIFICATION_METRICS,
     "mean_absolute_error",
     "mean_squared_error",
     "root_mean_squared_error",
     "mean_absolute_percentage_error",
     "mean_squared_logarithmic_error",
-    "auc",
 )
 # Metric aliases load fine from .h5, but one spelling per metric keeps histories comparable across jobs.
 METRIC_ALIASES = {

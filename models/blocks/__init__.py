@@ -42,6 +42,26 @@ def flatten_if_needed(x: keras.KerasTensor, name: str = "input_flatten") -> kera
     return x
 
 
+def project_to_width(
+    x: keras.KerasTensor,
+    width: int,
+    activation: str,
+    name: str,
+    *,
+    kernel_initializer: str,
+    leaky_relu_slope: float,
+) -> keras.KerasTensor:
+    """Dense + activation to ``width`` features when ``x`` has another width (block ``name``), else ``x``.
+
+    Highway and residual blocks add their input to their output, so the input must already be ``width``
+    wide.
+    """
+    if x.shape[-1] == width:
+        return x
+    x = keras.layers.Dense(width, kernel_initializer=kernel_initializer, name=f"{name}_dense")(x)
+    return activation_layer(activation, f"{name}_{activation}", leaky_relu_slope)(x)
+
+
 def to_image(x: keras.KerasTensor, name: str = "input_reshape") -> keras.KerasTensor:
     """Add a channel axis to (H, W) samples; (H, W, C) samples pass unchanged.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from models.blocks import activation_layer, flatten_if_needed
+from models.blocks import activation_layer, flatten_if_needed, project_to_width
 from models.spec import HighwayArchitecture
 
 
@@ -71,9 +71,14 @@ def highway_body(x: keras.KerasTensor, arch: HighwayArchitecture) -> keras.Keras
         The last block's output, (batch, width).
     """
     x = flatten_if_needed(x)
-    if x.shape[-1] != arch.width:
-        x = keras.layers.Dense(arch.width, kernel_initializer=arch.kernel_initializer, name="proj_dense")(x)
-        x = activation_layer(arch.activation, f"proj_{arch.activation}", arch.leaky_relu_slope)(x)
+    x = project_to_width(
+        x,
+        arch.width,
+        arch.activation,
+        "proj",
+        kernel_initializer=arch.kernel_initializer,
+        leaky_relu_slope=arch.leaky_relu_slope,
+    )
     for index in range(1, arch.depth + 1):
         x = highway_block(
             x,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import keras
 
-from models.blocks import activation_layer, flatten_if_needed
+from models.blocks import activation_layer, flatten_if_needed, project_to_width
 from models.spec import ResnetConvArchitecture, ResnetDenseArchitecture
 
 BN_EPSILON = 1.001e-5  # keras.applications' value
@@ -67,9 +67,14 @@ def resnet_dense_body(x: keras.KerasTensor, arch: ResnetDenseArchitecture) -> ke
         The last block's output.
     """
     x = flatten_if_needed(x)
-    if x.shape[-1] != arch.width:
-        x = keras.layers.Dense(arch.width, kernel_initializer=arch.kernel_initializer, name="stem_dense")(x)
-        x = activation_layer(arch.activation, f"stem_{arch.activation}", arch.leaky_relu_slope)(x)
+    x = project_to_width(
+        x,
+        arch.width,
+        arch.activation,
+        "stem",
+        kernel_initializer=arch.kernel_initializer,
+        leaky_relu_slope=arch.leaky_relu_slope,
+    )
     for index in range(1, arch.blocks + 1):
         x = dense_residual_block(
             x,
