@@ -82,9 +82,10 @@ def main() -> int:
         os.environ["GPUYARD_FAKE_GPUS"] = "2x16GiB"
     os.environ["GPUYARD_REDIS_URL"] = ""  # no Redis server here: events go to the job DB only
 
+    from core.settings import Settings
+    from core.states import SUCCEEDED
     from worker.db import Database
     from worker.gpus import context_allowance_bytes, get_backend
-    from worker.settings import Settings
     from worker.storage import LocalStorage
 
     work = Path(tempfile.mkdtemp(prefix="gpuyard-gpucheck-"))
@@ -200,7 +201,7 @@ def main() -> int:
             (min(a.finished_at, b.finished_at) - max(a.started_at, b.started_at)).total_seconds() if overlap else 0
         )
         rows_out: list[Row] = [
-            ("pair: both succeeded", f"{a.state}, {b.state}", "succeeded ×2", a.state == b.state == "succeeded"),
+            ("pair: both succeeded", f"{a.state}, {b.state}", "succeeded ×2", a.state == b.state == SUCCEEDED),
             ("pair: ran at the same time on one GPU", f"overlap {overlap_s:.1f} s", "> 0 s", bool(overlap)),
         ]
         for name, job in (("pair A", a), ("pair B", b)):

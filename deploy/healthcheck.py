@@ -39,8 +39,8 @@ def local_nodes(replies: Iterable[dict[str, object]], hostname: str | None = Non
 
 def check_worker(timeout_s: float = 5.0) -> str | None:
     """None when a Celery worker of this host (container) answers a ping, else what went wrong."""
+    from core.settings import get_settings
     from worker.celery_app import make_celery
-    from worker.settings import get_settings
 
     settings = get_settings()
     hostname = socket.gethostname()
@@ -59,8 +59,8 @@ def check_janitor(timeout_s: float = 5.0) -> str | None:
     """None when the job database and Redis answer, else what went wrong."""
     import redis
 
+    from core.settings import get_settings
     from worker.db import Database, DatabaseUnavailable
-    from worker.settings import get_settings
 
     settings = get_settings()
     db = Database(settings.database_url)

@@ -17,6 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from core.errors import SpecError
 from models.blocks import to_image
 from models.blocks.cnn import cnn_body
 from models.blocks.highway import highway_body
@@ -25,7 +26,6 @@ from models.blocks.mlp import mlp_body
 from models.blocks.resnet import resnet_conv_body, resnet_dense_body
 from models.blocks.snn import snn_body
 from models.data.summary import DatasetSummary
-from models.errors import SpecError
 from models.fit import IMAGE_FAMILIES, spec_data_problems
 from models.heads import resolve_head
 from models.spec import (

@@ -14,10 +14,10 @@ from typing import Any
 import keras
 import numpy as np
 
+from core.errors import Problem, SpecError
 from models.blocks.snn import snn_warnings
 from models.build import build_model, needs_input_stats
 from models.data.summary import DatasetSummary
-from models.errors import Problem, SpecError
 from models.heads import resolve_head
 from models.spec import JobSpec, KerasJsonArchitecture, SnnArchitecture, parse_spec
 

@@ -7,8 +7,8 @@ checks before it builds anything.
 
 from __future__ import annotations
 
+from core.errors import Problem, SpecError
 from models.data.summary import DatasetSummary
-from models.errors import Problem, SpecError
 from models.heads import resolve_head
 from models.spec import CnnArchitecture, JobSpec, ResnetConvArchitecture
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from core.errors import Problem, SpecError
 from models.data.summary import DatasetSummary
-from models.errors import Problem, SpecError
 from models.spec import CLASSIFICATION_METRICS, JobSpec
 
 DEFAULT_LOSS = {

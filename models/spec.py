@@ -27,8 +27,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from core.errors import Problem, SpecError
 from models.data.summary import DataKeys
-from models.errors import Problem, SpecError
 
 FAMILIES = ("mlp", "highway", "resnet", "snn", "cnn", "keras_json")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid", "linear")

@@ -10,7 +10,8 @@ from typing import Any
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from models.errors import GpuyardError
+from core.errors import GpuyardError
+from core.settings import Settings, get_settings
 from service.api import datasets, gpus, health, jobs, openapi
 from service.checks import sandbox_check_dataset, trainer_dry_run
 from service.errors import to_api_error
@@ -18,7 +19,6 @@ from service.extensions import Services, init_services
 from service.queue import CeleryJobQueue
 from worker.db import Database
 from worker.dispatch import GpuBoard
-from worker.settings import Settings, get_settings
 from worker.storage import LocalStorage
 
 DEFAULT_CONFIG: dict[str, Any] = {

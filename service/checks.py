@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from core.errors import DataError, GpuyardError, Problem, SpecError
+from core.exitcodes import ExitCode
+from core.settings import Settings
 from models.data.sandbox import check_file
 from models.data.summary import DataKeys, DatasetSummary
-from models.errors import DataError, GpuyardError, Problem, SpecError
-from worker.exitcodes import ExitCode
-from worker.settings import Settings
 
 
 class DryRunFailed(GpuyardError):

@@ -9,10 +9,10 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
+from core.errors import DataError
+from core.settings import get_settings
 from models.data.sandbox import check_file
 from models.data.summary import DataKeys
-from models.errors import DataError
-from worker.settings import get_settings
 
 
 @click.group()

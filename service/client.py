@@ -9,7 +9,7 @@ code (``connection_failed``, ``timeout``, ``bad_response``, ``checksum_mismatch`
     job = client.submit(dataset["id"], spec)
     for event in client.events(job["id"]):
         print(event.event, event.data)
-    client.download(job["id"], "model.h5", "model.h5")
+    client.download(job["id"], MODEL_H5, Path("model.h5"))   # names from core.names
 """
 
 from __future__ import annotations
@@ -26,12 +26,9 @@ from typing import Any
 import requests
 import urllib3
 
-from models.atomicio import atomic_path
-from models.errors import GpuyardError, Problem
-
-# The job states after which nothing more happens (worker.db.TERMINAL_STATES; a test keeps them equal —
-# the client does not import the job DB, which would pull in SQLAlchemy for an HTTP client).
-TERMINAL_STATES = ("succeeded", "failed", "cancelled", "interrupted")
+from core.atomicio import atomic_path
+from core.errors import GpuyardError, Problem
+from core.states import TERMINAL_STATES
 
 _CHUNK_BYTES = 1024 * 1024
 _RETRY_STATUSES = (502, 503, 504)

@@ -21,14 +21,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Column, Table
 
-from service.client import TERMINAL_STATES, Client, ClientError, Event
+from core.names import ARTIFACT_NAMES, MODEL_H5
+from core.settings import get_settings
+from core.states import CANCELLED, FAILED, INTERRUPTED, JOB_STATES, RUNNING, SUCCEEDED, TERMINAL_STATES
+from service.client import Client, ClientError, Event
 from service.stack import Stack, StackConfig, StackError, gunicorn_argv
-from worker.settings import get_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Exit codes of `gpuyard logs -f` and `gpuyard submit --follow`, by the job's final state.
-FOLLOW_EXIT_CODES = {"succeeded": 0, "failed": 1, "interrupted": 3, "cancelled": 4}
+FOLLOW_EXIT_CODES = {SUCCEEDED: 0, FAILED: 1, INTERRUPTED: 3, CANCELLED: 4}
 assert set(FOLLOW_EXIT_CODES) == set(TERMINAL_STATES)
 
 
@@ -177,7 +179,7 @@ def _print_dry_run(result: dict[str, Any]) -> None:
 
 @click.command("status")
 @click.argument("job", required=False)
-@click.option("--state", type=click.Choice(("queued", "running", *TERMINAL_STATES)), help="Only jobs in this state.")
+@click.option("--state", type=click.Choice(JOB_STATES), help="Only jobs in this state.")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON instead of a table.")
 @client_options
 def status(client: Client, job: str | None, state: str | None, as_json: bool) -> None:
@@ -210,7 +212,7 @@ def status(client: Client, job: str | None, state: str | None, as_json: bool) ->
 
 
 def _styled_state(state: str) -> str:
-    colour = {"succeeded": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}.get(state)
+    colour = {SUCCEEDED: "green", FAILED: "red", INTERRUPTED: "yellow", RUNNING: "cyan"}.get(state)
     return f"[{colour}]{state}[/]" if colour else state
 
 
@@ -315,7 +317,7 @@ class _Follower:
         if state in TERMINAL_STATES:
             self.final_state = state
             reason = f" ({data['reason']})" if data.get("reason") else ""
-            detail = f": {data['detail']}" if data.get("detail") and state != "succeeded" else ""
+            detail = f": {data['detail']}" if data.get("detail") and state != SUCCEEDED else ""
             self.console.print(f"job {_styled_state(state)}{reason}{detail}")
         elif state == "running":
             where = f" on {data['gpu']}" if data.get("gpu") else ""
@@ -437,9 +439,9 @@ def follow_job(client: Client, job_id: str, console: Console | None = None) -> i
 @click.argument("job")
 @click.option(
     "--artifact",
-    default="model.h5",
+    default=MODEL_H5,
     show_default=True,
-    type=click.Choice(["model.h5", "model.keras", "history.json", "diagnostics.json", "summary.json"]),
+    type=click.Choice(ARTIFACT_NAMES),
 )
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="File or folder (default: ./<artifact>).")
 @client_options

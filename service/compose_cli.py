@@ -20,7 +20,7 @@ import click
 import pynvml
 import yaml
 
-from models.atomicio import atomic_write_bytes
+from core.atomicio import atomic_write_bytes
 
 DEFAULT_BASE = Path("docker-compose.yml")
 DEFAULT_OUTPUT = Path("docker-compose.gpus.yml")

@@ -11,10 +11,10 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from core.exitcodes import ExitCode
+from core.settings import get_settings
 from models.data.digits import write_digits_h5
 from service.progress import render_events
-from worker.exitcodes import ExitCode
-from worker.settings import get_settings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "specs"
 

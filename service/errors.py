@@ -2,7 +2,7 @@
 
 Hierarchy::
 
-    GpuyardError (models.errors)
+    GpuyardError (core.errors)
     └── ApiError                  500 internal_error         base; renders every API error body
         ├── BadRequest            400 bad_request            malformed JSON, bad query value
         ├── Unauthorized          401 unauthorized           missing or unknown bearer token
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.errors import DataError, GpuyardError, Problem, SpecError
+from core.errors import DataError, GpuyardError, Problem, SpecError
 from worker.db import ActiveJobLimit, DatabaseUnavailable, DatasetInUse, UnknownDataset
 from worker.storage import InvalidKey, UploadTooLarge
 

@@ -9,17 +9,17 @@ from typing import Any
 
 from flask import Flask, current_app
 
+from core.settings import Settings
 from models.data.summary import DataKeys, DatasetSummary
 from service.queue import JobQueue
 from worker.db import Database
 from worker.dispatch import HeartbeatSource
-from worker.settings import Settings
 from worker.storage import Storage
 
 EXTENSION_KEY = "gpuyard"
 
 DatasetChecker = Callable[[Path, DataKeys], DatasetSummary]
-"""Validates an uploaded HDF5 file; raises models.errors.DataError listing every reason."""
+"""Validates an uploaded HDF5 file; raises core.errors.DataError listing every reason."""
 
 DryRunner = Callable[[dict[str, Any], Path], dict[str, Any]]
 """Dry-runs a validated spec against a stored data set; returns the summary, raises SpecError/DataError."""

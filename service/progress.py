@@ -8,8 +8,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from core.states import TERMINAL_STATES
+
 TERMINAL_EVENTS = {"finished", "failed"}
-TERMINAL_STATES = {"succeeded", "failed", "cancelled", "interrupted"}
 
 
 def is_terminal(event: dict[str, Any]) -> bool:

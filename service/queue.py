@@ -6,8 +6,8 @@ from typing import Protocol
 
 from celery import Celery
 
+from core.settings import Settings
 from service.errors import ServiceUnavailable
-from worker.settings import Settings
 
 TRAIN_TASK = "gpuyard.train"
 

@@ -7,14 +7,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from core.states import JOB_STATES, QUEUED
 from models.data.summary import DatasetSummary
-from worker.db import JOB_STATES, Dataset, Job, JobEvent
+from worker.db import Dataset, Job, JobEvent
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
-assert set(JobState.__args__) == set(JOB_STATES)  # type: ignore[attr-defined]
-
-ARTIFACT_NAMES = ("model.h5", "model.keras", "history.json", "diagnostics.json", "summary.json")
-ArtifactName = Literal["model.h5", "model.keras", "history.json", "diagnostics.json", "summary.json"]
+JobState = Literal[JOB_STATES]  # type: ignore[valid-type]
 
 # allOf: a bare $ref beside a description would make pydantic resolve the ref, which lives elsewhere.
 SpecObject = Annotated[dict[str, Any], WithJsonSchema({"allOf": [{"$ref": "#/components/schemas/JobSpec"}]})]
@@ -128,7 +125,7 @@ class JobOut(BaseModel):
     progress: JobProgress | None = Field(description="The latest epoch's progress.")
     error_reason: str | None = Field(description="Machine-readable reason of a failed/interrupted/cancelled job.")
     error_detail: str | None
-    exit_code: int | None = Field(description="The trainer's exit code (see worker.exitcodes).")
+    exit_code: int | None = Field(description="The trainer's exit code (see core.exitcodes).")
     peak_gpu_memory_bytes: int | None = Field(
         description="The most GPU memory the job's processes held at once (the watchdog's readings)."
     )
@@ -165,7 +162,7 @@ class JobOut(BaseModel):
             peak_gpu_memory_bytes=job.peak_gpu_memory_bytes,
             dispatched_at=job.dispatched_at,
             queue_position=queue_position,
-            dispatch_note=job.dispatch_note if job.state == "queued" else None,
+            dispatch_note=job.dispatch_note if job.state == QUEUED else None,
         )
 
 

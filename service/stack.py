@@ -35,11 +35,11 @@ import psutil
 import redis
 import requests
 
-from models.errors import GpuyardError
+from core.errors import GpuyardError
+from core.settings import Settings
 from service.worker_cli import worker_argv
 from worker.db import Database, UserExists
 from worker.procs import set_parent_death_signal
-from worker.settings import Settings
 
 ADMIN_NAME = "admin"
 ADMIN_TOKEN_FILE = "admin-token"

@@ -6,8 +6,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from core.settings import get_settings
 from worker.db import Database, UserExists
-from worker.settings import get_settings
 
 
 def _database() -> Database:

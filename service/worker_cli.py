@@ -11,13 +11,13 @@ import socket
 
 import click
 
+from core.settings import Settings, get_settings
 from worker.celery_app import make_celery
 from worker.db import Database
 from worker.dispatch import Dispatcher, celery_send
 from worker.fleet import GpuWorker, plan_workers, run_fleet
 from worker.gpus import GpuBackend, get_backend
 from worker.janitor import janitor_pass, run_janitor
-from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

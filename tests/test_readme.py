@@ -27,7 +27,7 @@ def test_quick_start_commands_are_make_targets_and_ci_runs_the_test_one() -> Non
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-if __name__ == "__main__":  # rewrite the README's settings table from worker/settings.py
+if __name__ == "__main__":  # rewrite the README's settings table from core/settings.py
     text = re.sub(
         r"(<!-- settings:begin -->\n).*?(<!-- settings:end -->)",
         lambda m: m.group(1) + settings_markdown_table() + m.group(2),

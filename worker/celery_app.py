@@ -11,7 +11,7 @@ import re
 
 from celery import Celery
 
-from worker.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 TRAIN_TASK = "gpuyard.train"
 CPU_QUEUE = "cpu"

@@ -39,11 +39,11 @@ from typing import Any
 import redis
 from sqlalchemy import and_, or_, select, update
 
-from models.errors import Problem
+from core.errors import Problem
+from core.settings import Settings
 from worker.celery_app import queue_name
 from worker.db import QUEUED, RUNNING, Database, Gpu, Job, utcnow
 from worker.gpus import context_allowance_bytes
-from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -37,12 +37,12 @@ from typing import Any
 import psutil
 import redis
 
+from core.settings import Settings
 from worker.celery_app import queue_name
 from worker.db import Database, JobDBError
 from worker.dispatch import heartbeat_key
 from worker.gpus import GpuBackend, GpuInfo, get_backend, select_gpus
 from worker.procs import set_parent_death_signal
-from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from worker.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import logging
 import threading
 from collections.abc import Callable
 
+from core.settings import Settings
 from worker.celery_app import TRAIN_TASK, make_celery
 from worker.db import Database, JanitorReport, JobDBError
 from worker.dispatch import Dispatcher, celery_send
-from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 

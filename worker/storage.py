@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from models.atomicio import atomic_write_bytes, fsync_dir
-from models.errors import GpuyardError
+from core.atomicio import atomic_write_bytes, fsync_dir
+from core.errors import GpuyardError
 
 CHUNK_BYTES = 1024 * 1024
-JOB_LOG_NAME = "trainer.log"  # the trainer's stderr, written by the worker under jobs/<job_id>/
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")

@@ -53,21 +53,19 @@ except ImportError:  # pragma: no cover - redis-py is a dependency of the servic
     redis = None  # type: ignore[assignment]
 
 import worker
-from models.atomicio import atomic_write_json
+from core.atomicio import atomic_write_json
+from core.exitcodes import ExitCode
+from core.names import CHECKPOINT_DIR, CHECKPOINT_STATE, PID_FILE, SPEC_FILE, TRAINER_LOG
+from core.settings import Settings, get_settings
+from core.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from worker import procs
-from worker.db import CANCELLED, FAILED, QUEUED, SUCCEEDED, Database, Job, JobDBError
-from worker.exitcodes import ExitCode
+from worker.db import Database, Job, JobDBError
 from worker.gpus import GpuBackend, context_allowance_bytes, declare_fake_process_if_absent, get_backend
-from worker.settings import Settings, get_settings
 from worker.storage import LocalStorage, Storage
 from worker.watchdog import MemoryWatchdog, hygiene_problem
 
 log = logging.getLogger(__name__)
 
-LOG_FILE = "trainer.log"
-SPEC_FILE = "spec.json"
-PID_FILE = "trainer.pid"
-CHECKPOINT_STATE = Path("checkpoint") / "state.json"
 
 # How long after the trainer's exit we wait for its stdout to close (a grandchild may hold it open).
 _EOF_WAIT_S = 2.0
@@ -188,7 +186,7 @@ def classify_exit(
     """
     detail = (failed_event or {}).get("detail")
     if exit_code == ExitCode.SUCCEEDED:
-        return SUCCEEDED, "succeeded", None
+        return SUCCEEDED, ExitCode.SUCCEEDED.reason, None
     if stop_reason == "cancelled":
         return CANCELLED, "cancelled", "cancelled on request"
     if stop_reason == "time_limit":
@@ -291,7 +289,7 @@ class Supervisor:
             detail = "the job's data set was deleted or its file is missing from storage"
             return self._finish(job, FAILED, ExitCode.DATASET_INVALID.reason, detail, None)
         atomic_write_json(job_dir / SPEC_FILE, job.spec)
-        resume = job.attempts > 1 and (job_dir / CHECKPOINT_STATE).is_file()
+        resume = job.attempts > 1 and (job_dir / CHECKPOINT_DIR / CHECKPOINT_STATE).is_file()
         # A trainer orphaned by a dead worker on this host may still be writing its checkpoint.
         stale = procs.stop_stale_trainer(job_dir / PID_FILE, self.settings.cancel_grace_s)
         if stale is not None:
@@ -310,7 +308,7 @@ class Supervisor:
         ]
         if resume:
             argv.append("--resume")
-        with (job_dir / LOG_FILE).open("ab") as log_file:
+        with (job_dir / TRAINER_LOG).open("ab") as log_file:
             header = (
                 f"\n=== gpuyard attempt {job.attempts} on {socket.gethostname()} at "
                 f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}"

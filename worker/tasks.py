@@ -7,10 +7,10 @@ from typing import Any
 
 from celery import Task, shared_task
 
+from core.settings import get_settings
 from worker.celery_app import TRAIN_TASK
 from worker.db import Database
 from worker.dispatch import Dispatcher
-from worker.settings import get_settings
 from worker.supervisor import default_owner, supervise
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import keras
 
-from models.errors import Problem, SpecError
+from core.errors import Problem, SpecError
 from models.spec import KerasJsonArchitecture
 
 FIELD = "architecture.model_json"

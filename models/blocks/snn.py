@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import keras
 
+from core.errors import Problem
 from models.blocks import activation_layer, flatten_if_needed
-from models.errors import Problem
 from models.spec import SnnArchitecture
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from models.atomicio import atomic_path
+from core.atomicio import atomic_path
 
 
 def write_digits_h5(

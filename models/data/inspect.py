@@ -14,7 +14,7 @@ child process under resource limits. The checks go in an order that never reads 
    ``negative_label``, ``label_out_of_range``, ``non_integer_label``, ``not_one_hot``,
    ``class_count_mismatch``, ``too_many_classes``, ``read_error``.
 
-Every reason found is reported (one :class:`~models.errors.Problem` each), not just the first.
+Every reason found is reported (one :class:`~core.errors.Problem` each), not just the first.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from core.errors import DataError, Problem
+from core.settings import DataLimits, get_settings
 from models.data.summary import ArrayInfo, DataKeys, DatasetSummary, TargetKind
-from models.errors import DataError, Problem
-from worker.settings import Settings, get_settings
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 #: HDF5 filters built into libhdf5 (plus h5py's LZF); any other filter would need a plugin library.
@@ -55,7 +55,7 @@ _SHA_CHUNK = 1 << 20
 
 
 def inspect_file(
-    path: str | os.PathLike[str], keys: DataKeys | None = None, *, limits: Settings | None = None
+    path: str | os.PathLike[str], keys: DataKeys | None = None, *, limits: DataLimits | None = None
 ) -> DatasetSummary:
     """Check an HDF5 data set and summarise it, or refuse it with every reason found.
 
@@ -188,7 +188,7 @@ class _YStats:
 class _Inspection:
     """One pass over an open file: collects problems, then builds the summary."""
 
-    def __init__(self, handle: h5py.File, keys: DataKeys, limits: Settings) -> None:
+    def __init__(self, handle: h5py.File, keys: DataKeys, limits: DataLimits) -> None:
         self.f = handle
         self.keys = keys
         self.limits = limits

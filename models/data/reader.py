@@ -29,8 +29,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from core.errors import DataError, Problem
 from models.data.summary import DatasetSummary
-from models.errors import DataError, Problem
 
 #: Validation/test splits of a streamed data set are loaded in memory up to this share of the limit.
 EVAL_IN_MEMORY_SHARE = 0.25

@@ -5,7 +5,7 @@ matters. :func:`check_file` starts ``python -m models.data.sandbox`` (a fresh in
 process that has h5py loaded), sends the request as JSON on stdin and reads one JSON line from stdout.
 The child sets its rlimits (address space, CPU seconds, no core files, no file writes) *before* importing
 h5py, and never imports Keras or a framework. Whatever happens to the child — a crash, the memory or CPU
-limit, the wall-clock timeout — the caller gets a :class:`~models.errors.DataError`, never another
+limit, the wall-clock timeout — the caller gets a :class:`~core.errors.DataError`, never another
 exception.
 """
 
@@ -20,20 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.errors import DataError, Problem
+from core.settings import DataLimits, get_settings
 from models.data.summary import DataKeys, DatasetSummary
-from models.errors import DataError, Problem
-from worker.settings import Settings, get_settings
 
-#: The settings the child needs; nothing else (secrets, URLs) is sent to it.
-CHILD_LIMITS = (
-    "max_declared_ratio",
-    "max_declared_bytes_unchecked",
-    "max_declared_bytes",
-    "max_classes",
-    "scan_slice_bytes",
-    "validate_memory_bytes",
-    "validate_cpu_seconds",
-)
+#: The settings the child needs (the data limits); nothing else (secrets, URLs) is sent to it.
+CHILD_LIMITS = tuple(DataLimits.model_fields)
 #: Modules the child must never load; the reply lists any that are loaded, and tests check it is empty.
 FRAMEWORKS = ("keras", "tensorflow", "jax", "torch")
 _FILE_SIZE_LIMIT = 1 << 20  # the child writes no files; this caps anything a library might try
@@ -46,7 +38,7 @@ def check_file(
     path: str | os.PathLike[str],
     keys: DataKeys | None = None,
     *,
-    limits: Settings | None = None,
+    limits: DataLimits | None = None,
     timeout_s: float | None = None,
 ) -> DatasetSummary:
     """Check an HDF5 data set in a sandboxed child process and return its summary.
@@ -244,7 +236,7 @@ def _child_main() -> int:
         summary = inspect_file(
             request["path"],
             DataKeys.model_validate(request["keys"]),
-            limits=Settings.model_construct(**limits_in),
+            limits=DataLimits.model_construct(**limits_in),
         )
         reply: dict[str, Any] = {"ok": True, "summary": summary.model_dump(mode="json")}
     except DataError as exc:

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 from flask import Response, current_app, request
 from pydantic import BaseModel, ValidationError
 
-from models.errors import Problem
+from core.errors import Problem
 from service.errors import BadRequest, Unprocessable
 
 BodyT = TypeVar("BodyT", bound=BaseModel)

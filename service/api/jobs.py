@@ -12,18 +12,19 @@ from pathlib import Path
 
 from flask import Blueprint, Response, request, send_file, url_for
 
+from core.errors import Problem
+from core.names import ARTIFACT_NAMES, TRAINER_LOG
+from core.states import QUEUED, TERMINAL_STATES
 from models.data.summary import DatasetSummary
-from models.errors import Problem
 from models.fit import spec_data_problems
 from models.spec import JobSpec, parse_spec
 from service.api import json_body, query_args, respond
 from service.auth import authenticate, current_user, visible_owner_id
 from service.errors import NotFound, ServiceUnavailable, Unprocessable
 from service.extensions import services
-from service.schemas import ARTIFACT_NAMES, DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut
-from worker.db import QUEUED, TERMINAL_STATES, Database, Dataset, Job, JobEvent
+from service.schemas import DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut
+from worker.db import Database, Dataset, Job, JobEvent
 from worker.dispatch import dispatch, gpu_views, never_fits
-from worker.storage import JOB_LOG_NAME
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
@@ -208,7 +209,7 @@ def logs(job_id: str) -> Response:
     """The trainer's log (its stderr) as text; Range requests let a client follow its tail."""
     job = _visible_job(job_id)
     storage = services().storage
-    key = storage.job_key(job.id, JOB_LOG_NAME)
+    key = storage.job_key(job.id, TRAINER_LOG)
     if not storage.exists(key):
         raise NotFound(f"job {job_id} has no log yet (state: {job.state})")
     return send_file(storage.local_path(key), mimetype="text/plain; charset=utf-8", conditional=True, max_age=0)

@@ -10,9 +10,9 @@ from flask import Blueprint, Response, current_app
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from core.names import ARTIFACT_NAMES
 from models.spec import JobSpec
 from service.schemas import (
-    ARTIFACT_NAMES,
     DatasetListOut,
     DatasetOut,
     DryRunOut,

@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from worker.settings import Settings
+from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -23,11 +23,11 @@ from deploy_helpers import (
     validate_compose,
 )
 
+from core.settings import Settings, get_settings
 from deploy.envdoc import COMPOSE_VARIABLES, settings_env_example
 from deploy.healthcheck import CHECKS
 from service.cli import main as gpuyard_cli
 from worker.gpus import fake_uuid
-from worker.settings import Settings, get_settings
 
 COMPOSE = load_compose()
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]

@@ -135,6 +135,6 @@ def test_dockerignore_leaves_out_what_an_image_must_not_carry() -> None:
                  ".pytest_cache/v", ".ruff_cache/x", "tests/models/data/x.py", "dist/gpuyard.whl", ".whl/a.whl",
                  "gpuyard.egg-info/PKG-INFO", ".env", "big.h5"]:  # fmt: skip
         assert dockerignored(path), path
-    for path in ["pyproject.toml", "README.md", "models/spec.py", "worker/settings.py", "service/app.py",
+    for path in ["pyproject.toml", "README.md", "models/spec.py", "core/settings.py", "service/app.py",
                  "deploy/healthcheck.py", "deploy/gunicorn.conf.py"]:  # fmt: skip
         assert not dockerignored(path), path

@@ -15,10 +15,10 @@ import keras
 import numpy as np
 import pytest
 
+from core.errors import SpecError
 from models.blocks.keras_json import config_problems
 from models.build import build_model, compute_input_stats, layer_blocks, needs_input_stats
 from models.data.summary import DataKeys, DatasetSummary
-from models.errors import SpecError
 from models.spec import parse_spec
 
 

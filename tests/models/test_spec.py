@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from models.errors import SpecError
+from core.errors import SpecError
 from models.spec import FAMILIES, job_spec_schema, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,9 +15,9 @@ from api_helpers import FakeDryRun, FakeQueue, Tokens
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
+from core.settings import Settings
 from service.app import create_app
 from service.extensions import Services
-from worker.settings import Settings
 
 
 def free_port() -> int:

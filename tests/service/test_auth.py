@@ -8,9 +8,9 @@ import pytest
 from api_helpers import Tokens, assert_error_body, bearer, upload
 from click.testing import CliRunner
 
+from core.settings import get_settings
 from service.users_cli import users
 from worker.db import Database
-from worker.settings import get_settings
 
 
 def test_health_needs_no_token(client) -> None:  # type: ignore[no-untyped-def]

@@ -23,11 +23,10 @@ from conftest import free_port, services
 from flask import Flask
 from werkzeug.serving import make_server
 
+from core.names import TRAINER_LOG as JOB_LOG_NAME
+from core.settings import get_settings
 from service.cli import main
-from service.client import TERMINAL_STATES, Client, ClientError, SseParser
-from worker import db as jobdb
-from worker.settings import get_settings
-from worker.storage import JOB_LOG_NAME
+from service.client import Client, ClientError, SseParser
 
 
 @pytest.fixture
@@ -154,10 +153,6 @@ def test_jobs_follows_every_page(alice: Client, dataset_id: str, app: Flask) -> 
     assert owner is not None
     created = [db.create_job(owner.id, dataset_id, GOOD_SPEC, max_active=100, max_attempts=1).id for _ in range(5)]
     assert sorted(j["id"] for j in alice.jobs(limit=2)) == sorted(created)
-
-
-def test_terminal_states_match_the_job_db() -> None:
-    assert set(TERMINAL_STATES) == set(jobdb.TERMINAL_STATES)
 
 
 # ── events ────────────────────────────────────────────────────────────────────────────────────────────

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from api_helpers import Tokens, assert_error_body, bearer
 
+from core.settings import Settings
 from service.app import create_app
-from worker.settings import Settings
 
 
 def test_404_405_413_are_json(client, tokens: Tokens) -> None:  # type: ignore[no-untyped-def]

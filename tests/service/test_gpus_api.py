@@ -13,10 +13,10 @@ from conftest import free_port
 from flask import Flask
 from flask.testing import FlaskClient
 
+from core.settings import Settings
 from service.app import create_app
 from worker.db import Database
 from worker.gpus import GiB, fake_uuid
-from worker.settings import Settings
 
 GPU0, GPU1 = fake_uuid(0), fake_uuid(1)
 MLP = {"architecture": {"family": "mlp", "widths": [16]}, "training": {"epochs": 1}}

@@ -15,10 +15,10 @@ from api_helpers import GOOD_SPEC, FakeDryRun, FakeQueue, Tokens, assert_error_b
 from flask import Flask
 from flask.testing import FlaskClient
 
+from core.settings import Settings
 from service.app import create_app
 from service.queue import TRAIN_TASK
 from worker.db import Database
-from worker.settings import Settings
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 SCRIPT = r"""
 import json, sys
 from service.app import create_app
-from worker.settings import Settings
+from core.settings import Settings
 
 app = create_app({"TESTING": True, "GPUYARD_SETTINGS": Settings(data_dir=sys.argv[1])})
 client = app.test_client()

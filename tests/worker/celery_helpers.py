@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from core.settings import Settings
 from worker.db import Database
-from worker.settings import Settings
 from worker.storage import LocalStorage
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from trainer_helpers import ROOT, parse_events, trainer_command, trainer_env, write_spec
 
-from worker.exitcodes import ExitCode
+from core.exitcodes import ExitCode
 
 LONG = {
     "name": "long",

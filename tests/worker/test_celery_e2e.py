@@ -18,10 +18,10 @@ import psutil
 import pytest
 from celery_helpers import REPO, WorkerProcess, events_of, highway_spec, settings_env, wait_for
 
+from core.settings import Settings
 from worker.celery_app import TRAIN_TASK, make_celery
 from worker.db import RUNNING, SUCCEEDED, Database
 from worker.janitor import celery_sender, janitor_pass
-from worker.settings import Settings
 
 FRAMEWORKS = ("tensorflow", "keras", "jax", "jaxlib", "torch")
 WORKER_MODULES = (

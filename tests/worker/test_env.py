@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.exitcodes import ExitCode
+from core.exitcodes import ExitCode
 from worker.trainer import env
 
 UUID = "GPU-12345678-1234-1234-1234-123456789abc"
@@ -112,16 +112,16 @@ def test_stop_flag_signal_and_time_limit() -> None:
 
 
 def test_nvml_without_driver_is_none() -> None:
+    from core.settings import Settings
     from worker.gpus import gpu_total_memory_bytes
-    from worker.settings import Settings
 
     total = gpu_total_memory_bytes(Settings(fake_gpus=""), UUID)
     assert total is None or total > 0
 
 
 def test_fake_gpu_total_is_what_the_trainer_caps_against(tmp_path: Path) -> None:
+    from core.settings import Settings
     from worker.gpus import fake_uuid, gpu_total_memory_bytes
-    from worker.settings import Settings
 
     settings = Settings(fake_gpus="2x16GiB", fake_gpu_dir=tmp_path)
     assert gpu_total_memory_bytes(settings, fake_uuid(1)) == 16 * 2**30

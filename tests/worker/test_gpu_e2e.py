@@ -16,10 +16,10 @@ import pytest
 import redis
 from celery_helpers import REPO, events_of, settings_env, wait_for
 
+from core.settings import Settings
 from worker.db import SUCCEEDED, TERMINAL_STATES, Database
 from worker.dispatch import Dispatcher, celery_send, heartbeat_key
 from worker.gpus import fake_uuid
-from worker.settings import Settings
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
 GPUS = (fake_uuid(0), fake_uuid(1))

@@ -13,6 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
+from core.settings import Settings
 from worker.fleet import heartbeat, plan_workers
 from worker.gpus import (
     FakeBackend,
@@ -24,7 +25,6 @@ from worker.gpus import (
     parse_fake_gpus,
     select_gpus,
 )
-from worker.settings import Settings
 
 
 def test_fake_spec_parses_counts_and_sizes() -> None:
@@ -151,8 +151,8 @@ class _NoGpus:
 def test_worker_command_plans_gpu_and_cpu_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
+    from core.settings import get_settings
     from service.cli import main
-    from worker.settings import get_settings
 
     def check(*args: str, fake: str = "2x16GiB") -> tuple[int, list[str], str]:
         monkeypatch.setenv("GPUYARD_FAKE_GPUS", fake)

@@ -10,10 +10,10 @@ from collections.abc import Callable
 import redis
 from celery_helpers import wait_for
 
+from core.settings import Settings
 from worker.celery_app import TRAIN_TASK
 from worker.db import CANCELLED, INTERRUPTED, QUEUED, RUNNING, Database
 from worker.janitor import celery_sender, janitor_pass, run_janitor
-from worker.settings import Settings
 
 SPEC = {"name": "janitor", "resources": {"gpu": "cpu"}}
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from trainer_helpers import ROOT, parse_events, run_trainer, trainer_command, trainer_env, write_spec
 
-from worker.exitcodes import ExitCode
+from core.exitcodes import ExitCode
 
 SPEC = {
     "name": "resume",

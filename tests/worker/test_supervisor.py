@@ -21,11 +21,12 @@ import pytest
 import redis
 from celery_helpers import events_of, highway_spec, wait_for
 
+from core.names import ARTIFACT_NAMES, TRAINER_LOG
+from core.settings import Settings
 from worker import procs
 from worker.db import CANCELLED, FAILED, QUEUED, SUCCEEDED, Database
-from worker.settings import Settings
 from worker.storage import LocalStorage
-from worker.supervisor import LOG_FILE, classify_exit, events_channel, supervise
+from worker.supervisor import classify_exit, events_channel, supervise
 
 FAKE_TRAINER = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))]
 
@@ -112,7 +113,7 @@ def test_supervise_digits_highway_succeeds(
         assert kind in kinds
     assert [e["state"] for e in events_of(db, job_id, "state")] == ["queued", "running", "succeeded"]
     folder = job_dir(storage, job_id)
-    for name in ("model.h5", "model.keras", "history.json", "diagnostics.json", "summary.json", LOG_FILE):
+    for name in (*ARTIFACT_NAMES, TRAINER_LOG):
         assert (folder / name).is_file(), name
     assert (folder / "checkpoint" / "state.json").is_file()
     assert not (folder / "trainer.pid").exists()
@@ -283,7 +284,7 @@ def test_retry_resumes_from_the_checkpoint(
     assert outcome.state == SUCCEEDED and outcome.resumed and outcome.attempt == 2
     assert events_of(db, job_id, "started")[0]["resumed_from_epoch"] == 2
     assert [e["epoch"] for e in events_of(db, job_id, "epoch_end")] == [3]
-    assert "resuming from checkpoint" in (job_dir(storage, job_id) / LOG_FILE).read_text()
+    assert "resuming from checkpoint" in (job_dir(storage, job_id) / TRAINER_LOG).read_text()
 
 
 def test_missing_dataset_file_fails_the_job(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from trainer_helpers import run_trainer, write_spec
 
-from worker.exitcodes import ExitCode
+from core.exitcodes import ExitCode
 
 MLP = {
     "name": "cli-mlp",

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from celery_helpers import events_of, highway_spec
 
+from core.settings import Settings
 from worker.db import FAILED, SUCCEEDED, Database
 from worker.gpus import GiB, fake_uuid
-from worker.settings import Settings
 from worker.storage import LocalStorage
 from worker.supervisor import Outcome, supervise
 

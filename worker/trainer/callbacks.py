@@ -16,12 +16,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from models.atomicio import atomic_path, atomic_write_json
+from core.atomicio import atomic_path, atomic_write_json
+from core.names import CHECKPOINT_STATE
 from worker.trainer.diagnostics import Diagnostics
 from worker.trainer.env import StopFlag
 from worker.trainer.events import EventEmitter, jsonable
 
-STATE_FILE = "state.json"
 SEED_STATE_NAME = "seed_generator_state"
 
 
@@ -233,7 +233,7 @@ class CheckpointStore:
 
     @property
     def state_path(self) -> Path:
-        return self.directory / STATE_FILE
+        return self.directory / CHECKPOINT_STATE
 
     def load_state(self) -> dict[str, Any] | None:
         """The last consistent state, or None when no checkpoint was written."""
@@ -250,7 +250,7 @@ class CheckpointStore:
         if not self.directory.is_dir():
             return
         for path in self.directory.iterdir():
-            if path.is_file() and (path.name == STATE_FILE or path.name.startswith(("model-", "best-", "."))):
+            if path.is_file() and (path.name == CHECKPOINT_STATE or path.name.startswith(("model-", "best-", "."))):
                 path.unlink()
 
     def save(
@@ -290,7 +290,7 @@ class CheckpointStore:
             "written_at": time.time(),
         }
         atomic_write_json(self.state_path, state)
-        keep = {STATE_FILE, model_name, best_name}
+        keep = {CHECKPOINT_STATE, model_name, best_name}
         for path in self.directory.iterdir():
             if path.name.startswith(("model-", "best-")) and path.name not in keep:
                 path.unlink(missing_ok=True)

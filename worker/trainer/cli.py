@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from models.errors import DataError, GpuyardError, Problem, SpecError
-from worker.exitcodes import ExitCode
-from worker.settings import Settings, get_settings
+from core.errors import DataError, GpuyardError, Problem, SpecError
+from core.exitcodes import ExitCode
+from core.settings import Settings, get_settings
 from worker.trainer import env
 from worker.trainer.events import EventEmitter
 
@@ -172,8 +172,8 @@ def prepare_and_train(args: argparse.Namespace, settings: Settings, emitter: Eve
     stop.check()
 
     device = "cpu" if args.dry_run else spec.resources.gpu
+    from core.settings import get_settings
     from worker.gpus import gpu_total_memory_bytes
-    from worker.settings import get_settings
 
     total = None if device == "cpu" else gpu_total_memory_bytes(get_settings(), None if device == "any" else device)
     plan = env.plan_environment(

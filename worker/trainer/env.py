@@ -19,7 +19,7 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from worker.exitcodes import ExitCode
+from core.exitcodes import ExitCode
 
 BACKENDS = ("tensorflow", "jax", "torch")
 # JAX's own default fraction: set explicitly so that a newer JAX cannot grow to the whole GPU.

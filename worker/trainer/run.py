@@ -15,11 +15,12 @@ import h5py
 import keras
 import numpy as np
 
-from models.atomicio import atomic_path, atomic_write_json
+from core import names
+from core.atomicio import atomic_path, atomic_write_json
+from core.errors import Problem, SpecError
+from core.exitcodes import ExitCode
 from models.build import build_model, layer_blocks, needs_input_stats
 from models.data.reader import open_training_data
-from models.errors import Problem, SpecError
-from worker.exitcodes import ExitCode
 from worker.trainer import callbacks as cbs
 from worker.trainer.diagnostics import Diagnostics
 from worker.trainer.env import TrainingStopped
@@ -28,7 +29,6 @@ from worker.trainer.events import jsonable
 if TYPE_CHECKING:
     from worker.trainer.cli import Job
 
-ARTIFACTS = ("model.h5", "model.keras", "history.json", "diagnostics.json", "summary.json")
 
 
 def train(job: Job) -> int:
@@ -43,7 +43,7 @@ def train(job: Job) -> int:
     timings: dict[str, float] = {"setup_s": time.monotonic() - job.started}
     job.out_dir.mkdir(parents=True, exist_ok=True)
     store = cbs.CheckpointStore(
-        job.out_dir / "checkpoint",
+        job.out_dir / names.CHECKPOINT_DIR,
         fingerprint=cbs.spec_sha256(spec.model_dump(mode="json"), job.summary.sha256),
         emitter=job.emitter,
     )
@@ -268,12 +268,12 @@ def _write_artifacts(
     out = job.out_dir
     save_started = time.monotonic()
     # atomic_path keeps the target's suffix on its temporary name, so Keras picks the format from it.
-    with atomic_path(out / "model.h5") as tmp:
+    with atomic_path(out / names.MODEL_H5) as tmp:
         model.save(tmp)
-    with atomic_path(out / "model.keras") as tmp:
+    with atomic_path(out / names.MODEL_KERAS) as tmp:
         model.save(tmp)
-    atomic_write_json(out / "history.json", _history_columns(history))
-    atomic_write_json(out / "diagnostics.json", records)
+    atomic_write_json(out / names.HISTORY, _history_columns(history))
+    atomic_write_json(out / names.DIAGNOSTICS, records)
     timings["save_s"] = time.monotonic() - save_started
     timings["total_s"] = time.monotonic() - job.started
     summary = {
@@ -286,8 +286,8 @@ def _write_artifacts(
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "versions": _versions(),
     }
-    atomic_write_json(out / "summary.json", jsonable(summary))
-    return {name: str(out / name) for name in (*ARTIFACTS, "checkpoint")}
+    atomic_write_json(out / names.SUMMARY, jsonable(summary))
+    return {name: str(out / name) for name in (*names.ARTIFACT_NAMES, names.CHECKPOINT_DIR)}
 
 
 def _history_columns(history: list[dict[str, Any]]) -> dict[str, list[Any]]:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from hostile import CASES, ROWS, Case, write_good
 
+from core.errors import DataError
+from core.settings import Settings
 from models.data import inspect as inspect_module
 from models.data.inspect import file_sha256, inspect_file
 from models.data.summary import DataKeys
-from models.errors import DataError
-from worker.settings import Settings
 
 
 def _refuse(case: Case, tmp_path: Path) -> list:

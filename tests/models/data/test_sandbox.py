@@ -10,12 +10,12 @@ import h5py
 import pytest
 from hostile import CASES, write_good
 
+from core.errors import DataError
+from core.settings import Settings
 from models.data import sandbox
 from models.data.inspect import inspect_file
 from models.data.sandbox import check_file
 from models.data.summary import DataKeys
-from models.errors import DataError
-from worker.settings import Settings
 
 
 def _codes(path: Path, **kwargs: object) -> list[str]:

@@ -1,4 +1,8 @@
-"""gpuyard's one typed configuration object, read from ``GPUYARD_*`` environment variables."""
+"""gpuyard's one typed configuration object, read from ``GPUYARD_*`` environment variables.
+
+Two layers, one prefix: :class:`DataLimits` holds what the HDF5 checks (``models.data``) need and is all
+``models`` may see; :class:`Settings` extends it with everything else (job service, workers, GPUs, client).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,11 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class Settings(BaseSettings):
-    """Every setting gpuyard reads. Each field is documented; the README's table is generated from here."""
+class DataLimits(BaseSettings):
+    """The limits of the HDF5 data-set checks (``models.data``): sizes, scanning, the validator's rlimits."""
 
     model_config = SettingsConfigDict(env_prefix="GPUYARD_", extra="ignore")
 
-    data_dir: Path = Field(Path(".gpuyard"), description="Where the local stack keeps its DB, storage and logs.")
-
-    # HDF5 data sets (models.data)
     max_declared_ratio: float = Field(
         1000.0,
         gt=1,
@@ -44,6 +45,12 @@ class Settings(BaseSettings):
     scan_slice_bytes: int = Field(
         16 * 2**20, gt=0, description="Bytes read per slice when scanning a dataset for NaN/Inf and labels."
     )
+
+
+class Settings(DataLimits):
+    """Every setting gpuyard reads. Each field is documented; the README's table is generated from here."""
+
+    data_dir: Path = Field(Path(".gpuyard"), description="Where the local stack keeps its DB, storage and logs.")
 
     # Trainer
     progress_interval_s: float = Field(0.5, gt=0, description="Minimum seconds between two batch progress events.")

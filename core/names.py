@@ -1,0 +1,31 @@
+"""The names of the files a job leaves behind, spelled once: artifacts, the trainer's log, its inputs.
+
+A job's folder (``jobs/<job_id>/`` in storage, the trainer's ``--out``)::
+
+    model.h5  model.keras  history.json  diagnostics.json  summary.json     the artifacts (downloadable)
+    trainer.log                                                             the trainer's stderr
+    spec.json  dataset.json  trainer.pid                                    what the worker hands the trainer
+    checkpoint/state.json + checkpoint/model-NNNN.keras                     what --resume continues from
+"""
+
+from __future__ import annotations
+
+MODEL_H5 = "model.h5"
+MODEL_KERAS = "model.keras"
+HISTORY = "history.json"
+DIAGNOSTICS = "diagnostics.json"
+SUMMARY = "summary.json"
+#: Every artifact a finished job offers for download, in the order the API lists them.
+ARTIFACT_NAMES = (MODEL_H5, MODEL_KERAS, HISTORY, DIAGNOSTICS, SUMMARY)
+
+#: The trainer's stderr, appended to by every attempt.
+TRAINER_LOG = "trainer.log"
+#: The spec the worker hands the trainer.
+SPEC_FILE = "spec.json"
+#: The data set's stored summary (sha256-verified by the trainer instead of checking the data again).
+DATASET_SUMMARY_FILE = "dataset.json"
+#: The running trainer's pid, so a later attempt on the same host can stop an orphan.
+PID_FILE = "trainer.pid"
+#: The checkpoint folder and its index file.
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_STATE = "state.json"
