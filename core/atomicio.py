@@ -1,8 +1,9 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never half of it."""
+"""Files: atomic writes (a reader sees the old file or the whole new one, never half of it) and content hashes."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -53,3 +54,12 @@ def fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def file_sha256(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
+    """The SHA-256 hex digest of a file, read in ``chunk_bytes`` chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -213,11 +213,11 @@ def memory_estimate(model: keras.Model, spec: JobSpec, layers: list[dict[str, An
     return {**estimate, "total": sum(estimate.values()), "batch_size": batch, "note": _NOTE}
 
 
-def dry_run(spec_obj: dict[str, Any], summary: DatasetSummary | None) -> dict[str, Any]:
+def dry_run(spec_obj: JobSpec | dict[str, Any], summary: DatasetSummary | None) -> dict[str, Any]:
     """Check a spec against a data set (or its declared input) without training.
 
     Args:
-        spec_obj: the spec as decoded JSON (not yet validated).
+        spec_obj: the validated spec, or the spec as decoded JSON (validated here, its errors reported).
         summary: the checked data set's summary; None to use the spec's declared ``input_shape`` and
             ``output.units``.
 
@@ -236,11 +236,14 @@ def dry_run(spec_obj: dict[str, Any], summary: DatasetSummary | None) -> dict[st
         "layers": [],
         "memory_estimate_bytes": None,
     }
-    try:
-        spec = parse_spec(spec_obj)
-    except SpecError as exc:
-        result["errors"] = [p.to_dict() for p in exc.problems]
-        return result
+    if isinstance(spec_obj, JobSpec):
+        spec = spec_obj
+    else:
+        try:
+            spec = parse_spec(spec_obj)
+        except SpecError as exc:
+            result["errors"] = [p.to_dict() for p in exc.problems]
+            return result
 
     errors: list[Problem] = []
     warnings: list[Problem] = []

@@ -16,6 +16,7 @@ from typing import Any
 
 from core.errors import DataError, GpuyardError, Problem, SpecError
 from core.exitcodes import ExitCode
+from core.names import DATASET_SUMMARY_FILE
 from core.settings import Settings
 from models.data.sandbox import check_file
 from models.data.summary import DataKeys, DatasetSummary
@@ -27,21 +28,28 @@ class DryRunFailed(GpuyardError):
     code = "dry_run_failed"
 
 
-def sandbox_check_dataset(path: Path, keys: DataKeys, *, settings: Settings) -> DatasetSummary:
+def sandbox_check_dataset(
+    path: Path, keys: DataKeys, sha256: str | None = None, *, settings: Settings
+) -> DatasetSummary:
     """Validate an uploaded HDF5 file in the sandboxed child process, under ``settings``' limits.
+
+    ``sha256`` is the file's hash when the caller has it (the upload hashed it while streaming).
 
     Raises:
         DataError: every reason the file is refused.
     """
-    return check_file(path, keys, limits=settings)
+    return check_file(path, keys, limits=settings, sha256=sha256)
 
 
-def trainer_dry_run(spec: dict[str, Any], data_path: Path, *, timeout_s: float) -> dict[str, Any]:
+def trainer_dry_run(
+    spec: dict[str, Any], data_path: Path, summary: DatasetSummary, *, timeout_s: float
+) -> dict[str, Any]:
     """Run ``python -m worker.trainer --dry-run`` on a spec and a stored data set; return its report.
 
     Args:
         spec: the job spec as submitted (already validated by parse_spec).
         data_path: the stored HDF5 file.
+        summary: its checked summary for the spec's keys (the trainer verifies the sha256, scans nothing).
         timeout_s: seconds before the child is killed.
 
     Returns:
@@ -55,9 +63,12 @@ def trainer_dry_run(spec: dict[str, Any], data_path: Path, *, timeout_s: float) 
     with tempfile.TemporaryDirectory(prefix="gpuyard-dryrun-") as tmp:
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
+        summary_path = Path(tmp) / DATASET_SUMMARY_FILE
+        summary_path.write_text(summary.model_dump_json())
         command = [
             sys.executable, "-m", "worker.trainer", "--dry-run",
-            "--spec", str(spec_path), "--data", str(data_path), "--out", str(Path(tmp) / "out"),
+            "--spec", str(spec_path), "--data", str(data_path), "--summary", str(summary_path),
+            "--out", str(Path(tmp) / "out"),
         ]  # fmt: skip
         # A dry run builds on the CPU; hide GPUs so it never takes memory from running jobs.
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}

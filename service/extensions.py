@@ -18,11 +18,13 @@ from worker.storage import Storage
 
 EXTENSION_KEY = "gpuyard"
 
-DatasetChecker = Callable[[Path, DataKeys], DatasetSummary]
-"""Validates an uploaded HDF5 file; raises core.errors.DataError listing every reason."""
+DatasetChecker = Callable[[Path, DataKeys, str | None], DatasetSummary]
+"""Validates an uploaded HDF5 file (``path``, ``keys``, its sha256 when already known); raises
+core.errors.DataError listing every reason."""
 
-DryRunner = Callable[[dict[str, Any], Path], dict[str, Any]]
-"""Dry-runs a validated spec against a stored data set; returns the summary, raises SpecError/DataError."""
+DryRunner = Callable[[dict[str, Any], Path, DatasetSummary], dict[str, Any]]
+"""Dry-runs a validated spec against a stored data set and its checked summary; returns the report,
+raises SpecError/DataError."""
 
 
 @dataclass

@@ -41,8 +41,9 @@ from sqlalchemy import and_, or_, select, update
 
 from core.errors import Problem
 from core.settings import Settings
+from core.states import QUEUED, RUNNING
 from worker.celery_app import queue_name
-from worker.db import QUEUED, RUNNING, Database, Gpu, Job, utcnow
+from worker.db import Database, Gpu, Job, utcnow
 from worker.gpus import context_allowance_bytes
 
 log = logging.getLogger(__name__)

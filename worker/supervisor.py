@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover - redis-py is a dependency of the servic
 import worker
 from core.atomicio import atomic_write_json
 from core.exitcodes import ExitCode
-from core.names import CHECKPOINT_DIR, CHECKPOINT_STATE, PID_FILE, SPEC_FILE, TRAINER_LOG
+from core.names import CHECKPOINT_DIR, CHECKPOINT_STATE, DATASET_SUMMARY_FILE, PID_FILE, SPEC_FILE, TRAINER_LOG
 from core.settings import Settings, get_settings
 from core.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from worker import procs
@@ -284,7 +284,7 @@ class Supervisor:
         job_dir.mkdir(parents=True, exist_ok=True)
         if self.db.is_cancel_requested(self.job_id):
             return self._finish(job, CANCELLED, "cancelled", "cancelled before the trainer started", None)
-        data_path = self._stage_dataset(job)
+        data_path = self._stage_dataset(job, job_dir)
         if data_path is None:
             detail = "the job's data set was deleted or its file is missing from storage"
             return self._finish(job, FAILED, ExitCode.DATASET_INVALID.reason, detail, None)
@@ -301,6 +301,8 @@ class Supervisor:
             str(job_dir / SPEC_FILE),
             "--data",
             str(data_path),
+            "--summary",
+            str(job_dir / DATASET_SUMMARY_FILE),
             "--out",
             str(job_dir),
             "--gpu",
@@ -380,15 +382,19 @@ class Supervisor:
         return Outcome(**{**base, "state": outcome.state, "reason": outcome.reason, "detail": outcome.detail})
 
     # ── staging ──
-    def _stage_dataset(self, job: Job) -> Path | None:
-        """The local path of the job's data set (LocalStorage: in place; remote storage would copy here)."""
+    def _stage_dataset(self, job: Job, job_dir: Path) -> Path | None:
+        """The local path of the job's data set (LocalStorage: in place; remote storage would copy here),
+        with the summary its upload check stored written beside the spec, for the trainer to trust."""
         if job.dataset_id is None:
             return None
         dataset = self.db.get_dataset(job.dataset_id)
         if dataset is None:
             return None
         path = self.storage.local_path(dataset.storage_key)
-        return path if path.is_file() else None
+        if not path.is_file():
+            return None
+        atomic_write_json(job_dir / DATASET_SUMMARY_FILE, dataset.summary)
+        return path
 
     # ── GPU: watchdog and hygiene ──
     def _start_watchdog(self, job: Job, pgid: int) -> int:

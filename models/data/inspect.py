@@ -19,7 +19,6 @@ Every reason found is reported (one :class:`~core.errors.Problem` each), not jus
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from core.atomicio import file_sha256
 from core.errors import DataError, Problem
 from core.settings import DataLimits, get_settings
 from models.data.summary import ArrayInfo, DataKeys, DatasetSummary, TargetKind
@@ -51,11 +51,14 @@ MAX_SOFT_LINK_DEPTH = 16
 MAX_LISTED_CLASSES = 1000
 ROLES = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 SPLITS = {"train": ("x_train", "y_train"), "val": ("x_val", "y_val"), "test": ("x_test", "y_test")}
-_SHA_CHUNK = 1 << 20
 
 
 def inspect_file(
-    path: str | os.PathLike[str], keys: DataKeys | None = None, *, limits: DataLimits | None = None
+    path: str | os.PathLike[str],
+    keys: DataKeys | None = None,
+    *,
+    limits: DataLimits | None = None,
+    sha256: str | None = None,
 ) -> DatasetSummary:
     """Check an HDF5 data set and summarise it, or refuse it with every reason found.
 
@@ -66,6 +69,8 @@ def inspect_file(
         keys: which keys hold which array, and optionally the declared number of classes.
         limits: size and scanning limits (``max_declared_*``, ``scan_slice_bytes``, ``max_classes``);
             defaults to the process settings.
+        sha256: the file's SHA-256 when the caller already has it (an upload is hashed while it streams
+            in); None reads the file once more to compute it.
 
     Returns:
         The summary: arrays by role, rows per split, input shape, target kind and output size, sha256.
@@ -87,16 +92,9 @@ def inspect_file(
         inspection.run()
     if inspection.problems:
         raise DataError(inspection.problems)
-    return inspection.summary(sha256=file_sha256(path), size_bytes=size_bytes)
+    return inspection.summary(sha256=sha256 or file_sha256(path), size_bytes=size_bytes)
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_SHA_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- file level

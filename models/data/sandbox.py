@@ -40,6 +40,7 @@ def check_file(
     *,
     limits: DataLimits | None = None,
     timeout_s: float | None = None,
+    sha256: str | None = None,
 ) -> DatasetSummary:
     """Check an HDF5 data set in a sandboxed child process and return its summary.
 
@@ -49,6 +50,8 @@ def check_file(
         limits: the checks' limits and the child's rlimits (``validate_memory_bytes``,
             ``validate_cpu_seconds``); defaults to the process settings.
         timeout_s: wall-clock limit for the child; default ``2 × validate_cpu_seconds + 10``.
+        sha256: the file's SHA-256 when the caller hashed it already (uploads are hashed while they
+            stream in), so the file is not read once more for it.
 
     Returns:
         The data set's summary, as :func:`models.data.inspect.inspect_file` computes it.
@@ -63,6 +66,7 @@ def check_file(
         "path": str(Path(path).resolve()),
         "keys": (keys or DataKeys()).model_dump(),
         "limits": {name: getattr(limits, name) for name in CHILD_LIMITS},
+        "sha256": sha256,
     }
     if timeout_s is None:
         timeout_s = 2.0 * limits.validate_cpu_seconds + 10.0
@@ -237,6 +241,7 @@ def _child_main() -> int:
             request["path"],
             DataKeys.model_validate(request["keys"]),
             limits=DataLimits.model_construct(**limits_in),
+            sha256=request.get("sha256"),
         )
         reply: dict[str, Any] = {"ok": True, "summary": summary.model_dump(mode="json")}
     except DataError as exc:

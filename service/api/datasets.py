@@ -60,7 +60,7 @@ def upload() -> Response:
         svc.storage.discard(staged)
         return respond(DatasetOut.of(already), 200)
     try:
-        summary = svc.check_dataset(staged.path, keys)
+        summary = svc.check_dataset(staged.path, keys, staged.sha256)  # hashed once, while streaming
         stored = svc.storage.commit_dataset(staged)
     except BaseException:
         svc.storage.discard(staged)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
 from collections.abc import Iterator
 from functools import lru_cache
-from pathlib import Path
 
 from flask import Blueprint, Response, request, send_file, url_for
 
+from core.atomicio import file_sha256
 from core.errors import Problem
 from core.names import ARTIFACT_NAMES, TRAINER_LOG
 from core.states import QUEUED, TERMINAL_STATES
@@ -52,7 +51,7 @@ def submit() -> Response:
     dataset = svc.db.get_dataset(body.dataset, visible_owner_id())
     if dataset is None:
         raise NotFound(f"no data set {body.dataset!r}; upload one with POST /v1/datasets", field="dataset")
-    _check_fits_dataset(spec, dataset)
+    summary = _check_fits_dataset(spec, dataset)
     spec_json = spec.model_dump(mode="json")
     gpus = gpu_views(svc.db, svc.heartbeats)
     never = never_fits(spec_json, gpus, svc.settings)
@@ -60,7 +59,7 @@ def submit() -> Response:
         raise Unprocessable.from_problems("never_fits", never, prefix="spec.")
     if dry_run:
         data_path = svc.storage.local_path(dataset.storage_key)
-        result = svc.dry_run(spec_json, data_path)
+        result = svc.dry_run(spec_json, data_path, summary)
         report = result.get("report") or {}
         if report.get("ok") is False:  # the model could not be built for this data: say every reason
             errors = report.get("errors") or [{"code": "dry_run_failed", "detail": "the dry run failed"}]
@@ -179,7 +178,7 @@ def _is_terminal(job_event: JobEvent) -> bool:
     return job_event.event.get("event") == "state" and job_event.event.get("state") in TERMINAL_STATES
 
 
-def _check_fits_dataset(spec: JobSpec, dataset: Dataset) -> None:
+def _check_fits_dataset(spec: JobSpec, dataset: Dataset) -> DatasetSummary:
     """Refuse (422, every reason) a spec that cannot fit its data set, before a worker finds out.
 
     The stored summary was checked with the keys given at upload; a spec naming other keys (or declaring
@@ -188,10 +187,12 @@ def _check_fits_dataset(spec: JobSpec, dataset: Dataset) -> None:
     svc = services()
     summary = DatasetSummary.model_validate(dataset.summary)
     if spec.data != summary.keys:
-        summary = svc.check_dataset(svc.storage.local_path(dataset.storage_key), spec.data)  # DataError: 422
+        path = svc.storage.local_path(dataset.storage_key)
+        summary = svc.check_dataset(path, spec.data, dataset.sha256)  # DataError: 422
     problems = spec_data_problems(spec, summary)
     if problems:
         raise Unprocessable.from_problems("spec_invalid", problems, prefix="spec.")
+    return summary
 
 
 def _last_event_id() -> int:
@@ -243,11 +244,7 @@ def artifact(job_id: str, name: str) -> Response:
 @lru_cache(maxsize=256)
 def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
     """SHA-256 of a file; cached per (path, mtime, size), since artifacts are replaced, never edited."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _visible_job(job_id: str) -> Job:

@@ -56,7 +56,7 @@ class FakeDryRun:
     calls: list[tuple[dict[str, Any], Path]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=lambda: {"ok": True, "parameters": 1234, "layers": []})
 
-    def __call__(self, spec: dict[str, Any], data_path: Path) -> dict[str, Any]:
+    def __call__(self, spec: dict[str, Any], data_path: Path, summary: Any) -> dict[str, Any]:
         self.calls.append((spec, data_path))
         return {"report": self.report, "env": {"backend": "tensorflow"}}
 

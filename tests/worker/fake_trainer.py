@@ -31,8 +31,8 @@ def emit(event: str, **fields: object) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    for name in ("--spec", "--data", "--out", "--gpu"):
-        parser.add_argument(name, required=name != "--gpu")
+    for name in ("--spec", "--data", "--out", "--gpu", "--summary"):
+        parser.add_argument(name, required=name in ("--spec", "--data", "--out"))
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--sleep", type=float, default=None)
     args = parser.parse_args()

@@ -19,8 +19,9 @@ import pytest
 from celery_helpers import REPO, WorkerProcess, events_of, highway_spec, settings_env, wait_for
 
 from core.settings import Settings
+from core.states import RUNNING, SUCCEEDED
 from worker.celery_app import TRAIN_TASK, make_celery
-from worker.db import RUNNING, SUCCEEDED, Database
+from worker.db import Database
 from worker.janitor import celery_sender, janitor_pass
 
 FRAMEWORKS = ("tensorflow", "keras", "jax", "jaxlib", "torch")

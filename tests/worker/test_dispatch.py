@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings
-from worker.db import QUEUED, Database, utcnow
+from core.states import QUEUED
+from worker.db import Database, utcnow
 from worker.dispatch import GpuView, Ticket, dispatch, gpu_views, never_fits, plan_dispatch, recover_stale
 from worker.gpus import GiB, fake_uuid
 

@@ -17,7 +17,8 @@ import redis
 from celery_helpers import REPO, events_of, settings_env, wait_for
 
 from core.settings import Settings
-from worker.db import SUCCEEDED, TERMINAL_STATES, Database
+from core.states import SUCCEEDED, TERMINAL_STATES
+from worker.db import Database
 from worker.dispatch import Dispatcher, celery_send, heartbeat_key
 from worker.gpus import fake_uuid
 

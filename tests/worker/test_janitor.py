@@ -11,8 +11,9 @@ import redis
 from celery_helpers import wait_for
 
 from core.settings import Settings
+from core.states import CANCELLED, INTERRUPTED, QUEUED, RUNNING
 from worker.celery_app import TRAIN_TASK
-from worker.db import CANCELLED, INTERRUPTED, QUEUED, RUNNING, Database
+from worker.db import Database
 from worker.janitor import celery_sender, janitor_pass, run_janitor
 
 SPEC = {"name": "janitor", "resources": {"gpu": "cpu"}}

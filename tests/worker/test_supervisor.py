@@ -23,8 +23,9 @@ from celery_helpers import events_of, highway_spec, wait_for
 
 from core.names import ARTIFACT_NAMES, TRAINER_LOG
 from core.settings import Settings
+from core.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from worker import procs
-from worker.db import CANCELLED, FAILED, QUEUED, SUCCEEDED, Database
+from worker.db import Database
 from worker.storage import LocalStorage
 from worker.supervisor import classify_exit, events_channel, supervise
 

@@ -14,7 +14,8 @@ import pytest
 from celery_helpers import events_of, highway_spec
 
 from core.settings import Settings
-from worker.db import FAILED, SUCCEEDED, Database
+from core.states import FAILED, SUCCEEDED
+from worker.db import Database
 from worker.gpus import GiB, fake_uuid
 from worker.storage import LocalStorage
 from worker.supervisor import Outcome, supervise

@@ -9,39 +9,29 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from core.atomicio import file_sha256
 from core.errors import DataError, GpuyardError, Problem, SpecError
 from core.exitcodes import ExitCode
 from core.settings import Settings, get_settings
+from models.data.sandbox import check_file
+from models.data.summary import DataKeys, DatasetSummary
+from models.spec import JobSpec, parse_spec
+from worker.gpus import gpu_total_memory_bytes
 from worker.trainer import env
 from worker.trainer.events import EventEmitter
+from worker.trainer.job import TrainingJob
 
 PROCESS_STARTED = time.monotonic()
-
-
-@dataclass
-class Job:
-    """Everything ``run.train`` needs, gathered before any framework is imported."""
-
-    spec: Any  # models.spec.JobSpec
-    summary: Any  # models.data.summary.DatasetSummary
-    data_path: Path
-    out_dir: Path
-    resume: bool
-    env: env.EnvPlan
-    settings: Settings
-    emitter: EventEmitter
-    stop: env.StopFlag
-    started: float
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--spec", required=True, type=Path, help="job spec, JSON")
     parser.add_argument("--data", required=True, type=Path, help="HDF5 data set")
+    parser.add_argument(
+        "--summary",
+        type=Path,
+        help="the data set's stored summary (JSON, from its upload check): trusted once the file's sha256 "
+        "matches it, instead of checking the data again",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--gpu", help="GPU UUID, 'cpu' or 'any' (overrides resources.gpu)")
     parser.add_argument("--memory-fraction", type=float, help="share of GPU memory (overrides the spec)")
@@ -70,17 +66,13 @@ def claim_stdout() -> TextIO:
 
 
 def route_logs_to_stderr() -> None:
-    import logging
-
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, force=True)
     logging.captureWarnings(True)
     warnings.simplefilter("default")
 
 
-def load_spec(path: Path, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def load_spec(path: Path, overrides: dict[str, Any]) -> JobSpec:
     """Read and validate the spec, with the command line's resource overrides applied first."""
-    from models.spec import parse_spec
-
     try:
         raw = json.loads(path.read_text())
     except OSError as exc:
@@ -90,7 +82,37 @@ def load_spec(path: Path, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any
     if isinstance(raw, dict) and overrides:
         resources = raw.get("resources")
         raw["resources"] = {**(resources if isinstance(resources, dict) else {}), **overrides}
-    return parse_spec(raw), raw
+    return parse_spec(raw)
+
+
+def data_summary(data: Path, keys: DataKeys, stored: Path | None) -> DatasetSummary:
+    """The data set's summary, read once per job.
+
+    With ``stored`` (the summary its upload's check wrote) for the same keys, the summary is trusted once
+    the file's sha256 matches it: the data was checked at upload and is not scanned again. Otherwise (no
+    stored summary, an unreadable or older one, other keys) the file is checked in the sandboxed child
+    process, as an upload is.
+
+    Raises:
+        DataError: the file is refused, or it is not the file the stored summary describes.
+    """
+    summary = None
+    if stored is not None:
+        try:
+            summary = DatasetSummary.model_validate_json(stored.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"gpuyard trainer: stored data set summary unusable ({type(exc).__name__}); checking the data",
+                  file=sys.stderr)  # fmt: skip
+    if summary is None or summary.keys != keys:
+        return check_file(data, keys)
+    actual = file_sha256(data)
+    if actual != summary.sha256:
+        detail = (
+            f"The data file's sha256 is {actual[:16]}…; expected {summary.sha256[:16]}… as checked at upload. "
+            "The stored file changed: upload the data set again"
+        )
+        raise DataError([Problem("sha256_mismatch", detail)])
+    return summary
 
 
 def classify(exc: BaseException) -> ExitCode:
@@ -162,20 +184,14 @@ def prepare_and_train(args: argparse.Namespace, settings: Settings, emitter: Eve
         overrides["memory_fraction"] = args.memory_fraction
     if args.backend is not None:
         overrides["backend"] = args.backend
-    spec, raw_spec = load_spec(args.spec, overrides)
+    spec = load_spec(args.spec, overrides)
     stop.set_max_runtime(spec.resources.max_runtime_s)
 
-    # The data is checked in a sandboxed child process before anything reads it here.
-    from models.data.sandbox import check_file
-
-    summary = check_file(args.data, spec.data)
+    summary = data_summary(args.data, spec.data, args.summary)
     stop.check()
 
     device = "cpu" if args.dry_run else spec.resources.gpu
-    from core.settings import get_settings
-    from worker.gpus import gpu_total_memory_bytes
-
-    total = None if device == "cpu" else gpu_total_memory_bytes(get_settings(), None if device == "any" else device)
+    total = None if device == "cpu" else gpu_total_memory_bytes(settings, None if device == "any" else device)
     plan = env.plan_environment(
         backend=spec.resources.backend,
         device=device,
@@ -188,9 +204,9 @@ def prepare_and_train(args: argparse.Namespace, settings: Settings, emitter: Eve
         print(f"gpuyard trainer: {note}", file=sys.stderr)
 
     if args.dry_run:
-        from models.dryrun import dry_run
+        from models.dryrun import dry_run  # imports Keras: only now that the environment is set
 
-        report = dry_run(raw_spec, summary)
+        report = dry_run(spec, summary)
         emitter.emit("dry_run", env=plan.to_dict(), report=report)
         if not report.get("ok"):
             problems = [Problem(**p) for p in report.get("errors", [])]
@@ -199,7 +215,7 @@ def prepare_and_train(args: argparse.Namespace, settings: Settings, emitter: Eve
 
     from worker.trainer import run  # imports Keras: only now that the environment is set
 
-    job = Job(
+    job = TrainingJob(
         spec=spec,
         summary=summary,
         data_path=args.data,

@@ -9,7 +9,7 @@ import os
 import platform
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h5py
 import keras
@@ -25,13 +25,10 @@ from worker.trainer import callbacks as cbs
 from worker.trainer.diagnostics import Diagnostics
 from worker.trainer.env import TrainingStopped
 from worker.trainer.events import jsonable
-
-if TYPE_CHECKING:
-    from worker.trainer.cli import Job
+from worker.trainer.job import TrainingJob
 
 
-
-def train(job: Job) -> int:
+def train(job: TrainingJob) -> int:
     """Train ``job`` to the end and write its artifacts; return the exit code (0).
 
     Raises:
@@ -86,7 +83,7 @@ def _resume_state(store: cbs.CheckpointStore) -> dict[str, Any] | None:
     return state
 
 
-def _train(job: Job, data: Any, store: cbs.CheckpointStore, state: dict[str, Any] | None, timings: dict) -> int:
+def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[str, Any] | None, timings: dict) -> int:
     spec, settings, emitter, stop = job.spec, job.settings, job.emitter, job.stop
     training = spec.training
     history: list[dict[str, Any]] = []
@@ -257,7 +254,7 @@ def _evaluate(model: keras.Model, split: Any, batch_size: int) -> dict[str, Any]
 
 
 def _write_artifacts(
-    job: Job,
+    job: TrainingJob,
     model: keras.Model,
     history: list[dict[str, Any]],
     records: list[dict[str, Any]],

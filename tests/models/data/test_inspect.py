@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from hostile import CASES, ROWS, Case, write_good
 
+from core.atomicio import file_sha256
 from core.errors import DataError
 from core.settings import Settings
 from models.data import inspect as inspect_module
-from models.data.inspect import file_sha256, inspect_file
+from models.data.inspect import inspect_file
 from models.data.summary import DataKeys
 
 
