@@ -32,6 +32,7 @@ demo: install
 
 test: install redis-server
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: install

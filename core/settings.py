@@ -89,7 +89,15 @@ class Settings(DataLimits):
         120.0, gt=0, description="Seconds the API waits for a dry-run subprocess (it builds the Keras model)."
     )
     sse_poll_interval_s: float = Field(
-        0.5, gt=0, description="Seconds between two job-event polls of the database in an SSE stream."
+        0.5,
+        gt=0,
+        description="Seconds between two job-event polls of the database in an SSE stream while Redis "
+        "pub/sub is unreachable (otherwise a stream sleeps until its job publishes an event).",
+    )
+    max_streams_per_user: int = Field(
+        20,
+        ge=1,
+        description="Event streams (GET /v1/jobs/<id>/events) one user may hold open at once; more answer 429.",
     )
     sse_keepalive_s: float = Field(
         15.0, gt=0, description="Seconds of silence after which an SSE stream sends a keep-alive comment."

@@ -1,33 +1,31 @@
 """gunicorn settings for the API in a container: ``gunicorn -c deploy/gunicorn.conf.py "service.app:create_app()"``.
 
-gthread, because a job's SSE stream (``/v1/jobs/<id>/events``) holds one thread for as long as the client
-follows it: ``workers × threads`` is how many requests and live streams one container serves at once.
-With gthread, ``timeout`` watches the worker's heartbeat, which the main thread keeps beating while
-streams run, so it never cuts a long stream; it only restarts a worker whose main loop is stuck.
+The serving settings (gevent workers, connections, timeouts) are the ones ``gpuyard api`` uses, from
+``service/gunicorn_conf.py``; this file adds what differs in a container (bind, keep-alive behind a
+proxy, logs, the heartbeat directory).
 """
 
 from __future__ import annotations
 
 import os
 
+from service.gunicorn_conf import (  # noqa: F401  (gunicorn reads these names from this module)
+    graceful_timeout,
+    max_requests,
+    preload_app,
+    timeout,
+    worker_class,
+    worker_connections,
+    workers,
+)
+
 # Inside the container; compose publishes the port, a TLS proxy sits in front (docs/deploy.md).
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
-worker_class = "gthread"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-threads = int(os.environ.get("GUNICORN_THREADS", "16"))
-
-# Seconds without a heartbeat before the arbiter kills a worker (not a request-length limit in gthread).
-timeout = 120
-# On SIGTERM: how long running requests get; an SSE client reconnects to another worker.
-graceful_timeout = 30
-# Longer than the reverse proxy's upstream keep-alive, so the proxy closes idle connections first.
+# Longer than the reverse proxy's upstream keep-alive, so the proxy closes idle connections first (the
+# proxy, not gunicorn, then bounds slow clients' headers).
 keepalive = 75
-# Never recycle workers by request count: that would cut every SSE stream the worker holds.
-max_requests = 0
 # The heartbeat file on tmpfs: a container's overlay file system can stall it under disk pressure.
 worker_tmp_dir = "/dev/shm"
-# Each worker builds its own app (and DB pool) after the fork; migrations take a lock, so all may start.
-preload_app = False
 
 # Logs to stdout/stderr, where `docker compose logs` reads them.
 accesslog = "-"

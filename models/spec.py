@@ -511,6 +511,16 @@ def parse_spec(obj: dict[str, Any]) -> JobSpec:
         raise SpecError([_problem(e) for e in exc.errors(include_url=False)]) from exc
 
 
+def resources_of(spec: dict[str, Any] | None) -> ResourcesSpec:
+    """The typed resources of a stored (already validated) spec, with the spec's defaults filled in.
+
+    Every reader of a job's resources (dispatcher, supervisor, GPU views) goes through here, so a default
+    such as ``memory_fraction`` lives only in :class:`ResourcesSpec`.
+    """
+    raw = (spec or {}).get("resources")
+    return ResourcesSpec.model_validate(raw if isinstance(raw, dict) else {})
+
+
 def job_spec_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a job spec, as published by the API.
 

@@ -16,16 +16,17 @@ from service.api import datasets, gpus, health, jobs, openapi
 from service.checks import sandbox_check_dataset, trainer_dry_run
 from service.errors import to_api_error
 from service.extensions import Services, init_services
-from service.queue import CeleryJobQueue
+from service.streams import EventHub, StreamSlots
 from worker.db import Database
 from worker.dispatch import GpuBoard
+from worker.queues import celery_sender
 from worker.storage import LocalStorage
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 1024 * 1024,  # JSON bodies; the upload endpoint raises its own limit
     "MAX_FORM_MEMORY_SIZE": 64 * 1024,  # non-file multipart fields
     "MAX_FORM_PARTS": 16,
-    # Components tests may replace: GPUYARD_SETTINGS (Settings), GPUYARD_JOB_QUEUE (JobQueue),
+    # Components tests may replace: GPUYARD_SETTINGS (Settings), GPUYARD_JOB_QUEUE (a worker.queues.Sender),
     # GPUYARD_DATASET_CHECKER, GPUYARD_DRY_RUNNER, GPUYARD_GPU_HEARTBEATS (see service.extensions),
     # GPUYARD_DB_SCHEMA (PostgreSQL).
     "GPUYARD_AUTO_MIGRATE": True,
@@ -71,12 +72,16 @@ def register_extensions(app: Flask) -> None:
             settings=settings,
             db=db,
             storage=LocalStorage(settings.storage_dir),
-            queue=app.config.get("GPUYARD_JOB_QUEUE") or CeleryJobQueue(settings),
+            send=app.config.get("GPUYARD_JOB_QUEUE") or celery_sender(settings),
             check_dataset=app.config.get("GPUYARD_DATASET_CHECKER")
             or functools.partial(sandbox_check_dataset, settings=settings),
             dry_run=app.config.get("GPUYARD_DRY_RUNNER")
             or functools.partial(trainer_dry_run, timeout_s=settings.dry_run_timeout_s),
             heartbeats=app.config.get("GPUYARD_GPU_HEARTBEATS") or GpuBoard(settings.redis_url or None).heartbeats,
+            hub=EventHub(settings.redis_url or None, settings.sse_poll_interval_s),
+            stream_slots=StreamSlots(
+                settings.redis_url or None, settings.max_streams_per_user, ttl_s=3 * settings.sse_keepalive_s
+            ),
         ),
     )
 

@@ -14,18 +14,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from core.errors import DataError, GpuyardError, Problem, SpecError
+from core.errors import DataError, Problem, SpecError
 from core.exitcodes import ExitCode
 from core.names import DATASET_SUMMARY_FILE
 from core.settings import Settings
 from models.data.sandbox import check_file
 from models.data.summary import DataKeys, DatasetSummary
-
-
-class DryRunFailed(GpuyardError):
-    """The dry-run subprocess ended without a report for a reason other than the spec or the data."""
-
-    code = "dry_run_failed"
+from service.errors import DryRunFailed
+from worker.trainer.events import FAILED_EVENT
 
 
 def sandbox_check_dataset(
@@ -82,7 +78,7 @@ def trainer_dry_run(
     for event in events:
         if event.get("event") == "dry_run":
             return {k: v for k, v in event.items() if k not in ("event", "time")}
-    failed = next((e for e in reversed(events) if e.get("event") == "failed"), None)
+    failed = next((e for e in reversed(events) if e.get("event") == FAILED_EVENT), None)
     if failed is not None:
         problems = [
             Problem(p.get("code", "invalid"), p.get("detail", ""), p.get("field"))

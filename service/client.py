@@ -9,7 +9,7 @@ code (``connection_failed``, ``timeout``, ``bad_response``, ``checksum_mismatch`
     job = client.submit(dataset["id"], spec)
     for event in client.events(job["id"]):
         print(event.event, event.data)
-    client.download(job["id"], MODEL_H5, Path("model.h5"))   # names from core.names
+    client.download(job["id"], MODEL_H5, Path("out") / MODEL_H5)   # MODEL_H5: core.names
 """
 
 from __future__ import annotations

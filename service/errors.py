@@ -12,6 +12,7 @@ Hierarchy::
         ├── PayloadTooLarge       413 payload_too_large
         ├── UnsupportedMediaType  415 unsupported_media_type
         ├── Unprocessable         422 validation_error       carries ``problems`` (every one found)
+        │   └── DryRunFailed      422 dry_run_failed         the dry-run child crashed or ran out of time
         ├── TooManyRequests       429 too_many_active_jobs
         └── ServiceUnavailable    503 service_unavailable    database, Redis or queue unreachable
 
@@ -23,8 +24,15 @@ from __future__ import annotations
 from typing import Any
 
 from core.errors import DataError, GpuyardError, Problem, SpecError
-from worker.db import ActiveJobLimit, DatabaseUnavailable, DatasetInUse, UnknownDataset
-from worker.storage import InvalidKey, UploadTooLarge
+from worker.errors import (
+    ActiveJobLimit,
+    DatabaseUnavailable,
+    DatasetInUse,
+    InvalidKey,
+    QueueUnavailable,
+    UnknownDataset,
+    UploadTooLarge,
+)
 
 
 class ApiError(GpuyardError):
@@ -119,6 +127,13 @@ class Unprocessable(ApiError):
         return cls(summary, code=code, field=field, problems=problems)
 
 
+class DryRunFailed(Unprocessable):
+    """The dry-run child ended without a report for a reason other than the spec or the data (it crashed,
+    or ran past its time); the detail says which."""
+
+    code = "dry_run_failed"
+
+
 class TooManyRequests(ApiError):
     status_code = 429
     code = "too_many_active_jobs"
@@ -147,6 +162,8 @@ def to_api_error(exc: GpuyardError) -> ApiError:
         return PayloadTooLarge(str(exc))
     if isinstance(exc, InvalidKey):
         return NotFound(str(exc))
+    if isinstance(exc, QueueUnavailable):
+        return ServiceUnavailable(str(exc), code=exc.code)
     if isinstance(exc, DatabaseUnavailable):
         return ServiceUnavailable("the job database is unavailable; try again shortly", code=exc.code)
     return ApiError(str(exc), code=exc.code)  # our own message: safe to show, no traceback in it

@@ -11,9 +11,10 @@ from flask import Flask, current_app
 
 from core.settings import Settings
 from models.data.summary import DataKeys, DatasetSummary
-from service.queue import JobQueue
+from service.streams import EventHub, StreamSlots
 from worker.db import Database
 from worker.dispatch import HeartbeatSource
+from worker.queues import Sender
 from worker.storage import Storage
 
 EXTENSION_KEY = "gpuyard"
@@ -32,10 +33,15 @@ class Services:
     settings: Settings
     db: Database
     storage: Storage
-    queue: JobQueue
+    send: Sender
+    """Puts gpuyard.train(job_id) on a queue (Celery; tests substitute a recorder)."""
     check_dataset: DatasetChecker
     dry_run: DryRunner
     heartbeats: HeartbeatSource
+    hub: EventHub
+    """Wakes this process's event streams when their job publishes (service/streams.py)."""
+    stream_slots: StreamSlots
+    """Counts each user's open event streams across processes."""
     """The workers' GPU heartbeats by uuid (Redis; tests substitute a dict)."""
 
 

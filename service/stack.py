@@ -37,8 +37,8 @@ import requests
 
 from core.errors import GpuyardError
 from core.settings import Settings
-from service.worker_cli import worker_argv
-from worker.db import Database, UserExists
+from worker.db import Database
+from worker.errors import UserExists
 from worker.procs import set_parent_death_signal
 
 ADMIN_NAME = "admin"
@@ -76,19 +76,22 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
-def gunicorn_argv(host: str, port: int, workers: int, threads: int = 8, extra: Sequence[str] = ()) -> list[str]:
-    """The gunicorn command serving the API: ``-k gthread --threads 8 "service.app:create_app()"``.
-
-    gthread, because an SSE stream holds its thread for the whole job; ``--timeout`` only watches the
-    worker's heartbeat there, not request length.
-    """
+def gunicorn_argv(host: str, port: int, workers: int, extra: Sequence[str] = ()) -> list[str]:
+    """The gunicorn command serving the API: ``-c python:service.gunicorn_conf "service.app:create_app()"``
+    (gevent workers: an idle event stream costs a greenlet, not a thread; see service/gunicorn_conf.py)."""
     return [
         sys.executable, "-m", "gunicorn",
-        "-k", "gthread", "--threads", str(threads), "--workers", str(workers),
+        "-c", "python:service.gunicorn_conf", "--workers", str(workers),
         "--bind", f"{host}:{port}",
         *extra,
         "service.app:create_app()",
     ]  # fmt: skip
+
+
+def worker_argv(gpus: str = "all", concurrency: int = 1) -> list[str]:
+    """The ``gpuyard worker`` arguments that serve every GPU of this host and its CPU queue (one CPU worker
+    without GPUs): what ``gpuyard up`` runs."""
+    return ["worker", "--gpus", gpus, "--concurrency", str(concurrency)]
 
 
 def gpuyard_argv(*args: str) -> list[str]:
@@ -96,7 +99,7 @@ def gpuyard_argv(*args: str) -> list[str]:
     script = Path(sys.executable).with_name("gpuyard")
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script), *args]
-    return [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())", *args]
+    return [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())", *args]
 
 
 def read_admin_token(data_dir: Path) -> str | None:

@@ -7,30 +7,10 @@ the process's settings.
 
 from __future__ import annotations
 
-import re
-
 from celery import Celery
 
 from core.settings import Settings, get_settings
-
-TRAIN_TASK = "gpuyard.train"
-CPU_QUEUE = "cpu"
-GPU_QUEUE_PREFIX = "gpu."
-
-_GPU_UUID = re.compile(r"^GPU-[0-9A-Za-z-]+$")
-
-
-def queue_name(gpu_uuid: str | None = None) -> str:
-    """The queue a job for ``gpu_uuid`` goes to: ``gpu.<uuid>``, or ``cpu`` when there is no GPU.
-
-    Raises:
-        ValueError: ``gpu_uuid`` is not an NVML UUID such as ``GPU-5c1a...``.
-    """
-    if gpu_uuid is None or gpu_uuid == "cpu":
-        return CPU_QUEUE
-    if not _GPU_UUID.match(gpu_uuid):
-        raise ValueError(f"Expected a GPU UUID like 'GPU-5c1a…' or 'cpu'. Received: gpu_uuid={gpu_uuid!r}")
-    return GPU_QUEUE_PREFIX + gpu_uuid
+from worker.queues import cpu_queue
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -64,8 +44,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         broker_connection_retry_on_startup=True,
-        # The dispatcher sends CPU jobs to settings.train_queue, GPU jobs to gpu.<uuid> (worker/dispatch.py).
-        task_default_queue=settings.train_queue,
+        # The dispatcher sends CPU jobs to the CPU queue, GPU jobs to gpu.<uuid> (worker/queues.py).
+        task_default_queue=cpu_queue(settings),
         task_create_missing_queues=True,
         task_serializer="json",
         result_serializer="json",

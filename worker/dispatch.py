@@ -37,23 +37,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from sqlalchemy import and_, or_, select, update
 
 from core.errors import Problem
 from core.settings import Settings
-from core.states import QUEUED, RUNNING
-from worker.celery_app import queue_name
+from models.spec import resources_of
 from worker.db import Database, Gpu, Job, utcnow
-from worker.gpus import context_allowance_bytes
+from worker.gpus import budget_bytes, context_allowance_bytes
+from worker.queues import Sender, cpu_queue, gpu_queue
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MEMORY_FRACTION = 0.25  # models.spec.ResourcesSpec's default
 HEARTBEAT_PREFIX = "gpuyard:gpu:"
 _EPS = 1e-9
 
-Sender = Callable[[str, str], None]
-"""``send(job_id, queue)``: put ``gpuyard.train(job_id)`` on that Celery queue; raise when it cannot."""
 
 
 def heartbeat_key(gpu_uuid: str) -> str:
@@ -133,20 +129,8 @@ class Ticket:
 
     @classmethod
     def of(cls, job: Job) -> Ticket:
-        fraction, request = job_resources(job.spec)
-        return cls(job.id, job.owner_id, fraction, request, job.gpu)
-
-
-def job_resources(spec: dict[str, Any] | None) -> tuple[float, str]:
-    """``(memory_fraction, gpu request)`` of a stored spec, with the spec's defaults."""
-    resources = (spec or {}).get("resources") or {}
-    fraction = resources.get("memory_fraction")
-    return (float(fraction) if fraction is not None else DEFAULT_MEMORY_FRACTION), str(resources.get("gpu") or "any")
-
-
-def need_bytes(fraction: float, total: int, allowance: int) -> int:
-    """Memory a job of ``fraction`` may hold on a GPU of ``total`` bytes: its budget, at most the GPU."""
-    return min(total, int(fraction * total) + allowance)
+        resources = resources_of(job.spec)
+        return cls(job.id, job.owner_id, resources.memory_fraction, resources.gpu, job.gpu)
 
 
 # ── the rule ──────────────────────────────────────────────────────────────────────────────────────────
@@ -189,7 +173,7 @@ def plan_dispatch(
         if ticket.gpu and ticket.gpu in by_uuid:
             entry = load[ticket.gpu]
             entry.fraction += ticket.fraction
-            entry.need += need_bytes(ticket.fraction, by_uuid[ticket.gpu].memory_total_bytes, allowance)
+            entry.need += budget_bytes(ticket.fraction, by_uuid[ticket.gpu].memory_total_bytes, allowance)
             entry.jobs += 1
         if ticket.gpu and ticket.gpu != "cpu":
             user_share[ticket.owner_id] += ticket.fraction
@@ -215,10 +199,10 @@ def plan_dispatch(
             best = min(fitting, key=lambda g: _leftover(g, load[g.uuid], ticket, reserve, allowance))
             entry = load[best.uuid]
             entry.fraction += ticket.fraction
-            entry.need += need_bytes(ticket.fraction, best.memory_total_bytes, allowance)
+            entry.need += budget_bytes(ticket.fraction, best.memory_total_bytes, allowance)
             entry.jobs += 1
             user_share[ticket.owner_id] += ticket.fraction
-            plan.placements.append(Placement(ticket.id, best.uuid, queue_name(best.uuid)))
+            plan.placements.append(Placement(ticket.id, best.uuid, gpu_queue(best.uuid)))
             continue
         plan.notes[ticket.id] = _why_waiting(ticket, wanted, candidates, closed, load, reserve, allowance)
         closed.update(g.uuid for g in candidates)  # strict FIFO: no later job overtakes it on these GPUs
@@ -238,11 +222,11 @@ def _fits(gpu: GpuView, entry: _Load, ticket: Ticket, reserve: float, allowance:
         return False
     if ticket.fraction > _free_fraction(gpu, entry, reserve) + _EPS:
         return False
-    return need_bytes(ticket.fraction, gpu.memory_total_bytes, allowance) <= _free_memory(gpu, entry)
+    return budget_bytes(ticket.fraction, gpu.memory_total_bytes, allowance) <= _free_memory(gpu, entry)
 
 
 def _leftover(gpu: GpuView, entry: _Load, ticket: Ticket, reserve: float, allowance: int) -> tuple[float, int, int]:
-    need = need_bytes(ticket.fraction, gpu.memory_total_bytes, allowance)
+    need = budget_bytes(ticket.fraction, gpu.memory_total_bytes, allowance)
     return (_free_fraction(gpu, entry, reserve) - ticket.fraction, _free_memory(gpu, entry) - need, gpu.index)
 
 
@@ -270,7 +254,7 @@ def _why_waiting(
                 f"GPU {g.index}: {max(0.0, _free_fraction(g, entry, reserve)):.2f} of its memory fraction free"
             )
         else:
-            need = need_bytes(ticket.fraction, g.memory_total_bytes, allowance)
+            need = budget_bytes(ticket.fraction, g.memory_total_bytes, allowance)
             parts.append(
                 f"GPU {g.index}: {max(0, _free_memory(g, entry)) / 2**30:.1f} GiB free of {need / 2**30:.1f} needed"
             )
@@ -284,7 +268,8 @@ def never_fits(spec: dict[str, Any], gpus: Sequence[GpuView], settings: Settings
     A named GPU must be registered; the fraction must fit ``1 − reserve`` and the per-user cap. (Memory
     never refuses: a job's need is capped at its GPU's total, so an empty GPU always holds it.)
     """
-    fraction, request = job_resources(spec)
+    resources = resources_of(spec)
+    fraction, request = resources.memory_fraction, resources.gpu
     if request == "cpu" or (request == "any" and not gpus):
         return []
     if request != "any" and request not in {g.uuid for g in gpus}:
@@ -388,49 +373,24 @@ def dispatch(
     """
     now = now or utcnow()
     holder = holder or f"{socket.gethostname()}"
-    with db.dispatch_lock(holder, now) as s:
-        queued_jobs = list(
-            s.scalars(
-                select(Job)
-                .where(Job.state == QUEUED, Job.dispatched_at.is_(None), Job.cancel_requested.is_(False))
-                .order_by(Job.priority.desc(), Job.queued_at, Job.id)
-            ).unique()
-        )
+    with db.dispatch_lock(holder, now) as txn:
+        queued_jobs = txn.waiting()
         if not queued_jobs:
             return DispatchReport()
-        active_jobs = list(
-            s.scalars(
-                select(Job).where(or_(Job.state == RUNNING, and_(Job.state == QUEUED, Job.dispatched_at.is_not(None))))
-            ).unique()
-        )
         plan = plan_dispatch(
             [Ticket.of(j) for j in queued_jobs],
-            [Ticket.of(j) for j in active_jobs],
+            [Ticket.of(j) for j in txn.placed()],
             gpus,
-            cpu_queue=settings.train_queue,
+            cpu_queue=cpu_queue(settings),
             reserve=settings.gpu_reserve_fraction,
             allowance=context_allowance_bytes(settings),
             user_cap=settings.max_gpu_fraction_per_user,
         )
+        marked = [p for p in plan.placements if txn.mark_dispatched(p.job_id, p.gpu, now)]
         notes_now = {j.id: j.dispatch_note for j in queued_jobs}
-        marked = []
-        for placement in plan.placements:
-            changed = s.execute(
-                update(Job)
-                .where(Job.id == placement.job_id, Job.state == QUEUED, Job.dispatched_at.is_(None))
-                .values(gpu=placement.gpu, dispatched_at=now, dispatch_note=None)
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if changed == 1:
-                marked.append(placement)
         for job_id, note in plan.notes.items():
             if notes_now.get(job_id) != note:
-                s.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.state == QUEUED)
-                    .values(dispatch_note=note)
-                    .execution_options(synchronize_session=False)
-                )
+                txn.set_note(job_id, note)
     report = DispatchReport(waiting=plan.notes)
     for placement in marked:
         try:
@@ -487,15 +447,3 @@ class Dispatcher:
     def close(self) -> None:
         if self._board is not None:
             self._board.close()
-
-
-def celery_send(settings: Settings) -> Sender:
-    """A :data:`Sender` through a producer-only Celery app on the broker."""
-    from worker.celery_app import TRAIN_TASK, make_celery
-
-    app = make_celery(settings)
-
-    def send(job_id: str, queue: str) -> None:
-        app.send_task(TRAIN_TASK, args=[job_id], queue=queue)
-
-    return send

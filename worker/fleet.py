@@ -38,17 +38,18 @@ import psutil
 import redis
 
 from core.settings import Settings
-from worker.celery_app import queue_name
-from worker.db import Database, JobDBError
+from worker.db import Database
 from worker.dispatch import heartbeat_key
+from worker.errors import JobDBError
 from worker.gpus import GpuBackend, GpuInfo, get_backend, select_gpus
 from worker.procs import set_parent_death_signal
+from worker.queues import gpu_queue
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class GpuWorker:
+class WorkerPlan:
     """One child ``celery worker`` serving one GPU, or (``gpu`` None) the CPU queue with no GPU visible."""
 
     gpu: GpuInfo | None
@@ -96,7 +97,7 @@ class GpuWorker:
 
 def plan_workers(
     backend: GpuBackend, selection: str, slots: int, host: str | None = None, *, cpu_queue: str | None = None
-) -> list[GpuWorker]:
+) -> list[WorkerPlan]:
     """The workers ``--gpus selection`` starts: one per selected GPU, then (when ``cpu_queue`` is given and
     a GPU was selected) one CPU worker on ``cpu_queue``. None without GPUs.
 
@@ -105,11 +106,11 @@ def plan_workers(
     """
     host = host or socket.gethostname()
     workers = [
-        GpuWorker(gpu=gpu, name=f"gpu{gpu.index}@{host}", queue=queue_name(gpu.uuid), slots=slots)
+        WorkerPlan(gpu=gpu, name=f"gpu{gpu.index}@{host}", queue=gpu_queue(gpu.uuid), slots=slots)
         for gpu in select_gpus(backend.devices(), selection)
     ]
     if workers and cpu_queue:
-        workers.append(GpuWorker(gpu=None, name=f"{cpu_queue}@{host}", queue=cpu_queue, slots=slots))
+        workers.append(WorkerPlan(gpu=None, name=f"{cpu_queue}@{host}", queue=cpu_queue, slots=slots))
     return workers
 
 
@@ -160,7 +161,7 @@ def _pgid(pid: int) -> int | None:
 class Heartbeats(threading.Thread):
     """Publishes each worker's GPU heartbeat to Redis every ``gpu_heartbeat_s``, with a TTL."""
 
-    def __init__(self, settings: Settings, backend: GpuBackend, workers: Sequence[GpuWorker]) -> None:
+    def __init__(self, settings: Settings, backend: GpuBackend, workers: Sequence[WorkerPlan]) -> None:
         super().__init__(name="gpu-heartbeats", daemon=True)
         self.settings, self.backend = settings, backend
         self.workers = [w for w in workers if w.gpu is not None]  # the CPU worker has no GPU to report
@@ -206,7 +207,7 @@ class Heartbeats(threading.Thread):
         self._client.close()
 
 
-def register(db: Database, workers: Sequence[GpuWorker], host: str | None = None) -> None:
+def register(db: Database, workers: Sequence[WorkerPlan], host: str | None = None) -> None:
     """Record each worker's GPU in the job DB (kept: its drain and quarantine flags)."""
     host = host or socket.gethostname()
     for worker in workers:
@@ -218,7 +219,7 @@ def register(db: Database, workers: Sequence[GpuWorker], host: str | None = None
 
 def run_fleet(
     settings: Settings,
-    workers: Sequence[GpuWorker],
+    workers: Sequence[WorkerPlan],
     *,
     loglevel: str = "INFO",
     backend: GpuBackend | None = None,
@@ -270,7 +271,7 @@ def run_fleet(
     return status
 
 
-def _stop_workers(workers: Sequence[GpuWorker], grace_s: float = 30.0) -> None:
+def _stop_workers(workers: Sequence[WorkerPlan], grace_s: float = 30.0) -> None:
     """SIGTERM every worker (Celery's warm shutdown), SIGKILL what is left after ``grace_s``."""
     running = [w.proc for w in workers if w.proc is not None and w.proc.poll() is None]
     for proc in running:

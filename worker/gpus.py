@@ -100,7 +100,7 @@ class NvmlBackend:
         with self._lock:
             if self._ready is None:
                 try:
-                    import pynvml
+                    import pynvml  # optional: nvidia-ml-py may be missing, and no driver is fine
                 except ImportError:
                     log.info("GPU inventory: nvidia-ml-py is not installed; no GPUs")
                     self._ready = False
@@ -313,6 +313,14 @@ def context_allowance_bytes(settings: Settings) -> int:
     if settings.gpu_context_allowance_bytes is not None:
         return settings.gpu_context_allowance_bytes
     return 0 if settings.fake_gpus else GiB
+
+
+def budget_bytes(memory_fraction: float, total_bytes: int, allowance_bytes: int) -> int:
+    """The GPU memory a job may hold: ``min(total, fraction × total + allowance)``.
+
+    One formula for the dispatcher's room, the watchdog's kill line and what GET /v1/gpus shows.
+    """
+    return min(total_bytes, int(memory_fraction * total_bytes) + allowance_bytes)
 
 
 def select_gpus(devices: Sequence[GpuInfo], selection: str) -> list[GpuInfo]:

@@ -15,14 +15,19 @@ import ctypes
 import ctypes.util
 import json
 import os
+import queue
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, Any
 
 import psutil
+
+from core.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
 
@@ -130,6 +135,48 @@ def stop_stale_trainer(path: Path, grace_s: float) -> int | None:
         return None
     terminate_group(pid, grace_s)
     return pid
+
+
+# --- the trainer as a child of the supervisor: its environment, its exit, its stdout -----------------
+
+_TRAINER_WITHOUT = ("database_url", "redis_url")
+#: What :func:`read_lines` puts on its queue when the trainer's stdout closes.
+EOF = object()
+
+
+def trainer_env(settings: Settings) -> dict[str, str]:
+    """The trainer's environment: ours, plus the settings as ``GPUYARD_*`` so both read the same values
+    (less the DB and Redis URLs: a trainer reports through stdout only)."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None and not isinstance(value, dict | list):
+            env[f"GPUYARD_{name.upper()}"] = str(value)
+    for name in _TRAINER_WITHOUT:  # the trainer needs neither; they may carry passwords
+        env.pop(f"GPUYARD_{name.upper()}", None)
+    package_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def has_exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the trainer exited, without reaping it: its zombie keeps the group id from being reused."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def read_lines(stream: IO[bytes], events: queue.Queue[Any]) -> None:
+    try:
+        for line in iter(stream.readline, b""):
+            events.put(line)
+    except (OSError, ValueError):
+        pass
+    finally:
+        events.put(EOF)
 
 
 def _launch(args: list[str]) -> int:

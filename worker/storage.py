@@ -22,33 +22,12 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from core.atomicio import atomic_write_bytes, fsync_dir
-from core.errors import GpuyardError
+from worker.errors import InvalidKey, UploadTooLarge
 
 CHUNK_BYTES = 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-
-
-class StorageError(GpuyardError):
-    """Base of storage refusals.
-
-    Hierarchy::
-
-        StorageError
-        ├── UploadTooLarge      an upload passed its byte limit (nothing is kept)
-        └── InvalidKey          a key or name would leave its folder, or is malformed
-    """
-
-    code = "storage_error"
-
-
-class UploadTooLarge(StorageError):
-    code = "payload_too_large"
-
-
-class InvalidKey(StorageError):
-    code = "invalid_key"
 
 
 @dataclass(frozen=True)

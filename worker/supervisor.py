@@ -32,7 +32,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import queue
 import shlex
 import signal
@@ -41,181 +40,37 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-try:  # optional: without Redis (bench/gpu_check.sh) events go to the job DB only
-    import redis
-except ImportError:  # pragma: no cover - redis-py is a dependency of the service
-    redis = None  # type: ignore[assignment]
-
-import worker
 from core.atomicio import atomic_write_json
 from core.exitcodes import ExitCode
 from core.names import CHECKPOINT_DIR, CHECKPOINT_STATE, DATASET_SUMMARY_FILE, PID_FILE, SPEC_FILE, TRAINER_LOG
 from core.settings import Settings, get_settings
 from core.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
+from models.spec import resources_of
 from worker import procs
-from worker.db import Database, Job, JobDBError
-from worker.gpus import GpuBackend, context_allowance_bytes, declare_fake_process_if_absent, get_backend
+from worker.db import Database, Job
+from worker.errors import JobDBError
+from worker.gpus import GpuBackend, budget_bytes, context_allowance_bytes, declare_fake_process_if_absent, get_backend
+from worker.lease import LeaseKeeper, default_owner
+from worker.outcome import MEMORY_BUDGET_EXCEEDED, Outcome, classify_exit
+from worker.relay import EventPublisher, progress_of
 from worker.storage import LocalStorage, Storage
+from worker.trainer.events import FAILED_EVENT
 from worker.watchdog import MemoryWatchdog, hygiene_problem
+
+CANCELLED_REASON = ExitCode.CANCELLED.reason
 
 log = logging.getLogger(__name__)
 
 
 # How long after the trainer's exit we wait for its stdout to close (a grandchild may hold it open).
 _EOF_WAIT_S = 2.0
-_EOF = object()
-_TRAINER_WITHOUT = ("database_url", "redis_url")
-MEMORY_BUDGET_EXCEEDED = "memory_budget_exceeded"
-
-
-def events_channel(job_id: str) -> str:
-    """The Redis pub/sub channel carrying a job's events."""
-    return f"gpuyard:job:{job_id}:events"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one delivery of ``gpuyard.train`` did (the task's return value).
-
-    ``ran`` is False when the delivery found the job leased by someone else, finished, or cancelled,
-    and did nothing. ``state`` is None when the attempt ended without a verdict (lease lost; handed back
-    to the queue).
-    """
-
-    job_id: str
-    ran: bool
-    state: str | None = None
-    reason: str | None = None
-    detail: str | None = None
-    exit_code: int | None = None
-    attempt: int | None = None
-    resumed: bool = False
-    trainer_pid: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ── pieces ────────────────────────────────────────────────────────────────────────────────────────────
-class EventPublisher:
-    """Publishes job events on Redis pub/sub; a broken Redis costs live updates, never the job."""
-
-    def __init__(self, redis_url: str | None) -> None:
-        self._client = (
-            redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
-            if redis_url and redis is not None
-            else None
-        )
-        self._warned = False
-
-    def publish(self, job_id: str, payload: dict[str, Any]) -> None:
-        if self._client is None:
-            return
-        try:
-            self._client.publish(events_channel(job_id), json.dumps(payload, default=str))
-        except Exception as exc:  # redis.RedisError and its kin: live updates are best effort
-            if not self._warned:
-                log.warning("job %s: cannot publish events to Redis (%s); the DB still gets them", job_id, exc)
-                self._warned = True
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-
-
-class LeaseKeeper(threading.Thread):
-    """Renews ``owner``'s lease every ``interval_s``; sets ``lost`` when the DB says it is gone."""
-
-    def __init__(self, db: Database, job_id: str, owner: str, lease_seconds: float, interval_s: float) -> None:
-        super().__init__(name=f"lease-{job_id}", daemon=True)
-        self.db, self.job_id, self.owner = db, job_id, owner
-        self.lease_seconds, self.interval_s = lease_seconds, interval_s
-        self.lost = threading.Event()
-        self._stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self._stopping.wait(self.interval_s):
-            try:
-                if not self.db.renew_lease(self.job_id, self.owner, self.lease_seconds):
-                    self.lost.set()
-                    return
-            except JobDBError as exc:  # a DB hiccup: try again next round; the lease outlives a few
-                log.warning("job %s: lease renewal failed: %s", self.job_id, exc)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self.is_alive():
-            self.join(timeout=10)
-
-
-def default_owner(task_id: str | None = None) -> str:
-    """A lease owner unique per delivery: ``host:pid:task``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{task_id or uuid.uuid4().hex[:12]}"
-
-
-def trainer_env(settings: Settings) -> dict[str, str]:
-    """The trainer's environment: ours, plus the settings as ``GPUYARD_*`` so both read the same values
-    (less the DB and Redis URLs: a trainer reports through stdout only)."""
-    env = dict(os.environ)
-    for name, value in settings.model_dump(mode="json").items():
-        if value is not None and not isinstance(value, dict | list):
-            env[f"GPUYARD_{name.upper()}"] = str(value)
-    for name in _TRAINER_WITHOUT:  # the trainer needs neither; they may carry passwords
-        env.pop(f"GPUYARD_{name.upper()}", None)
-    package_root = str(Path(worker.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def classify_exit(
-    exit_code: int, stop_reason: str | None, failed_event: dict[str, Any] | None
-) -> tuple[str | None, str, str | None]:
-    """Map the trainer's exit to ``(state, reason, detail)``; state None means "hand the job back".
-
-    Args:
-        exit_code: ``Popen.returncode`` (negative: killed by that signal).
-        stop_reason: why the supervisor stopped it (``cancelled``, ``time_limit``) or None.
-        failed_event: the trainer's last ``failed`` event, if any (its detail is the user's message).
-    """
-    detail = (failed_event or {}).get("detail")
-    if exit_code == ExitCode.SUCCEEDED:
-        return SUCCEEDED, ExitCode.SUCCEEDED.reason, None
-    if stop_reason == "cancelled":
-        return CANCELLED, "cancelled", "cancelled on request"
-    if stop_reason == "time_limit":
-        return FAILED, ExitCode.TIME_LIMIT.reason, detail or "the job ran past its max_runtime_s"
-    if stop_reason == MEMORY_BUDGET_EXCEEDED:
-        return FAILED, MEMORY_BUDGET_EXCEEDED, "the job used more GPU memory than its memory_fraction allows"
-    if exit_code < 0:
-        name = signal.strsignal(-exit_code) or f"signal {-exit_code}"
-        hint = " (the kernel's OOM killer does this when the host runs out of memory)"
-        return (
-            FAILED,
-            ExitCode.INTERNAL_ERROR.reason,
-            (f"the trainer was killed by {name}" + (hint if -exit_code == signal.SIGKILL else "")),
-        )
-    try:
-        code = ExitCode(exit_code)
-    except ValueError:
-        return FAILED, ExitCode.INTERNAL_ERROR.reason, detail or f"the trainer exited with code {exit_code}"
-    if code is ExitCode.CANCELLED:  # SIGTERM from someone else (host shutdown): not the job's doing
-        return (
-            None,
-            "trainer_terminated",
-            detail or "the trainer was stopped by a signal from outside gpuyard",
-        )
-    if code.is_users_fault:
-        return FAILED, code.reason, detail
-    return FAILED, ExitCode.INTERNAL_ERROR.reason, detail or f"the trainer exited with code {exit_code}"
-
-
 # ── the supervisor ────────────────────────────────────────────────────────────────────────────────────
 class Supervisor:
     """One delivery of one job. Use :func:`supervise`; the class only keeps the run's state together."""
@@ -251,7 +106,7 @@ class Supervisor:
         if job is None:
             log.info("job %s: not taken (leased elsewhere, finished or cancelled); nothing to do", self.job_id)
             return Outcome(self.job_id, ran=False)
-        self.published_seq = job.last_event_seq  # the "running" state event comes right after
+        self.published_seq = job.last_event_seq  # the state event of the lease comes right after
         self._publish_db_events()
         keeper = LeaseKeeper(
             self.db, self.job_id, self.owner, self.settings.lease_seconds, self.settings.lease_seconds / 3
@@ -283,7 +138,7 @@ class Supervisor:
         job_dir = self.storage.local_path(self.storage.job_key(self.job_id))
         job_dir.mkdir(parents=True, exist_ok=True)
         if self.db.is_cancel_requested(self.job_id):
-            return self._finish(job, CANCELLED, "cancelled", "cancelled before the trainer started", None)
+            return self._finish(job, CANCELLED, CANCELLED_REASON, "cancelled before the trainer started", None)
         data_path = self._stage_dataset(job, job_dir)
         if data_path is None:
             detail = "the job's data set was deleted or its file is missing from storage"
@@ -324,7 +179,7 @@ class Supervisor:
                 stdout=subprocess.PIPE,
                 stderr=log_file,
                 start_new_session=True,  # its own process group: we signal the group, never the worker
-                env=trainer_env(self.settings),
+                env=procs.trainer_env(self.settings),
                 cwd=job_dir,
             )
         procs.write_pid_file(job_dir / PID_FILE, proc.pid)
@@ -367,7 +222,7 @@ class Supervisor:
             log.warning("job %s: lease lost; trainer killed, nothing recorded", self.job_id)
             return Outcome(**base, reason="lease_lost")
         if stop_reason is None and proc.returncode != 0 and self.db.is_cancel_requested(self.job_id):
-            stop_reason = "cancelled"  # asked between our last poll and the trainer's exit
+            stop_reason = CANCELLED_REASON  # asked between our last poll and the trainer's exit
         state, reason, detail = classify_exit(proc.returncode, stop_reason, self.failed_event)
         if reason == MEMORY_BUDGET_EXCEEDED and self.watchdog is not None:
             detail = (
@@ -409,8 +264,8 @@ class Supervisor:
             # The fake GPU counts the trainer's RSS unless the trainer (or a test) declares a figure.
             assert self.settings.fake_gpu_dir is not None
             declare_fake_process_if_absent(self.settings.fake_gpu_dir, self.gpu, pgid)
-        fraction = float(((job.spec.get("resources") or {}).get("memory_fraction")) or 0.25)
-        budget = int(fraction * info.memory_total_bytes) + context_allowance_bytes(self.settings)
+        fraction = resources_of(job.spec).memory_fraction
+        budget = budget_bytes(fraction, info.memory_total_bytes, context_allowance_bytes(self.settings))
         self.watchdog = MemoryWatchdog(
             self.backend, self.gpu, pgid, budget, self.settings.gpu_watchdog_interval_s, self.job_id
         )
@@ -444,13 +299,13 @@ class Supervisor:
         events: queue.Queue[Any] = queue.Queue()
         assert proc.stdout is not None
         reader = threading.Thread(
-            target=_read_lines, args=(proc.stdout, events), daemon=True, name=f"events-{self.job_id}"
+            target=procs.read_lines, args=(proc.stdout, events), daemon=True, name=f"events-{self.job_id}"
         )
         reader.start()
         grace = self.settings.cancel_grace_s
         poll = self.settings.cancel_poll_s
         started = time.monotonic()
-        max_runtime = (job.spec.get("resources") or {}).get("max_runtime_s")
+        max_runtime = resources_of(job.spec).max_runtime_s
         # The trainer stops itself at max_runtime_s, cleanly; we step in only if it does not.
         deadline = started + float(max_runtime) + grace if max_runtime else None
         stop_reason: str | None = None
@@ -463,7 +318,7 @@ class Supervisor:
                 item = events.get(timeout=0.1)
             except queue.Empty:
                 item = None
-            if item is _EOF:
+            if item is procs.EOF:
                 eof = True
             elif item is not None:
                 self._relay(item)
@@ -478,11 +333,11 @@ class Supervisor:
                         log.info("job %s: stopping trainer (%s)", self.job_id, stop_reason)
                         procs.signal_group(proc.pid, signal.SIGTERM)
                         kill_at = now + grace
-                if kill_at is not None and now >= kill_at and not _has_exited(proc):
+                if kill_at is not None and now >= kill_at and not procs.has_exited(proc):
                     log.warning("job %s: trainer ignored SIGTERM for %.1f s; killing it", self.job_id, grace)
                     procs.signal_group(proc.pid, signal.SIGKILL)
                     kill_at = None
-            if _has_exited(proc):
+            if procs.has_exited(proc):
                 exited_at = exited_at or now
                 if eof or now - exited_at > _EOF_WAIT_S:
                     break
@@ -492,7 +347,7 @@ class Supervisor:
                 item = events.get_nowait()
             except queue.Empty:
                 break
-            if item is not _EOF:
+            if item is not procs.EOF:
                 self._relay(item)
         return stop_reason
 
@@ -503,7 +358,7 @@ class Supervisor:
             return MEMORY_BUDGET_EXCEEDED  # the watchdog already killed the group
         try:
             if self.db.is_cancel_requested(self.job_id):
-                return "cancelled"
+                return CANCELLED_REASON
         except JobDBError as exc:
             log.warning("job %s: cannot read the cancel flag: %s", self.job_id, exc)
         if deadline is not None and now >= deadline:
@@ -522,11 +377,11 @@ class Supervisor:
             log.warning("job %s: trainer wrote a non-event line to stdout: %.200s", self.job_id, text)
             return
         kind = event["event"]
-        if kind == "failed":
+        if kind == FAILED_EVENT:
             self.failed_event = event
         try:
             seq = self.db.append_event(self.job_id, event)
-            progress = _progress_of(event)
+            progress = progress_of(event)
             if progress:
                 self.progress.update(progress)
                 self.db.record_progress(self.job_id, dict(self.progress), owner=self.owner)
@@ -572,47 +427,6 @@ class Supervisor:
 
 def _mib(value: int | None) -> str:
     return f"{(value or 0) / 2**20:.0f} MiB"
-
-
-def _has_exited(proc: subprocess.Popen[bytes]) -> bool:
-    """Whether the trainer exited, without reaping it: its zombie keeps the group id from being reused."""
-    if proc.returncode is not None:
-        return True
-    try:
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
-def _read_lines(stream: IO[bytes], events: queue.Queue[Any]) -> None:
-    try:
-        for line in iter(stream.readline, b""):
-            events.put(line)
-    except (OSError, ValueError):
-        pass
-    finally:
-        events.put(_EOF)
-
-
-def _progress_of(event: dict[str, Any]) -> dict[str, Any] | None:
-    """The job's ``last_progress`` fields an event updates, or None for events that carry none."""
-    kind = event.get("event")
-    if kind == "epoch_end":
-        keys = ("epoch", "epochs", "loss", "metrics", "samples_per_s", "eta_s")
-        return {"stage": "training", **{k: event.get(k) for k in keys}, "step": None}
-    if kind == "batch":
-        keys = ("epoch", "step", "steps", "loss", "samples_per_s", "eta_s")
-        return {"stage": "training", **{k: event[k] for k in keys if k in event}}
-    if kind == "started":
-        return {
-            "stage": "started",
-            "epochs": event.get("epochs"),
-            "resumed_from_epoch": event.get("resumed_from_epoch"),
-        }
-    if kind == "finished":
-        # Final metrics are nested by split (train/val/test); `metrics` stays the flat per-epoch figures.
-        return {"stage": "finished", "final_metrics": event.get("metrics")}
-    return None
 
 
 # ── entry point ───────────────────────────────────────────────────────────────────────────────────────

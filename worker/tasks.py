@@ -8,9 +8,9 @@ from typing import Any
 from celery import Task, shared_task
 
 from core.settings import get_settings
-from worker.celery_app import TRAIN_TASK
 from worker.db import Database
 from worker.dispatch import Dispatcher
+from worker.queues import TRAIN_TASK, celery_sender
 from worker.supervisor import default_owner, supervise
 
 
@@ -29,10 +29,7 @@ def train(self: Task, job_id: str) -> dict[str, Any]:
     settings = get_settings()
     db = _database(settings.database_url)
 
-    def send(dispatched_id: str, queue: str) -> None:
-        self.app.send_task(TRAIN_TASK, args=[dispatched_id], queue=queue)
-
-    dispatcher = Dispatcher(settings, db, send)
+    dispatcher = Dispatcher(settings, db, celery_sender(settings, self.app))
     try:
         outcome = supervise(
             job_id,

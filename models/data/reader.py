@@ -182,7 +182,7 @@ class _Batches:
 @cache
 def epoch_batches_class() -> type:
     """``EpochBatches``: :class:`_Batches` as a ``keras.utils.PyDataset`` (imports Keras on first use)."""
-    import keras
+    import keras  # only when a set streams from HDF5: in-memory sets need no Keras here
 
     return type(
         "EpochBatches",

@@ -6,14 +6,16 @@ from typing import Any
 
 from flask import Blueprint, Response
 
+from core.states import RUNNING
+from models.spec import resources_of
 from service.api import respond
 from service.auth import authenticate, current_user
 from service.errors import Forbidden, NotFound
 from service.extensions import services
 from service.schemas import GpuJobOut, GpuListOut, GpuOut, GpuProcessOut
 from worker.db import Job
-from worker.dispatch import GpuView, dispatch, gpu_views, job_resources
-from worker.gpus import context_allowance_bytes
+from worker.dispatch import GpuView, dispatch, gpu_views
+from worker.gpus import budget_bytes, context_allowance_bytes
 
 bp = Blueprint("gpus", __name__, url_prefix="/v1/gpus")
 bp.before_request(authenticate)
@@ -75,7 +77,7 @@ def _view(uuid: str) -> GpuOut:
 def _dispatch_now() -> None:
     """The GPU may take jobs again: place waiting ones now rather than at the next janitor pass."""
     svc = services()
-    dispatch(svc.db, svc.settings, gpu_views(svc.db, svc.heartbeats), svc.queue.enqueue)
+    dispatch(svc.db, svc.settings, gpu_views(svc.db, svc.heartbeats), svc.send)
 
 
 def _gpu_out(view: GpuView) -> GpuOut:
@@ -85,7 +87,7 @@ def _gpu_out(view: GpuView) -> GpuOut:
     jobs = []
     committed = 0.0
     for job in svc.db.jobs_on_gpu(view.uuid):
-        fraction, _request = job_resources(job.spec)
+        fraction = resources_of(job.spec).memory_fraction
         committed += fraction
         jobs.append(
             GpuJobOut(
@@ -93,7 +95,7 @@ def _gpu_out(view: GpuView) -> GpuOut:
                 owner=job.owner.name,
                 state=job.state,  # type: ignore[arg-type]
                 memory_fraction=fraction,
-                budget_bytes=min(view.memory_total_bytes, int(fraction * view.memory_total_bytes) + allowance),
+                budget_bytes=budget_bytes(fraction, view.memory_total_bytes, allowance),
                 memory_bytes=_job_memory(job, ours),
             )
         )
@@ -124,6 +126,6 @@ def _gpu_out(view: GpuView) -> GpuOut:
 def _job_memory(job: Job, ours: list[dict[str, Any]]) -> int | None:
     """The job's memory now: the heartbeat's gpuyard processes in its trainer's process group."""
     pgid = (job.last_progress or {}).get("trainer_pid")
-    if pgid is None or job.state != "running":
+    if pgid is None or job.state != RUNNING:
         return None
     return sum(p["memory_bytes"] for p in ours if p.get("pgid") == pgid)

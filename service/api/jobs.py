@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 
 from flask import Blueprint, Response, request, send_file, url_for
@@ -19,11 +19,13 @@ from models.fit import spec_data_problems
 from models.spec import JobSpec, parse_spec
 from service.api import json_body, query_args, respond
 from service.auth import authenticate, current_user, visible_owner_id
-from service.errors import NotFound, ServiceUnavailable, Unprocessable
+from service.errors import NotFound, ServiceUnavailable, TooManyRequests, Unprocessable
 from service.extensions import services
 from service.schemas import DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut
+from service.streams import EventHub
 from worker.db import Database, Dataset, Job, JobEvent
 from worker.dispatch import dispatch, gpu_views, never_fits
+from worker.errors import QueueUnavailable
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
@@ -75,14 +77,14 @@ def submit() -> Response:
         max_active=svc.settings.max_active_jobs_per_user,
         max_attempts=svc.settings.max_attempts,
     )
-    report = dispatch(svc.db, svc.settings, gpus, svc.queue.enqueue)
+    report = dispatch(svc.db, svc.settings, gpus, svc.send)
     for placement, exc in report.failed:
         if placement.job_id == job.id:
-            detail = exc.detail if isinstance(exc, ServiceUnavailable) else f"{type(exc).__name__}: {exc}"
+            detail = str(exc) if isinstance(exc, QueueUnavailable) else f"{type(exc).__name__}: {exc}"
             svc.db.interrupt_queued(job.id, "queue_unavailable", detail)
-            if isinstance(exc, ServiceUnavailable):
-                raise exc
-            raise ServiceUnavailable(f"the job queue is unreachable ({detail})", code="queue_unavailable") from exc
+            raise ServiceUnavailable(
+                f"the job queue is unreachable ({detail}); the job was not started", code="queue_unavailable"
+            ) from exc
     job = svc.db.get_job(job.id) or job
     return respond(_job_out(job), 201, {"Location": url_for("jobs.show", job_id=job.id)})
 
@@ -123,14 +125,31 @@ def cancel(job_id: str) -> Response:
 def events(job_id: str) -> Response:
     """Server-Sent Events: past events from the job DB, then new ones as they are stored.
 
-    New events are found by polling the job DB every ``sse_poll_interval_s`` (0.5 s): it works with any
-    number of API processes and needs no broker. ``id:`` is the event's sequence number; a client resumes
-    with ``Last-Event-ID`` (or ``?last_event_id=``). The stream ends after the job's terminal state event.
+    An open stream costs nothing while its job is quiet: it sleeps until the job's supervisor publishes
+    an event (Redis pub/sub, one listener per API process: service/streams.py), then reads the new events
+    from the job DB; without Redis it polls the DB every ``sse_poll_interval_s``. ``id:`` is the event's
+    sequence number; a client resumes with ``Last-Event-ID`` (or ``?last_event_id=``). The stream ends
+    after the job's terminal state event. A user holds at most ``max_streams_per_user`` streams (429 with
+    ``Retry-After`` past that).
     """
     _visible_job(job_id)
     after = _last_event_id()
     svc = services()
-    stream = _event_stream(svc.db, job_id, after, svc.settings.sse_poll_interval_s, svc.settings.sse_keepalive_s)
+    user_id = current_user().id
+    slot = svc.stream_slots.acquire(user_id)
+    if slot is None:
+        cap = svc.settings.max_streams_per_user
+        raise TooManyRequests(
+            f"you have {cap} event streams open; the limit is {cap} (max_streams_per_user). "
+            "Close one, or retry later",
+            code="too_many_streams",
+            headers={"Retry-After": str(max(1, round(svc.settings.sse_keepalive_s)))},
+        )
+    stream = _EventStream(
+        _event_stream(svc.db, svc.hub, job_id, after, svc.settings.sse_keepalive_s),
+        on_close=lambda: svc.stream_slots.release(user_id, slot),
+        on_keepalive=lambda: svc.stream_slots.refresh(user_id, slot),
+    )
     return Response(
         stream,
         mimetype="text/event-stream",
@@ -138,34 +157,63 @@ def events(job_id: str) -> Response:
     )
 
 
-def _event_stream(db: Database, job_id: str, after: int, poll_s: float, keepalive_s: float) -> Iterator[str]:
-    """The SSE body. Takes the DB as an argument: the generator runs after the request context is gone."""
+class _EventStream:
+    """The response body: the event generator, plus the stream's slot given back on close (the WSGI
+    server calls ``close`` even when the client left before the first event)."""
+
+    def __init__(self, events: Iterator[str], on_close: Callable[[], None], on_keepalive: Callable[[], None]) -> None:
+        self._events, self._on_close, self._on_keepalive = events, on_close, on_keepalive
+        self._closed = False
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self._events:
+            if chunk == _KEEPALIVE:
+                self._on_keepalive()
+            yield chunk
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            close_generator = getattr(self._events, "close", None)
+            if close_generator is not None:
+                close_generator()
+            self._on_close()
+
+
+_KEEPALIVE = ": keep-alive\n\n"
+
+
+def _event_stream(db: Database, hub: EventHub, job_id: str, after: int, keepalive_s: float) -> Iterator[str]:
+    """The SSE body. Takes its parts as arguments: the generator runs after the request context is gone."""
     last = after
-    quiet_s = 0.0
     yield "retry: 2000\n\n"
-    while True:
-        batch = db.events_since(job_id, last)
-        for job_event in batch:
-            last = job_event.seq
-            yield _sse(job_event)
-            if _is_terminal(job_event):
-                return
-        if batch:
-            quiet_s = 0.0
-            continue
-        job = db.get_job(job_id)
-        if job is None:
-            return
-        if job.is_terminal:
-            # Ended without a terminal event after ours (or a resume past it): flush what is left, stop.
-            for job_event in db.events_since(job_id, last):
+    with hub.watch(job_id) as published:
+        quiet_since = time.monotonic()
+        while True:
+            published.clear()  # before reading: an event stored after this read wakes the wait below
+            batch = db.events_since(job_id, last)
+            for job_event in batch:
+                last = job_event.seq
                 yield _sse(job_event)
-            return
-        time.sleep(poll_s)
-        quiet_s += poll_s
-        if quiet_s >= keepalive_s:
-            quiet_s = 0.0
-            yield ": keep-alive\n\n"
+                if _is_terminal(job_event):
+                    return
+            if batch:
+                quiet_since = time.monotonic()
+                continue
+            job = db.get_job(job_id)
+            if job is None:
+                return
+            if job.is_terminal:
+                # Ended without a terminal event after ours (or a resume past it): flush what is left, stop.
+                for job_event in db.events_since(job_id, last):
+                    yield _sse(job_event)
+                return
+            quiet = time.monotonic() - quiet_since
+            if quiet >= keepalive_s:
+                quiet_since = time.monotonic()
+                yield _KEEPALIVE
+                continue
+            hub.wait(published, keepalive_s - quiet)
 
 
 def _sse(job_event: JobEvent) -> str:

@@ -23,10 +23,10 @@ from deploy_helpers import (
     validate_compose,
 )
 
+from cli.main import main as gpuyard_cli
 from core.settings import Settings, get_settings
 from deploy.envdoc import COMPOSE_VARIABLES, settings_env_example
 from deploy.healthcheck import CHECKS
-from service.cli import main as gpuyard_cli
 from worker.gpus import fake_uuid
 
 COMPOSE = load_compose()

@@ -15,9 +15,9 @@ import yaml
 from click.testing import CliRunner
 from deploy_helpers import COMPOSE_FILE, load_compose, validate_compose
 
+from cli.compose import UNUSED_PROFILE, nvidia_device_ids, parse_gpus, service_name
+from cli.main import main
 from deploy import healthcheck
-from service.cli import main
-from service.compose_cli import UNUSED_PROFILE, nvidia_device_ids, parse_gpus, service_name
 
 UUIDS = [f"GPU-{i}aaaaaaa-1111-2222-3333-44444444444{i}" for i in range(3)]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from flask.testing import FlaskClient
 
-from service.errors import ServiceUnavailable
+from worker.errors import QueueUnavailable
 
 GOOD_SPEC: dict[str, Any] = {"architecture": {"family": "mlp", "widths": [16]}, "training": {"epochs": 1}}
 
@@ -36,15 +36,15 @@ def assert_error_body(response: Any, status: int, error: str | None = None) -> d
 
 @dataclass
 class FakeQueue:
-    """Stands in for Celery: records what would have been sent (``queues``: to which queue)."""
+    """A :data:`worker.queues.Sender` standing in for Celery: records what would have been sent where."""
 
     sent: list[str] = field(default_factory=list)
     queues: dict[str, str | None] = field(default_factory=dict)
     down: bool = False
 
-    def enqueue(self, job_id: str, queue: str | None = None) -> None:
+    def __call__(self, job_id: str, queue: str) -> None:
         if self.down:
-            raise ServiceUnavailable("the job queue is unreachable (test)", code="queue_unavailable")
+            raise QueueUnavailable("the job queue is unreachable (test)")
         self.sent.append(job_id)
         self.queues[job_id] = queue
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from api_helpers import FakeDryRun, FakeQueue, Tokens
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
@@ -84,53 +80,3 @@ def tokens(app: Flask) -> Tokens:
 
 def services(app: Flask) -> Services:
     return app.extensions["gpuyard"]
-
-
-@pytest.fixture(scope="session")
-def digits_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.data.digits import write_digits_h5
-
-    return write_digits_h5(tmp_path_factory.mktemp("data") / "digits.h5")
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private redis-server on a free port, no persistence; stopped after the session."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            pytest.skip("the private redis-server did not start")
-        yield url
-    finally:
-        client.close()
-        process.terminate()
-        process.wait(timeout=10)

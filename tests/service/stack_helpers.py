@@ -16,7 +16,7 @@ import psutil
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
-GPUYARD = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())"]
+GPUYARD = [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

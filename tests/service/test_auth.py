@@ -8,8 +8,8 @@ import pytest
 from api_helpers import Tokens, assert_error_body, bearer, upload
 from click.testing import CliRunner
 
+from cli.users import users
 from core.settings import get_settings
-from service.users_cli import users
 from worker.db import Database
 
 
@@ -32,9 +32,9 @@ def test_an_unknown_token_is_refused(client, tokens: Tokens) -> None:  # type: i
 
 
 def test_users_see_only_their_own_rows_and_admins_see_all(  # type: ignore[no-untyped-def]
-    client, tokens: Tokens, digits_file: Path
+    client, tokens: Tokens, digits_h5: Path
 ) -> None:
-    dataset_id = upload(client, tokens.alice, digits_file).get_json()["id"]
+    dataset_id = upload(client, tokens.alice, digits_h5).get_json()["id"]
     assert_error_body(client.get(f"/v1/datasets/{dataset_id}", headers=bearer(tokens.bob)), 404, "not_found")
     assert client.get("/v1/datasets", headers=bearer(tokens.bob)).get_json() == {"datasets": []}
     assert_error_body(client.delete(f"/v1/datasets/{dataset_id}", headers=bearer(tokens.bob)), 404)

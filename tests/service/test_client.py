@@ -23,9 +23,9 @@ from conftest import free_port, services
 from flask import Flask
 from werkzeug.serving import make_server
 
+from cli.main import main
 from core.names import TRAINER_LOG as JOB_LOG_NAME
 from core.settings import get_settings
-from service.cli import main
 from service.client import Client, ClientError, SseParser
 
 
@@ -46,8 +46,8 @@ def alice(server_url: str, tokens: Tokens) -> Iterator[Client]:
 
 
 @pytest.fixture
-def dataset_id(alice: Client, digits_file: Path) -> str:
-    return alice.upload_dataset(digits_file)["id"]
+def dataset_id(alice: Client, digits_h5: Path) -> str:
+    return alice.upload_dataset(digits_h5)["id"]
 
 
 def _job_events(epochs: int = 2, final: str = "succeeded") -> list[dict[str, Any]]:
@@ -78,12 +78,12 @@ def _job_events(epochs: int = 2, final: str = "succeeded") -> list[dict[str, Any
 
 
 # ── data sets ─────────────────────────────────────────────────────────────────────────────────────────
-def test_upload_streams_the_file_and_lists_it(alice: Client, digits_file: Path) -> None:
-    first = alice.upload_dataset(digits_file, name="digits")
-    again = alice.upload_dataset(digits_file)
+def test_upload_streams_the_file_and_lists_it(alice: Client, digits_h5: Path) -> None:
+    first = alice.upload_dataset(digits_h5, name="digits")
+    again = alice.upload_dataset(digits_h5)
 
-    assert first["sha256"] == hashlib.sha256(digits_file.read_bytes()).hexdigest()
-    assert first["size_bytes"] == digits_file.stat().st_size
+    assert first["sha256"] == hashlib.sha256(digits_h5.read_bytes()).hexdigest()
+    assert first["size_bytes"] == digits_h5.stat().st_size
     assert again["id"] == first["id"]  # same bytes, same data set
     assert [d["id"] for d in alice.list_datasets()] == [first["id"]]
     assert alice.dataset(first["id"])["name"] == "digits"
@@ -324,9 +324,9 @@ def _cli(args: list[str], url: str, token: str) -> Any:
 
 
 def test_cli_upload_submit_status_download(
-    server_url: str, tokens: Tokens, digits_file: Path, tmp_path: Path, app: Flask
+    server_url: str, tokens: Tokens, digits_h5: Path, tmp_path: Path, app: Flask
 ) -> None:
-    uploaded = _cli(["datasets", "upload", str(digits_file)], server_url, tokens.alice)
+    uploaded = _cli(["datasets", "upload", str(digits_h5)], server_url, tokens.alice)
     assert uploaded.exit_code == 0, uploaded.output
     dataset_id = uploaded.stdout.strip().splitlines()[-1]
     assert dataset_id.startswith("ds_")
@@ -358,7 +358,7 @@ def test_cli_upload_submit_status_download(
     assert "cancelled" in cancelled.stdout
 
 
-def test_cli_errors_name_the_problem(server_url: str, tokens: Tokens, digits_file: Path, tmp_path: Path) -> None:
+def test_cli_errors_name_the_problem(server_url: str, tokens: Tokens, digits_h5: Path, tmp_path: Path) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text("{not json")
     bad_json = _cli(["submit", "--dataset", "ds_x", str(spec)], server_url, tokens.alice)
@@ -410,7 +410,7 @@ def test_cli_logs_prints_the_trainer_log(
 
 
 def test_a_succeeded_job_still_shows(alice: Client, dataset_id: str, app: Flask) -> None:
-    from worker.supervisor import _progress_of
+    from worker.relay import progress_of as _progress_of
 
     job_id = alice.submit(dataset_id, GOOD_SPEC)["id"]
     finished = {"event": "finished", "metrics": {"train": {"accuracy": 0.99}, "val": None, "test": {"loss": 0.1}}}

@@ -23,15 +23,15 @@ def hostile_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_upload_then_reupload(client, tokens: Tokens, digits_file: Path, app) -> None:  # type: ignore[no-untyped-def]
-    first = upload(client, tokens.alice, digits_file)
+def test_upload_then_reupload(client, tokens: Tokens, digits_h5: Path, app) -> None:  # type: ignore[no-untyped-def]
+    first = upload(client, tokens.alice, digits_h5)
     assert first.status_code == 201, first.get_json()
     body = first.get_json()
-    assert body["sha256"] == hashlib.sha256(digits_file.read_bytes()).hexdigest()
-    assert body["size_bytes"] == digits_file.stat().st_size
+    assert body["sha256"] == hashlib.sha256(digits_h5.read_bytes()).hexdigest()
+    assert body["size_bytes"] == digits_h5.stat().st_size
     assert body["summary"]["rows"]["train"] > 0 and body["owner"] == "alice"
     assert first.headers["Location"].endswith(f"/v1/datasets/{body['id']}")
-    second = upload(client, tokens.alice, digits_file)
+    second = upload(client, tokens.alice, digits_h5)
     assert second.status_code == 200 and second.get_json()["id"] == body["id"]
     stored = Path(app.extensions["gpuyard"].settings.storage_dir) / "datasets" / body["sha256"][:2]
     assert [p.name for p in stored.iterdir()] == [f"{body['sha256']}.h5"]
@@ -40,10 +40,10 @@ def test_upload_then_reupload(client, tokens: Tokens, digits_file: Path, app) ->
     assert [d["id"] for d in listed] == [body["id"]]
 
 
-def test_multipart_upload(client, tokens: Tokens, digits_file: Path) -> None:  # type: ignore[no-untyped-def]
+def test_multipart_upload(client, tokens: Tokens, digits_h5: Path) -> None:  # type: ignore[no-untyped-def]
     response = client.post(
         "/v1/datasets",
-        data={"file": (io.BytesIO(digits_file.read_bytes()), "digits.h5")},
+        data={"file": (io.BytesIO(digits_h5.read_bytes()), "digits.h5")},
         content_type="multipart/form-data",
         headers=bearer(tokens.alice),
     )
@@ -104,8 +104,8 @@ def test_wrong_content_type_is_415(client, tokens: Tokens) -> None:  # type: ign
     assert_error_body(response, 415, "unsupported_media_type")
 
 
-def test_delete_refused_while_a_job_uses_it(client, tokens: Tokens, digits_file: Path, app) -> None:  # type: ignore[no-untyped-def]
-    dataset = upload(client, tokens.alice, digits_file).get_json()
+def test_delete_refused_while_a_job_uses_it(client, tokens: Tokens, digits_h5: Path, app) -> None:  # type: ignore[no-untyped-def]
+    dataset = upload(client, tokens.alice, digits_h5).get_json()
     job = client.post(
         "/v1/jobs", json={"dataset": dataset["id"], "spec": GOOD_SPEC}, headers=bearer(tokens.alice)
     ).get_json()

@@ -78,8 +78,8 @@ def register_two(app: Flask, beats: dict[str, dict[str, Any]], *, online: tuple[
 
 
 @pytest.fixture
-def dataset_id(client: FlaskClient, tokens: Tokens, digits_file: Path) -> str:
-    return upload(client, tokens.alice, digits_file).get_json()["id"]
+def dataset_id(client: FlaskClient, tokens: Tokens, digits_h5: Path) -> str:
+    return upload(client, tokens.alice, digits_h5).get_json()["id"]
 
 
 def submit(client: FlaskClient, token: str, dataset_id: str, **resources: Any) -> Any:

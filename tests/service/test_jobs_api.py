@@ -17,13 +17,13 @@ from flask.testing import FlaskClient
 
 from core.settings import Settings
 from service.app import create_app
-from service.queue import TRAIN_TASK
 from worker.db import Database
+from worker.queues import TRAIN_TASK
 
 
 @pytest.fixture
-def dataset_id(client: FlaskClient, tokens: Tokens, digits_file: Path) -> str:
-    return upload(client, tokens.alice, digits_file).get_json()["id"]
+def dataset_id(client: FlaskClient, tokens: Tokens, digits_h5: Path) -> str:
+    return upload(client, tokens.alice, digits_h5).get_json()["id"]
 
 
 def _submit(client: FlaskClient, token: str, dataset_id: str, spec: Any = None, query: str = "") -> Any:
@@ -277,13 +277,13 @@ def test_events_stream_live_until_the_job_ends(client, app, tokens: Tokens, data
 
 
 # ── the real queue and readiness, on a private Redis ──
-def test_real_queue_sends_the_task_by_name(tmp_path: Path, redis_url: str, digits_file: Path) -> None:
+def test_real_queue_sends_the_task_by_name(tmp_path: Path, redis_url: str, digits_h5: Path) -> None:
     settings = Settings(data_dir=tmp_path, redis_url=redis_url, train_queue="gpuyard.test.jobs")
     app = create_app({"TESTING": True, "GPUYARD_SETTINGS": settings, "GPUYARD_DRY_RUNNER": FakeDryRun()})
     client = app.test_client()
     _, token = _db(app).create_user("alice")
     assert client.get("/v1/ready").status_code == 200
-    dataset_id = upload(client, token, digits_file).get_json()["id"]
+    dataset_id = upload(client, token, digits_h5).get_json()["id"]
     job_id = _submit(client, token, dataset_id).get_json()["id"]
     broker = redis.Redis.from_url(redis_url)
     try:

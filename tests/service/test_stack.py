@@ -87,10 +87,10 @@ def test_up_without_redis_server_says_how_to_install_it(tmp_path: Path) -> None:
     assert not os.path.exists(tmp_path / "d" / "admin-token")
 
 
-def test_api_execs_gunicorn_gthread_with_the_app_factory(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_execs_gunicorn_with_gevent_workers_and_the_app_factory(monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from service.cli import main
+    from cli.main import main
 
     calls: list[list[str]] = []
     monkeypatch.setattr(os, "execv", lambda path, argv: calls.append([path, *argv]))
@@ -101,5 +101,9 @@ def test_api_execs_gunicorn_gthread_with_the_app_factory(monkeypatch: pytest.Mon
     argv = call[1:]
     assert argv[1:3] == ["-m", "gunicorn"]
     joined = " ".join(argv)
-    assert "-k gthread --threads 8 --workers 3 --bind 127.0.0.1:9001 --timeout 120" in joined
+    assert "-c python:service.gunicorn_conf --workers 3 --bind 127.0.0.1:9001" in joined
+    assert "--worker-connections 2000 --timeout 120" in joined
+    from service import gunicorn_conf
+
+    assert gunicorn_conf.worker_class == "gevent"
     assert argv[-1] == "service.app:create_app()"

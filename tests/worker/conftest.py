@@ -9,20 +9,6 @@ from trainer_helpers import subset_h5
 
 
 @pytest.fixture(scope="session")
-def digits_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.data.digits import write_digits_h5
-
-    return write_digits_h5(tmp_path_factory.mktemp("data") / "digits.h5")
-
-
-@pytest.fixture(scope="session")
-def digits_image_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.data.digits import write_digits_h5
-
-    return write_digits_h5(tmp_path_factory.mktemp("data") / "digits_image.h5", image=True)
-
-
-@pytest.fixture(scope="session")
 def small_digits_h5(digits_h5: Path) -> Path:
     """400 training rows and 100 test rows of digits, flat (64 features)."""
     return subset_h5(digits_h5, digits_h5.with_name("digits_small.h5"), train_rows=400, test_rows=100)
@@ -35,4 +21,4 @@ def small_digits_image_h5(digits_image_h5: Path) -> Path:
 
 
 # The Celery side's fixtures (private redis-server, job DB + storage, real workers) live in celery_helpers.
-from celery_helpers import db, make_job, redis_url, settings, start_worker, storage  # noqa: E402, F401
+from celery_helpers import db, make_job, settings, start_worker, storage  # noqa: E402, F401

@@ -20,9 +20,11 @@ from celery_helpers import REPO, WorkerProcess, events_of, highway_spec, setting
 
 from core.settings import Settings
 from core.states import RUNNING, SUCCEEDED
-from worker.celery_app import TRAIN_TASK, make_celery
+from worker.celery_app import make_celery
 from worker.db import Database
-from worker.janitor import celery_sender, janitor_pass
+from worker.dispatch import Dispatcher
+from worker.janitor import janitor_pass
+from worker.queues import TRAIN_TASK, celery_sender
 
 FRAMEWORKS = ("tensorflow", "keras", "jax", "jaxlib", "torch")
 WORKER_MODULES = (
@@ -30,7 +32,7 @@ WORKER_MODULES = (
     "worker.tasks",
     "worker.supervisor",
     "worker.janitor",
-    "service.worker_cli",
+    "cli.workers",
 )
 
 
@@ -112,11 +114,11 @@ def test_worker_killed_mid_job_is_resumed_from_its_checkpoint_after_the_janitor(
     assert db.get_job(job_id).state == RUNNING  # nobody has noticed yet
 
     start_worker(settings)
-    send = celery_sender(settings)
+    dispatcher = Dispatcher(settings, db, celery_sender(settings))
     requeued: list[str] = []
 
     def janitor() -> bool:
-        requeued.extend(janitor_pass(db, send).requeued)
+        requeued.extend(janitor_pass(db, dispatcher).requeued)
         return bool(requeued)
 
     wait_for(janitor, settings.lease_seconds + 10, "the janitor to requeue the job", poll_s=0.5)
@@ -163,7 +165,7 @@ def test_cancel_through_the_api_stops_a_job_on_a_real_worker_within_5_s(
 
 def test_gpuyard_worker_command_starts_a_worker_with_the_train_task(settings: Settings, tmp_path: Path) -> None:
     log_path = tmp_path / "cli-worker.log"
-    argv = [sys.executable, "-c", "from service.cli import main; main()", "worker", "-c", "1"]
+    argv = [sys.executable, "-c", "from cli.main import main; main()", "worker", "-c", "1"]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             argv,
@@ -187,7 +189,7 @@ def test_gpuyard_janitor_once(settings: Settings, db: Database, make_job: Callab
     job_id = make_job({"name": "x"})
     assert db.take_lease(job_id, "dead-worker", 0.01) is not None
     time.sleep(0.05)
-    argv = [sys.executable, "-c", "from service.cli import main; main()", "janitor", "--once"]
+    argv = [sys.executable, "-c", "from cli.main import main; main()", "janitor", "--once"]
     done = subprocess.run(argv, cwd=REPO, env=settings_env(settings), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert f"requeued: ['{job_id}']" in done.stdout

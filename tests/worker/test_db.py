@@ -20,7 +20,8 @@ from sqlalchemy.exc import OperationalError
 
 from core.states import CANCELLED, INTERRUPTED, QUEUED, RUNNING, SUCCEEDED
 from worker import db as jobdb
-from worker.db import ActiveJobLimit, Database, DatasetInUse, SchemaError, UnknownDataset, UserExists
+from worker.db import Database
+from worker.errors import ActiveJobLimit, DatasetInUse, SchemaError, UnknownDataset, UserExists
 
 POSTGRES_URL = os.environ.get("GPUYARD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SHA = "ab" * 32

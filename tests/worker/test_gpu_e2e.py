@@ -19,8 +19,9 @@ from celery_helpers import REPO, events_of, settings_env, wait_for
 from core.settings import Settings
 from core.states import SUCCEEDED, TERMINAL_STATES
 from worker.db import Database
-from worker.dispatch import Dispatcher, celery_send, heartbeat_key
+from worker.dispatch import Dispatcher, heartbeat_key
 from worker.gpus import fake_uuid
+from worker.queues import celery_sender
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
 GPUS = (fake_uuid(0), fake_uuid(1))
@@ -49,13 +50,13 @@ def test_eight_half_gpu_jobs_on_two_fake_gpus(
         }
     )
     log_path = tmp_path / "fleet.log"
-    argv = [sys.executable, "-c", "from service.cli import main; main()", "worker", "--gpus", "all", "-c", "3"]
+    argv = [sys.executable, "-c", "from cli.main import main; main()", "worker", "--gpus", "all", "-c", "3"]
     with log_path.open("wb") as log:
         fleet = subprocess.Popen(
             argv, cwd=REPO, env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     client = redis.Redis.from_url(settings.redis_url)
-    dispatcher = Dispatcher(settings, db, celery_send(settings))
+    dispatcher = Dispatcher(settings, db, celery_sender(settings))
     try:
         wait_for(
             lambda: all(client.exists(heartbeat_key(u)) for u in GPUS) or fleet.poll() is not None,

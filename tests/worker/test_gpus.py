@@ -151,8 +151,8 @@ class _NoGpus:
 def test_worker_command_plans_gpu_and_cpu_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
+    from cli.main import main
     from core.settings import get_settings
-    from service.cli import main
 
     def check(*args: str, fake: str = "2x16GiB") -> tuple[int, list[str], str]:
         monkeypatch.setenv("GPUYARD_FAKE_GPUS", fake)

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
 
-import redis
 from celery_helpers import wait_for
 
 from core.settings import Settings
 from core.states import CANCELLED, INTERRUPTED, QUEUED, RUNNING
-from worker.celery_app import TRAIN_TASK
 from worker.db import Database
-from worker.janitor import celery_sender, janitor_pass, run_janitor
+from worker.dispatch import Dispatcher
+from worker.errors import QueueUnavailable
+from worker.janitor import janitor_pass, run_janitor
 
 SPEC = {"name": "janitor", "resources": {"gpu": "cpu"}}
+
+
+def recorder(db: Database, sent: list[str], fail: str | None = None) -> Dispatcher:
+    """A dispatcher (no GPUs registered: everything goes to the CPU queue) recording each job it sends."""
+
+    def send(job_id: str, queue: str) -> None:
+        if job_id == fail:
+            raise QueueUnavailable("broker down")
+        sent.append(job_id)
+
+    return Dispatcher(Settings(database_url=db.url, redis_url=""), db, send, heartbeats=lambda uuids: {})
 
 
 def expire(db: Database, job_id: str, owner: str = "dead-worker") -> None:
@@ -30,7 +40,7 @@ def test_expired_lease_is_requeued_and_its_task_sent_again(db: Database, make_jo
     expire(db, job_id)
     sent: list[str] = []
 
-    report = janitor_pass(db, sent.append)
+    report = janitor_pass(db, recorder(db, sent))
 
     assert report.requeued == [job_id] and sent == [job_id]
     job = db.get_job(job_id)
@@ -43,7 +53,7 @@ def test_live_lease_is_left_alone(db: Database, make_job: Callable[..., str]) ->
     job_id = make_job(SPEC)
     assert db.take_lease(job_id, "live-worker", 60) is not None
     sent: list[str] = []
-    report = janitor_pass(db, sent.append)
+    report = janitor_pass(db, recorder(db, sent))
     assert report.requeued == [] and sent == []
     assert db.get_job(job_id).state == RUNNING
 
@@ -52,7 +62,7 @@ def test_job_out_of_attempts_is_interrupted_not_resent(db: Database, make_job: C
     job_id = make_job(SPEC, max_attempts=1)
     expire(db, job_id)
     sent: list[str] = []
-    report = janitor_pass(db, sent.append)
+    report = janitor_pass(db, recorder(db, sent))
     assert report.interrupted == [job_id] and sent == []
     job = db.get_job(job_id)
     assert (job.state, job.error_reason) == (INTERRUPTED, "worker_lost")
@@ -63,7 +73,7 @@ def test_expired_job_with_a_cancel_request_is_cancelled(db: Database, make_job: 
     expire(db, job_id)
     db.request_cancel(job_id)
     sent: list[str] = []
-    assert janitor_pass(db, sent.append).cancelled == [job_id]
+    assert janitor_pass(db, recorder(db, sent)).cancelled == [job_id]
     assert db.get_job(job_id).state == CANCELLED and sent == []
 
 
@@ -72,28 +82,8 @@ def test_a_failing_send_does_not_stop_the_pass(db: Database, make_job: Callable[
     expire(db, first)
     expire(db, second)
     sent: list[str] = []
-
-    def send(job_id: str) -> None:
-        if job_id == first:
-            raise ConnectionError("broker down")
-        sent.append(job_id)
-
-    report = janitor_pass(db, send)
+    report = janitor_pass(db, recorder(db, sent, fail=first))
     assert sorted(report.requeued) == sorted([first, second]) and sent == [second]
-
-
-def test_celery_sender_puts_the_task_on_the_train_queue(settings: Settings, make_job: Callable[..., str]) -> None:
-    job_id = make_job(SPEC)
-    celery_sender(settings)(job_id)
-    client = redis.Redis.from_url(settings.redis_url)
-    try:
-        messages = client.lrange(settings.train_queue, 0, -1)
-        assert len(messages) == 1
-        headers = json.loads(messages[0])["headers"]
-        assert headers["task"] == TRAIN_TASK and job_id in headers["argsrepr"]
-    finally:
-        client.delete(settings.train_queue)  # our own test queue only
-        client.close()
 
 
 def test_run_janitor_loops_until_stopped(settings: Settings, db: Database, make_job: Callable[..., str]) -> None:
@@ -101,7 +91,9 @@ def test_run_janitor_loops_until_stopped(settings: Settings, db: Database, make_
     sent: list[str] = []
     stop = threading.Event()
     loop = threading.Thread(
-        target=run_janitor, args=(settings, 0.1), kwargs={"stop": stop, "db": db, "send": sent.append}
+        target=run_janitor,
+        args=(settings, 0.1),
+        kwargs={"stop": stop, "db": db, "send": lambda job_id, queue: sent.append(job_id)},
     )
     loop.start()
     try:

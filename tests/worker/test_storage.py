@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.storage import InvalidKey, LocalStorage, UploadTooLarge
+from worker.errors import InvalidKey, UploadTooLarge
+from worker.storage import LocalStorage
 
 
 @pytest.fixture

@@ -26,8 +26,10 @@ from core.settings import Settings
 from core.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from worker import procs
 from worker.db import Database
+from worker.outcome import classify_exit
+from worker.relay import events_channel
 from worker.storage import LocalStorage
-from worker.supervisor import classify_exit, events_channel, supervise
+from worker.supervisor import supervise
 
 FAKE_TRAINER = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))]
 

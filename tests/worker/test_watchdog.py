@@ -17,8 +17,9 @@ from core.settings import Settings
 from core.states import FAILED, SUCCEEDED
 from worker.db import Database
 from worker.gpus import GiB, fake_uuid
+from worker.outcome import Outcome
 from worker.storage import LocalStorage
-from worker.supervisor import Outcome, supervise
+from worker.supervisor import supervise
 
 FAKE_TRAINER = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))]
 GPU0 = fake_uuid(0)

@@ -28,7 +28,7 @@ from models.data.summary import DataKeys, DatasetSummary
 from models.spec import JobSpec, parse_spec
 from worker.gpus import gpu_total_memory_bytes
 from worker.trainer import env
-from worker.trainer.events import EventEmitter
+from worker.trainer.events import FAILED_EVENT, EventEmitter
 from worker.trainer.job import TrainingJob
 
 PROCESS_STARTED = time.monotonic()
@@ -148,7 +148,7 @@ def fail(emitter: EventEmitter, exc: BaseException) -> int:
     detail = exc.detail if isinstance(exc, env.TrainingStopped) else f"{type(exc).__name__}: {exc}"
     if isinstance(exc, GpuyardError):
         detail = str(exc)
-    emitter.emit("failed", reason=code.reason, exit_code=int(code), detail=detail[:4000], problems=problems)
+    emitter.emit(FAILED_EVENT, reason=code.reason, exit_code=int(code), detail=detail[:4000], problems=problems)
     return int(code)
 
 

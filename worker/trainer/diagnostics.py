@@ -54,7 +54,7 @@ def gradient_function(model: keras.Model) -> GradientFunction:
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # the active backend's framework only
 
         def tensorflow_gradients(x: np.ndarray, y: np.ndarray) -> tuple[Any, Sequence[Any]]:
             with tf.GradientTape() as tape:
@@ -64,7 +64,7 @@ def gradient_function(model: keras.Model) -> GradientFunction:
 
         return tensorflow_gradients
     if backend == "jax":
-        import jax
+        import jax  # the active backend's framework only
 
         def loss_of(trainable: list[Any], non_trainable: list[Any], x: Any, y: Any) -> Any:
             y_pred, _ = model.stateless_call(trainable, non_trainable, x, training=False)
@@ -79,7 +79,7 @@ def gradient_function(model: keras.Model) -> GradientFunction:
 
         return jax_gradients
     if backend == "torch":
-        import torch
+        import torch  # the active backend's framework only
 
         def torch_gradients(x: np.ndarray, y: np.ndarray) -> tuple[Any, Sequence[Any]]:
             with torch.enable_grad():

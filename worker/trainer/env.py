@@ -139,7 +139,7 @@ def cap_framework_memory(plan: EnvPlan) -> EnvPlan:
     if plan.device == "cpu" or plan.memory_fraction is None:
         return plan
     if plan.backend == "tensorflow" and plan.memory_limit_mib is not None:
-        import tensorflow as tf
+        import tensorflow as tf  # only now: the cap must be set before the GPU is first touched
 
         gpus = tf.config.list_physical_devices("GPU")
         for gpu in gpus:
@@ -148,7 +148,7 @@ def cap_framework_memory(plan: EnvPlan) -> EnvPlan:
             )
         plan.framework_cap_applied = bool(gpus)
     elif plan.backend == "torch":
-        import torch
+        import torch  # only now: the cap must be set before the GPU is first touched
 
         if torch.cuda.is_available():
             torch.cuda.set_per_process_memory_fraction(plan.memory_fraction, 0)

@@ -9,6 +9,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+#: The trainer's last event when it fails (``reason``, ``detail``, ``problems``); not the job state.
+FAILED_EVENT = "failed"
+
 
 def jsonable(value: Any) -> Any:
     """``value`` made JSON-safe: numpy scalars/arrays to Python, NaN/Inf to None, unknowns to str."""

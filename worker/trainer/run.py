@@ -312,7 +312,7 @@ def _versions() -> dict[str, str]:
     if module is not None:
         versions[framework] = getattr(module, "__version__", "unknown")
     try:
-        from importlib.metadata import version
+        from importlib.metadata import version  # only when writing the summary
 
         versions["gpuyard"] = version("gpuyard")
     except Exception:

@@ -11,10 +11,11 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from cli.render import render_events
 from core.exitcodes import ExitCode
+from core.names import MODEL_H5
 from core.settings import get_settings
 from models.data.digits import write_digits_h5
-from service.progress import render_events
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "specs"
 
@@ -46,7 +47,7 @@ def demo_command(spec_path: Path, out_dir: Path | None, backend: str | None) -> 
         command += ["--backend", backend]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None
-        last = render_events(_json_lines(proc.stdout), console)
+        last = render_events(_json_lines(proc.stdout), console).last
         for _ in proc.stdout:  # drain whatever follows the terminal event
             pass
     code = ExitCode(proc.returncode) if proc.returncode in ExitCode._value2member_map_ else ExitCode.INTERNAL_ERROR
@@ -55,4 +56,4 @@ def demo_command(spec_path: Path, out_dir: Path | None, backend: str | None) -> 
     metrics = (last or {}).get("metrics", {})
     test = metrics.get("test", {}) if isinstance(metrics, dict) else {}
     console.print(f"[green]done[/green]: test metrics {json.dumps(test)}")
-    console.print(f"model: {out_dir / 'model.h5'}  (loads with keras.models.load_model)")
+    console.print(f"model: {out_dir / MODEL_H5}  (loads with keras.models.load_model)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from service.cli import main
+from cli.main import main
 
 _HOSTILE = Path(__file__).resolve().parents[1] / "models" / "data" / "hostile.py"
 _spec = importlib.util.spec_from_file_location("gpuyard_test_hostile", _HOSTILE)

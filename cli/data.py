@@ -1,4 +1,4 @@
-"""The ``gpuyard`` command line."""
+"""``gpuyard check-data``: check an HDF5 data set in the sandbox, as an upload is checked."""
 
 from __future__ import annotations
 
@@ -14,17 +14,10 @@ from core.settings import get_settings
 from models.data.sandbox import check_file
 from models.data.summary import DataKeys
 
-
-@click.group()
-@click.version_option(package_name="gpuyard")
-def main() -> None:
-    """gpuyard: train Keras models on shared GPUs from HDF5 data sets."""
-
-
 _KEY_OPTIONS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 
-@main.command("check-data")
+@click.command("check-data")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--keys-json", help='Keys as JSON, e.g. \'{"x_train": "X", "y_train": "Y", "num_classes": 10}\'.'
@@ -81,32 +74,3 @@ def _keys(keys_json: str | None, num_classes: int | None, key_options: dict[str,
             f"{'.'.join(map(str, e['loc']))}: {e['msg']} (received {e.get('input')!r})" for e in exc.errors()
         )
         raise click.BadParameter(reasons, param_hint="--keys-json/--num-classes") from None
-
-
-from service.users_cli import users  # noqa: E402  (command groups are attached after main is defined)
-
-main.add_command(users)
-
-from service.worker_cli import janitor_command, worker_command  # noqa: E402
-
-main.add_command(worker_command)
-main.add_command(janitor_command)
-
-from service.demo_cli import demo_command  # noqa: E402
-
-main.add_command(demo_command)
-
-from service import client_cli  # noqa: E402
-
-main.add_command(client_cli.datasets)
-main.add_command(client_cli.submit)
-main.add_command(client_cli.status)
-main.add_command(client_cli.logs)
-main.add_command(client_cli.cancel)
-main.add_command(client_cli.download)
-main.add_command(client_cli.api)
-main.add_command(client_cli.up)
-
-from service.compose_cli import compose_command  # noqa: E402
-
-main.add_command(compose_command)

@@ -1,21 +1,10 @@
-"""The job database shared by the API and the workers: users, data sets, jobs, their leases and events.
+"""The job database's one entry point, :class:`Database`: every read and write the API and workers make.
 
-SQLite (WAL, foreign keys, busy timeout) by default, PostgreSQL by URL (``postgresql+psycopg://``).
-Every public method of :class:`Database` is one short transaction. Functions that two workers may race
-on (``take_lease``, ``requeue_expired``, ``finish_job``, ...) decide with a single guarded
-``UPDATE ... WHERE <expected state>`` and look at its row count, which is atomic on both engines;
-PostgreSQL additionally locks the row first with ``SELECT ... FOR UPDATE``. On SQLite the first
-statement of every writing transaction is a write, so it takes the write lock (waiting out the busy
-timeout) instead of failing to upgrade a read snapshot.
-
-Job states::
-
-    queued ──dispatch──▶ queued+dispatched ──take_lease──▶ running ──finish_job──▶ succeeded | failed | ...
-      ▲   (gpu, dispatched_at set)                           │
-      └──requeue_expired / requeue_job (gpu, dispatched_at cleared)──┘
-
-``failed`` is the job's own fault (bad spec, out of memory, time limit); ``interrupted`` is the
-infrastructure's (worker lost, attempts exhausted, queue unreachable).
+Every public method is one short transaction. Methods that two workers may race on (``take_lease``,
+``requeue_expired``, ``finish_job``, ...) decide with a single guarded ``UPDATE ... WHERE <expected state>``
+and look at its row count, which is atomic on both engines; PostgreSQL additionally locks the row first
+with ``SELECT ... FOR UPDATE``. On SQLite the first statement of every writing transaction is a write, so
+it takes the write lock (waiting out the busy timeout) instead of failing to upgrade a read snapshot.
 """
 
 from __future__ import annotations
@@ -23,287 +12,29 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    CheckConstraint,
-    DateTime,
-    Engine,
-    ForeignKey,
-    Index,
-    Integer,
-    String,
-    Text,
-    TypeDecorator,
-    UniqueConstraint,
-    and_,
-    create_engine,
-    delete,
-    event,
-    exists,
-    func,
-    inspect,
-    or_,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy import and_, delete, exists, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import GpuyardError
+from core.exitcodes import ExitCode
 from core.states import ACTIVE_STATES, CANCELLED, INTERRUPTED, JOB_STATES, QUEUED, RUNNING, TERMINAL_STATES
+from worker.db import migrations
+from worker.db.engine import make_engine
+from worker.db.tables import Dataset, DispatchLock, Gpu, Job, JobEvent, User, hash_token, new_id, utcnow
+from worker.errors import ActiveJobLimit, DatabaseUnavailable, DatasetInUse, UnknownDataset, UserExists
 
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no 0/o/1/l: ids get read aloud and typed
-
-
-def utcnow() -> dt.datetime:
-    """The current time, timezone-aware UTC (the only kind of datetime this module stores)."""
-    return dt.datetime.now(dt.UTC)
-
-
-def new_id(prefix: str) -> str:
-    """A short random id such as ``job_k3v9x2m7qpta``: 12 characters, 60 bits."""
-    return prefix + "_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
-
-
-def hash_token(token: str) -> str:
-    """The stored form of a bearer token: its SHA-256 hex digest (tokens are random, so no salt is needed)."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-# ── errors ────────────────────────────────────────────────────────────────────────────────────────────
-class JobDBError(GpuyardError):
-    """Base of the job database's refusals.
-
-    Hierarchy::
-
-        JobDBError
-        ├── DatabaseUnavailable   the database cannot be reached (translated from SQLAlchemy)
-        ├── SchemaError           the schema is newer than this code, or unversioned
-        ├── UserExists            a user name is taken
-        ├── UnknownDataset        a job names a data set that does not exist
-        ├── DatasetInUse          a data set still has queued or running jobs
-        └── ActiveJobLimit        a user already has the maximum of queued + running jobs
-    """
-
-    code = "job_db_error"
-
-
-class DatabaseUnavailable(JobDBError):
-    code = "database_unavailable"
-
-
-class SchemaError(JobDBError):
-    code = "schema_error"
-
-
-class UserExists(JobDBError):
-    code = "user_exists"
-
-
-class UnknownDataset(JobDBError):
-    code = "dataset_not_found"
-
-
-class DatasetInUse(JobDBError):
-    code = "dataset_in_use"
-
-
-class ActiveJobLimit(JobDBError):
-    code = "too_many_active_jobs"
-
-
-# ── models ────────────────────────────────────────────────────────────────────────────────────────────
-class UTCDateTime(TypeDecorator[dt.datetime]):
-    """Stores naive UTC, returns aware UTC: the same on SQLite (no time zones) and PostgreSQL."""
-
-    impl = DateTime
-    cache_ok = True
-
-    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError(f"Expected a timezone-aware datetime. Received: {value!r}")
-        return value.astimezone(dt.UTC).replace(tzinfo=None)
-
-    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
-        return None if value is None else value.replace(tzinfo=dt.UTC)
-
-
-class Base(DeclarativeBase):
-    type_annotation_map = {dt.datetime: UTCDateTime, dict[str, Any]: JSON}  # noqa: RUF012
-
-
-class SchemaVersion(Base):
-    """One row per applied migration."""
-
-    __tablename__ = "schema_version"
-
-    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    description: Mapped[str] = mapped_column(String(200))
-    applied_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-
-
-class User(Base):
-    __tablename__ = "users"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
-    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
-    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-
-
-class Dataset(Base):
-    __tablename__ = "datasets"
-    __table_args__ = (UniqueConstraint("owner_id", "sha256", name="uq_datasets_owner_sha256"),)
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
-    name: Mapped[str | None] = mapped_column(String(255))
-    sha256: Mapped[str] = mapped_column(String(64), index=True)
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    summary: Mapped[dict[str, Any]]
-    storage_key: Mapped[str] = mapped_column(String(255))
-    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-
-    owner: Mapped[User] = relationship(lazy="joined")
-
-
-class Job(Base):
-    __tablename__ = "jobs"
-    __table_args__ = (
-        CheckConstraint("state IN ('" + "','".join(JOB_STATES) + "')", name="ck_jobs_state"),
-        Index("ix_jobs_owner_state", "owner_id", "state"),
-        Index("ix_jobs_state_lease", "state", "lease_expires_at"),
-        Index("ix_jobs_queued_at_id", "queued_at", "id"),
-    )
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    # SET NULL: a finished job outlives its data set; deleting one with active jobs is refused first.
-    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
-    spec: Mapped[dict[str, Any]]
-    state: Mapped[str] = mapped_column(String(16), default=QUEUED)
-    priority: Mapped[int] = mapped_column(Integer, default=0)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    gpu: Mapped[str | None] = mapped_column(String(64))
-    queued_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    started_at: Mapped[dt.datetime | None]
-    finished_at: Mapped[dt.datetime | None]
-    lease_owner: Mapped[str | None] = mapped_column(String(255))
-    lease_expires_at: Mapped[dt.datetime | None]
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    last_progress: Mapped[dict[str, Any] | None]
-    error_reason: Mapped[str | None] = mapped_column(String(64))
-    error_detail: Mapped[str | None] = mapped_column(Text)
-    exit_code: Mapped[int | None] = mapped_column(Integer)
-    peak_gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    last_event_seq: Mapped[int] = mapped_column(Integer, default=0)
-    # Set by the dispatcher (worker/dispatch.py) with ``gpu`` before it sends the task; cleared on requeue.
-    dispatched_at: Mapped[dt.datetime | None]
-    dispatch_note: Mapped[str | None] = mapped_column(String(300))
-
-    owner: Mapped[User] = relationship(lazy="joined")
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
-
-
-GPU_ACTIVE = "active"
-
-
-class Gpu(Base):
-    """A GPU some worker registered: what it is, and the admin's and hygiene's verdicts on it.
-
-    Live readings (memory, utilization, processes) are not here: they live in the workers' Redis
-    heartbeats, which expire. This row is what every API and worker process agrees on.
-    """
-
-    __tablename__ = "gpus"
-
-    uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    host: Mapped[str] = mapped_column(String(255))
-    index: Mapped[int] = mapped_column(Integer)
-    name: Mapped[str] = mapped_column(String(255))
-    memory_total_bytes: Mapped[int] = mapped_column(BigInteger)
-    registered_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    draining: Mapped[bool] = mapped_column(Boolean, default=False)
-    draining_since: Mapped[dt.datetime | None]
-    draining_by: Mapped[str | None] = mapped_column(String(64))
-    quarantined: Mapped[bool] = mapped_column(Boolean, default=False)
-    quarantined_since: Mapped[dt.datetime | None]
-    quarantine_reason: Mapped[str | None] = mapped_column(Text)
-
-
-class DispatchLock(Base):
-    """One row: dispatchers update it first, so read-decide-mark runs one dispatcher at a time."""
-
-    __tablename__ = "dispatch_lock"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    held_by: Mapped[str | None] = mapped_column(String(255))
-    held_at: Mapped[dt.datetime | None]
-
-
-class JobEvent(Base):
-    __tablename__ = "job_events"
-
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    time: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    event: Mapped[dict[str, Any]]
-
-
-# ── migrations ────────────────────────────────────────────────────────────────────────────────────────
-@dataclass(frozen=True)
-class Migration:
-    """One schema step. ``apply`` runs inside the migration transaction, holding the migration lock."""
-
-    version: int
-    description: str
-    apply: Any  # Callable[[Connection], None]
-
-
-def _v1_initial(conn: Connection) -> None:
-    Base.metadata.create_all(conn)
-
-
-def _v2_gpus(conn: Connection) -> None:
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN dispatched_at TIMESTAMP"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN dispatch_note VARCHAR(300)"))
-    Gpu.__table__.create(conn)
-    DispatchLock.__table__.create(conn)
-
-
-# Append only. A fresh database gets the models' current tables at once and is stamped with the last
-# version (so these steps must leave an old database exactly where create_all leaves a new one).
-MIGRATIONS: list[Migration] = [
-    Migration(1, "users, datasets, jobs, job_events", _v1_initial),
-    Migration(2, "gpus, dispatch_lock; jobs.dispatched_at, jobs.dispatch_note", _v2_gpus),
-]
-LATEST_VERSION = MIGRATIONS[-1].version
-_PG_MIGRATION_LOCK = 0x67707964  # "gpyd": any constant shared by every process migrating this DB
 _PG_DISPATCH_LOCK = 0x67707965
+_CANCELLED_REASON = ExitCode.CANCELLED.reason
 
 
-# ── results ───────────────────────────────────────────────────────────────────────────────────────────
 @dataclass
 class JanitorReport:
     """What one :meth:`Database.requeue_expired` pass did."""
@@ -314,42 +45,55 @@ class JanitorReport:
 
 
 @dataclass
+class DispatchTxn:
+    """What a dispatcher may do while it holds the dispatch lock (:meth:`Database.dispatch_lock`)."""
+
+    session: Session
+
+    def waiting(self) -> list[Job]:
+        """Queued jobs not yet placed (and not being cancelled), in dispatch order: priority, then FIFO."""
+        return list(
+            self.session.scalars(
+                select(Job)
+                .where(Job.state == QUEUED, Job.dispatched_at.is_(None), Job.cancel_requested.is_(False))
+                .order_by(Job.priority.desc(), Job.queued_at, Job.id)
+            ).unique()
+        )
+
+    def placed(self) -> list[Job]:
+        """Jobs holding room on a GPU (or the CPU queue): running, or dispatched and not yet taken."""
+        return list(
+            self.session.scalars(
+                select(Job).where(or_(Job.state == RUNNING, and_(Job.state == QUEUED, Job.dispatched_at.is_not(None))))
+            ).unique()
+        )
+
+    def mark_dispatched(self, job_id: str, gpu: str, now: dt.datetime) -> bool:
+        """Place a waiting job on ``gpu`` (a UUID or ``cpu``); False when it is no longer waiting."""
+        return (
+            self.session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == QUEUED, Job.dispatched_at.is_(None))
+                .values(gpu=gpu, dispatched_at=now, dispatch_note=None)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            == 1
+        )
+
+    def set_note(self, job_id: str, note: str) -> None:
+        """Say why a queued job still waits (shown by GET /v1/jobs/<id>)."""
+        self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == QUEUED)
+            .values(dispatch_note=note)
+            .execution_options(synchronize_session=False)
+        )
+
+
+@dataclass
 class JobPage:
     jobs: list[Job]
     next_cursor: str | None
-
-
-# ── the database ──────────────────────────────────────────────────────────────────────────────────────
-def make_engine(url: str, *, schema: str | None = None) -> Engine:
-    """An engine for ``url``: SQLite gets WAL, foreign keys and a busy timeout; PostgreSQL an optional schema.
-
-    Args:
-        url: SQLAlchemy URL, ``sqlite:///path.db`` or ``postgresql+psycopg://user@host/db``.
-        schema: PostgreSQL only: put this schema first on the search path (tests use a fresh one each).
-    """
-    parsed = make_url(url)
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": 30})
-        event.listen(engine, "connect", _sqlite_on_connect)
-        return engine
-    if backend == "postgresql":
-        connect_args = {"options": f"-csearch_path={schema}"} if schema else {}
-        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
-    raise ValueError(f"Expected a sqlite:// or postgresql+psycopg:// database URL. Received: {url!r}")
-
-
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the one writer
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a crash loses at most the last commit
-    finally:
-        cursor.close()
 
 
 class Database:
@@ -391,52 +135,12 @@ class Database:
     # ── schema ──
     def schema_version(self) -> int | None:
         """The applied schema version, or None on a database never migrated."""
-        with self.engine.connect() as conn:
-            if not inspect(conn).has_table(SchemaVersion.__tablename__):
-                return None
-            return conn.scalar(select(func.max(SchemaVersion.version)))
+        return migrations.schema_version(self.engine)
 
     def migrate(self) -> int:
-        """Bring the schema to :data:`LATEST_VERSION`; safe when several processes start at once.
-
-        Returns:
-            The schema version now applied.
-
-        Raises:
-            SchemaError: the database is newer than this code, or holds our tables without a version.
-        """
-        with self.engine.connect() as conn:
-            if self.is_postgres:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
-            else:
-                # pysqlite opens transactions lazily; take the write lock now so a second process waits.
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-            SchemaVersion.__table__.create(conn, checkfirst=True)
-            current = conn.scalar(select(func.max(SchemaVersion.version)))
-            if current is None:
-                if inspect(conn).has_table(Job.__tablename__):
-                    raise SchemaError("the database has gpuyard tables but no schema_version row")
-                Base.metadata.create_all(conn)
-                conn.execute(
-                    SchemaVersion.__table__.insert().values(
-                        version=LATEST_VERSION, description="created at this version", applied_at=utcnow()
-                    )
-                )
-            elif current > LATEST_VERSION:
-                raise SchemaError(f"the database is at schema version {current}; this code knows {LATEST_VERSION}")
-            else:
-                for migration in MIGRATIONS:
-                    if migration.version > current:
-                        migration.apply(conn)
-                        conn.execute(
-                            SchemaVersion.__table__.insert().values(
-                                version=migration.version,
-                                description=migration.description,
-                                applied_at=utcnow(),
-                            )
-                        )
-            conn.commit()
-        return LATEST_VERSION
+        """Bring the schema to the latest version; safe when several processes start at once (see
+        :func:`worker.db.migrations.migrate`)."""
+        return migrations.migrate(self.engine)
 
     # ── users ──
     def create_user(self, name: str, *, is_admin: bool = False) -> tuple[User, str]:
@@ -666,7 +370,7 @@ class Database:
         Succeeds only when the job is ``queued``, or ``running`` with a lease that expired before ``now``,
         has no cancel request, and ``attempts < max_attempts``. Then: state ``running``, ``attempts + 1``,
         ``started_at = now``, ``lease_owner = owner``, ``lease_expires_at = now + lease_seconds``, ``gpu``
-        set when given, and a ``{"event": "state", "state": "running", "attempt": n}`` event.
+        set when given, and a a state event (running, with the attempt number).
 
         Args:
             job_id: the job.
@@ -862,11 +566,11 @@ class Database:
             cancelled = s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == QUEUED)
-                .values(state=CANCELLED, finished_at=now, error_reason="cancelled", error_detail=detail)
+                .values(state=CANCELLED, finished_at=now, error_reason=_CANCELLED_REASON, error_detail=detail)
                 .execution_options(synchronize_session=False)
             ).rowcount
             if cancelled == 1:
-                self._append(s, job_id, _state_event(CANCELLED, "cancelled", detail, None), now)
+                self._append(s, job_id, _state_event(CANCELLED, _CANCELLED_REASON, detail, None), now)
             return s.get(Job, job_id, populate_existing=True)
 
     def requeue_expired(self, now: dt.datetime | None = None) -> JanitorReport:
@@ -915,7 +619,7 @@ class Database:
         cleared = {"lease_owner": None, "lease_expires_at": None}
         undispatched = {"gpu": None, "dispatched_at": None, "dispatch_note": None}  # the dispatcher places it anew
         steps = (
-            (CANCELLED, Job.cancel_requested.is_(True), {"finished_at": now, "error_reason": "cancelled"}),
+            (CANCELLED, Job.cancel_requested.is_(True), {"finished_at": now, "error_reason": _CANCELLED_REASON}),
             (QUEUED, Job.attempts < Job.max_attempts, undispatched),
             (INTERRUPTED, Job.attempts >= Job.max_attempts, {"finished_at": now, "error_reason": reason}),
         )
@@ -927,14 +631,14 @@ class Database:
                 update(Job).where(held, condition).values(**values).execution_options(synchronize_session=False)
             ).rowcount
             if changed == 1:
-                event_reason = reason if new_state != CANCELLED else "cancelled"
+                event_reason = reason if new_state != CANCELLED else _CANCELLED_REASON
                 self._append(s, job_id, _state_event(new_state, event_reason, detail, None), now)
                 return new_state
         return None
 
     # ── dispatch (worker/dispatch.py decides; these read and mark under the dispatch lock) ──
     @contextlib.contextmanager
-    def dispatch_lock(self, holder: str, now: dt.datetime | None = None) -> Iterator[Session]:
+    def dispatch_lock(self, holder: str, now: dt.datetime | None = None) -> Iterator[DispatchTxn]:
         """A transaction holding the dispatch lock: one dispatcher at a time reads, decides and marks.
 
         PostgreSQL: a transaction-scoped advisory lock. SQLite: the first statement is a write (the lock
@@ -954,7 +658,7 @@ class Database:
             if held != 1:
                 s.add(DispatchLock(id=1, held_by=holder, held_at=now))
                 s.flush()
-            yield s
+            yield DispatchTxn(s)
 
     def undispatch(self, job_id: str, dispatched_at: dt.datetime, note: str) -> bool:
         """Take back a dispatch whose task could not be sent (still queued, same dispatch): the next

@@ -7,7 +7,8 @@ from rich.console import Console
 from rich.table import Table
 
 from core.settings import get_settings
-from worker.db import Database, UserExists
+from worker.db import Database
+from worker.errors import UserExists
 
 
 def _database() -> Database:

@@ -14,18 +14,13 @@ import click
 from core.settings import Settings, get_settings
 from worker.celery_app import make_celery
 from worker.db import Database
-from worker.dispatch import Dispatcher, celery_send
-from worker.fleet import GpuWorker, plan_workers, run_fleet
+from worker.dispatch import Dispatcher
+from worker.fleet import WorkerPlan, plan_workers, run_fleet
 from worker.gpus import GpuBackend, get_backend
 from worker.janitor import janitor_pass, run_janitor
+from worker.queues import celery_sender
 
 log = logging.getLogger(__name__)
-
-
-def worker_argv(gpus: str = "all", concurrency: int = 1) -> list[str]:
-    """The ``gpuyard worker`` arguments that serve every GPU of this host and its CPU queue (one CPU worker
-    without GPUs): what ``gpuyard up`` runs."""
-    return ["worker", "--gpus", gpus, "--concurrency", str(concurrency)]
 
 
 def plan_host_workers(
@@ -36,7 +31,7 @@ def plan_host_workers(
     cpu_worker: bool = True,
     expect_gpus: int | None = None,
     backend: GpuBackend | None = None,
-) -> tuple[list[GpuWorker], bool]:
+) -> tuple[list[WorkerPlan], bool]:
     """What ``gpuyard worker --gpus gpus`` runs: ``(workers, fleet)``.
 
     ``fleet`` True: one child per GPU, plus one on the CPU queue unless ``cpu_worker`` is False.
@@ -67,7 +62,7 @@ def plan_host_workers(
         )
     host = socket.gethostname()
     queue = settings.train_queue
-    return [GpuWorker(gpu=None, name=f"{queue}@{host}", queue=queue, slots=concurrency)], False
+    return [WorkerPlan(gpu=None, name=f"{queue}@{host}", queue=queue, slots=concurrency)], False
 
 
 def command_line(env: dict[str, str], argv: list[str]) -> str:
@@ -159,14 +154,14 @@ def worker_command(
         raise click.UsageError("--no-cpu-worker and --expect-gpus need --gpus")
     # CPU jobs go to train_queue (worker/dispatch.py), whatever the worker's GPU setting.
     queue = queue or settings.train_queue
-    worker = GpuWorker(gpu=None, name=name or f"{queue}@{socket.gethostname()}", queue=queue, slots=concurrency)
+    worker = WorkerPlan(gpu=None, name=name or f"{queue}@{socket.gethostname()}", queue=queue, slots=concurrency)
     if check:
         _print_plan([worker], loglevel, False, pin=gpu == "cpu")
         return
     _start_celery(settings, worker, loglevel, pin=gpu == "cpu")
 
 
-def _print_plan(workers: list[GpuWorker], loglevel: str, fleet: bool, pin: bool = True) -> None:
+def _print_plan(workers: list[WorkerPlan], loglevel: str, fleet: bool, pin: bool = True) -> None:
     """One line per worker on stdout: the command it runs, with its environment (pinning)."""
     how = "one child per line, with GPU heartbeats" if fleet else "in this process"
     click.echo(f"gpuyard worker --check: {len(workers)} worker(s), {how}; nothing started", err=True)
@@ -174,7 +169,7 @@ def _print_plan(workers: list[GpuWorker], loglevel: str, fleet: bool, pin: bool 
         click.echo(command_line(worker.pinning() if pin else {}, worker.argv(loglevel)))
 
 
-def _start_celery(settings: Settings, worker: GpuWorker, loglevel: str, *, pin: bool) -> None:
+def _start_celery(settings: Settings, worker: WorkerPlan, loglevel: str, *, pin: bool) -> None:
     if pin:  # a CPU worker's trainers never see a GPU
         os.environ.update(worker.pinning())
         get_settings.cache_clear()
@@ -196,9 +191,9 @@ def janitor_command(interval: float | None, once: bool) -> None:
     settings = get_settings()
     if once:
         db = Database(settings.database_url)
-        dispatcher = Dispatcher(settings, db, celery_send(settings))
+        dispatcher = Dispatcher(settings, db, celery_sender(settings))
         try:
-            report = janitor_pass(db, None, dispatcher=dispatcher)
+            report = janitor_pass(db, dispatcher)
         finally:
             dispatcher.close()
         click.echo(f"requeued: {report.requeued}  interrupted: {report.interrupted}  cancelled: {report.cancelled}")

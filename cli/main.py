@@ -1,0 +1,44 @@
+"""The ``gpuyard`` command line: one group, every command family imported here (as ``celery/bin/`` does).
+
+::
+
+    cli/data.py      check-data
+    cli/jobs.py      datasets, submit, status, logs, cancel, download   (talk to the API)
+    cli/serve.py     api, up                                            (run the API, the local stack)
+    cli/workers.py   worker, janitor                                    (run the Celery side)
+    cli/users.py     users                                              (accounts and tokens)
+    cli/compose.py   compose                                            (docker compose for this host's GPUs)
+    cli/demo.py      demo                                               (the Highway example, no service)
+    cli/render.py    the one renderer of a job's events (logs -f, submit --follow, demo)
+"""
+
+from __future__ import annotations
+
+import click
+
+from cli import compose, data, demo, jobs, serve, users, workers
+
+
+@click.group()
+@click.version_option(package_name="gpuyard")
+def main() -> None:
+    """gpuyard: train Keras models on shared GPUs from HDF5 data sets."""
+
+
+for command in (
+    data.check_data,
+    users.users,
+    workers.worker_command,
+    workers.janitor_command,
+    demo.demo_command,
+    jobs.datasets,
+    jobs.submit,
+    jobs.status,
+    jobs.logs,
+    jobs.cancel,
+    jobs.download,
+    serve.api,
+    serve.up,
+    compose.compose_command,
+):
+    main.add_command(command)

@@ -1,0 +1,82 @@
+"""Fixtures every test package shares: the digits data set as HDF5, and one private redis-server.
+
+The Redis server is ours alone (a free loopback port, no persistence, stopped after the session), so no
+test ever touches — or flushes — another Redis's data.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.1) -> None:
+    """Poll ``predicate`` until it is truthy; TimeoutError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+@pytest.fixture(scope="session")
+def digits_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-learn's digits (1 438 train, 359 test rows, 64 features) as gpuyard's HDF5 layout."""
+    from models.data.digits import write_digits_h5  # imports scikit-learn: only for the tests that use it
+
+    return write_digits_h5(tmp_path_factory.mktemp("data") / "digits.h5")
+
+
+@pytest.fixture(scope="session")
+def digits_image_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same digits as 8×8×1 images."""
+    from models.data.digits import write_digits_h5  # imports scikit-learn: only for the tests that use it
+
+    return write_digits_h5(tmp_path_factory.mktemp("data") / "digits_image.h5", image=True)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server of our own on a free loopback port, for the whole session."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not on PATH (make test installs it)")
+    workdir = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(workdir)]  # fmt: skip
+    with (workdir / "redis.log").open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    client = redis.Redis(host="127.0.0.1", port=port)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    try:
+        wait_for(up, 10, "redis-server to answer PING", poll_s=0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

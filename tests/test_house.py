@@ -1,0 +1,144 @@
+"""The house's walls (docs/ARCHITECTURE.md), beyond what ``lint-imports`` checks: no circle between modules
+at module level, no late import without its reason beside it, and each idea spelled in one place."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("core", "models", "worker", "service", "cli")
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join(parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _is_type_checking_block(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _imported(node: ast.Import | ast.ImportFrom, module: str) -> set[str]:
+    """Our modules an import statement loads (the longest known prefix of each name)."""
+    names: list[str] = []
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    else:
+        base = node.module or ""
+        if node.level:
+            is_package = MODULES[module].name == "__init__.py"
+            package = module.split(".") if is_package else module.split(".")[: -node.level]
+            base = ".".join([*package, *([base] if base else [])])
+        names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        while parts and ".".join(parts) not in MODULES:
+            parts.pop()
+        if parts and ".".join(parts) != module:
+            out.add(".".join(parts))
+    return out
+
+
+def test_no_circle_between_modules_at_module_level() -> None:
+    graph: dict[str, set[str]] = {}
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        edges: set[str] = set()
+        for node in tree.body:
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                edges |= _imported(node, module)
+        graph[module] = edges
+    # Tarjan's strongly connected components: any component of two or more modules is a circle.
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            # A package importing its own submodules (re-exports in __init__) is not a circle.
+            if node.startswith(target + ".") or target.startswith(node + "."):
+                continue
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in graph:
+        if module not in index:
+            visit(module)
+    assert circles == []
+
+
+def test_every_late_import_says_why() -> None:
+    """An import inside a function is allowed only with its reason on the same line or the line above
+    (``# imports Keras: only after the environment is set``, ``# optional dependency``, ...)."""
+    silent = []
+    for module, path in MODULES.items():
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Import | ast.ImportFrom):
+                    line = lines[inner.lineno - 1]
+                    above = lines[inner.lineno - 2].strip() if inner.lineno > 1 else ""
+                    if "#" not in line and not above.startswith("#"):
+                        silent.append(f"{module}:{inner.lineno}: {line.strip()}")
+    assert silent == []
+
+
+@pytest.mark.parametrize(
+    ("what", "pattern", "home"),
+    [
+        (
+            "job states",
+            r"""["'](queued|running|succeeded|failed|cancelled|interrupted)["']""",
+            "core/states.py",
+        ),
+        ("the task name", r"""["']gpuyard\.train["']""", "worker/queues.py"),
+        (
+            "artifact names",
+            r"""["'](model\.h5|model\.keras|history\.json|diagnostics\.json|summary\.json)["']""",
+            "core/names.py",
+        ),
+        ("the trainer log name", r"""["']trainer\.log["']""", "core/names.py"),
+    ],
+)
+def test_each_name_is_spelled_once(what: str, pattern: str, home: str) -> None:
+    """Spelled as a string in the module that defines it, and at most one other (the trainer's ``failed``
+    event shares a word with the job state)."""
+    spelled = sorted(
+        str(path.relative_to(ROOT)) for path in MODULES.values() if re.search(pattern, path.read_text())
+    )
+    assert home in spelled and len(spelled) <= 2, f"{what} spelled as a string in {spelled}"

@@ -1,0 +1,60 @@
+"""The job database shared by the API and the workers: users, data sets, jobs, their leases and events.
+
+SQLite (WAL, foreign keys, busy timeout) by default, PostgreSQL by URL (``postgresql+psycopg://``).
+Every access goes through :class:`Database` (``database.py``); the rest of the package is its parts::
+
+    tables.py       the ORM tables (User, Dataset, Job, JobEvent, Gpu, DispatchLock, SchemaVersion)
+    migrations.py   append-only schema steps and ``migrate``
+    engine.py       ``make_engine``: SQLite pragmas, PostgreSQL search path
+    database.py     ``Database``: one short transaction per method, guarded UPDATEs for every race
+
+Job states (``core.states``)::
+
+    queued ──dispatch──▶ queued+dispatched ──take_lease──▶ running ──finish_job──▶ succeeded | failed | ...
+      ▲   (gpu, dispatched_at set)                           │
+      └──requeue_expired / requeue_job (gpu, dispatched_at cleared)──┘
+
+The refusals (``JobDBError`` and its kin) live in ``worker/errors.py``.
+"""
+
+from __future__ import annotations
+
+from worker.db.database import Database, DispatchTxn, JanitorReport, JobPage
+from worker.db.engine import make_engine
+from worker.db.migrations import LATEST_VERSION, MIGRATIONS
+from worker.db.tables import Dataset, Gpu, Job, JobEvent, SchemaVersion, User, hash_token, new_id, utcnow
+from worker.errors import (
+    ActiveJobLimit,
+    DatabaseUnavailable,
+    DatasetInUse,
+    JobDBError,
+    SchemaError,
+    UnknownDataset,
+    UserExists,
+)
+
+__all__ = [
+    "LATEST_VERSION",
+    "MIGRATIONS",
+    "ActiveJobLimit",
+    "Database",
+    "DatabaseUnavailable",
+    "Dataset",
+    "DatasetInUse",
+    "DispatchTxn",
+    "Gpu",
+    "JanitorReport",
+    "Job",
+    "JobDBError",
+    "JobEvent",
+    "JobPage",
+    "SchemaError",
+    "SchemaVersion",
+    "UnknownDataset",
+    "User",
+    "UserExists",
+    "hash_token",
+    "make_engine",
+    "new_id",
+    "utcnow",
+]

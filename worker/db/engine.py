@@ -1,0 +1,41 @@
+"""Engines for the job database: SQLite (WAL, foreign keys, busy timeout) or PostgreSQL (optional schema)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+
+def make_engine(url: str, *, schema: str | None = None) -> Engine:
+    """An engine for ``url``: SQLite gets WAL, foreign keys and a busy timeout; PostgreSQL an optional schema.
+
+    Args:
+        url: SQLAlchemy URL, ``sqlite:///path.db`` or ``postgresql+psycopg://user@host/db``.
+        schema: PostgreSQL only: put this schema first on the search path (tests use a fresh one each).
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_on_connect)
+        return engine
+    if backend == "postgresql":
+        connect_args = {"options": f"-csearch_path={schema}"} if schema else {}
+        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+    raise ValueError(f"Expected a sqlite:// or postgresql+psycopg:// database URL. Received: {url!r}")
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the one writer
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a crash loses at most the last commit
+    finally:
+        cursor.close()

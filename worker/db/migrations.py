@@ -1,0 +1,91 @@
+"""Schema versions of the job database: append-only steps, applied under a lock by :func:`migrate`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, func, inspect, select, text
+from sqlalchemy.engine import Connection
+
+from worker.db.tables import Base, DispatchLock, Gpu, Job, SchemaVersion, utcnow
+from worker.errors import SchemaError
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step. ``apply`` runs inside the migration transaction, holding the migration lock."""
+
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _v1_initial(conn: Connection) -> None:
+    Base.metadata.create_all(conn)
+
+
+def _v2_gpus(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN dispatched_at TIMESTAMP"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN dispatch_note VARCHAR(300)"))
+    Gpu.__table__.create(conn)
+    DispatchLock.__table__.create(conn)
+
+
+# Append only. A fresh database gets the models' current tables at once and is stamped with the last
+# version (so these steps must leave an old database exactly where create_all leaves a new one).
+MIGRATIONS: list[Migration] = [
+    Migration(1, "users, datasets, jobs, job_events", _v1_initial),
+    Migration(2, "gpus, dispatch_lock; jobs.dispatched_at, jobs.dispatch_note", _v2_gpus),
+]
+LATEST_VERSION = MIGRATIONS[-1].version
+_PG_MIGRATION_LOCK = 0x67707964  # "gpyd": any constant shared by every process migrating this DB
+
+
+def schema_version(engine: Engine) -> int | None:
+    """The applied schema version, or None on a database never migrated."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table(SchemaVersion.__tablename__):
+            return None
+        return conn.scalar(select(func.max(SchemaVersion.version)))
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the schema to :data:`LATEST_VERSION`; safe when several processes start at once.
+
+    Returns:
+        The schema version now applied.
+
+    Raises:
+        SchemaError: the database is newer than this code, or holds our tables without a version.
+    """
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        else:
+            # pysqlite opens transactions lazily; take the write lock now so a second process waits.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        SchemaVersion.__table__.create(conn, checkfirst=True)
+        current = conn.scalar(select(func.max(SchemaVersion.version)))
+        if current is None:
+            if inspect(conn).has_table(Job.__tablename__):
+                raise SchemaError("the database has gpuyard tables but no schema_version row")
+            Base.metadata.create_all(conn)
+            conn.execute(
+                SchemaVersion.__table__.insert().values(
+                    version=LATEST_VERSION, description="created at this version", applied_at=utcnow()
+                )
+            )
+        elif current > LATEST_VERSION:
+            raise SchemaError(f"the database is at schema version {current}; this code knows {LATEST_VERSION}")
+        else:
+            for migration in MIGRATIONS:
+                if migration.version > current:
+                    migration.apply(conn)
+                    conn.execute(
+                        SchemaVersion.__table__.insert().values(
+                            version=migration.version, description=migration.description, applied_at=utcnow()
+                        )
+                    )
+        conn.commit()
+    return LATEST_VERSION

@@ -1,0 +1,185 @@
+"""The job database's tables (SQLAlchemy ORM): users, data sets, jobs, their events, GPUs, the dispatch lock."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from core.states import JOB_STATES, QUEUED, TERMINAL_STATES
+
+_ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no 0/o/1/l: ids get read aloud and typed
+
+
+def utcnow() -> dt.datetime:
+    """The current time, timezone-aware UTC (the only kind of datetime this module stores)."""
+    return dt.datetime.now(dt.UTC)
+
+
+def new_id(prefix: str) -> str:
+    """A short random id such as ``job_k3v9x2m7qpta``: 12 characters, 60 bits."""
+    return prefix + "_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a bearer token: its SHA-256 hex digest (tokens are random, so no salt is needed)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Stores naive UTC, returns aware UTC: the same on SQLite (no time zones) and PostgreSQL."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"Expected a timezone-aware datetime. Received: {value!r}")
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        return None if value is None else value.replace(tzinfo=dt.UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dt.datetime: UTCDateTime, dict[str, Any]: JSON}  # noqa: RUF012
+
+
+class SchemaVersion(Base):
+    """One row per applied migration."""
+
+    __tablename__ = "schema_version"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    description: Mapped[str] = mapped_column(String(200))
+    applied_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("owner_id", "sha256", name="uq_datasets_owner_sha256"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    summary: Mapped[dict[str, Any]]
+    storage_key: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    owner: Mapped[User] = relationship(lazy="joined")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint("state IN ('" + "','".join(JOB_STATES) + "')", name="ck_jobs_state"),
+        Index("ix_jobs_owner_state", "owner_id", "state"),
+        Index("ix_jobs_state_lease", "state", "lease_expires_at"),
+        Index("ix_jobs_queued_at_id", "queued_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    # SET NULL: a finished job outlives its data set; deleting one with active jobs is refused first.
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
+    spec: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16), default=QUEUED)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    gpu: Mapped[str | None] = mapped_column(String(64))
+    queued_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[dt.datetime | None]
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_progress: Mapped[dict[str, Any] | None]
+    error_reason: Mapped[str | None] = mapped_column(String(64))
+    error_detail: Mapped[str | None] = mapped_column(Text)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    peak_gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    last_event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # Set by the dispatcher (worker/dispatch.py) with ``gpu`` before it sends the task; cleared on requeue.
+    dispatched_at: Mapped[dt.datetime | None]
+    dispatch_note: Mapped[str | None] = mapped_column(String(300))
+
+    owner: Mapped[User] = relationship(lazy="joined")
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+
+class Gpu(Base):
+    """A GPU some worker registered: what it is, and the admin's and hygiene's verdicts on it.
+
+    Live readings (memory, utilization, processes) are not here: they live in the workers' Redis
+    heartbeats, which expire. This row is what every API and worker process agrees on.
+    """
+
+    __tablename__ = "gpus"
+
+    uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    index: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(255))
+    memory_total_bytes: Mapped[int] = mapped_column(BigInteger)
+    registered_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    draining_since: Mapped[dt.datetime | None]
+    draining_by: Mapped[str | None] = mapped_column(String(64))
+    quarantined: Mapped[bool] = mapped_column(Boolean, default=False)
+    quarantined_since: Mapped[dt.datetime | None]
+    quarantine_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class DispatchLock(Base):
+    """One row: dispatchers update it first, so read-decide-mark runs one dispatcher at a time."""
+
+    __tablename__ = "dispatch_lock"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    held_by: Mapped[str | None] = mapped_column(String(255))
+    held_at: Mapped[dt.datetime | None]
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    time: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    event: Mapped[dict[str, Any]]
