@@ -113,6 +113,19 @@ class Settings(DataLimits):
     cancel_poll_s: float = Field(
         0.5, gt=0, le=1.0, description="Seconds between two checks of a running job's cancel flag."
     )
+    trainer_memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Host memory (RSS of its whole process group) a trainer may hold before it is killed and "
+        "the job fails out_of_memory. Empty: half of this host's memory.",
+    )
+    trainer_kills_before_oom: int = Field(
+        2,
+        ge=1,
+        description="A trainer killed by SIGKILL that gpuyard did not send (the kernel's OOM killer, an "
+        "operator) is requeued and resumed from its checkpoint; killed this many times in a row, the job "
+        "fails out_of_memory with the peak memory it reached.",
+    )
     cancel_grace_s: float = Field(
         3.0,
         gt=0,

@@ -10,6 +10,10 @@ from core.exitcodes import ExitCode
 from core.states import CANCELLED, FAILED, SUCCEEDED
 
 MEMORY_BUDGET_EXCEEDED = "memory_budget_exceeded"
+#: The supervisor killed the trainer for holding more host memory than trainer_memory_bytes.
+HOST_MEMORY_EXCEEDED = "host_memory_exceeded"
+#: The trainer died of a signal gpuyard did not send (most often the kernel's OOM killer's SIGKILL).
+TRAINER_KILLED = "trainer_killed"
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,17 @@ def classify_exit(
         return FAILED, ExitCode.TIME_LIMIT.reason, detail or "the job ran past its max_runtime_s"
     if stop_reason == MEMORY_BUDGET_EXCEEDED:
         return FAILED, MEMORY_BUDGET_EXCEEDED, "the job used more GPU memory than its memory_fraction allows"
+    if stop_reason == HOST_MEMORY_EXCEEDED:
+        return FAILED, ExitCode.OUT_OF_MEMORY.reason, "the trainer held more host memory than it may"
     if exit_code < 0:
+        # A signal gpuyard did not send: an interruption, like a lost worker. Hand the job back; its next
+        # attempt resumes from the checkpoint (the supervisor fails it out_of_memory when it repeats).
         name = signal.strsignal(-exit_code) or f"signal {-exit_code}"
         hint = " (the kernel's OOM killer does this when the host runs out of memory)"
         return (
-            FAILED,
-            ExitCode.INTERNAL_ERROR.reason,
-            (f"the trainer was killed by {name}" + (hint if -exit_code == signal.SIGKILL else "")),
+            None,
+            TRAINER_KILLED,
+            f"the trainer was killed by {name}" + (hint if -exit_code == signal.SIGKILL else ""),
         )
     try:
         code = ExitCode(exit_code)

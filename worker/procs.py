@@ -179,6 +179,34 @@ def read_lines(stream: IO[bytes], events: queue.Queue[Any]) -> None:
         events.put(EOF)
 
 
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants (0 once they are gone)."""
+    try:
+        root = psutil.Process(pid)
+        members = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for member in members:
+        with contextlib.suppress(psutil.Error):
+            total += member.memory_info().rss
+    return total
+
+
+def reap(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for our child ``proc`` and return its peak resident memory in bytes (``ru_maxrss``); sets
+    ``proc.returncode`` as ``Popen.wait`` would."""
+    if proc.returncode is not None:
+        return 0
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:  # already reaped elsewhere
+        proc.wait()
+        return 0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return int(usage.ru_maxrss) * 1024  # kilobytes on Linux
+
+
 def _launch(args: list[str]) -> int:
     if len(args) < 4 or args[0] != "--parent-pid" or args[2] != "--":
         print("usage: python -m worker.procs --parent-pid PID -- ARGV...", file=sys.stderr)

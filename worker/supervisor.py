@@ -44,6 +44,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from core.atomicio import atomic_write_json
 from core.exitcodes import ExitCode
 from core.names import CHECKPOINT_DIR, CHECKPOINT_STATE, DATASET_SUMMARY_FILE, PID_FILE, SPEC_FILE, TRAINER_LOG
@@ -55,13 +57,19 @@ from worker.db import Database, Job
 from worker.errors import JobDBError
 from worker.gpus import GpuBackend, budget_bytes, context_allowance_bytes, declare_fake_process_if_absent, get_backend
 from worker.lease import LeaseKeeper, default_owner
-from worker.outcome import MEMORY_BUDGET_EXCEEDED, Outcome, classify_exit
+from worker.outcome import HOST_MEMORY_EXCEEDED, MEMORY_BUDGET_EXCEEDED, TRAINER_KILLED, Outcome, classify_exit
 from worker.relay import EventPublisher, progress_of
 from worker.storage import LocalStorage, Storage
 from worker.trainer.events import FAILED_EVENT
-from worker.watchdog import MemoryWatchdog, hygiene_problem
+from worker.watchdog import HostMemoryWatchdog, MemoryWatchdog, hygiene_problem
 
 CANCELLED_REASON = ExitCode.CANCELLED.reason
+_HOST_MEMORY_INTERVAL_S = 0.5
+
+
+def trainer_memory_limit(settings: Settings) -> int:
+    """The host memory one trainer's process group may hold: the setting, else half of this host's."""
+    return settings.trainer_memory_bytes or psutil.virtual_memory().total // 2
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +107,8 @@ class Supervisor:
         self.failed_event: dict[str, Any] | None = None
         self.progress: dict[str, Any] = {}
         self.watchdog: MemoryWatchdog | None = None
+        self.host_memory: HostMemoryWatchdog | None = None
+        self.peak_rss_bytes = 0
 
     # ── top level ──
     def run(self) -> Outcome:
@@ -184,6 +194,10 @@ class Supervisor:
             )
         procs.write_pid_file(job_dir / PID_FILE, proc.pid)
         unaccounted_before = self._start_watchdog(job, proc.pid)
+        self.host_memory = HostMemoryWatchdog(
+            proc.pid, trainer_memory_limit(self.settings), _HOST_MEMORY_INTERVAL_S, self.job_id
+        )
+        self.host_memory.start()
         self.progress["trainer_pid"] = proc.pid  # its process group: GET /v1/gpus maps GPU memory to jobs
         with contextlib.suppress(JobDBError):
             self.db.record_progress(self.job_id, dict(self.progress), owner=self.owner)
@@ -199,15 +213,18 @@ class Supervisor:
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
+            self.host_memory.stop()
             # Kill whatever is left in the group (everything, after an exception in _watch; stragglers the
             # trainer left behind, otherwise) while the unreaped leader still pins the group id, then reap.
             procs.signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
+            self.peak_rss_bytes = max(procs.reap(proc), self.host_memory.peak_bytes)
             assert proc.stdout is not None
             proc.stdout.close()
         (job_dir / PID_FILE).unlink(missing_ok=True)
         if self.watchdog is not None and self.watchdog.exceeded.is_set() and stop_reason != "lease_lost":
             stop_reason = MEMORY_BUDGET_EXCEEDED
+        elif self.host_memory.exceeded.is_set() and stop_reason != "lease_lost":
+            stop_reason = HOST_MEMORY_EXCEEDED
         self._check_hygiene(unaccounted_before)
 
         base = {
@@ -231,10 +248,41 @@ class Supervisor:
                 f"{_mib(context_allowance_bytes(self.settings))} allowance); killed. Ask for a larger "
                 "resources.memory_fraction or make the model smaller"
             )
+        if stop_reason == HOST_MEMORY_EXCEEDED:
+            detail = (
+                f"the trainer held {_mib(self.host_memory.exceeded_bytes)} of host memory, over its limit of "
+                f"{_mib(self.host_memory.limit_bytes)} (trainer_memory_bytes); killed. Make the model or "
+                "batch_size smaller"
+            )
+        if reason == TRAINER_KILLED and proc.returncode == -signal.SIGKILL:
+            kills = self._kills_in_a_row() + 1
+            if kills >= self.settings.trainer_kills_before_oom:
+                state, reason = FAILED, ExitCode.OUT_OF_MEMORY.reason
+                detail = (
+                    f"the trainer was killed by SIGKILL {kills} times in a row, most likely by the kernel's "
+                    f"OOM killer: the host ran out of memory. Its peak was {_mib(self.peak_rss_bytes)} of host "
+                    "memory; make the model or batch_size smaller"
+                )
+            else:
+                detail = f"{detail}; peak {_mib(self.peak_rss_bytes)} of host memory; resuming from the checkpoint"
         if state is None:
             return self._hand_back(base, reason, detail)
         outcome = self._finish(job, state, None if state == SUCCEEDED else reason, detail, proc.returncode)
         return Outcome(**{**base, "state": outcome.state, "reason": outcome.reason, "detail": outcome.detail})
+
+    def _kills_in_a_row(self) -> int:
+        """How many of this job's latest hand-backs, in a row, were trainers killed by a signal."""
+        reasons = [
+            e.event.get("reason")
+            for e in self.db.events_since(self.job_id, 0, limit=10_000)
+            if e.event.get("event") == "state" and e.event.get("state") == QUEUED and e.event.get("reason")
+        ]
+        kills = 0
+        for reason in reversed(reasons):
+            if reason != TRAINER_KILLED:
+                break
+            kills += 1
+        return kills
 
     # ── staging ──
     def _stage_dataset(self, job: Job, job_dir: Path) -> Path | None:
@@ -356,6 +404,8 @@ class Supervisor:
             return "lease_lost"
         if self.watchdog is not None and self.watchdog.exceeded.is_set():
             return MEMORY_BUDGET_EXCEEDED  # the watchdog already killed the group
+        if self.host_memory is not None and self.host_memory.exceeded.is_set():
+            return HOST_MEMORY_EXCEEDED  # the host-memory watchdog already killed the group
         try:
             if self.db.is_cancel_requested(self.job_id):
                 return CANCELLED_REASON

@@ -98,6 +98,48 @@ class MemoryWatchdog(threading.Thread):
             self.join(timeout=5)
 
 
+class HostMemoryWatchdog(threading.Thread):
+    """Keeps one trainer's process group within ``limit_bytes`` of host memory (the sum of their RSS).
+
+    The host must never be the one to run out: past the limit the group is SIGKILLed at once and the job
+    fails ``out_of_memory``. ``peak_bytes`` is the most the group held at one reading.
+    """
+
+    def __init__(self, pid: int, limit_bytes: int, interval_s: float, job_id: str = "") -> None:
+        super().__init__(name=f"host-memory-{job_id or pid}", daemon=True)
+        self.pid, self.limit_bytes, self.interval_s, self.job_id = pid, limit_bytes, interval_s, job_id
+        self.peak_bytes = 0
+        self.exceeded_bytes: int | None = None
+        self.exceeded = threading.Event()
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopping.is_set() and not self.exceeded.is_set():
+            self.sample()
+            self._stopping.wait(self.interval_s)
+
+    def sample(self) -> int:
+        """One reading of the group's RSS; kills the group when it is over the limit. Returns the bytes held."""
+        held = procs.tree_rss_bytes(self.pid)
+        self.peak_bytes = max(self.peak_bytes, held)
+        if held > self.limit_bytes and not self.exceeded.is_set():
+            self.exceeded_bytes = held
+            procs.signal_group(self.pid, signal.SIGKILL)
+            self.exceeded.set()
+            log.warning(
+                "job %s: trainer holds %d MiB of host memory, over its limit of %d MiB: killed",
+                self.job_id,
+                held // 2**20,
+                self.limit_bytes // 2**20,
+            )
+        return held
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join(timeout=5)
+
+
 def hygiene_problem(
     backend: GpuBackend,
     gpu_uuid: str,

@@ -1,7 +1,10 @@
 """A stand-in for ``python -m worker.trainer`` that follows its contract without Keras (fast tests).
 
 Behaviour comes from the spec's ``fake`` key: ``epochs``, ``epoch_s`` (seconds per epoch),
-``exit_code`` (exit with it after the first epoch, with a ``failed`` event), ``ignore_sigterm``.
+``exit_code`` (exit with it after the first epoch, with a ``failed`` event), ``ignore_sigterm``,
+``sigkill_after_epoch`` (SIGKILL itself after checkpointing that epoch, as the OOM killer would; only on a
+fresh start), ``sigkill_every_attempt`` (after the first epoch of every attempt), ``rss_bytes`` (hold that
+much host memory from the start).
 SIGTERM: checkpoint, ``failed`` (cancelled), exit 6, unless ``ignore_sigterm``.
 
 On a fake GPU (``GPUYARD_FAKE_GPUS``; the declarations live in ``GPUYARD_FAKE_GPU_DIR``):
@@ -58,6 +61,9 @@ def main() -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
 
     first = json.loads(state_path.read_text())["epoch"] if args.resume and state_path.exists() else 0
+    ballast = bytearray(int(fake.get("rss_bytes", 0)))  # touched: resident, not just reserved
+    for offset in range(0, len(ballast), 4096):
+        ballast[offset] = 1
     epochs = int(fake.get("epochs", 2))
     emit(
         "started",
@@ -84,6 +90,10 @@ def main() -> int:
         state_path.parent.mkdir(parents=True, exist_ok=True)
         state_path.write_text(json.dumps({"epoch": epoch}))
         emit("checkpoint", epoch=epoch)
+        every = bool(fake.get("sigkill_every_attempt"))
+        killed_here = epoch == first + 1 if every else epoch == fake.get("sigkill_after_epoch")
+        if killed_here and (not args.resume or every):
+            os.kill(os.getpid(), signal.SIGKILL)
         if "exit_code" in fake:
             code = int(fake["exit_code"])
             reason = REASONS.get(code, "internal_error")

@@ -290,6 +290,44 @@ def test_retry_resumes_from_the_checkpoint(
     assert "resuming from checkpoint" in (job_dir(storage, job_id) / TRAINER_LOG).read_text()
 
 
+def test_a_trainer_killed_by_sigkill_is_requeued_and_resumes_from_its_checkpoint(
+    settings: Settings, db: Database, storage: LocalStorage, make_job: Callable[..., str]
+) -> None:
+    job_id = make_job(fake_spec(epochs=3, sigkill_after_epoch=1))
+
+    first = supervise(job_id, settings, db=db, storage=storage, trainer_argv=FAKE_TRAINER)
+    assert (first.state, first.reason, first.exit_code) == (QUEUED, "trainer_killed", -signal.SIGKILL)
+    assert "peak" in first.detail and "resuming from the checkpoint" in first.detail
+
+    second = supervise(job_id, settings, db=db, storage=storage, trainer_argv=FAKE_TRAINER)
+    assert (second.state, second.attempt, second.resumed) == (SUCCEEDED, 2, True)
+    assert [e["resumed_from_epoch"] for e in events_of(db, job_id, "started")] == [None, 1]
+
+
+def test_a_trainer_killed_again_and_again_fails_out_of_memory_with_its_peak(
+    settings: Settings, db: Database, storage: LocalStorage, make_job: Callable[..., str]
+) -> None:
+    job_id = make_job(fake_spec(epochs=3, sigkill_after_epoch=1, sigkill_every_attempt=True, rss_bytes=64 * 2**20))
+    assert supervise(job_id, settings, db=db, storage=storage, trainer_argv=FAKE_TRAINER).state == QUEUED
+    outcome = supervise(job_id, settings, db=db, storage=storage, trainer_argv=FAKE_TRAINER)
+    job = db.get_job(job_id)
+    assert (outcome.state, job.state, job.error_reason) == (FAILED, FAILED, "out_of_memory")
+    assert "2 times in a row" in job.error_detail
+    peak_mib = int(job.error_detail.split("Its peak was ")[1].split(" MiB")[0])
+    assert peak_mib >= 64  # the 64 MiB it held, measured (ru_maxrss), not guessed
+
+
+def test_a_trainer_over_its_host_memory_limit_is_killed_and_fails_out_of_memory(
+    settings: Settings, db: Database, storage: LocalStorage, make_job: Callable[..., str]
+) -> None:
+    limited = settings.model_copy(update={"trainer_memory_bytes": 150 * 2**20})
+    job_id = make_job(fake_spec(epochs=2, epoch_s=5, rss_bytes=300 * 2**20))
+    outcome = supervise(job_id, limited, db=db, storage=storage, trainer_argv=FAKE_TRAINER)
+    job = db.get_job(job_id)
+    assert (outcome.state, job.error_reason) == (FAILED, "out_of_memory")
+    assert "of host memory, over its limit of 150 MiB (trainer_memory_bytes)" in job.error_detail
+
+
 def test_missing_dataset_file_fails_the_job(
     settings: Settings, db: Database, storage: LocalStorage, make_job: Callable[..., str]
 ) -> None:
@@ -306,8 +344,8 @@ def test_classify_exit() -> None:
     assert classify_exit(-9, "cancelled", None)[:2] == (CANCELLED, "cancelled")
     assert classify_exit(6, "time_limit", None)[:2] == (FAILED, "time_limit")
     assert classify_exit(6, None, None)[0] is None  # stopped from outside: hand back
-    state, reason, detail = classify_exit(-9, None, None)
-    assert (state, reason) == (FAILED, "internal_error") and "OOM" in detail
+    state, reason, detail = classify_exit(-9, None, None)  # a SIGKILL gpuyard did not send: hand back
+    assert (state, reason) == (None, "trainer_killed") and "OOM" in detail
     assert classify_exit(2, None, None)[:2] == (FAILED, "internal_error")
     assert classify_exit(42, None, None)[:2] == (FAILED, "internal_error")
     assert classify_exit(5, None, {"detail": "too big"}) == (FAILED, "out_of_memory", "too big")
