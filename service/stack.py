@@ -42,6 +42,11 @@ from worker.errors import UserExists
 from worker.procs import set_parent_death_signal
 
 ADMIN_NAME = "admin"
+# A child that dies is started again after _BACKOFF_FIRST_S, doubling to _BACKOFF_MAX_S; one that then runs
+# for _STABLE_S starts from the first delay again.
+_BACKOFF_FIRST_S = 1.0
+_BACKOFF_MAX_S = 30.0
+_STABLE_S = 60.0
 ADMIN_TOKEN_FILE = "admin-token"
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -139,11 +144,15 @@ def ensure_admin(db: Database, data_dir: Path) -> tuple[str | None, bool]:
 
 @dataclass
 class Child:
-    """One process of the stack, with its log file."""
+    """One process of the stack, with its log file and what it takes to start it again."""
 
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0
 
 
 @dataclass
@@ -292,10 +301,15 @@ class Stack:
             start_new_session=True,  # Ctrl-C reaches `gpuyard up` only; it stops the children in order
             preexec_fn=set_parent_death_signal,  # and they go if `gpuyard up` is killed
         )
-        child = Child(name, process, log_path)
+        child = Child(name, process, log_path, argv=list(argv), env=dict(env))
         if track:
             self.children.append(child)
         return child
+
+    def _restart(self, child: Child) -> None:
+        """Start a child that died again, in place, with its own argv and environment."""
+        fresh = self._spawn(child.name, child.argv, child.env, track=False)
+        child.process, child.started_at = fresh.process, fresh.started_at
 
     def _wait_ready(self, stopping: Callable[[], bool]) -> None:
         deadline = time.monotonic() + self.config.ready_timeout_s
@@ -330,9 +344,27 @@ class Stack:
                 raise StackError(f"{child.name} exited with code {code}" + self._tail(child))
 
     def wait(self, stopping: Callable[[], bool], poll_s: float = 0.5) -> None:
-        """Return when ``stopping()`` is true; raise StackError when a child exits on its own."""
+        """Return when ``stopping()`` is true. A child that exits on its own is started again after a
+        backoff (1 s, doubling up to 30 s; back to 1 s once it has run for a minute), and said so."""
+        due: dict[str, float] = {}
         while not stopping():
-            self._check_alive(self.all_children())
+            now = time.monotonic()
+            for child in self.all_children():
+                code = child.process.poll()
+                if code is None:
+                    if now - child.started_at > _STABLE_S:
+                        child.restarts = 0
+                    continue
+                if child.name not in due:
+                    delay = min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2**child.restarts)
+                    due[child.name] = now + delay
+                    note = f"{child.name} exited with code {code}; restarting it in {delay:.0f} s"
+                    self.say(note + self._tail(child))
+                elif now >= due[child.name]:
+                    del due[child.name]
+                    child.restarts += 1
+                    self._restart(child)
+                    self.say(f"{child.name} restarted (pid {child.process.pid}, restart {child.restarts})")
             self._reap_orphans()
             time.sleep(poll_s)
 

@@ -36,6 +36,28 @@ def test_up_serves_then_sigint_stops_every_process(tmp_path: Path) -> None:
         pids = [p.pid for p in tree]
         assert len(pids) >= 5  # redis, gunicorn arbiter + worker, celery worker + pool process, janitor
 
+        # A child that dies is started again (with backoff, said in the output); the stack keeps serving.
+        janitor = next(p for p in tree if " janitor" in " ".join(p.cmdline()))
+        redis_server = next(p for p in tree if "redis-server" in " ".join(p.cmdline()))
+        janitor.kill()
+        redis_server.kill()
+
+        def restarted() -> bool:
+            names = [" ".join(p.cmdline()) for p in stack.descendants() if p.pid not in (janitor.pid, redis_server.pid)]
+            return any(" janitor" in n for n in names) and any("redis-server" in n for n in names)
+
+        deadline = time.monotonic() + 30
+        while not restarted():
+            assert time.monotonic() < deadline, stack.output()[-3000:]
+            time.sleep(0.2)
+        assert "janitor exited with code -9; restarting it in 1 s" in stack.output()
+        assert "redis restarted" in stack.output()
+        deadline = time.monotonic() + 30
+        while requests.get(stack.url + "/v1/ready", timeout=5).status_code != 200:  # Redis is back, same port
+            assert time.monotonic() < deadline, stack.output()[-3000:]
+            time.sleep(0.2)
+        pids = [p.pid for p in stack.descendants()]
+
         started = time.monotonic()
         stack.process.send_signal(signal.SIGINT)
         assert stack.process.wait(30) == 0
