@@ -74,22 +74,3 @@ def test_example_parses_dry_runs_builds_and_trains(name: str, digits: tuple[np.n
     assert result["parameters"]["total"] == model.count_params()
     history = model.fit(x, y, epochs=1, batch_size=64, verbose=0)
     assert np.isfinite(history.history["loss"][0])
-
-
-@pytest.mark.slow
-def test_highway_example_reaches_090_test_accuracy(digits: tuple[np.ndarray, ...]) -> None:
-    x_train, y_train, x_test, y_test = digits
-    spec = parse_spec(load("highway"))
-    model = build_model(spec, digits_summary("highway", len(x_train)), input_stats=compute_input_stats(x_train))
-    training = spec.training
-    model.fit(
-        x_train,
-        y_train,
-        epochs=training.epochs,
-        batch_size=training.batch_size,
-        validation_split=training.validation_split,
-        shuffle=training.shuffle,
-        verbose=0,
-    )
-    _, accuracy = model.evaluate(x_test, y_test, verbose=0)
-    assert accuracy >= 0.9
