@@ -88,6 +88,30 @@ class Settings(DataLimits):
     dry_run_timeout_s: float = Field(
         120.0, gt=0, description="Seconds the API waits for a dry-run subprocess (it builds the Keras model)."
     )
+    # Model size limits, checked at submit from the spec alone (models/size.py)
+    max_model_parameters: int = Field(
+        50_000_000, gt=0, description="Refuse at submit a model with more parameters than this (200 MB of float32)."
+    )
+    max_training_memory_bytes: int = Field(
+        8 * 2**30,
+        gt=0,
+        description="Refuse at submit a model whose estimated memory for one training step (weights, gradients, "
+        "optimizer state, one batch's activations; the dry run's formula) exceeds this many bytes.",
+    )
+    max_model_depth: int = Field(
+        1000,
+        gt=0,
+        description="Refuse at submit more hidden layers or blocks than this (mlp/snn widths, highway depth, "
+        "resnet blocks or the sum of stages, cnn filters; a keras_json model's layers).",
+    )
+    max_layer_width: int = Field(
+        65536, gt=0, description="Refuse at submit a layer with more units or filters than this."
+    )
+    default_max_runtime_s: int = Field(
+        86_400,
+        ge=0,
+        description="resources.max_runtime_s given to a job whose spec sets none (0: no limit).",
+    )
     sse_poll_interval_s: float = Field(
         0.5, gt=0, description="Seconds between two job-event polls of the database in an SSE stream."
     )

@@ -17,6 +17,7 @@ from core.names import ARTIFACT_NAMES, TRAINER_LOG
 from core.states import QUEUED, TERMINAL_STATES
 from models.data.summary import DatasetSummary
 from models.fit import spec_data_problems
+from models.size import size_problems
 from models.spec import JobSpec, parse_spec
 from service.api import json_body, query_args, respond
 from service.auth import authenticate, current_user, visible_owner_id
@@ -52,8 +53,13 @@ def submit() -> Response:
     dataset = svc.db.get_dataset(body.dataset, visible_owner_id())
     if dataset is None:
         raise NotFound(f"no data set {body.dataset!r}; upload one with POST /v1/datasets", field="dataset")
-    _check_fits_dataset(spec, dataset)
+    summary = _check_fits_dataset(spec, dataset)
+    size = size_problems(spec, list(summary.input_shape), summary.output_dim, svc.settings)
+    if size:  # before anything is built, dry run included
+        raise Unprocessable.from_problems("model_too_large", size, prefix="spec.")
     spec_json = spec.model_dump(mode="json")
+    if spec_json["resources"]["max_runtime_s"] is None and svc.settings.default_max_runtime_s:
+        spec_json["resources"]["max_runtime_s"] = svc.settings.default_max_runtime_s
     gpus = gpu_views(svc.db, svc.heartbeats)
     never = never_fits(spec_json, gpus, svc.settings)
     if never:
@@ -179,7 +185,7 @@ def _is_terminal(job_event: JobEvent) -> bool:
     return job_event.event.get("event") == "state" and job_event.event.get("state") in TERMINAL_STATES
 
 
-def _check_fits_dataset(spec: JobSpec, dataset: Dataset) -> None:
+def _check_fits_dataset(spec: JobSpec, dataset: Dataset) -> DatasetSummary:
     """Refuse (422, every reason) a spec that cannot fit its data set, before a worker finds out.
 
     The stored summary was checked with the keys given at upload; a spec naming other keys (or declaring
@@ -192,6 +198,7 @@ def _check_fits_dataset(spec: JobSpec, dataset: Dataset) -> None:
     problems = spec_data_problems(spec, summary)
     if problems:
         raise Unprocessable.from_problems("spec_invalid", problems, prefix="spec.")
+    return summary
 
 
 def _last_event_id() -> int:
