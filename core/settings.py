@@ -112,6 +112,15 @@ class Settings(DataLimits):
         ge=0,
         description="resources.max_runtime_s given to a job whose spec sets none (0: no limit).",
     )
+    dry_run_memory_bytes: int = Field(
+        4 * 2**30,
+        gt=0,
+        description="Address-space limit (RLIMIT_AS) of the dry-run child process the API starts; a dry run "
+        "past it is refused with 422. The examples' dry runs (TensorFlow, CPU) need about 1.5 GiB.",
+    )
+    dry_run_concurrency: int = Field(
+        2, ge=1, description="Dry runs one API process runs at once; more answer 429 with Retry-After."
+    )
     sse_poll_interval_s: float = Field(
         0.5, gt=0, description="Seconds between two job-event polls of the database in an SSE stream."
     )

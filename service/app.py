@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 from core.errors import GpuyardError
 from core.settings import Settings, get_settings
 from service.api import datasets, gpus, health, jobs, openapi
-from service.checks import sandbox_check_dataset, trainer_dry_run
+from service.checks import DryRunGate, sandbox_check_dataset, trainer_dry_run
 from service.errors import to_api_error
 from service.extensions import Services, init_services
 from service.queue import CeleryJobQueue
@@ -74,8 +74,13 @@ def register_extensions(app: Flask) -> None:
             queue=app.config.get("GPUYARD_JOB_QUEUE") or CeleryJobQueue(settings),
             check_dataset=app.config.get("GPUYARD_DATASET_CHECKER")
             or functools.partial(sandbox_check_dataset, settings=settings),
-            dry_run=app.config.get("GPUYARD_DRY_RUNNER")
-            or functools.partial(trainer_dry_run, timeout_s=settings.dry_run_timeout_s),
+            dry_run=DryRunGate(
+                app.config.get("GPUYARD_DRY_RUNNER")
+                or functools.partial(
+                    trainer_dry_run, timeout_s=settings.dry_run_timeout_s, memory_bytes=settings.dry_run_memory_bytes
+                ),
+                settings.dry_run_concurrency,
+            ),
             heartbeats=app.config.get("GPUYARD_GPU_HEARTBEATS") or GpuBoard(settings.redis_url or None).heartbeats,
         ),
     )
