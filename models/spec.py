@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from core.errors import Problem, SpecError
+from core.jsondepth import MAX_JSON_DEPTH, text_depth, value_depth
 from models.data.summary import DataKeys
 
 FAMILIES = ("mlp", "highway", "resnet", "snn", "cnn", "keras_json")
@@ -276,6 +277,13 @@ class KerasJsonArchitecture(_ArchitectureBase):
     @classmethod
     def _json_object(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
         config = value
+        depth = text_depth(value) if isinstance(value, str) else value_depth(value, MAX_JSON_DEPTH)
+        if depth > MAX_JSON_DEPTH:  # before json.loads or any walk: both recurse
+            raise PydanticCustomError(
+                "keras_json_too_deep",
+                "Expected a model config nested at most {limit} levels deep; this one nests {depth}",
+                {"limit": MAX_JSON_DEPTH, "depth": depth, "value": f"a config {depth} levels deep"},
+            )
         if isinstance(value, str):
             try:
                 config = json.loads(value)
