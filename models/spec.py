@@ -1,8 +1,9 @@
 """The job spec: what to build and how to train it, as pydantic models with a published JSON Schema.
 
 Importing this module never imports Keras: the service validates specs in a process that must stay
-free of any framework. Checks that need the data set (input shape, number of classes) or Keras itself
-(the safe-mode walk of a ``keras_json`` model) happen in :func:`models.build.build_model`.
+free of any framework. Checks that need the data set (input shape, number of classes) and the safe-mode
+walk of a ``keras_json`` model happen in :func:`models.fit.spec_data_problems` (also Keras-free, run by
+the API at submit and by :func:`models.build.build_model`).
 
 Shape::
 
