@@ -13,7 +13,7 @@ from pathlib import Path
 from flask import Blueprint, Response, request, send_file, url_for
 
 from core.errors import Problem
-from core.names import ARTIFACT_NAMES, TRAINER_LOG
+from core.names import ARTIFACT_MEDIA_TYPES, ARTIFACT_NAMES, TRAINER_LOG
 from core.states import QUEUED, TERMINAL_STATES
 from models.data.summary import DatasetSummary
 from models.fit import spec_data_problems
@@ -140,7 +140,7 @@ def events(job_id: str) -> Response:
     stream = _event_stream(svc.db, job_id, after, svc.settings.sse_poll_interval_s, svc.settings.sse_keepalive_s)
     return Response(
         stream,
-        mimetype="text/event-stream",
+        content_type="text/event-stream",  # as documented; SSE is UTF-8 by definition, no charset parameter
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -239,6 +239,7 @@ def artifact(job_id: str, name: str) -> Response:
     stat = path.stat()
     return send_file(
         path,
+        mimetype=ARTIFACT_MEDIA_TYPES[name],
         conditional=True,
         etag=_sha256_of(str(path), stat.st_mtime_ns, stat.st_size),
         download_name=name,

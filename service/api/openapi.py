@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from core.names import ARTIFACT_NAMES
+from core.names import ARTIFACT_MEDIA_TYPES, ARTIFACT_NAMES
 from models.spec import JobSpec
 from service.schemas import (
     DatasetListOut,
@@ -214,8 +214,9 @@ def openapi_document() -> dict[str, Any]:
                 "Download an artifact; ETag is its SHA-256; supports If-None-Match and Range",
                 {
                     "200": {
-                        "description": "The file",
-                        "content": {"application/octet-stream": {"schema": {}}},
+                        "description": "The file: "
+                        + ", ".join(f"{name} as {media}" for name, media in ARTIFACT_MEDIA_TYPES.items()),
+                        "content": {media: {"schema": {}} for media in sorted(set(ARTIFACT_MEDIA_TYPES.values()))},
                     },
                     "206": {"description": "Partial content (Range)"},
                     "304": {"description": "Not modified (If-None-Match)"},
