@@ -166,6 +166,7 @@ class User(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("FALSE"))
 
 
 class Dataset(Base):
@@ -294,9 +295,14 @@ def _v2_gpus(conn: Connection) -> None:
 
 # Append only. A fresh database gets the models' current tables at once and is stamped with the last
 # version (so these steps must leave an old database exactly where create_all leaves a new one).
+def _v3_users_disabled(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "users, datasets, jobs, job_events", _v1_initial),
     Migration(2, "gpus, dispatch_lock; jobs.dispatched_at, jobs.dispatch_note", _v2_gpus),
+    Migration(3, "users.disabled", _v3_users_disabled),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 _PG_MIGRATION_LOCK = 0x67707964  # "gpyd": any constant shared by every process migrating this DB
@@ -459,9 +465,26 @@ class Database:
         return user, token
 
     def user_for_token(self, token: str) -> User | None:
-        """The user whose token this is, or None."""
+        """The user whose token this is, or None (also for a disabled user)."""
         with self._begin() as s:
-            return s.scalar(select(User).where(User.token_hash == hash_token(token)))
+            return s.scalar(select(User).where(User.token_hash == hash_token(token), User.disabled.is_(False)))
+
+    def set_user_disabled(self, name: str, disabled: bool) -> User | None:
+        """Disable a user (their token stops working at its next request) or enable them again; None if no such user."""
+        with self._begin() as s:
+            user = s.scalar(select(User).where(User.name == name))
+            if user is not None:
+                user.disabled = disabled
+            return user
+
+    def rotate_token(self, name: str) -> tuple[User, str] | None:
+        """Give a user a new token (returned once) and void the old one at once; None if no such user."""
+        token = "gy_" + secrets.token_urlsafe(32)
+        with self._begin() as s:
+            user = s.scalar(select(User).where(User.name == name))
+            if user is not None:
+                user.token_hash = hash_token(token)
+        return (user, token) if user is not None else None
 
     def list_users(self) -> list[User]:
         with self._begin() as s:
