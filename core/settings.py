@@ -74,6 +74,12 @@ class Settings(DataLimits):
         None, description="Root of local storage (data sets, job artifacts). Empty: <data_dir>/storage."
     )
     max_upload_bytes: int = Field(2 * 2**30, gt=0, description="Largest data set upload accepted, in bytes.")
+    tmp_max_age_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Staging files of uploads (storage tmp/) older than this many seconds are removed when the "
+        "API starts and by the janitor: what a killed upload left behind.",
+    )
     max_active_jobs_per_user: int = Field(
         4, ge=1, description="Queued plus running jobs one user may have; more answer 429."
     )

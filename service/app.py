@@ -77,12 +77,16 @@ def register_extensions(app: Flask) -> None:
     if app.config["GPUYARD_AUTO_MIGRATE"]:
         db.migrate()
     assert settings.storage_dir is not None  # filled in by Settings
+    storage = LocalStorage(settings.storage_dir)
+    swept = storage.sweep_tmp(settings.tmp_max_age_s)  # what uploads killed mid-way left behind
+    if swept:
+        app.logger.info("removed %d stale upload staging file(s) from storage tmp/", swept)
     init_services(
         app,
         Services(
             settings=settings,
             db=db,
-            storage=LocalStorage(settings.storage_dir),
+            storage=storage,
             queue=app.config.get("GPUYARD_JOB_QUEUE") or CeleryJobQueue(settings),
             check_dataset=app.config.get("GPUYARD_DATASET_CHECKER")
             or functools.partial(sandbox_check_dataset, settings=settings),
