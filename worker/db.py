@@ -27,7 +27,7 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -500,8 +500,14 @@ class Database:
         storage_key: str,
         *,
         name: str | None = None,
+        place_file: Callable[[], object] | None = None,
     ) -> tuple[Dataset, bool]:
         """Record a stored data set; the same content for the same owner returns the existing row.
+
+        Args:
+            place_file: puts the content-addressed file in place (or keeps the one there); called after the
+                row is written, under the content's lock, so a concurrent delete of another row with the
+                same content either finishes first (and the file is placed again) or sees this row.
 
         Returns:
             ``(dataset, created)``: ``created`` is False when the owner already had this content.
@@ -511,6 +517,7 @@ class Database:
             return existing, False
         try:
             with self._begin() as s:
+                self._lock_content(s, sha256)
                 dataset = Dataset(
                     id=new_id("ds"),
                     owner_id=owner_id,
@@ -522,7 +529,9 @@ class Database:
                     created_at=utcnow(),
                 )
                 s.add(dataset)
-                s.flush()
+                s.flush()  # SQLite: the INSERT takes the database's write lock, held until commit
+                if place_file is not None:
+                    place_file()
                 s.refresh(dataset)
                 return dataset, True
         except IntegrityError:
@@ -553,8 +562,14 @@ class Database:
                 query = query.where(Dataset.owner_id == owner_id)
             return list(s.scalars(query))
 
-    def delete_dataset(self, dataset_id: str, owner_id: int | None = None) -> Dataset | None:
+    def delete_dataset(
+        self, dataset_id: str, owner_id: int | None = None, *, remove_file: Callable[[str], object] | None = None
+    ) -> Dataset | None:
         """Delete a data set row unless a queued or running job uses it.
+
+        Args:
+            remove_file: removes the stored file by key; called, under the content's lock and before the
+                commit, only when no other row (any owner) still points at it.
 
         Returns:
             The deleted row, or None if there was none (or it is someone else's).
@@ -567,15 +582,28 @@ class Database:
             return None
         active = exists().where(Job.dataset_id == dataset_id, Job.state.in_(ACTIVE_STATES))
         with self._begin() as s:
+            self._lock_content(s, dataset.sha256)
             # One statement decides, so a job submitted meanwhile either blocks this or fails its FK.
             deleted = s.execute(
                 delete(Dataset).where(Dataset.id == dataset_id, ~active).execution_options(synchronize_session=False)
             ).rowcount
+            shared = s.scalar(select(exists().where(Dataset.storage_key == dataset.storage_key)))
+            if deleted == 1 and not shared and remove_file is not None:
+                remove_file(dataset.storage_key)
         if deleted == 1:
             return dataset
         if self.get_dataset(dataset_id, owner_id) is None:
             return None
         raise DatasetInUse(f"data set {dataset_id} is used by a queued or running job; cancel it first")
+
+    def _lock_content(self, s: Session, sha256: str) -> None:
+        """Serialize the row and file changes of one content address across processes until commit.
+
+        PostgreSQL: a transaction-scoped advisory lock on the hash. SQLite: the transaction's first write
+        takes the database's write lock, so both callers write before they look or touch the file.
+        """
+        if self.is_postgres:
+            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": int(sha256[:15], 16)})
 
     def storage_key_in_use(self, storage_key: str) -> bool:
         """Whether any data set row (any owner) still points at this stored file."""

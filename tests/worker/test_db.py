@@ -18,13 +18,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
+from core.states import CANCELLED, INTERRUPTED, QUEUED, RUNNING, SUCCEEDED
 from worker import db as jobdb
 from worker.db import (
-    CANCELLED,
-    INTERRUPTED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
     ActiveJobLimit,
     Database,
     DatasetInUse,
