@@ -287,7 +287,7 @@ def _depth_and_widths(spec: JobSpec) -> tuple[str, int, list[tuple[str, int]]]:
     if isinstance(arch, ResnetDenseArchitecture):
         return "blocks", arch.blocks, [("width", arch.width)]
     if isinstance(arch, ResnetConvArchitecture):
-        widths = [(f"filters.{i}", 4 * f if arch.block == "bottleneck" else f) for i, f in enumerate(arch.filters)]
+        widths = [(f"filters.{i}", f) for i, f in enumerate(arch.filters)]  # a bottleneck's 4x shows in parameters
         if arch.stem_filters is not None:
             widths.append(("stem_filters", arch.stem_filters))
         return "stages", sum(arch.stages), widths

@@ -38,7 +38,8 @@ _ERRORS = {
     "413": "Upload larger than max_upload_bytes",
     "415": "Unsupported Content-Type",
     "422": "Invalid input; `problems` lists every problem",
-    "429": "Too many queued + running jobs",
+    "429": "Too many queued + running jobs, or dry runs at once; Retry-After says when to try again",
+    "431": "Request header fields too large (more than 8190 bytes per field, 32 KiB in all, or 100 fields)",
     "503": "Database or queue unavailable",
 }
 
@@ -306,8 +307,12 @@ def _op(
         "summary": summary,
         "responses": dict(responses),
     }
-    for status in errors:
+    for status in (*errors, "431"):  # every request passes the app's header limits (service/app.py)
         operation["responses"].setdefault(status, _json("ErrorOut", _ERRORS[status]))
+    if "429" in operation["responses"]:
+        operation["responses"]["429"]["headers"] = {
+            "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
+        }
     if not auth:
         operation["security"] = []
     if params:

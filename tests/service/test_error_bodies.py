@@ -32,6 +32,8 @@ def test_every_429_carries_retry_after(client: FlaskClient, tokens: Tokens, data
     refused = client.post("/v1/jobs", json=body, headers=bearer(tokens.alice))
     assert_error_body(refused, 429, "too_many_active_jobs")
     assert int(refused.headers["Retry-After"]) > 0
+    documented = client.get("/openapi.json").get_json()["paths"]["/v1/jobs"]["post"]["responses"]
+    assert "Retry-After" in documented["429"]["headers"] and "431" in documented
 
 
 @pytest.mark.parametrize("path", ["/v1/jobs//abc", "/v1/datasets//abc", "//v1/health", "/v1/jobs/a/b/c"])
