@@ -1,4 +1,4 @@
-"""``gpuyard users``: create API users (printing their token once) and list them."""
+"""``gpuyard users``: create API users (printing their token once), list, disable, enable them, rotate tokens."""
 
 from __future__ import annotations
 
@@ -39,9 +39,42 @@ def create(name: str, admin: bool) -> None:
 @users.command("list")
 def list_users() -> None:
     """List users (never their tokens)."""
-    table = Table("id", "name", "admin", "created")
+    table = Table("id", "name", "admin", "disabled", "created")
     for user in _database().list_users():
         table.add_row(
-            str(user.id), user.name, "yes" if user.is_admin else "", user.created_at.isoformat(" ", "seconds")
+            str(user.id),
+            user.name,
+            "yes" if user.is_admin else "",
+            "yes" if user.disabled else "",
+            user.created_at.isoformat(" ", "seconds"),
         )
     Console().print(table)
+
+
+@users.command("disable")
+@click.argument("name")
+def disable(name: str) -> None:
+    """Disable user NAME: their token is refused (401) from the next request on; data and jobs stay."""
+    if _database().set_user_disabled(name, True) is None:
+        raise click.ClickException(f"no user named {name!r}; 'gpuyard users list' shows them")
+    click.echo(f"disabled user {name!r}", err=True)
+
+
+@users.command("enable")
+@click.argument("name")
+def enable(name: str) -> None:
+    """Enable user NAME again: their token works from the next request on."""
+    if _database().set_user_disabled(name, False) is None:
+        raise click.ClickException(f"no user named {name!r}; 'gpuyard users list' shows them")
+    click.echo(f"enabled user {name!r}", err=True)
+
+
+@users.command("rotate-token")
+@click.argument("name")
+def rotate_token(name: str) -> None:
+    """Give user NAME a new token and print it once; the old token stops working at once."""
+    rotated = _database().rotate_token(name)
+    if rotated is None:
+        raise click.ClickException(f"no user named {name!r}; 'gpuyard users list' shows them")
+    click.echo(f"new token for user {name!r} (store it now; it cannot be shown again; the old one is void):", err=True)
+    click.echo(rotated[1])

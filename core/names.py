@@ -17,6 +17,14 @@ DIAGNOSTICS = "diagnostics.json"
 SUMMARY = "summary.json"
 #: Every artifact a finished job offers for download, in the order the API lists them.
 ARTIFACT_NAMES = (MODEL_H5, MODEL_KERAS, HISTORY, DIAGNOSTICS, SUMMARY)
+#: The Content-Type each artifact downloads with (a .keras file is a zip archive Keras defines no type for).
+ARTIFACT_MEDIA_TYPES = {
+    MODEL_H5: "application/x-hdf5",
+    MODEL_KERAS: "application/octet-stream",
+    HISTORY: "application/json",
+    DIAGNOSTICS: "application/json",
+    SUMMARY: "application/json",
+}
 
 #: The trainer's stderr, appended to by every attempt.
 TRAINER_LOG = "trainer.log"

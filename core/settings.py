@@ -74,6 +74,12 @@ class Settings(DataLimits):
         None, description="Root of local storage (data sets, job artifacts). Empty: <data_dir>/storage."
     )
     max_upload_bytes: int = Field(2 * 2**30, gt=0, description="Largest data set upload accepted, in bytes.")
+    tmp_max_age_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Staging files of uploads (storage tmp/) older than this many seconds are removed when the "
+        "API starts: what a killed upload left behind.",
+    )
     max_active_jobs_per_user: int = Field(
         4, ge=1, description="Queued plus running jobs one user may have; more answer 429."
     )
@@ -87,6 +93,39 @@ class Settings(DataLimits):
     )
     dry_run_timeout_s: float = Field(
         120.0, gt=0, description="Seconds the API waits for a dry-run subprocess (it builds the Keras model)."
+    )
+    # Model size limits, checked at submit from the spec alone (models/size.py)
+    max_model_parameters: int = Field(
+        50_000_000, gt=0, description="Refuse at submit a model with more parameters than this (200 MB of float32)."
+    )
+    max_training_memory_bytes: int = Field(
+        8 * 2**30,
+        gt=0,
+        description="Refuse at submit a model whose estimated memory for one training step (weights, gradients, "
+        "optimizer state, one batch's activations; the dry run's formula) exceeds this many bytes.",
+    )
+    max_model_depth: int = Field(
+        1000,
+        gt=0,
+        description="Refuse at submit more hidden layers or blocks than this (mlp/snn widths, highway depth, "
+        "resnet blocks or the sum of stages, cnn filters; a keras_json model's layers).",
+    )
+    max_layer_width: int = Field(
+        65536, gt=0, description="Refuse at submit a layer with more units or filters than this."
+    )
+    default_max_runtime_s: int = Field(
+        86_400,
+        ge=0,
+        description="resources.max_runtime_s given to a job whose spec sets none (0: no limit).",
+    )
+    dry_run_memory_bytes: int = Field(
+        4 * 2**30,
+        gt=0,
+        description="Address-space limit (RLIMIT_AS) of the dry-run child process the API starts; a dry run "
+        "past it is refused with 422. The examples' dry runs (TensorFlow, CPU) need about 1.5 GiB.",
+    )
+    dry_run_concurrency: int = Field(
+        2, ge=1, description="Dry runs one API process runs at once; more answer 429 with Retry-After."
     )
     sse_poll_interval_s: float = Field(
         0.5,

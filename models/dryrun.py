@@ -19,17 +19,8 @@ from models.blocks.snn import snn_warnings
 from models.build import build_model, needs_input_stats
 from models.data.summary import DatasetSummary
 from models.heads import resolve_head
+from models.size import optimizer_slots, training_memory
 from models.spec import JobSpec, KerasJsonArchitecture, SnnArchitecture, parse_spec
-
-# Per trainable weight, the optimizer slots Keras keeps (Adam: m and v; RMSprop: the running mean
-# square; SGD: the velocity, only with momentum).
-_OPTIMIZER_SLOTS = {"adam": 2, "rmsprop": 1}
-_NOTE = (
-    "float32 estimate for one training step: weights, their gradients, optimizer slots, the input "
-    "batch, and every layer's output kept for backpropagation plus its gradient. Not included: the "
-    "framework's own overhead (CUDA context and cuDNN workspace, about 0.3-1 GiB per process) and "
-    "allocator fragmentation."
-)
 
 
 def _spec_warnings(spec: JobSpec, summary: DatasetSummary | None) -> list[Problem]:
@@ -190,27 +181,24 @@ def memory_estimate(model: keras.Model, spec: JobSpec, layers: list[dict[str, An
         ``{"weights", "gradients", "optimizer_state", "input_batch", "activations_per_batch", "total",
         "batch_size", "note"}``, sizes in bytes.
     """
-    itemsize = np.dtype(keras.config.floatx()).itemsize
     trainable = _count(model.trainable_weights)
-    optimizer = spec.training.optimizer
-    slots = _OPTIMIZER_SLOTS.get(optimizer.name, 1 if getattr(optimizer, "momentum", 0) > 0 else 0)
-    batch = spec.training.batch_size
     per_sample = sum(
         math.prod(d for d in row["output_shape"][1:] if d is not None)
         for row in layers
         if row["output_shape"] and row["class"] != "InputLayer"
     )
-    input_per_sample = sum(math.prod(t.shape[1:]) for t in model.inputs) + sum(
+    io_per_sample = sum(math.prod(t.shape[1:]) for t in model.inputs) + sum(
         math.prod(t.shape[1:]) for t in model.outputs
     )
-    estimate = {
-        "weights": _count(model.weights) * itemsize,
-        "gradients": trainable * itemsize,
-        "optimizer_state": slots * trainable * itemsize,
-        "input_batch": batch * input_per_sample * itemsize,
-        "activations_per_batch": 2 * batch * per_sample * itemsize,
-    }
-    return {**estimate, "total": sum(estimate.values()), "batch_size": batch, "note": _NOTE}
+    return training_memory(
+        parameters=_count(model.weights),
+        trainable=trainable,
+        slots=optimizer_slots(spec),
+        batch_size=spec.training.batch_size,
+        io_per_sample=io_per_sample,
+        activations_per_sample=per_sample,
+        itemsize=np.dtype(keras.config.floatx()).itemsize,
+    )
 
 
 def dry_run(spec_obj: JobSpec | dict[str, Any], summary: DatasetSummary | None) -> dict[str, Any]:

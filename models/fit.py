@@ -2,7 +2,7 @@
 
 The API calls :func:`spec_data_problems` when a job is submitted, so a spec that cannot fit its data set
 is refused with every reason at once instead of failing later on a worker; ``build_model`` runs the same
-checks before it builds anything.
+checks before it builds anything. A ``keras_json`` model's config is walked here too (``models.keras_config``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 from core.errors import Problem, SpecError
 from models.data.summary import DatasetSummary
 from models.heads import resolve_head
-from models.spec import CnnArchitecture, JobSpec, ResnetConvArchitecture
+from models.keras_config import config_problems
+from models.spec import CnnArchitecture, JobSpec, KerasJsonArchitecture, ResnetConvArchitecture
 
 IMAGE_FAMILIES = {CnnArchitecture: "cnn", ResnetConvArchitecture: "resnet (variant conv)"}
 
@@ -25,6 +26,11 @@ def spec_data_problems(spec: JobSpec, summary: DatasetSummary) -> list[Problem]:
     Returns:
         Problems naming the spec field (``architecture.family``, ``output.units``, ``loss``, ...).
     """
+    arch = spec.architecture
+    if isinstance(arch, KerasJsonArchitecture):
+        problems = config_problems(arch.config())  # the safe-mode walk: refused at submit, not in a trainer
+        if problems:
+            return problems
     problems = input_problems(spec, list(summary.input_shape))
     try:
         resolve_head(spec, summary)

@@ -1,8 +1,9 @@
 """The job spec: what to build and how to train it, as pydantic models with a published JSON Schema.
 
 Importing this module never imports Keras: the service validates specs in a process that must stay
-free of any framework. Checks that need the data set (input shape, number of classes) or Keras itself
-(the safe-mode walk of a ``keras_json`` model) happen in :func:`models.build.build_model`.
+free of any framework. Checks that need the data set (input shape, number of classes) and the safe-mode
+walk of a ``keras_json`` model happen in :func:`models.fit.spec_data_problems` (also Keras-free, run by
+the API at submit and by :func:`models.build.build_model`).
 
 Shape::
 
@@ -28,6 +29,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from core.errors import Problem, SpecError
+from core.jsondepth import MAX_JSON_DEPTH, text_depth, value_depth
 from models.data.summary import DataKeys
 
 FAMILIES = ("mlp", "highway", "resnet", "snn", "cnn", "keras_json")
@@ -276,6 +278,13 @@ class KerasJsonArchitecture(_ArchitectureBase):
     @classmethod
     def _json_object(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
         config = value
+        depth = text_depth(value) if isinstance(value, str) else value_depth(value, MAX_JSON_DEPTH)
+        if depth > MAX_JSON_DEPTH:  # before json.loads or any walk: both recurse
+            raise PydanticCustomError(
+                "keras_json_too_deep",
+                "Expected a model config nested at most {limit} levels deep; this one nests {depth}",
+                {"limit": MAX_JSON_DEPTH, "depth": depth, "value": f"a config {depth} levels deep"},
+            )
         if isinstance(value, str):
             try:
                 config = json.loads(value)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from core.errors import GpuyardError
 from core.settings import Settings, get_settings
 from service.api import datasets, gpus, health, jobs, openapi
-from service.checks import sandbox_check_dataset, trainer_dry_run
-from service.errors import to_api_error
-from service.extensions import Services, init_services
+from service.checks import DryRunGate, sandbox_check_dataset, trainer_dry_run
+from service.errors import HeadersTooLarge, scrub_paths, to_api_error
+from service.extensions import EXTENSION_KEY, Services, init_services
 from service.streams import EventHub, StreamSlots
 from worker.db import Database
 from worker.dispatch import GpuBoard
@@ -31,6 +34,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # GPUYARD_DB_SCHEMA (PostgreSQL).
     "GPUYARD_AUTO_MIGRATE": True,
 }
+
+# Request header limits the app answers with JSON 431 (gunicorn's own limits are set higher).
+MAX_HEADER_FIELD_BYTES = 8190
+MAX_HEADER_BYTES = 32 * 1024
+MAX_HEADER_FIELDS = 100
 
 # werkzeug's exception names as our error codes ("Request Entity Too Large" reads oddly in JSON).
 _HTTP_ERROR_CODES = {
@@ -50,12 +58,16 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         test_config: Flask config overriding the defaults (and the components, for tests).
     """
     app = Flask(__name__)
+    # No redirects: werkzeug answers "//" in a path (an id that starts with "/") with a 308 it renders
+    # itself, in HTML, before any error handler runs. Unmerged, such a path is simply not found (JSON 404).
+    app.url_map.merge_slashes = False
     app.config.from_mapping(DEFAULT_CONFIG)
     if test_config is not None:
         app.config.from_mapping(test_config)
     register_extensions(app)
     register_blueprints(app)
     register_errorhandlers(app)
+    register_request_checks(app)
     return app
 
 
@@ -66,17 +78,26 @@ def register_extensions(app: Flask) -> None:
     if app.config["GPUYARD_AUTO_MIGRATE"]:
         db.migrate()
     assert settings.storage_dir is not None  # filled in by Settings
+    storage = LocalStorage(settings.storage_dir)
+    swept = storage.sweep_tmp(settings.tmp_max_age_s)  # what uploads killed mid-way left behind
+    if swept:
+        app.logger.info("removed %d stale upload staging file(s) from storage tmp/", swept)
     init_services(
         app,
         Services(
             settings=settings,
             db=db,
-            storage=LocalStorage(settings.storage_dir),
+            storage=storage,
             send=app.config.get("GPUYARD_JOB_QUEUE") or celery_sender(settings),
             check_dataset=app.config.get("GPUYARD_DATASET_CHECKER")
             or functools.partial(sandbox_check_dataset, settings=settings),
-            dry_run=app.config.get("GPUYARD_DRY_RUNNER")
-            or functools.partial(trainer_dry_run, timeout_s=settings.dry_run_timeout_s),
+            dry_run=DryRunGate(
+                app.config.get("GPUYARD_DRY_RUNNER")
+                or functools.partial(
+                    trainer_dry_run, timeout_s=settings.dry_run_timeout_s, memory_bytes=settings.dry_run_memory_bytes
+                ),
+                settings.dry_run_concurrency,
+            ),
             heartbeats=app.config.get("GPUYARD_GPU_HEARTBEATS") or GpuBoard(settings.redis_url or None).heartbeats,
             hub=EventHub(settings.redis_url or None, settings.sse_poll_interval_s),
             stream_slots=StreamSlots(
@@ -93,14 +114,20 @@ def register_blueprints(app: Flask) -> None:
 
 
 def register_errorhandlers(app: Flask) -> None:
-    """Every error answers JSON ``{"error", "detail", "field"?}``: one handler for ours, one for HTTP's."""
+    """Every error answers JSON ``{"error", "detail", "field"?}``: one handler for ours, one for HTTP's.
+
+    Details never name a server path: paths under the storage root, the data dir, the temp dir and the
+    installation are cut to the file's name (:func:`service.errors.scrub_paths`).
+    """
+    settings: Settings = services_of(app).settings
+    roots = _server_roots(settings)
 
     @app.errorhandler(GpuyardError)
     def handle_gpuyard_error(exc: GpuyardError) -> tuple[Response, int, dict[str, str]]:
         error = to_api_error(exc)
         if error.status_code >= 500:
             app.logger.error("%s: %s", error.code, exc, exc_info=exc)
-        return jsonify(error.to_dict()), error.status_code, error.headers
+        return jsonify(_scrubbed(error.to_dict(), roots)), error.status_code, error.headers
 
     @app.errorhandler(HTTPException)
     def handle_http_exception(exc: HTTPException) -> tuple[Response, int, dict[str, str]]:
@@ -108,4 +135,53 @@ def register_errorhandlers(app: Flask) -> None:
         status = exc.code or 500
         code = _HTTP_ERROR_CODES.get(status) or re.sub(r"\W+", "_", (exc.name or "error").lower()).strip("_")
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
-        return jsonify({"error": code, "detail": exc.description or exc.name}), status, headers
+        body = _scrubbed({"error": code, "detail": exc.description or exc.name}, roots)
+        return jsonify(body), status, headers
+
+
+def register_request_checks(app: Flask) -> None:
+    """Limits the app enforces itself, so the answer is our JSON, not the server's HTML page.
+
+    gunicorn (deploy/gunicorn.conf.py) lets headers up to 64 KiB per field and 1000 fields through, so
+    these lower limits are the ones a client meets.
+    """
+
+    @app.before_request
+    def check_headers() -> None:
+        fields = request.headers
+        if len(fields) > MAX_HEADER_FIELDS:
+            raise HeadersTooLarge(f"the request has {len(fields)} header fields; expected at most {MAX_HEADER_FIELDS}")
+        total = 0
+        for name, value in fields.items():
+            size = len(name) + len(value)
+            total += size
+            if size > MAX_HEADER_FIELD_BYTES:
+                raise HeadersTooLarge(
+                    f"header {name[:64]!r} is {size} bytes; expected at most {MAX_HEADER_FIELD_BYTES} per field",
+                    field=name[:64],
+                )
+        if total > MAX_HEADER_BYTES:
+            raise HeadersTooLarge(f"the headers total {total} bytes; expected at most {MAX_HEADER_BYTES}")
+
+
+def _server_roots(settings: Settings) -> list[str]:
+    """Directories whose paths must not reach a client."""
+    places = [settings.storage_dir, settings.data_dir, tempfile.gettempdir(), sys.prefix, sys.base_prefix]
+    places.append(Path(__file__).resolve().parents[1])  # the installation (tracebacks name its files)
+    roots = set()
+    for place in places:
+        if place is not None:
+            roots.update({str(Path(place)), str(Path(place).resolve())})
+    return sorted(roots)
+
+
+def _scrubbed(body: dict[str, Any], roots: list[str]) -> dict[str, Any]:
+    body["detail"] = scrub_paths(str(body["detail"]), roots)
+    for problem in body.get("problems", []):
+        problem["detail"] = scrub_paths(str(problem.get("detail", "")), roots)
+    return body
+
+
+def services_of(app: Flask) -> Services:
+    """The app's services, outside a request."""
+    return app.extensions[EXTENSION_KEY]

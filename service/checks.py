@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from core.names import DATASET_SUMMARY_FILE
 from core.settings import Settings
 from models.data.sandbox import check_file
 from models.data.summary import DataKeys, DatasetSummary
-from service.errors import DryRunFailed
+from service.errors import DryRunFailed, TooManyRequests
 from worker.trainer.events import FAILED_EVENT
 
 
@@ -37,8 +40,58 @@ def sandbox_check_dataset(
     return check_file(path, keys, limits=settings, sha256=sha256)
 
 
+# Sets the address-space limit in the child, then execs the command. Not preexec_fn: that is unsafe in a
+# process with threads (gunicorn's gthread workers), where the child may deadlock before exec.
+_EXEC_UNDER_RLIMIT_AS = (
+    "import os, resource, sys; limit = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_AS, (limit, limit)); os.execv(sys.argv[2], sys.argv[2:])"
+)
+# What a child that ran out of address space leaves behind: Python's MemoryError, C++'s bad_alloc (an
+# abort), glibc's ENOMEM text, TensorFlow's ResourceExhaustedError text (reported as build_failed).
+_MEMORY_SIGNS = ("MemoryError", "bad_alloc", "Cannot allocate memory", "out of memory", "OOM when allocating")
+
+
+class DryRunGate:
+    """At most ``concurrency`` dry runs at once in this API process; one more answers 429 at once.
+
+    Args:
+        runner: the dry runner to guard (:func:`trainer_dry_run` with its limits bound).
+        concurrency: dry runs allowed at once, across the process's request threads.
+        retry_after_s: the ``Retry-After`` a refused caller gets.
+    """
+
+    def __init__(
+        self,
+        runner: Callable[[dict[str, Any], Path, DatasetSummary], dict[str, Any]],
+        concurrency: int,
+        retry_after_s: int = 5,
+    ) -> None:
+        self.runner = runner
+        self.concurrency = concurrency
+        self.retry_after_s = retry_after_s
+        self._slots = threading.BoundedSemaphore(concurrency)
+
+    def __call__(self, spec: dict[str, Any], data_path: Path, summary: DatasetSummary) -> dict[str, Any]:
+        if not self._slots.acquire(blocking=False):
+            raise TooManyRequests(
+                f"{self.concurrency} dry runs are already running on this server "
+                f"(GPUYARD_DRY_RUN_CONCURRENCY={self.concurrency}); retry in a few seconds",
+                code="too_many_dry_runs",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        try:
+            return self.runner(spec, data_path, summary)
+        finally:
+            self._slots.release()
+
+
 def trainer_dry_run(
-    spec: dict[str, Any], data_path: Path, summary: DatasetSummary, *, timeout_s: float
+    spec: dict[str, Any],
+    data_path: Path,
+    summary: DatasetSummary,
+    *,
+    timeout_s: float,
+    memory_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Run ``python -m worker.trainer --dry-run`` on a spec and a stored data set; return its report.
 
@@ -47,13 +100,15 @@ def trainer_dry_run(
         data_path: the stored HDF5 file.
         summary: its checked summary for the spec's keys (the trainer verifies the sha256, scans nothing).
         timeout_s: seconds before the child is killed.
+        memory_bytes: the child's address-space limit (RLIMIT_AS); None for none.
 
     Returns:
         The ``dry_run`` event's fields (``report``: parameters, layer table, memory estimate, warnings;
         ``env``: the environment the trainer would use).
 
     Raises:
-        SpecError / DataError: the trainer refused the spec or the data (every problem listed).
+        SpecError / DataError: the trainer refused the spec or the data (every problem listed), or the
+            child ran out of its ``memory_bytes`` (code ``dry_run_out_of_memory``, naming the limit).
         DryRunFailed: the child crashed or ran past ``timeout_s``.
     """
     with tempfile.TemporaryDirectory(prefix="gpuyard-dryrun-") as tmp:
@@ -66,6 +121,8 @@ def trainer_dry_run(
             "--spec", str(spec_path), "--data", str(data_path), "--summary", str(summary_path),
             "--out", str(Path(tmp) / "out"),
         ]  # fmt: skip
+        if memory_bytes is not None:
+            command = [sys.executable, "-c", _EXEC_UNDER_RLIMIT_AS, str(memory_bytes), *command]
         # A dry run builds on the CPU; hide GPUs so it never takes memory from running jobs.
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
         try:
@@ -77,19 +134,44 @@ def trainer_dry_run(
     events = [_parse(line) for line in done.stdout.splitlines() if line.strip()]
     for event in events:
         if event.get("event") == "dry_run":
+            report = event.get("report") or {}
+            errors = json.dumps(report.get("errors") or [])
+            if memory_bytes is not None and any(sign in errors for sign in _MEMORY_SIGNS):
+                raise _out_of_memory_error(memory_bytes)  # Keras could not allocate the weights under the limit
             return {k: v for k, v in event.items() if k not in ("event", "time")}
     failed = next((e for e in reversed(events) if e.get("event") == FAILED_EVENT), None)
     if failed is not None:
         problems = [
-            Problem(p.get("code", "invalid"), p.get("detail", ""), p.get("field"))
-            for p in failed.get("problems", [])
+            Problem(p.get("code", "invalid"), p.get("detail", ""), p.get("field")) for p in failed.get("problems", [])
         ] or [Problem(failed.get("reason", "invalid"), failed.get("detail", "the dry run failed"))]
         if done.returncode == ExitCode.SPEC_INVALID:
             raise SpecError(problems)
         if done.returncode == ExitCode.DATASET_INVALID:
             raise DataError(problems)
+    if memory_bytes is not None and _out_of_memory(done):
+        raise _out_of_memory_error(memory_bytes)
     tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
     raise DryRunFailed(f"the dry run ended with exit code {done.returncode}: {tail[0][:300]}")
+
+
+def _out_of_memory_error(memory_bytes: int) -> SpecError:
+    return SpecError(
+        [
+            Problem(
+                "dry_run_out_of_memory",
+                f"architecture: building this model needed more than the dry run's memory limit of "
+                f"{memory_bytes:,} bytes (GPUYARD_DRY_RUN_MEMORY_BYTES); make the model smaller",
+                "architecture",
+            )
+        ]
+    )
+
+
+def _out_of_memory(done: subprocess.CompletedProcess[str]) -> bool:
+    """Whether a failed child ran out of its address space (exit code, a fatal signal, or its last words)."""
+    if done.returncode in (ExitCode.OUT_OF_MEMORY, -signal.SIGABRT, -signal.SIGSEGV, -signal.SIGKILL):
+        return True
+    return any(sign in done.stderr[-20000:] for sign in _MEMORY_SIGNS)
 
 
 def _parse(line: str) -> dict[str, Any]:

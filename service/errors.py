@@ -13,14 +13,18 @@ Hierarchy::
         ├── UnsupportedMediaType  415 unsupported_media_type
         ├── Unprocessable         422 validation_error       carries ``problems`` (every one found)
         │   └── DryRunFailed      422 dry_run_failed         the dry-run child crashed or ran out of time
-        ├── TooManyRequests       429 too_many_active_jobs
+        ├── TooManyRequests       429 too_many_active_jobs   always with Retry-After
+        ├── HeadersTooLarge       431 request_header_fields_too_large
         └── ServiceUnavailable    503 service_unavailable    database, Redis or queue unreachable
 
-Errors from below (job DB, storage, spec and data checks) are translated by :func:`to_api_error`.
+Errors from below (job DB, storage, spec and data checks) are translated by :func:`to_api_error`;
+:func:`scrub_paths` strips server paths from every detail before it is sent.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from core.errors import DataError, GpuyardError, Problem, SpecError
@@ -48,6 +52,7 @@ class ApiError(GpuyardError):
 
     status_code = 500
     code = "internal_error"
+    default_headers: dict[str, str] = {}  # noqa: RUF012 (read-only; merged into each instance's headers)
 
     def __init__(
         self,
@@ -63,7 +68,7 @@ class ApiError(GpuyardError):
         self.code = code or self.code
         self.field = field
         self.has_problem_list = problems is not None
-        self.headers = headers or {}
+        self.headers = {**self.default_headers, **(headers or {})}
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"error": self.code, "detail": self.detail}
@@ -135,8 +140,16 @@ class DryRunFailed(Unprocessable):
 
 
 class TooManyRequests(ApiError):
+    """A per-user or per-process cap is full; ``Retry-After`` (seconds) says when to try again."""
+
     status_code = 429
     code = "too_many_active_jobs"
+    default_headers = {"Retry-After": "30"}  # noqa: RUF012
+
+
+class HeadersTooLarge(ApiError):
+    status_code = 431
+    code = "request_header_fields_too_large"
 
 
 class ServiceUnavailable(ApiError):
@@ -167,3 +180,19 @@ def to_api_error(exc: GpuyardError) -> ApiError:
     if isinstance(exc, DatabaseUnavailable):
         return ServiceUnavailable("the job database is unavailable; try again shortly", code=exc.code)
     return ApiError(str(exc), code=exc.code)  # our own message: safe to show, no traceback in it
+
+
+def scrub_paths(text: str, roots: Iterable[str]) -> str:
+    """``text`` with every path under one of ``roots`` cut to its last component (the file's name).
+
+    Args:
+        text: an error detail.
+        roots: absolute directories whose paths must not reach a client (storage, data dir, temp dir).
+    """
+    for root in sorted({r.rstrip("/") for r in roots if r and r != "/"}, key=len, reverse=True):
+        text = re.sub(re.escape(root) + r"(?:/[^\s'\"/:,;()]+)*/?", _last_component, text)
+    return text
+
+
+def _last_component(match: re.Match[str]) -> str:
+    return match.group(0).rstrip("/").rsplit("/", 1)[-1] or "(server path)"

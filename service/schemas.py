@@ -196,8 +196,10 @@ class GpuProcessOut(BaseModel):
 
 
 class GpuJobOut(BaseModel):
-    id: str
-    owner: str
+    """A job on a GPU. Another user's job is shown to a non-admin as anonymous usage: id and owner null."""
+
+    id: str | None = Field(description="The job's id; null for another user's job (unless the caller is an admin).")
+    owner: str | None = Field(description="Its owner's name; null for another user's job (unless an admin asks).")
     state: JobState
     memory_fraction: float
     budget_bytes: int = Field(description="memory_fraction × the GPU's total + the context allowance.")

@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import redis
+
 from worker.relay import EVENTS_PATTERN, job_of_channel
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -82,6 +83,10 @@ class Storage(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove a file, or a job's whole folder; missing keys are fine."""
+        ...
+
+    def sweep_tmp(self, max_age_s: float) -> int:
+        """Remove staging files older than ``max_age_s`` (uploads whose request died); return how many."""
         ...
 
 
@@ -172,3 +177,23 @@ class LocalStorage:
         else:
             path.unlink(missing_ok=True)
 
+
+    # ── housekeeping ──
+    def sweep_tmp(self, max_age_s: float, *, now: float | None = None) -> int:
+        """Remove files in ``tmp/`` not modified for ``max_age_s`` seconds: uploads whose request died.
+
+        A live upload writes its staging file every chunk, so only abandoned ones are this old.
+
+        Returns:
+            How many files were removed.
+        """
+        cutoff = (time.time() if now is None else now) - max_age_s
+        removed = 0
+        for entry in os.scandir(self.root / "tmp"):
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:  # another process swept or committed it meanwhile
+                continue
+        return removed

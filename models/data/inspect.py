@@ -107,7 +107,7 @@ def _check_file_level(path: Path) -> int:
             raise DataError(
                 [
                     Problem(
-                        "not_found", f"{path} does not exist or is not a regular file; expected an HDF5 file"
+                        "not_found", f"{path.name} does not exist or is not a regular file; expected an HDF5 file"
                     )
                 ]
             )
@@ -126,7 +126,7 @@ def _check_file_level(path: Path) -> int:
                 )
     except PermissionError as exc:
         raise DataError(
-            [Problem("unreadable", f"{path} cannot be read ({exc.strerror}); expected a readable file")]
+            [Problem("unreadable", f"{path.name} cannot be read ({exc.strerror}); expected a readable file")]
         ) from exc
     return size
 

@@ -373,7 +373,8 @@ def open_training_data(
     except OSError as exc:
         store.close()
         raise DataError(
-            [Problem("read_error", f"reading {path} failed ({exc}); expected the checked file")]
+            # The file's name only: the detail reaches the job's owner, who must not learn server paths.
+            [Problem("read_error", f"reading {path.name} failed ({_without(path, exc)}); expected the checked file")]
         ) from exc
     if in_memory:
         store.close()  # everything is loaded: no handle stays open in a process that may fork later
@@ -409,3 +410,8 @@ def _row_bytes(row_shape: tuple[int, ...], itemsize: int = 4) -> int:
 def _row_slices(rows: int, row_bytes: int) -> list[tuple[int, int]]:
     step = max(1, LOAD_SLICE_BYTES // row_bytes)
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _without(path: Path, exc: BaseException) -> str:
+    """``exc``'s text with ``path`` cut to its name (h5py's messages repeat the full path)."""
+    return str(exc).replace(str(path), path.name)

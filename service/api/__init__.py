@@ -8,6 +8,7 @@ from flask import Response, current_app, request
 from pydantic import BaseModel, ValidationError
 
 from core.errors import Problem
+from core.jsondepth import MAX_JSON_DEPTH, text_depth
 from service.errors import BadRequest, Unprocessable
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -26,9 +27,7 @@ def validation_problems(exc: ValidationError, prefix: str = "") -> list[Problem]
     for error in exc.errors(include_url=False):
         field = prefix + ".".join(str(part) for part in error["loc"])
         received = "nothing" if error["type"] == "missing" else repr(error.get("input"))[:120]
-        problems.append(
-            Problem(error["type"], f"{field}: {error['msg']}. Received: {received}", field or None)
-        )
+        problems.append(Problem(error["type"], f"{field}: {error['msg']}. Received: {received}", field or None))
     return problems
 
 
@@ -36,9 +35,12 @@ def json_body(model: type[BodyT]) -> BodyT:
     """The request's JSON body validated as ``model``.
 
     Raises:
-        BadRequest: the body is not a JSON object.
+        BadRequest: the body is not a JSON object, or nests deeper than ``MAX_JSON_DEPTH``.
         Unprocessable: it does not match ``model`` (every problem listed).
     """
+    depth = text_depth(request.get_data(cache=True))
+    if depth > MAX_JSON_DEPTH:  # before decoding: json.loads recurses, so deep nesting would be a 500
+        raise BadRequest(f"the JSON body nests {depth} levels deep; expected at most {MAX_JSON_DEPTH}", field="body")
     data: Any = request.get_json(silent=True)
     if not isinstance(data, dict):
         raise BadRequest("expected a JSON object body with Content-Type: application/json")

@@ -61,13 +61,19 @@ def upload() -> Response:
         return respond(DatasetOut.of(already), 200)
     try:
         summary = svc.check_dataset(staged.path, keys, staged.sha256)  # hashed once, while streaming
-        stored = svc.storage.commit_dataset(staged)
-    except BaseException:
-        svc.storage.discard(staged)
-        raise
-    dataset, created = svc.db.add_dataset(
-        user.id, stored.sha256, stored.size_bytes, summary.model_dump(mode="json"), stored.key, name=name
-    )
+        # The file is placed under the DB's lock on this content, after the row is written: a delete of
+        # another user's row with the same bytes either ran first (the file is placed again) or sees ours.
+        dataset, created = svc.db.add_dataset(
+            user.id,
+            staged.sha256,
+            staged.size_bytes,
+            summary.model_dump(mode="json"),
+            svc.storage.dataset_key(staged.sha256),
+            name=name,
+            place_file=lambda: svc.storage.commit_dataset(staged),
+        )
+    finally:
+        svc.storage.discard(staged)  # a no-op once committed (moved away)
     location = url_for("datasets.show", dataset_id=dataset.id)
     return respond(DatasetOut.of(dataset), 201 if created else 200, {"Location": location})
 
@@ -92,9 +98,8 @@ def show(dataset_id: str) -> Response:
 def remove(dataset_id: str) -> Response:
     """Delete a data set (409 while a queued or running job uses it); the file goes with its last user."""
     svc = services()
-    dataset = svc.db.delete_dataset(dataset_id, visible_owner_id())
+    # The DB removes the file under its lock on the content, only when no other row points at it.
+    dataset = svc.db.delete_dataset(dataset_id, visible_owner_id(), remove_file=svc.storage.delete)
     if dataset is None:
         raise NotFound(f"no data set {dataset_id!r}")
-    if not svc.db.storage_key_in_use(dataset.storage_key):
-        svc.storage.delete(dataset.storage_key)
     return Response(status=204)

@@ -24,7 +24,10 @@ bp.before_request(authenticate)
 @bp.get("")
 def index() -> Response:
     """Every registered GPU: state (online, offline, draining, quarantined), memory, utilization, the
-    jobs on it with their fraction and measured memory, and processes gpuyard did not start."""
+    jobs on it with their fraction and measured memory, and processes gpuyard did not start.
+
+    A non-admin sees other users' jobs only as usage (fraction, budget, memory): id and owner are null.
+    """
     svc = services()
     return respond(GpuListOut(gpus=[_gpu_out(view) for view in gpu_views(svc.db, svc.heartbeats)]))
 
@@ -81,7 +84,9 @@ def _dispatch_now() -> None:
 
 
 def _gpu_out(view: GpuView) -> GpuOut:
+    """The GPU as the caller may see it: another user's jobs only as anonymous usage, unless an admin asks."""
     svc = services()
+    viewer = current_user()
     allowance = context_allowance_bytes(svc.settings)
     ours = [p for p in view.processes if p.get("gpuyard")]
     jobs = []
@@ -89,10 +94,11 @@ def _gpu_out(view: GpuView) -> GpuOut:
     for job in svc.db.jobs_on_gpu(view.uuid):
         fraction = resources_of(job.spec).memory_fraction
         committed += fraction
+        visible = viewer.is_admin or job.owner_id == viewer.id
         jobs.append(
             GpuJobOut(
-                id=job.id,
-                owner=job.owner.name,
+                id=job.id if visible else None,
+                owner=job.owner.name if visible else None,
                 state=job.state,  # type: ignore[arg-type]
                 memory_fraction=fraction,
                 budget_bytes=budget_bytes(fraction, view.memory_total_bytes, allowance),

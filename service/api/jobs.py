@@ -12,10 +12,11 @@ from flask import Blueprint, Response, request, send_file, url_for
 
 from core.atomicio import file_sha256
 from core.errors import Problem
-from core.names import ARTIFACT_NAMES, TRAINER_LOG
+from core.names import ARTIFACT_MEDIA_TYPES, ARTIFACT_NAMES, TRAINER_LOG
 from core.states import QUEUED, TERMINAL_STATES
 from models.data.summary import DatasetSummary
 from models.fit import spec_data_problems
+from models.size import size_problems
 from models.spec import JobSpec, parse_spec
 from service.api import json_body, query_args, respond
 from service.auth import authenticate, current_user, visible_owner_id
@@ -54,7 +55,12 @@ def submit() -> Response:
     if dataset is None:
         raise NotFound(f"no data set {body.dataset!r}; upload one with POST /v1/datasets", field="dataset")
     summary = _check_fits_dataset(spec, dataset)
+    size = size_problems(spec, list(summary.input_shape), summary.output_dim, svc.settings)
+    if size:  # before anything is built, dry run included
+        raise Unprocessable.from_problems("model_too_large", size, prefix="spec.")
     spec_json = spec.model_dump(mode="json")
+    if spec_json["resources"]["max_runtime_s"] is None and svc.settings.default_max_runtime_s:
+        spec_json["resources"]["max_runtime_s"] = svc.settings.default_max_runtime_s
     gpus = gpu_views(svc.db, svc.heartbeats)
     never = never_fits(spec_json, gpus, svc.settings)
     if never:
@@ -152,7 +158,7 @@ def events(job_id: str) -> Response:
     )
     return Response(
         stream,
-        mimetype="text/event-stream",
+        content_type="text/event-stream",  # as documented; SSE is UTF-8 by definition, no charset parameter
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -281,6 +287,7 @@ def artifact(job_id: str, name: str) -> Response:
     stat = path.stat()
     return send_file(
         path,
+        mimetype=ARTIFACT_MEDIA_TYPES[name],
         conditional=True,
         etag=_sha256_of(str(path), stat.st_mtime_ns, stat.st_size),
         download_name=name,

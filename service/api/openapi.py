@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from core.names import ARTIFACT_NAMES
+from core.names import ARTIFACT_MEDIA_TYPES, ARTIFACT_NAMES
 from models.spec import JobSpec
 from service.schemas import (
     DatasetListOut,
@@ -38,7 +38,8 @@ _ERRORS = {
     "413": "Upload larger than max_upload_bytes",
     "415": "Unsupported Content-Type",
     "422": "Invalid input; `problems` lists every problem",
-    "429": "Too many queued + running jobs",
+    "429": "Too many queued + running jobs, or dry runs at once; Retry-After says when to try again",
+    "431": "Request header fields too large (more than 8190 bytes per field, 32 KiB in all, or 100 fields)",
     "503": "Database or queue unavailable",
 }
 
@@ -214,8 +215,9 @@ def openapi_document() -> dict[str, Any]:
                 "Download an artifact; ETag is its SHA-256; supports If-None-Match and Range",
                 {
                     "200": {
-                        "description": "The file",
-                        "content": {"application/octet-stream": {"schema": {}}},
+                        "description": "The file: "
+                        + ", ".join(f"{name} as {media}" for name, media in ARTIFACT_MEDIA_TYPES.items()),
+                        "content": {media: {"schema": {}} for media in sorted(set(ARTIFACT_MEDIA_TYPES.values()))},
                     },
                     "206": {"description": "Partial content (Range)"},
                     "304": {"description": "Not modified (If-None-Match)"},
@@ -305,8 +307,12 @@ def _op(
         "summary": summary,
         "responses": dict(responses),
     }
-    for status in errors:
+    for status in (*errors, "431"):  # every request passes the app's header limits (service/app.py)
         operation["responses"].setdefault(status, _json("ErrorOut", _ERRORS[status]))
+    if "429" in operation["responses"]:
+        operation["responses"]["429"]["headers"] = {
+            "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
+        }
     if not auth:
         operation["security"] = []
     if params:

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flask import Flask
 from flask.testing import FlaskClient
 
+from service.extensions import Services
 from worker.errors import QueueUnavailable
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def services(app: Flask) -> Services:
+    """The app's long-lived parts (DB, storage, queue, ...)."""
+    return app.extensions["gpuyard"]
 
 GOOD_SPEC: dict[str, Any] = {"architecture": {"family": "mlp", "widths": [16]}, "training": {"epochs": 1}}
 

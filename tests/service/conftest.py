@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from api_helpers import FakeDryRun, FakeQueue, Tokens
+from api_helpers import FakeDryRun, FakeQueue, Tokens, free_port, services
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
 from core.settings import Settings
 from service.app import create_app
-from service.extensions import Services
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -78,5 +70,3 @@ def tokens(app: Flask) -> Tokens:
     )
 
 
-def services(app: Flask) -> Services:
-    return app.extensions["gpuyard"]

@@ -75,3 +75,34 @@ def test_users_cli_creates_a_user_and_prints_the_token_once(
         db.dispose()
     finally:
         get_settings.cache_clear()
+
+
+def test_users_cli_disables_enables_and_rotates_tokens_effective_on_the_next_request(  # type: ignore[no-untyped-def]
+    client, tokens: Tokens, settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPUYARD_DATA_DIR", str(settings.data_dir))  # the CLI and the app share the DB
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+
+        def status(token: str) -> int:
+            return client.get("/v1/jobs", headers={"Authorization": f"Bearer {token}"}).status_code
+
+        assert status(tokens.alice) == 200
+        assert runner.invoke(users, ["disable", "alice"]).exit_code == 0
+        assert status(tokens.alice) == 401 and status(tokens.bob) == 200
+        assert "yes" in runner.invoke(users, ["list"]).output
+        assert runner.invoke(users, ["enable", "alice"]).exit_code == 0
+        assert status(tokens.alice) == 200
+
+        rotated = runner.invoke(users, ["rotate-token", "alice"])
+        assert rotated.exit_code == 0, rotated.output
+        new_token = rotated.stdout.strip().splitlines()[-1]
+        assert new_token != tokens.alice
+        assert status(tokens.alice) == 401 and status(new_token) == 200
+
+        for command in ("disable", "enable", "rotate-token"):
+            missing = runner.invoke(users, [command, "nobody"])
+            assert missing.exit_code != 0 and "no user named 'nobody'" in missing.output
+    finally:
+        get_settings.cache_clear()

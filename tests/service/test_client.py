@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_helpers import GOOD_SPEC, Tokens
+from api_helpers import GOOD_SPEC, Tokens, free_port, services
 from click.testing import CliRunner
-from conftest import free_port, services
 from flask import Flask
 from werkzeug.serving import make_server
 

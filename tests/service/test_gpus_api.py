@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_helpers import FakeDryRun, FakeQueue, Tokens, assert_error_body, bearer, upload
-from conftest import free_port
+from api_helpers import FakeDryRun, FakeQueue, Tokens, assert_error_body, bearer, free_port, upload
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -173,3 +172,25 @@ def test_drain_undrain_and_clear_are_for_admins(
     assert shown["state"] == "quarantined" and "900 MiB" in shown["quarantine_reason"]
     cleared = client.post(f"/v1/gpus/{GPU1}/clear", headers=bearer(tokens.admin)).get_json()
     assert cleared["state"] == "online" and cleared["quarantine_reason"] is None
+
+
+def test_a_non_admin_sees_other_users_jobs_only_as_anonymous_usage(
+    client: FlaskClient, app: Flask, tokens: Tokens, beats: dict[str, dict[str, Any]], digits_h5: Path
+) -> None:
+    register_two(app, beats, online=(GPU0,))
+    alices = submit(
+        client, tokens.alice, upload(client, tokens.alice, digits_h5).get_json()["id"], memory_fraction=0.25
+    )
+    bobs = submit(client, tokens.bob, upload(client, tokens.bob, digits_h5).get_json()["id"], memory_fraction=0.5)
+    alice_job, bob_job = alices.get_json()["id"], bobs.get_json()["id"]
+
+    def seen_by(token: str) -> list[tuple[Any, Any, float]]:
+        response = client.get("/v1/gpus", headers=bearer(token))
+        jobs = response.get_json()["gpus"][0]["jobs"]
+        return sorted(((j["id"], j["owner"], j["memory_fraction"]) for j in jobs), key=lambda t: t[2])
+
+    assert seen_by(tokens.alice) == [(alice_job, "alice", 0.25), (None, None, 0.5)]
+    assert seen_by(tokens.bob) == [(None, None, 0.25), (bob_job, "bob", 0.5)]
+    assert seen_by(tokens.admin) == [(alice_job, "alice", 0.25), (bob_job, "bob", 0.5)]
+    text = client.get("/v1/gpus", headers=bearer(tokens.alice)).get_data(as_text=True)
+    assert bob_job not in text and "bob" not in text

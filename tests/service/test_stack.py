@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port
+from api_helpers import free_port
 from stack_helpers import GPUYARD, REPO, alive, clean_env, gpuyard_up
 
 from service.stack import REDIS_MISSING

@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 import redis
 import requests
-from api_helpers import Tokens
-from conftest import free_port
+from api_helpers import Tokens, free_port
 from flask.testing import FlaskClient
 
 from core.settings import Settings

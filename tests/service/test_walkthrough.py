@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from api_helpers import free_port
 from stack_helpers import REPO, alive, clean_env, gpuyard_up
 
 pytestmark = pytest.mark.slow

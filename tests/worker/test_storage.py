@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,16 @@ def test_bad_keys_are_refused(storage: LocalStorage) -> None:
         storage.dataset_key("not-a-sha")
     with pytest.raises(InvalidKey):
         storage.local_path("/etc/passwd")
+
+
+def test_sweep_tmp_removes_only_stale_staging_files(storage: LocalStorage) -> None:
+    tmp = storage.root / "tmp"
+    stale, fresh = tmp / "upload.dead.h5", tmp / "upload.live.h5"
+    stale.write_bytes(b"half an upload")
+    fresh.write_bytes(b"still arriving")
+    hour_ago = time.time() - 3601
+    os.utime(stale, (hour_ago, hour_ago))
+    assert storage.sweep_tmp(3600) == 1
+    assert not stale.exists() and fresh.exists()
+    assert storage.sweep_tmp(3600) == 0
+

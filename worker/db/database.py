@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,9 +163,27 @@ class Database:
         return user, token
 
     def user_for_token(self, token: str) -> User | None:
-        """The user whose token this is, or None."""
+        """The user whose token this is, or None (also for a disabled user)."""
         with self._begin() as s:
-            return s.scalar(select(User).where(User.token_hash == hash_token(token)))
+            return s.scalar(select(User).where(User.token_hash == hash_token(token), User.disabled.is_(False)))
+
+    def set_user_disabled(self, name: str, disabled: bool) -> User | None:
+        """Disable a user (their token stops working at its next request) or enable them again; None if no
+        such user."""
+        with self._begin() as s:
+            user = s.scalar(select(User).where(User.name == name))
+            if user is not None:
+                user.disabled = disabled
+            return user
+
+    def rotate_token(self, name: str) -> tuple[User, str] | None:
+        """Give a user a new token (returned once) and void the old one at once; None if no such user."""
+        token = "gy_" + secrets.token_urlsafe(32)
+        with self._begin() as s:
+            user = s.scalar(select(User).where(User.name == name))
+            if user is not None:
+                user.token_hash = hash_token(token)
+        return (user, token) if user is not None else None
 
     def list_users(self) -> list[User]:
         with self._begin() as s:
@@ -181,8 +199,14 @@ class Database:
         storage_key: str,
         *,
         name: str | None = None,
+        place_file: Callable[[], object] | None = None,
     ) -> tuple[Dataset, bool]:
         """Record a stored data set; the same content for the same owner returns the existing row.
+
+        Args:
+            place_file: puts the content-addressed file in place (or keeps the one there); called after the
+                row is written, under the content's lock, so a concurrent delete of another row with the
+                same content either finishes first (and the file is placed again) or sees this row.
 
         Returns:
             ``(dataset, created)``: ``created`` is False when the owner already had this content.
@@ -192,6 +216,7 @@ class Database:
             return existing, False
         try:
             with self._begin() as s:
+                self._lock_content(s, sha256)
                 dataset = Dataset(
                     id=new_id("ds"),
                     owner_id=owner_id,
@@ -203,7 +228,9 @@ class Database:
                     created_at=utcnow(),
                 )
                 s.add(dataset)
-                s.flush()
+                s.flush()  # SQLite: the INSERT takes the database's write lock, held until commit
+                if place_file is not None:
+                    place_file()
                 s.refresh(dataset)
                 return dataset, True
         except IntegrityError:
@@ -234,8 +261,14 @@ class Database:
                 query = query.where(Dataset.owner_id == owner_id)
             return list(s.scalars(query))
 
-    def delete_dataset(self, dataset_id: str, owner_id: int | None = None) -> Dataset | None:
+    def delete_dataset(
+        self, dataset_id: str, owner_id: int | None = None, *, remove_file: Callable[[str], object] | None = None
+    ) -> Dataset | None:
         """Delete a data set row unless a queued or running job uses it.
+
+        Args:
+            remove_file: removes the stored file by key; called, under the content's lock and before the
+                commit, only when no other row (any owner) still points at it.
 
         Returns:
             The deleted row, or None if there was none (or it is someone else's).
@@ -248,15 +281,28 @@ class Database:
             return None
         active = exists().where(Job.dataset_id == dataset_id, Job.state.in_(ACTIVE_STATES))
         with self._begin() as s:
+            self._lock_content(s, dataset.sha256)
             # One statement decides, so a job submitted meanwhile either blocks this or fails its FK.
             deleted = s.execute(
                 delete(Dataset).where(Dataset.id == dataset_id, ~active).execution_options(synchronize_session=False)
             ).rowcount
+            shared = s.scalar(select(exists().where(Dataset.storage_key == dataset.storage_key)))
+            if deleted == 1 and not shared and remove_file is not None:
+                remove_file(dataset.storage_key)
         if deleted == 1:
             return dataset
         if self.get_dataset(dataset_id, owner_id) is None:
             return None
         raise DatasetInUse(f"data set {dataset_id} is used by a queued or running job; cancel it first")
+
+    def _lock_content(self, s: Session, sha256: str) -> None:
+        """Serialize the row and file changes of one content address across processes until commit.
+
+        PostgreSQL: a transaction-scoped advisory lock on the hash. SQLite: the transaction's first write
+        takes the database's write lock, so both callers write before they look or touch the file.
+        """
+        if self.is_postgres:
+            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": int(sha256[:15], 16)})
 
     def storage_key_in_use(self, storage_key: str) -> bool:
         """Whether any data set row (any owner) still points at this stored file."""

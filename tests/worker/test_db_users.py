@@ -1,0 +1,46 @@
+"""The job DB's users: disabling, enabling, token rotation, and the v3 migration (users.disabled)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker import db as jobdb
+from worker.db import Database
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Database:
+    database = Database(f"sqlite:///{tmp_path / 'users.db'}")
+    database.migrate()
+    yield database  # type: ignore[misc]
+    database.dispose()
+
+
+def test_disable_enable_and_rotate_take_effect_at_once(db: Database) -> None:
+    user, token = db.create_user("alice")
+    disabled = db.set_user_disabled("alice", True)
+    assert disabled is not None and disabled.disabled is True
+    assert db.user_for_token(token) is None
+    assert db.set_user_disabled("alice", False) is not None
+    assert db.user_for_token(token) is not None
+    rotated = db.rotate_token("alice")
+    assert rotated is not None
+    assert db.user_for_token(token) is None
+    found = db.user_for_token(rotated[1])
+    assert found is not None and found.id == user.id
+    assert db.set_user_disabled("nobody", True) is None and db.rotate_token("nobody") is None
+
+
+def test_a_v2_database_migrates_to_users_disabled(db: Database) -> None:
+    user, token = db.create_user("olduser")
+    with db.engine.begin() as conn:  # back to schema 2: no users.disabled column
+        conn.exec_driver_sql("ALTER TABLE users DROP COLUMN disabled")
+        conn.execute(jobdb.SchemaVersion.__table__.delete())
+        conn.execute(
+            jobdb.SchemaVersion.__table__.insert().values(version=2, description="v2", applied_at=jobdb.utcnow())
+        )
+    assert db.migrate() == jobdb.LATEST_VERSION == 3
+    found = db.user_for_token(token)
+    assert found is not None and found.id == user.id and found.disabled is False
