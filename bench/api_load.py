@@ -46,6 +46,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from core.states import RUNNING  # noqa: E402
 from models.data.digits import write_digits_h5  # noqa: E402
 from service.client import Client, ClientError  # noqa: E402
 from service.stack import Stack, StackConfig, free_port  # noqa: E402
@@ -157,7 +158,7 @@ def submit_to_started(client: Client, dataset: str, spec: dict[str, Any], jobs: 
         marks: dict[str, float] = {}
         for event in client.events(job["id"], read_timeout_s=120):
             data = event.json()
-            if event.event == "state" and data.get("state") == "running":
+            if event.event == "state" and data.get("state") == RUNNING:
                 marks["running"] = float(data["time"])
             if event.event == "started":
                 marks["started"] = float(data["time"])

@@ -83,9 +83,10 @@ def main() -> int:
     os.environ["GPUYARD_REDIS_URL"] = ""  # no Redis server here: events go to the job DB only
 
     from core.settings import Settings
-    from core.states import SUCCEEDED
+    from core.states import FAILED, SUCCEEDED
     from worker.db import Database
     from worker.gpus import context_allowance_bytes, get_backend
+    from worker.outcome import MEMORY_BUDGET_EXCEEDED
     from worker.storage import LocalStorage
 
     work = Path(tempfile.mkdtemp(prefix="gpuyard-gpucheck-"))
@@ -223,7 +224,7 @@ def main() -> int:
                 "over budget: killed by the watchdog",
                 f"{h.state} ({h.error_reason})",
                 "failed (memory_budget_exceeded)",
-                h.state == "failed" and h.error_reason == "memory_budget_exceeded",
+                h.state == FAILED and h.error_reason == MEMORY_BUDGET_EXCEEDED,
             ),
             (
                 "over budget: peak recorded",
