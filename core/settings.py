@@ -78,7 +78,7 @@ class Settings(DataLimits):
         3600.0,
         gt=0,
         description="Staging files of uploads (storage tmp/) older than this many seconds are removed when the "
-        "API starts: what a killed upload left behind.",
+        "API starts and by every janitor pass: what a killed upload left behind.",
     )
     max_active_jobs_per_user: int = Field(
         4, ge=1, description="Queued plus running jobs one user may have; more answer 429."

@@ -22,6 +22,7 @@ from worker.db import Database, JanitorReport
 from worker.dispatch import Dispatcher
 from worker.errors import JobDBError
 from worker.queues import Sender, celery_sender
+from worker.storage import LocalStorage
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,18 @@ def janitor_pass(db: Database, dispatcher: Dispatcher, *, now: dt.datetime | Non
     return report
 
 
+def sweep_tmp(storage: LocalStorage, max_age_s: float) -> int:
+    """Remove upload staging files older than ``max_age_s`` (uploads killed mid-way); never raises."""
+    try:
+        swept = storage.sweep_tmp(max_age_s)
+    except OSError as exc:
+        log.warning("janitor: cannot sweep %s: %s", storage.root / "tmp", exc)
+        return 0
+    if swept:
+        log.info("janitor: removed %d stale upload staging file(s)", swept)
+    return swept
+
+
 def run_janitor(
     settings: Settings,
     interval_s: float | None = None,
@@ -66,6 +79,8 @@ def run_janitor(
     stop = stop or threading.Event()
     db = db or Database(settings.database_url)
     dispatcher = Dispatcher(settings, db, send or celery_sender(settings))
+    assert settings.storage_dir is not None  # filled in by Settings
+    storage = LocalStorage(settings.storage_dir)
     log.info("janitor: every %.1f s on %s", interval, db.url)
     try:
         while not stop.is_set():
@@ -73,6 +88,7 @@ def run_janitor(
                 janitor_pass(db, dispatcher)
             except JobDBError as exc:
                 log.warning("janitor: pass failed: %s", exc)
+            sweep_tmp(storage, settings.tmp_max_age_s)
             stop.wait(interval)
     finally:
         dispatcher.close()

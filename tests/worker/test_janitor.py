@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from celery_helpers import wait_for
 
@@ -95,11 +97,19 @@ def test_run_janitor_loops_until_stopped(settings: Settings, db: Database, make_
         args=(settings, 0.1),
         kwargs={"stop": stop, "db": db, "send": lambda job_id, queue: sent.append(job_id)},
     )
+    stale = Path(settings.storage_dir or "") / "tmp" / "upload.killed.h5"  # an upload killed mid-way
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"half")
+    os.utime(stale, (time.time() - settings.tmp_max_age_s - 60,) * 2)
+    fresh = stale.with_name("upload.live.h5")
+    fresh.write_bytes(b"still coming")
     loop.start()
     try:
         expire(db, job_id)
         wait_for(lambda: sent == [job_id], 5, "the janitor loop to requeue the job")
+        wait_for(lambda: not stale.exists(), 5, "the janitor to sweep the stale staging file")
     finally:
         stop.set()
         loop.join(5)
     assert not loop.is_alive()
+    assert fresh.exists()  # a live upload's file stays
