@@ -41,10 +41,18 @@ def api(host: str, port: int, workers: int, connections: int, gunicorn_args: tup
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the API listens on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--api-workers", default=2, show_default=True, type=click.IntRange(min=1))
-@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(min=1), help="Jobs run at once.")
+@click.option(
+    "--concurrency",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Jobs run at once per GPU and on the CPU. Default: GPUYARD_GPU_SLOTS (4) per GPU, packed by memory "
+    "fraction, and 1 on the CPU.",
+)
 @click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds the processes get to stop before they are killed.")  # fmt: skip
-def up(data_dir: Path | None, host: str, port: int, api_workers: int, concurrency: int, grace_s: float) -> None:
+def up(
+    data_dir: Path | None, host: str, port: int, api_workers: int, concurrency: int | None, grace_s: float
+) -> None:
     """Run the whole local stack (Redis, API, one CPU worker, janitor) until Ctrl-C."""
     settings = get_settings()
     data_dir = (data_dir or settings.data_dir).resolve()
@@ -92,7 +100,7 @@ def _worker_lines(stack: Stack) -> list[str]:
     try:
         workers, _ = plan_host_workers(stack.settings or get_settings(), "all", concurrency)
     except click.ClickException as exc:
-        return [f"--gpus all, concurrency {concurrency} ({exc.format_message()})"]
+        return [f"--gpus all, concurrency {concurrency or 'default'} ({exc.format_message()})"]
     return [
         f"{'cpu' if w.gpu is None else f'GPU {w.gpu.index} {w.gpu.uuid}'}, queue {w.queue}, concurrency {w.slots}"
         for w in workers

@@ -18,7 +18,7 @@ from worker.dispatch import Dispatcher
 from worker.fleet import WorkerPlan, plan_workers, run_fleet
 from worker.gpus import GpuBackend, get_backend
 from worker.janitor import janitor_pass, run_janitor
-from worker.queues import celery_sender
+from worker.queues import celery_sender, cpu_queue
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def plan_host_workers(
     settings: Settings,
     gpus: str,
-    concurrency: int,
+    concurrency: int | None,
     *,
     cpu_worker: bool = True,
     expect_gpus: int | None = None,
@@ -37,13 +37,22 @@ def plan_host_workers(
     ``fleet`` True: one child per GPU, plus one on the CPU queue unless ``cpu_worker`` is False.
     ``fleet`` False: no GPU was found, and the one worker (on the CPU queue) runs in this process.
 
+    Slots: ``concurrency`` for every worker when given; else ``gpu_slots`` (4) per GPU, so the dispatcher
+    packs jobs by their fractions, and 1 for the CPU worker.
+
     Raises:
         click.BadParameter: ``gpus`` names a GPU that does not exist.
         click.ClickException: not ``expect_gpus`` GPUs were selected, or no GPU and no CPU worker either.
     """
     backend = backend or get_backend(settings)
     try:
-        workers = plan_workers(backend, gpus, concurrency, cpu_queue=settings.train_queue if cpu_worker else None)
+        workers = plan_workers(
+            backend,
+            gpus,
+            concurrency or settings.gpu_slots,
+            cpu_queue=cpu_queue(settings) if cpu_worker else None,
+            cpu_slots=concurrency or 1,
+        )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--gpus") from exc
     found = [w.gpu.uuid for w in workers if w.gpu is not None]
@@ -62,7 +71,7 @@ def plan_host_workers(
         )
     host = socket.gethostname()
     queue = settings.train_queue
-    return [WorkerPlan(gpu=None, name=f"{queue}@{host}", queue=queue, slots=concurrency)], False
+    return [WorkerPlan(gpu=None, name=f"{queue}@{host}", queue=queue, slots=concurrency or 1)], False
 
 
 def command_line(env: dict[str, str], argv: list[str]) -> str:
@@ -75,10 +84,9 @@ def command_line(env: dict[str, str], argv: list[str]) -> str:
     "--concurrency",
     "-c",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
+    default=None,
     help="Jobs run at once by this worker (one trainer process each); with --gpus, per GPU (its slots) "
-    "and for the CPU worker.",
+    "and for the CPU worker. Default: GPUYARD_GPU_SLOTS (4) per GPU, packed by memory fraction; 1 on the CPU.",
 )
 @click.option(
     "--gpus",
@@ -121,7 +129,7 @@ def command_line(env: dict[str, str], argv: list[str]) -> str:
     "name), and exit without starting anything.",
 )
 def worker_command(
-    concurrency: int,
+    concurrency: int | None,
     gpus: str | None,
     no_cpu_worker: bool,
     expect_gpus: int | None,
@@ -154,7 +162,7 @@ def worker_command(
         raise click.UsageError("--no-cpu-worker and --expect-gpus need --gpus")
     # CPU jobs go to train_queue (worker/dispatch.py), whatever the worker's GPU setting.
     queue = queue or settings.train_queue
-    worker = WorkerPlan(gpu=None, name=name or f"{queue}@{socket.gethostname()}", queue=queue, slots=concurrency)
+    worker = WorkerPlan(gpu=None, name=name or f"{queue}@{socket.gethostname()}", queue=queue, slots=concurrency or 1)
     if check:
         _print_plan([worker], loglevel, False, pin=gpu == "cpu")
         return

@@ -197,6 +197,12 @@ class Settings(DataLimits):
     gpu_heartbeat_ttl_s: float = Field(
         10.0, gt=0, description="A GPU whose last heartbeat is older than this is offline (Redis key TTL)."
     )
+    gpu_slots: int = Field(
+        4,
+        ge=1,
+        description="Jobs one GPU's worker runs at once at most. Within it the dispatcher packs jobs onto a GPU by "
+        "their memory fractions (and the GPU's free memory); `gpuyard worker -c N` overrides it.",
+    )
     gpu_reserve_fraction: float = Field(
         0.0,
         ge=0.0,

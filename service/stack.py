@@ -93,10 +93,10 @@ def gunicorn_argv(host: str, port: int, workers: int, extra: Sequence[str] = ())
     ]  # fmt: skip
 
 
-def worker_argv(gpus: str = "all", concurrency: int = 1) -> list[str]:
+def worker_argv(gpus: str = "all", concurrency: int | None = None) -> list[str]:
     """The ``gpuyard worker`` arguments that serve every GPU of this host and its CPU queue (one CPU worker
     without GPUs): what ``gpuyard up`` runs."""
-    return ["worker", "--gpus", gpus, "--concurrency", str(concurrency)]
+    return ["worker", "--gpus", gpus, *(["--concurrency", str(concurrency)] if concurrency else [])]
 
 
 def gpuyard_argv(*args: str) -> list[str]:
@@ -163,7 +163,8 @@ class StackConfig:
         data_dir: the stack's folder (DB, storage, Redis files, logs, admin token).
         host, port: where the API listens.
         api_workers: gunicorn worker processes.
-        worker_concurrency: jobs the one worker runs at once.
+        worker_concurrency: jobs run at once per GPU and on the CPU; None: GPUYARD_GPU_SLOTS (4) per GPU,
+            packed by memory fraction, and 1 on the CPU.
         redis_url: an existing Redis to use; None starts a private redis-server on a free port.
         grace_s: seconds the children get after SIGTERM before SIGKILL.
         ready_timeout_s: seconds to wait for ``/v1/ready``.
@@ -173,7 +174,7 @@ class StackConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_workers: int = 2
-    worker_concurrency: int = 1
+    worker_concurrency: int | None = None
     redis_url: str | None = None
     grace_s: float = 10.0
     ready_timeout_s: float = 60.0

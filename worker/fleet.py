@@ -96,10 +96,17 @@ class WorkerPlan:
 
 
 def plan_workers(
-    backend: GpuBackend, selection: str, slots: int, host: str | None = None, *, cpu_queue: str | None = None
+    backend: GpuBackend,
+    selection: str,
+    slots: int,
+    host: str | None = None,
+    *,
+    cpu_queue: str | None = None,
+    cpu_slots: int | None = None,
 ) -> list[WorkerPlan]:
-    """The workers ``--gpus selection`` starts: one per selected GPU, then (when ``cpu_queue`` is given and
-    a GPU was selected) one CPU worker on ``cpu_queue``. None without GPUs.
+    """The workers ``--gpus selection`` starts: one per selected GPU with ``slots`` each, then (when
+    ``cpu_queue`` is given and a GPU was selected) one CPU worker on ``cpu_queue`` with ``cpu_slots``
+    (default: ``slots``). None without GPUs.
 
     Raises:
         ValueError: the selection names a GPU that does not exist.
@@ -110,7 +117,7 @@ def plan_workers(
         for gpu in select_gpus(backend.devices(), selection)
     ]
     if workers and cpu_queue:
-        workers.append(WorkerPlan(gpu=None, name=f"{cpu_queue}@{host}", queue=cpu_queue, slots=slots))
+        workers.append(WorkerPlan(gpu=None, name=f"{cpu_queue}@{host}", queue=cpu_queue, slots=cpu_slots or slots))
     return workers
 
 
