@@ -9,6 +9,7 @@
     cli/users.py     users                                              (accounts and tokens)
     cli/compose.py   compose                                            (docker compose for this host's GPUs)
     cli/demo.py      demo                                               (the Highway example, no service)
+    cli/smoke.py     smoke                                              (a CI pipeline's check of a spec, CPU)
     cli/render.py    the one renderer of a job's events (logs -f, submit --follow, demo)
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import click
 
-from cli import compose, data, demo, jobs, serve, users, workers
+from cli import compose, data, demo, jobs, serve, smoke, users, workers
 
 
 @click.group()
@@ -40,5 +41,6 @@ for command in (
     serve.api,
     serve.up,
     compose.compose_command,
+    smoke.smoke_command,
 ):
     main.add_command(command)
