@@ -182,7 +182,7 @@ def _placement(run: SmokeRun, spec: JobSpec, summary: DatasetSummary, gpus_path:
     fitting = [u for u, b in budgets.items() if b >= need]
     best = max(budgets.values(), default=0)
     detail = (
-        f"estimated training memory {need / 2**20:,.0f} MiB; the budget (memory_fraction {fraction:g} × a GPU) "
+        f"estimated training memory {need / 2**20:,.1f} MiB; the budget (memory_fraction {fraction:g} × a GPU) "
         f"is at most {best / 2**20:,.0f} MiB"
     )
     if not fitting and candidates:
