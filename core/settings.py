@@ -91,6 +91,11 @@ class Settings(DataLimits):
     sse_poll_interval_s: float = Field(
         0.5, gt=0, description="Seconds between two job-event polls of the database in an SSE stream."
     )
+    secret_key: str = Field(
+        "",
+        description="Signs the dashboard's session cookies and CSRF tokens; every API process must share it. "
+        "Empty: a random key kept in <data_dir>/secret-key (mode 0600), made on first start.",
+    )
     sse_keepalive_s: float = Field(
         15.0, gt=0, description="Seconds of silence after which an SSE stream sends a keep-alive comment."
     )

@@ -91,10 +91,20 @@ def show(dataset_id: str) -> Response:
 @bp.delete("/<dataset_id>")
 def remove(dataset_id: str) -> Response:
     """Delete a data set (409 while a queued or running job uses it); the file goes with its last user."""
+    delete_dataset(dataset_id, visible_owner_id())
+    return Response(status=204)
+
+
+def delete_dataset(dataset_id: str, owner_id: int | None) -> None:
+    """Delete one of ``owner_id``'s data sets (None: anyone's) and its file unless another row shares it.
+
+    Raises:
+        NotFound: no such data set for this owner.
+        DatasetInUse: a queued or running job uses it (409).
+    """
     svc = services()
-    dataset = svc.db.delete_dataset(dataset_id, visible_owner_id())
+    dataset = svc.db.delete_dataset(dataset_id, owner_id)
     if dataset is None:
         raise NotFound(f"no data set {dataset_id!r}")
     if not svc.db.storage_key_in_use(dataset.storage_key):
         svc.storage.delete(dataset.storage_key)
-    return Response(status=204)

@@ -85,7 +85,7 @@ def submit() -> Response:
                 raise exc
             raise ServiceUnavailable(f"the job queue is unreachable ({detail})", code="queue_unavailable") from exc
     job = svc.db.get_job(job.id) or job
-    return respond(_job_out(job), 201, {"Location": url_for("jobs.show", job_id=job.id)})
+    return respond(job_out(job), 201, {"Location": url_for("jobs.show", job_id=job.id)})
 
 
 @bp.get("")
@@ -102,10 +102,11 @@ def index() -> Response:
 @bp.get("/<job_id>")
 def show(job_id: str) -> Response:
     """One job: state, attempts, progress, error; while it waits for a GPU, its place in the queue."""
-    return respond(_job_out(_visible_job(job_id)))
+    return respond(job_out(visible_job(job_id)))
 
 
-def _job_out(job: Job) -> JobOut:
+def job_out(job: Job) -> JobOut:
+    """A job as the API shows it, with its place in the queue while it waits."""
     position = services().db.queue_position(job.id) if job.state == QUEUED else None
     return JobOut.of(job, queue_position=position)
 
@@ -113,7 +114,7 @@ def _job_out(job: Job) -> JobOut:
 @bp.post("/<job_id>/cancel")
 def cancel(job_id: str) -> Response:
     """Cancel a job: a queued one at once; a running one is stopped by its worker; a finished one stays."""
-    _visible_job(job_id)
+    visible_job(job_id)
     job = services().db.request_cancel(job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
@@ -128,7 +129,7 @@ def events(job_id: str) -> Response:
     number of API processes and needs no broker. ``id:`` is the event's sequence number; a client resumes
     with ``Last-Event-ID`` (or ``?last_event_id=``). The stream ends after the job's terminal state event.
     """
-    _visible_job(job_id)
+    visible_job(job_id)
     after = _last_event_id()
     svc = services()
     stream = _event_stream(svc.db, job_id, after, svc.settings.sse_poll_interval_s, svc.settings.sse_keepalive_s)
@@ -207,7 +208,7 @@ def _last_event_id() -> int:
 @bp.get("/<job_id>/logs")
 def logs(job_id: str) -> Response:
     """The trainer's log (its stderr) as text; Range requests let a client follow its tail."""
-    job = _visible_job(job_id)
+    job = visible_job(job_id)
     storage = services().storage
     key = storage.job_key(job.id, TRAINER_LOG)
     if not storage.exists(key):
@@ -221,7 +222,7 @@ def artifact(job_id: str, name: str) -> Response:
 
     The ETag is the file's SHA-256; ``If-None-Match`` answers 304 and ``Range`` 206.
     """
-    job = _visible_job(job_id)
+    job = visible_job(job_id)
     if name not in ARTIFACT_NAMES:
         raise NotFound(f"Expected an artifact among {', '.join(ARTIFACT_NAMES)}. Received: {name!r}")
     storage = services().storage
@@ -250,7 +251,8 @@ def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
     return digest.hexdigest()
 
 
-def _visible_job(job_id: str) -> Job:
+def visible_job(job_id: str) -> Job:
+    """The caller's job (an admin's: anyone's); 404 otherwise, as if it did not exist."""
     job = services().db.get_job(job_id, visible_owner_id())
     if job is None:
         raise NotFound(f"no job {job_id!r}")
