@@ -42,12 +42,12 @@ def init_sessions(app: Flask, settings: Settings) -> None:
     """The secret key and the session cookie's flags: HttpOnly, SameSite=Lax, Secure over HTTPS."""
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = settings.secret_key or load_secret_key(settings.data_dir)
-    app.config.setdefault("SESSION_COOKIE_NAME", SESSION_COOKIE)
+    app.config["SESSION_COOKIE_NAME"] = SESSION_COOKIE
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
     # CSRF tokens live as long as the session (the default one-hour limit would break open pages).
-    app.config.setdefault("WTF_CSRF_TIME_LIMIT", None)
-    app.config.setdefault("WTF_CSRF_HEADERS", [CSRF_HEADER])
+    app.config["WTF_CSRF_TIME_LIMIT"] = None
+    app.config["WTF_CSRF_HEADERS"] = [CSRF_HEADER]
     # Only the dashboard's forms are checked (service.ui); API clients use bearer tokens, not cookies.
     app.config["WTF_CSRF_CHECK_DEFAULT"] = False
     app.session_interface = _SessionInterface()
