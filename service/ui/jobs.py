@@ -180,11 +180,13 @@ def _series(job: Job) -> dict[str, Any]:
     diagnostics = _read_json(storage, job, DIAGNOSTICS)
     ratio_epochs, ratios = [], []
     if isinstance(diagnostics, list):
+        first, last = _end_blocks(diagnostics)
         for record in diagnostics:
-            norms = [b.get("gradient_norm") for b in (record.get("blocks") or {}).values()]
-            if len(norms) >= 2 and norms[0] is not None and norms[-1]:
+            blocks = record.get("blocks") or {}
+            top, bottom = (blocks.get(first) or {}).get("gradient_norm"), (blocks.get(last) or {}).get("gradient_norm")
+            if first != last and top and bottom:
                 ratio_epochs.append(record.get("epoch"))
-                ratios.append(norms[0] / norms[-1])
+                ratios.append(top / bottom)
     return {
         "id": job.id,
         "label": f"{job.spec.get('name') or job.spec.get('architecture', {}).get('family', '')} ({job.id})",
@@ -192,6 +194,16 @@ def _series(job: Job) -> dict[str, Any]:
         "columns": columns,
         "ratio": {"epoch": ratio_epochs, "ratio": ratios},
     }
+
+
+def _end_blocks(records: list[dict[str, Any]]) -> tuple[str | None, str | None]:
+    """The first and the last block that has a gradient (an input or normalization block has none)."""
+    names: list[str] = []
+    for record in records:
+        for name, entry in (record.get("blocks") or {}).items():
+            if name not in names and (entry or {}).get("gradient_norm"):
+                names.append(name)
+    return (names[0], names[-1]) if names else (None, None)
 
 
 def _read_json(storage: Any, job: Job, name: str) -> Any:

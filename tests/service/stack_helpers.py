@@ -48,8 +48,13 @@ def alive(pid: int) -> bool:
 
 
 @contextmanager
-def gpuyard_up(data_dir: Path, port: int, *, ready_timeout_s: float = 120) -> Iterator[RunningStack]:
-    """``gpuyard up`` on ``data_dir`` and ``port``, ready; SIGINT and (at worst) SIGKILL of its tree after."""
+def gpuyard_up(
+    data_dir: Path, port: int, *, ready_timeout_s: float = 120, env: dict[str, str] | None = None
+) -> Iterator[RunningStack]:
+    """``gpuyard up`` on ``data_dir`` and ``port``, ready; SIGINT and (at worst) SIGKILL of its tree after.
+
+    ``env``: GPUYARD_* settings for the stack (e.g. GPUYARD_FAKE_GPUS), on top of a clean environment.
+    """
     log_path = data_dir.parent / f"{data_dir.name}-up.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -57,7 +62,7 @@ def gpuyard_up(data_dir: Path, port: int, *, ready_timeout_s: float = 120) -> It
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,
-            env=clean_env(),
+            env=clean_env(**(env or {})),
             cwd=REPO,
         )
     stack = RunningStack(process, f"http://127.0.0.1:{port}", data_dir, log_path)

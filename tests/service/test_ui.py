@@ -212,7 +212,14 @@ def test_the_job_page_and_compare_show_what_the_job_wrote(
     storage = app.extensions["gpuyard"].storage
     storage.write_bytes(storage.job_key(first, HISTORY), json.dumps({"epoch": [1, 2], "loss": [0.9, 0.5]}).encode())
     records = [
-        {"epoch": e, "blocks": {"dense_0": {"gradient_norm": g0}, "dense_1": {"gradient_norm": 1.0}}}
+        {
+            "epoch": e,
+            "blocks": {
+                "input": {"gradient_norm": 0.0},
+                "dense_0": {"gradient_norm": g0},
+                "dense_1": {"gradient_norm": 1.0},
+            },
+        }
         for e, g0 in ((0, 0.01), (1, 0.1), (2, 0.5))
     ]
     storage.write_bytes(storage.job_key(first, DIAGNOSTICS), json.dumps(records).encode())

@@ -35,6 +35,10 @@
 
   // One uPlot line chart in `container`: x = epochs, one series per label; replaced when labels change.
   function lineChart(container, labels, data, logY) {
+    // How many values it draws (not counting gaps): what the browser test reads.
+    container.dataset.values = String(data.slice(1).reduce(function (n, ys) {
+      return n + ys.filter(function (y) { return y !== null && y !== undefined; }).length;
+    }, 0));
     if (container._chart) {
       if (container._labels === labels.join("\u0000")) { container._chart.setData(data); return container._chart; }
       container._chart.destroy();
@@ -108,6 +112,8 @@
       if (terminal.indexOf(d.state) >= 0) {
         source.close();
         section.dataset.ended = d.state;
+        var status = document.getElementById("job-status");
+        if (status && window.htmx) window.htmx.trigger(status, "refresh");
         var flow = document.getElementById("gradient-flow");
         if (flow) setTimeout(function () { gradientFlow(flow, true); }, 500);
       }
@@ -148,7 +154,9 @@
     var epochs = records.map(function (r) { return r.epoch; });
     var norm = function (r, b) { var e = (r.blocks || {})[b]; return e && e.gradient_norm > 0 ? e.gradient_norm : null; };
     drawHeatmap(document.getElementById("gradient-heatmap"), document.getElementById("heatmap-legend"), blocks, records, norm);
-    var first = blocks[0], last = blocks[blocks.length - 1];
+    // The ratio's ends: the first and last block that has a gradient (an input block has none).
+    var learning = blocks.filter(function (b) { return records.some(function (r) { return norm(r, b); }); });
+    var first = learning[0], last = learning[learning.length - 1];
     var ratios = records.map(function (r) { var a = norm(r, first), z = norm(r, last); return a && z ? a / z : null; });
     lineChart(document.getElementById("ratio-chart"), [first + " / " + last], [epochs, ratios], true);
     var stat = function (key) {
@@ -280,7 +288,7 @@
           var ok = el("p", "Uploaded " + file.name + " as " + body.id + " (" + bytes(body.size_bytes) + ").", "flash ok");
           ok.setAttribute("role", "status");
           result.appendChild(ok);
-          setTimeout(function () { window.location.assign(form.dataset.listUrl); }, 800);
+          setTimeout(function () { window.location.assign(form.getAttribute("data-list-url")); }, 800);
         } else {
           percent.textContent = "refused";
           showProblems(result, body, xhr.status);
@@ -334,7 +342,7 @@
       var sig = signature();
       clear(report);
       report.appendChild(el("p", "Dry run…", "hint"));
-      post(form.dataset.jobsUrl + "?dry_run=1", payload).then(function (answer) {
+      post(form.getAttribute("data-jobs-url") + "?dry_run=1", payload).then(function (answer) {
         if (answer.status !== 200) { showProblems(report, answer.body, answer.status); return; }
         showReport(report, answer.body.report || {});
         passed = sig;
@@ -347,9 +355,9 @@
       var payload = body();
       if (!payload) return;
       submitButton.disabled = true;
-      post(form.dataset.jobsUrl, payload).then(function (answer) {
+      post(form.getAttribute("data-jobs-url"), payload).then(function (answer) {
         if (answer.status !== 201) { showProblems(report, answer.body, answer.status); submitButton.disabled = false; return; }
-        window.location.assign(form.dataset.jobPage.replace("JOB_ID", encodeURIComponent(answer.body.id)));
+        window.location.assign(form.getAttribute("data-job-page").replace("JOB_ID", encodeURIComponent(answer.body.id)));
       });
     });
   }
