@@ -244,6 +244,40 @@ def test_the_job_page_and_compare_show_what_the_job_wrote(
     assert too_many.status_code == 422 and "Received: 9" in too_many.get_data(as_text=True)
 
 
+def test_the_job_list_shows_queue_positions_live_progress_and_final_metrics(
+    app: Flask, client: FlaskClient, tokens: Tokens, dataset_id: str, beats: dict[str, dict[str, Any]]
+) -> None:
+    _db(app).register_gpu(GPU0, host="node1", index=0, name="Fake GPU 16 GiB", memory_total_bytes=16 * GiB)
+    beats[GPU0] = {
+        "host": "node1", "slots": 4, "memory_total_bytes": 16 * GiB, "memory_used_bytes": 0,
+        "utilization_percent": 0, "processes": [], "foreign_bytes": 0, "gpuyard_bytes": 0, "time": 1.0,
+    }  # fmt: skip
+    half = {**GOOD_SPEC, "resources": {"memory_fraction": 0.6}}
+    db = _db(app)
+    done = _alice_job(client, tokens, dataset_id, half)
+    assert db.take_lease(done, "w1", 60) is not None
+    final = {"final_metrics": {"test": {"accuracy": 0.9721, "loss": 0.1096}}, "stage": "finished"}
+    assert db.record_progress(done, final, owner="w1")
+    db.finish_job(done, "w1", "succeeded", exit_code=0)
+    running = _alice_job(client, tokens, dataset_id, half)
+    assert db.take_lease(running, "w1", 60) is not None
+    progress = {"stage": "training", "epoch": 2, "epochs": 5, "step": 3, "steps": 10, "samples_per_s": 812.0}
+    assert db.record_progress(running, {**progress, "eta_s": 75.0}, owner="w1")
+    waiting = _alice_job(client, tokens, dataset_id, half)  # 0.6 + 0.6 > 1: it waits
+    _sign_in(client, tokens.alice)
+
+    rows = client.get("/ui/jobs/rows").get_data(as_text=True)
+    waiting_row = next(row for row in rows.split("</tr>") if waiting in row)
+    assert "<td>1</td>" in waiting_row and "memory fraction free" in waiting_row  # position and reason
+    assert "epoch 2/5, batch 3/10" in rows and "ETA 1 min 15 s" in rows and "812 samples/s" in rows
+    assert "accuracy 0.9721" in rows and "state-succeeded" in rows
+    only_done = client.get("/ui/jobs?state=succeeded").get_data(as_text=True)
+    assert done in only_done and running not in only_done and waiting not in only_done
+    status = client.get(f"/ui/jobs/{running}/status").get_data(as_text=True)
+    assert 'hx-trigger="every 2s, refresh"' in status and "Fake GPU 16 GiB" in status and "10.6 GiB" in status
+    assert "hx-trigger" not in client.get(f"/ui/jobs/{done}/status").get_data(as_text=True)  # polling stops
+
+
 def test_spec_differences_lists_only_fields_that_differ() -> None:
     rows = spec_differences([{"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 1, "c": 5}}])
     assert rows == [("a.c", ["2", "5"]), ("d", ["3", "—"])]
