@@ -82,7 +82,6 @@ def job(job_id: str) -> str:
         summary=summary,
         memory=_memory(found),
         artifacts=_artifacts(found),
-        has_diagnostics=DIAGNOSTICS in _artifacts(found),
         log_tail=_log_tail(found),
         spec_json=json.dumps(found.spec, indent=2),
     )
@@ -175,9 +174,11 @@ def _series(job: Job) -> dict[str, Any]:
     """A job's per-epoch curves (history.json, else its epoch_end events) and first/last gradient ratio."""
     storage = services().storage
     columns = _read_json(storage, job, HISTORY)
-    if not isinstance(columns, dict):
-        columns = _columns_from_events(job)
     diagnostics = _read_json(storage, job, DIAGNOSTICS)
+    if not isinstance(columns, dict) or not isinstance(diagnostics, list):  # still training: its events
+        event_columns, event_diagnostics = _from_events(job)
+        columns = columns if isinstance(columns, dict) else event_columns
+        diagnostics = diagnostics if isinstance(diagnostics, list) else event_diagnostics
     ratio_epochs, ratios = [], []
     if isinstance(diagnostics, list):
         first, last = _end_blocks(diagnostics)
@@ -216,10 +217,12 @@ def _read_json(storage: Any, job: Job, name: str) -> Any:
         return None
 
 
-def _columns_from_events(job: Job) -> dict[str, list[Any]]:
-    """The epoch_end events stored so far, as history.json's columns (a job still running has no file)."""
+def _from_events(job: Job) -> tuple[dict[str, list[Any]], list[dict[str, Any]]]:
+    """The stored epoch_end events as history.json's columns, and the diagnostics events as its records
+    (a job still running has neither file yet)."""
     db = services().db
     rows: list[dict[str, Any]] = []
+    diagnostics: list[dict[str, Any]] = []
     after = 0
     while True:
         batch = db.events_since(job.id, after)
@@ -230,6 +233,8 @@ def _columns_from_events(job: Job) -> dict[str, list[Any]]:
             event = job_event.event
             if event.get("event") == "epoch_end":
                 rows.append({"epoch": event.get("epoch"), "loss": event.get("loss"), **(event.get("metrics") or {})})
+            elif event.get("event") == "diagnostics":
+                diagnostics.append({"epoch": event.get("epoch"), "blocks": event.get("blocks") or {}})
     columns: dict[str, list[Any]] = {"epoch": []}
     for row in rows:
         for key in row:
@@ -237,7 +242,7 @@ def _columns_from_events(job: Job) -> dict[str, list[Any]]:
     for row in rows:
         for key, values in columns.items():
             values.append(row.get(key))
-    return columns
+    return columns, diagnostics
 
 
 def spec_differences(specs: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:

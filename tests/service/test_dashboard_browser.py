@@ -130,7 +130,7 @@ def _scenario(
     assert page.locator("#upload-percent").inner_text() == "refused"
     page.set_input_files("#upload-file", str(digits))
     page.get_by_role("button", name="Upload").click()
-    expect(page.locator("#dataset-table")).to_contain_text("digits.h5", timeout=60_000)
+    expect(page.locator("#dataset-table")).to_contain_text("digits.h5", timeout=120_000)
     dataset_id = page.locator("#dataset-table tbody tr small").first.inner_text()
     _shot(page, "datasets.png")
 
@@ -153,7 +153,7 @@ def _scenario(
     assert '"highway"' in page.get_by_label("Spec (JSON)").input_value()
     expect(page.locator("#submit-button")).to_be_disabled()
     page.get_by_role("button", name="Dry run").click()
-    expect(page.locator("#layer-table tbody tr").first).to_be_visible(timeout=120_000)
+    expect(page.locator("#layer-table tbody tr").first).to_be_visible(timeout=TRAIN_TIMEOUT_MS)
     expect(page.locator("#submit-button")).to_be_enabled()
     _shot(page, "submit.png")
     page.get_by_role("button", name="Submit").click()
@@ -166,6 +166,10 @@ def _scenario(
     )
     first_points = int(page.locator("#curves").get_attribute("data-points") or 0)
     expect(page.locator("#loss-chart canvas")).to_have_count(1)
+    # The gradient flow is drawn from the trainer's per-epoch diagnostics events, while it trains.
+    page.wait_for_function(
+        "() => +(document.getElementById('gradient-heatmap').dataset.cells || 0) > 0", timeout=60_000
+    )
     board = context.new_page()  # the GPU board while the job runs on the fake GPU
     board.goto(url + "/ui/gpus")
     expect(board.locator(".gpu-card").first).to_contain_text("Fake GPU 16 GiB")
@@ -179,10 +183,8 @@ def _scenario(
     expect(page.locator("#job-state")).to_have_text(SUCCEEDED, timeout=TRAIN_TIMEOUT_MS)
     final_points = int(page.locator("#curves").get_attribute("data-points") or 0)
     assert final_points > first_points, (first_points, final_points)
-    # The gradient-flow view: the heatmap and the ratio, from diagnostics.json.
-    page.wait_for_function(
-        "() => +(document.getElementById('gradient-heatmap').dataset.cells || 0) > 0", timeout=60_000
-    )
+    # The gradient-flow view: the heatmap and the ratio, every epoch and epoch 0 (before training).
+    expect(page.locator("#gradient-flow")).to_have_attribute("data-loaded", "events")
     expect(page.locator("#ratio-chart canvas")).to_have_count(1)
     expect(page.locator("#activation-std-chart canvas")).to_have_count(1)
     expect(page.locator("#job-status")).to_contain_text("model.h5")

@@ -227,11 +227,13 @@ def test_the_job_page_and_compare_show_what_the_job_wrote(
     db = _db(app)
     db.take_lease(second, "w1", 60)
     db.append_event(second, {"event": "epoch_end", "epoch": 1, "loss": 0.7, "metrics": {"val_accuracy": 0.8}})
+    blocks = {"dense_0": {"gradient_norm": 0.2}, "dense_1": {"gradient_norm": 0.4}}
+    db.append_event(second, {"event": "diagnostics", "epoch": 1, "probe_loss": 0.7, "blocks": blocks})
     _sign_in(client, tokens.alice)
 
     page = client.get(f"/ui/jobs/{first}").get_data(as_text=True)
     assert 'id="loss-chart"' in page and 'id="gradient-heatmap"' in page and f"/v1/jobs/{first}/events" in page
-    assert f"/v1/jobs/{first}/artifacts/history.json" in page and 'data-available="yes"' in page
+    assert f"/v1/jobs/{first}/artifacts/history.json" in page
     assert "line 99 &lt;b&gt;" in page and "line 39 " not in page  # the tail, escaped
     assert "deep sigmoid" in page and "train 1" in page  # the spec and the data set summary
 
@@ -239,6 +241,7 @@ def test_the_job_page_and_compare_show_what_the_job_wrote(
     data = json.loads(re.search(r'id="compare-data">(.*?)</script>', compare, re.S).group(1))  # type: ignore[union-attr]
     assert data[0]["columns"]["loss"] == [0.9, 0.5] and data[0]["ratio"]["ratio"] == pytest.approx([0.01, 0.1, 0.5])
     assert data[1]["columns"] == {"epoch": [1], "loss": [0.7], "val_accuracy": [0.8]}  # from its events
+    assert data[1]["ratio"] == {"epoch": [1], "ratio": [0.5]}
     assert "architecture.widths" in compare and "[16, 16]" in compare
     too_many = client.get("/ui/compare?jobs=" + ",".join(f"job_{i}" for i in range(9)))
     assert too_many.status_code == 422 and "Received: 9" in too_many.get_data(as_text=True)

@@ -98,7 +98,30 @@
       section.dataset.points = String(rows.length);
     }
 
+    // Per-epoch gradient-flow records, from the trainer's "diagnostics" events (redrawn once per frame).
+    var flowRecords = [];
+    var flowPending = false;
+    function drawFlowSoon() {
+      if (flowPending) return;
+      flowPending = true;
+      window.requestAnimationFrame(function () {
+        flowPending = false;
+        flowRecords.sort(function (a, b) { return a.epoch - b.epoch; });
+        var flow = document.getElementById("gradient-flow");
+        if (flow) flow.dataset.loaded = "events";
+        var note = document.getElementById("gradient-note");
+        if (note) note.textContent = "Per block, measured on a fixed probe batch after every epoch (epoch 0: before training).";
+        drawGradientFlow(flowRecords);
+      });
+    }
+
     var source = new EventSource(section.dataset.eventsUrl);
+    source.addEventListener("diagnostics", function (e) {
+      var d = JSON.parse(e.data);
+      flowRecords = flowRecords.filter(function (r) { return r.epoch !== d.epoch; });
+      flowRecords.push({ epoch: d.epoch, blocks: d.blocks || {} });
+      drawFlowSoon();
+    });
     source.addEventListener("epoch_end", function (e) {
       var d = JSON.parse(e.data);
       rows = rows.filter(function (r) { return r.epoch !== d.epoch; });  // a resumed job repeats an epoch
@@ -114,8 +137,9 @@
         section.dataset.ended = d.state;
         var status = document.getElementById("job-status");
         if (status && window.htmx) window.htmx.trigger(status, "refresh");
+        // A job trained before diagnostics events existed: draw from its diagnostics.json instead.
         var flow = document.getElementById("gradient-flow");
-        if (flow) setTimeout(function () { gradientFlow(flow, true); }, 500);
+        if (flow && !flowRecords.length) setTimeout(function () { gradientFlow(flow, true); }, 500);
       }
     });
     source.onerror = function () {
@@ -390,8 +414,6 @@
   document.addEventListener("DOMContentLoaded", function () {
     var curves = document.getElementById("curves");
     if (curves) jobCurves(curves);
-    var flow = document.getElementById("gradient-flow");
-    if (flow && flow.dataset.available === "yes") gradientFlow(flow, false);
     var compareData = document.getElementById("compare-data");
     if (compareData) compare(compareData);
     var uploadForm = document.getElementById("upload-form");
