@@ -110,6 +110,7 @@ def _scenario(
     browser: Any, url: str, watch: Watch, admin_token: str, bob_token: str, digits: Path, not_hdf5: Path
 ) -> None:
     expect = sync_api.expect
+    expect.set_options(timeout=30_000)  # a shared 2-core machine can be slow; a real failure still fails
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     watch.attach(context)
     page = context.new_page()
@@ -126,7 +127,7 @@ def _scenario(
     page.goto(url + "/ui/datasets")
     page.set_input_files("#upload-file", str(not_hdf5))
     page.get_by_role("button", name="Upload").click()
-    expect(page.locator("#upload-result .flash.error")).to_be_visible(timeout=30_000)
+    expect(page.locator("#upload-result .flash.error")).to_be_visible(timeout=120_000)
     assert page.locator("#upload-percent").inner_text() == "refused"
     page.set_input_files("#upload-file", str(digits))
     page.get_by_role("button", name="Upload").click()
