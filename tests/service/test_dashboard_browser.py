@@ -205,8 +205,20 @@ def _scenario(
     expect(page.locator("#job-state")).to_have_text(SUCCEEDED, timeout=TRAIN_TIMEOUT_MS)
     expect(page.locator("#loss-chart canvas")).to_have_count(1)
 
-    # Compare both: three charts, each with both jobs; the specs' differences.
-    page.goto(f"{url}/ui/compare?jobs={form_job},{api_job}")
+    # The jobs list: tick both jobs (the ticks survive the list's live refresh), then compare them.
+    page.goto(url + "/ui/jobs")
+    expect(page.locator("#job-tables")).to_contain_text(form_job)
+    page.get_by_label(f"Compare {form_job}").check()
+    page.get_by_label(f"Compare {api_job}").check()
+    with page.expect_response(lambda r: "/ui/jobs/rows" in r.url):  # one refresh of the tables
+        pass
+    expect(page.get_by_label(f"Compare {form_job}")).to_be_checked()
+    _shot(page, "jobs.png")
+    page.get_by_role("button", name="Compare selected").click()
+    page.wait_for_url(url + "/ui/compare?*")
+    assert form_job in page.url and api_job in page.url
+
+    # Compare: three charts, each with both jobs; the specs' differences.
     expect(page.locator("#compare-data")).to_have_attribute("data-drawn", "2")
     for chart in ("compare-loss", "compare-metric", "compare-ratio"):
         expect(page.locator(f"#{chart} canvas")).to_have_count(1)
@@ -214,11 +226,6 @@ def _scenario(
         assert int(page.locator(f"#{chart}").get_attribute("data-values") or 0) > final_points, chart
     expect(page.locator("body")).to_contain_text("architecture.family")
     _shot(page, "compare.png")
-
-    # The jobs list, with the compare selection.
-    page.goto(url + "/ui/jobs")
-    expect(page.locator("#job-tables")).to_contain_text(form_job)
-    _shot(page, "jobs.png")
 
     # The fake GPU, drained and undrained by the admin.
     page.goto(url + "/ui/gpus")
@@ -236,7 +243,7 @@ def _scenario(
     assert refused.status == 400 and refused.json()["error"] == "csrf_failed"
 
     # A phone-sized screen.
-    phone = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
+    phone = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1, is_mobile=True)
     watch.attach(phone)
     phone.add_cookies(context.cookies())
     small = phone.new_page()
