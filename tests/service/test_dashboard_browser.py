@@ -156,6 +156,8 @@ def _scenario(
     page.get_by_role("button", name="Dry run").click()
     expect(page.locator("#layer-table tbody tr").first).to_be_visible(timeout=TRAIN_TIMEOUT_MS)
     expect(page.locator("#submit-button")).to_be_enabled()
+    expect(page.locator("#dry-run-report")).to_contain_text("per training step at batch size 32")
+    expect(page.locator("#dry-run-report")).to_contain_text("17,290")
     _shot(page, "submit.png")
     page.get_by_role("button", name="Submit").click()
     page.wait_for_url(url + "/ui/jobs/job_*")

@@ -22,6 +22,7 @@
 
   function fmt(v) {
     if (v === null || v === undefined) return "—";
+    if (typeof v === "number" && Number.isInteger(v)) return v.toLocaleString("en-US");
     if (typeof v === "number") return Math.abs(v) >= 1e4 || (v !== 0 && Math.abs(v) < 1e-3) ? v.toExponential(3) : String(+v.toPrecision(4));
     return String(v);
   }
@@ -393,9 +394,21 @@
     var add = function (k, v) { facts.appendChild(el("dt", k)); facts.appendChild(el("dd", v)); };
     var params = r.parameters || {};
     add("Parameters", fmt(params.total) + " (trainable " + fmt(params.trainable) + ", non-trainable " + fmt(params.non_trainable) + ")");
-    add("Memory estimate", bytes(r.memory_estimate_bytes));
+    var memory = r.memory_estimate_bytes;
+    if (memory && typeof memory === "object") {
+      var parts = ["weights", "gradients", "optimizer_state", "input_batch", "activations_per_batch"]
+        .filter(function (k) { return typeof memory[k] === "number"; })
+        .map(function (k) { return k.replace(/_/g, " ") + " " + bytes(memory[k]); });
+      add("Memory estimate", bytes(memory.total) + " per training step at batch size " + fmt(memory.batch_size) + " (" + parts.join(", ") + ")");
+      if (memory.note) add("", memory.note);
+    } else {
+      add("Memory estimate", bytes(memory));
+    }
     box.appendChild(facts);
-    (r.warnings || []).forEach(function (w) { box.appendChild(el("p", typeof w === "string" ? w : (w.detail || JSON.stringify(w)), "flash warn")); });
+    (r.warnings || []).forEach(function (w) {
+      var text = typeof w === "string" ? w : ((w.field ? w.field + ": " : "") + (w.detail || JSON.stringify(w)));
+      box.appendChild(el("p", "warning: " + text, "flash warn"));
+    });
     var wrap = el("div", null, "table-wrap");
     var table = el("table");
     table.id = "layer-table";
