@@ -177,6 +177,9 @@ def _scenario(
     board.goto(url + "/ui/gpus")
     expect(board.locator(".gpu-card").first).to_contain_text("Fake GPU 16 GiB")
     _shot(board, "gpus.png")
+    board.goto(url + "/ui/jobs")  # the list with the job's live progress bar (if it still trains)
+    expect(board.locator("#job-tables")).to_contain_text(form_job)
+    _shot(board, "jobs-live.png")
     board.close()
     page.wait_for_function(
         f"() => +(document.getElementById('curves').dataset.points || 0) > {first_points}"
