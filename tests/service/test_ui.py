@@ -97,8 +97,11 @@ def test_sign_in_with_a_token_sets_a_hardened_cookie_without_the_token(
     cookie = next(c for c in response.headers.getlist("Set-Cookie") if c.startswith(SESSION_COOKIE + "="))
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
     assert tokens.alice not in cookie
-    page = client.get("/ui/jobs").get_data(as_text=True)
+    response = client.get("/ui/jobs")
+    page = response.get_data(as_text=True)
     assert "alice" in page and "Sign out" in page
+    assert "script-src 'self';" in response.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
     # Over HTTPS the cookie is Secure; an offsite ?next= is not followed.
     browser = app.test_client()
     https = browser.post(
