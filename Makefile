@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 EXTRA  ?= cpu
 
-.PHONY: install redis-server up demo test lint bench clean
+.PHONY: install redis-server chromium up demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,13 +24,22 @@ redis-server:
 	         "or 'brew install redis' (macOS), then again."; exit 1; \
 	  fi; }
 
+# The dashboard's browser test drives Debian's chromium (Playwright cannot download its own browsers here).
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing chromium with apt-get"; apt-get update -qq && apt-get install -y -qq chromium; \
+	  else \
+	    echo "chromium is missing: run 'sudo apt-get install chromium' (Debian/Ubuntu), then again."; exit 1; \
+	  fi; }
+
 up: install redis-server
 	$(VENV)/bin/gpuyard up
 
 demo: install
 	$(VENV)/bin/gpuyard demo
 
-test: install redis-server
+test: install redis-server chromium
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q

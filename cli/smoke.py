@@ -41,6 +41,7 @@ from models.data.summary import DatasetSummary
 from models.fit import spec_data_problems
 from models.size import model_size, optimizer_slots, training_memory
 from models.spec import JobSpec, parse_spec
+from worker.trainer.events import FAILED_EVENT
 
 EXIT_CODES = {
     "spec_valid": 10,
@@ -219,7 +220,7 @@ def _train_and_load(
     done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     losses = [e.get("loss") for e in events if e.get("event") == "epoch_end"]
-    failed = next((e for e in events if e.get("event") == "failed"), None)
+    failed = next((e for e in events if e.get("event") == FAILED_EVENT), None)
     if (failed is not None and failed.get("reason") == "loss_not_finite") or any(
         loss is None or not math.isfinite(loss) for loss in losses
     ):

@@ -138,6 +138,11 @@ class Settings(DataLimits):
         ge=1,
         description="Event streams (GET /v1/jobs/<id>/events) one user may hold open at once; more answer 429.",
     )
+    secret_key: str = Field(
+        "",
+        description="Signs the dashboard's session cookies and CSRF tokens; every API process must share it. "
+        "Empty: a random key kept in <data_dir>/secret-key (mode 0600), made on first start.",
+    )
     sse_keepalive_s: float = Field(
         15.0, gt=0, description="Seconds of silence after which an SSE stream sends a keep-alive comment."
     )
@@ -240,7 +245,7 @@ class Settings(DataLimits):
         "is dispatched again.",
     )
 
-    # Client side: the ``gpuyard`` commands that talk to the API (service/client.py, service/client_cli.py)
+    # Client side: the ``gpuyard`` commands that talk to the API (service/client.py, cli/jobs.py)
     url: str = Field(
         "http://127.0.0.1:8000",
         description="Client side: base URL of the gpuyard API that the gpuyard commands talk to (overridden by --url).",

@@ -18,8 +18,11 @@ from core.settings import Settings, get_settings
 from service.api import datasets, gpus, health, jobs, openapi
 from service.checks import DryRunGate, sandbox_check_dataset, trainer_dry_run
 from service.errors import HeadersTooLarge, scrub_paths, to_api_error
-from service.extensions import EXTENSION_KEY, Services, init_services
+from service.extensions import EXTENSION_KEY, Services, csrf, init_services
+from service.sessions import init_sessions
 from service.streams import EventHub, StreamSlots
+from service.ui import bp as ui_bp
+from service.ui import root as ui_root
 from worker.db import Database
 from worker.dispatch import GpuBoard
 from worker.queues import celery_sender
@@ -72,8 +75,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def register_extensions(app: Flask) -> None:
-    """Open the job DB (migrating it), storage, the job queue and the out-of-process checkers."""
+    """Open the job DB (migrating it), storage, the job queue and the out-of-process checkers; sessions."""
     settings: Settings = app.config.get("GPUYARD_SETTINGS") or get_settings()
+    init_sessions(app, settings)
+    csrf.init_app(app)
     db = Database(settings.database_url, schema=app.config.get("GPUYARD_DB_SCHEMA"))
     if app.config["GPUYARD_AUTO_MIGRATE"]:
         db.migrate()
@@ -108,9 +113,11 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    """One blueprint per resource, all under /v1 but the OpenAPI document."""
+    """One blueprint per resource, all under /v1 but the OpenAPI document; the dashboard under /ui."""
     for module in (health, datasets, jobs, gpus, openapi):
         app.register_blueprint(module.bp)
+    app.register_blueprint(ui_bp)
+    app.register_blueprint(ui_root)
 
 
 def register_errorhandlers(app: Flask) -> None:

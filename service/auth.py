@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from flask import g, request
+from flask_wtf.csrf import validate_csrf
+from wtforms import ValidationError
 
-from service.errors import Unauthorized
+from service.errors import BadRequest, Unauthorized
 from service.extensions import services
+from service.sessions import CSRF_HEADER, SAFE_METHODS, session_user
 from worker.db import User
 
 _CHALLENGE = 'Bearer realm="gpuyard"'
@@ -14,9 +17,29 @@ _CHALLENGE = 'Bearer realm="gpuyard"'
 def authenticate() -> None:
     """``before_request`` hook of every protected blueprint: resolve the bearer token to ``g.user``.
 
+    Without an ``Authorization`` header, the dashboard's session cookie also identifies the caller (so the
+    browser can follow a job's events and download artifacts); a cookie-authenticated request that changes
+    something must carry the session's CSRF token in the ``X-CSRFToken`` header, since a browser sends
+    cookies with any site's requests.
+
     Raises:
-        Unauthorized: no ``Authorization: Bearer <token>`` header, or an unknown token.
+        Unauthorized: no ``Authorization: Bearer <token>`` header (nor session), or an unknown token.
+        BadRequest: a cookie-authenticated POST/DELETE without a valid CSRF token.
     """
+    if "Authorization" not in request.headers:
+        user = session_user()
+        if user is not None:
+            if request.method not in SAFE_METHODS:
+                try:
+                    validate_csrf(request.headers.get(CSRF_HEADER))
+                except ValidationError as exc:
+                    raise BadRequest(
+                        f"a signed-in browser's {request.method} needs the page's CSRF token in the "
+                        f"{CSRF_HEADER} header ({exc}); API clients send 'Authorization: Bearer <token>'",
+                        code="csrf_failed",
+                    ) from exc
+            g.user = user
+            return
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, current_app
+from flask_wtf.csrf import CSRFProtect
 
 from core.settings import Settings
 from models.data.summary import DataKeys, DatasetSummary
@@ -18,6 +19,9 @@ from worker.queues import Sender
 from worker.storage import Storage
 
 EXTENSION_KEY = "gpuyard"
+
+csrf = CSRFProtect()
+"""CSRF tokens of the dashboard's forms (checked by service.ui; the API checks them for cookie callers)."""
 
 DatasetChecker = Callable[[Path, DataKeys, str | None], DatasetSummary]
 """Validates an uploaded HDF5 file (``path``, ``keys``, its sha256 when already known); raises

@@ -97,9 +97,19 @@ def show(dataset_id: str) -> Response:
 @bp.delete("/<dataset_id>")
 def remove(dataset_id: str) -> Response:
     """Delete a data set (409 while a queued or running job uses it); the file goes with its last user."""
+    delete_dataset(dataset_id, visible_owner_id())
+    return Response(status=204)
+
+
+def delete_dataset(dataset_id: str, owner_id: int | None) -> None:
+    """Delete one of ``owner_id``'s data sets (None: anyone's) and its file unless another row shares it.
+
+    Raises:
+        NotFound: no such data set for this owner.
+        DatasetInUse: a queued or running job uses it (409).
+    """
     svc = services()
     # The DB removes the file under its lock on the content, only when no other row points at it.
-    dataset = svc.db.delete_dataset(dataset_id, visible_owner_id(), remove_file=svc.storage.delete)
+    dataset = svc.db.delete_dataset(dataset_id, owner_id, remove_file=svc.storage.delete)
     if dataset is None:
         raise NotFound(f"no data set {dataset_id!r}")
-    return Response(status=204)

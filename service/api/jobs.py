@@ -92,7 +92,7 @@ def submit() -> Response:
                 f"the job queue is unreachable ({detail}); the job was not started", code="queue_unavailable"
             ) from exc
     job = svc.db.get_job(job.id) or job
-    return respond(_job_out(job), 201, {"Location": url_for("jobs.show", job_id=job.id)})
+    return respond(job_out(job), 201, {"Location": url_for("jobs.show", job_id=job.id)})
 
 
 @bp.get("")
@@ -109,10 +109,11 @@ def index() -> Response:
 @bp.get("/<job_id>")
 def show(job_id: str) -> Response:
     """One job: state, attempts, progress, error; while it waits for a GPU, its place in the queue."""
-    return respond(_job_out(_visible_job(job_id)))
+    return respond(job_out(visible_job(job_id)))
 
 
-def _job_out(job: Job) -> JobOut:
+def job_out(job: Job) -> JobOut:
+    """A job as the API shows it, with its place in the queue while it waits."""
     position = services().db.queue_position(job.id) if job.state == QUEUED else None
     return JobOut.of(job, queue_position=position)
 
@@ -120,7 +121,7 @@ def _job_out(job: Job) -> JobOut:
 @bp.post("/<job_id>/cancel")
 def cancel(job_id: str) -> Response:
     """Cancel a job: a queued one at once; a running one is stopped by its worker; a finished one stays."""
-    _visible_job(job_id)
+    visible_job(job_id)
     job = services().db.request_cancel(job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
@@ -138,7 +139,7 @@ def events(job_id: str) -> Response:
     after the job's terminal state event. A user holds at most ``max_streams_per_user`` streams (429 with
     ``Retry-After`` past that).
     """
-    _visible_job(job_id)
+    visible_job(job_id)
     after = _last_event_id()
     svc = services()
     user_id = current_user().id
@@ -262,7 +263,7 @@ def _last_event_id() -> int:
 @bp.get("/<job_id>/logs")
 def logs(job_id: str) -> Response:
     """The trainer's log (its stderr) as text; Range requests let a client follow its tail."""
-    job = _visible_job(job_id)
+    job = visible_job(job_id)
     storage = services().storage
     key = storage.job_key(job.id, TRAINER_LOG)
     if not storage.exists(key):
@@ -276,7 +277,7 @@ def artifact(job_id: str, name: str) -> Response:
 
     The ETag is the file's SHA-256; ``If-None-Match`` answers 304 and ``Range`` 206.
     """
-    job = _visible_job(job_id)
+    job = visible_job(job_id)
     if name not in ARTIFACT_NAMES:
         raise NotFound(f"Expected an artifact among {', '.join(ARTIFACT_NAMES)}. Received: {name!r}")
     storage = services().storage
@@ -302,7 +303,8 @@ def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
     return file_sha256(path)
 
 
-def _visible_job(job_id: str) -> Job:
+def visible_job(job_id: str) -> Job:
+    """The caller's job (an admin's: anyone's); 404 otherwise, as if it did not exist."""
     job = services().db.get_job(job_id, visible_owner_id())
     if job is None:
         raise NotFound(f"no job {job_id!r}")

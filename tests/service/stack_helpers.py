@@ -51,8 +51,10 @@ def alive(pid: int) -> bool:
 def gpuyard_up(
     data_dir: Path, port: int, *, ready_timeout_s: float = 120, env: dict[str, str] | None = None
 ) -> Iterator[RunningStack]:
-    """``gpuyard up`` on ``data_dir`` and ``port`` (``env``: GPUYARD_* settings for it), ready; SIGINT and
-    (at worst) SIGKILL of its tree after."""
+    """``gpuyard up`` on ``data_dir`` and ``port``, ready; SIGINT and (at worst) SIGKILL of its tree after.
+
+    ``env``: GPUYARD_* settings for the stack (e.g. GPUYARD_FAKE_GPUS), on top of a clean environment.
+    """
     log_path = data_dir.parent / f"{data_dir.name}-up.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(

@@ -50,6 +50,9 @@ def test_happy_path_writes_every_artifact_and_only_json_events(tmp_path: Path, s
     diagnostics = json.loads((out / "diagnostics.json").read_text())
     assert [r["epoch"] for r in diagnostics] == [0, 1, 2]
     assert {"dense1", "dense2", "output"} <= set(diagnostics[0]["blocks"])
+    # The same per-block figures, live, as one event per epoch (0 = before training).
+    live = [(e["epoch"], e["blocks"]) for e in run.of("diagnostics")]
+    assert live == [(r["epoch"], r["blocks"]) for r in diagnostics]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["spec"]["name"] == "cli-mlp" and summary["parameters"] == started["parameters"]
     assert summary["dataset"]["sha256"] and summary["versions"]["keras"]

@@ -185,6 +185,11 @@ class Database:
                 user.token_hash = hash_token(token)
         return (user, token) if user is not None else None
 
+    def get_user(self, user_id: int) -> User | None:
+        """The user with this id, or None (the dashboard's session names its user by id)."""
+        with self._begin() as s:
+            return s.get(User, user_id)
+
     def list_users(self) -> list[User]:
         with self._begin() as s:
             return list(s.scalars(select(User).order_by(User.id)))

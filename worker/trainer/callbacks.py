@@ -177,15 +177,27 @@ class HistoryRecorder(keras.callbacks.Callback):
 
 
 class DiagnosticsRecorder(keras.callbacks.Callback):
-    """Appends a diagnostics record after each epoch."""
+    """Appends a diagnostics record after each epoch, and emits its per-block part as an event."""
 
-    def __init__(self, diagnostics: Diagnostics, records: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, diagnostics: Diagnostics, records: list[dict[str, Any]], emitter: EventEmitter | None = None
+    ) -> None:
         super().__init__()
         self.diagnostics = diagnostics
         self.records = records
+        self.emitter = emitter
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.records.append(jsonable(self.diagnostics.record(epoch + 1)))
+        record = jsonable(self.diagnostics.record(epoch + 1))
+        self.records.append(record)
+        if self.emitter is not None:
+            emit_diagnostics(self.emitter, record)
+
+
+def emit_diagnostics(emitter: EventEmitter, record: dict[str, Any]) -> None:
+    """A ``diagnostics`` event: the epoch's per-block gradient norm and activation mean/std (what the
+    dashboard's gradient-flow view draws while the job trains); per-layer norms stay in diagnostics.json."""
+    emitter.emit("diagnostics", epoch=record["epoch"], probe_loss=record.get("probe_loss"), blocks=record["blocks"])
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):

@@ -121,6 +121,7 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
     )
     if state is None:
         records.append(jsonable(diagnostics.record(0)))
+        cbs.emit_diagnostics(emitter, records[-1])
     timings["ready_s"] = time.monotonic() - job.started
 
     early_stopping = _early_stopping(spec)
@@ -141,7 +142,7 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
     ]
     if early_stopping is not None:
         callbacks.append(early_stopping)
-    callbacks += [cbs.DiagnosticsRecorder(diagnostics, records), writer]
+    callbacks += [cbs.DiagnosticsRecorder(diagnostics, records, emitter), writer]
 
     fit_started = time.monotonic()
     try:

@@ -1,0 +1,42 @@
+"""Data sets (upload from the browser, list, delete) and the submit page (spec, dry run, queue)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Response, redirect, render_template, url_for
+
+from service.api.datasets import delete_dataset
+from service.extensions import services
+from service.schemas import DatasetOut
+from service.ui.base import bp, ui_owner_id
+
+EXAMPLE_SPECS = Path(__file__).resolve().parents[2] / "examples" / "specs"
+
+
+@bp.get("/datasets")
+def datasets() -> str:
+    """The upload form (streamed to POST /v1/datasets, with progress) and the caller's data sets."""
+    rows = [DatasetOut.of(d) for d in services().db.list_datasets(ui_owner_id())]
+    return render_template("ui/datasets.html", datasets=rows, max_upload_bytes=services().settings.max_upload_bytes)
+
+
+@bp.post("/datasets/<dataset_id>/delete")
+def delete(dataset_id: str) -> Response:
+    """Delete, as DELETE /v1/datasets/<id> does (409 while a queued or running job uses it)."""
+    delete_dataset(dataset_id, ui_owner_id())
+    return redirect(url_for("ui.datasets"))  # type: ignore[return-value]
+
+
+@bp.get("/submit")
+def submit() -> str:
+    """Choose a data set, start from an example spec or paste JSON, dry-run it, then queue it."""
+    rows = [DatasetOut.of(d) for d in services().db.list_datasets(ui_owner_id())]
+    return render_template("ui/submit.html", datasets=rows, examples=example_specs())
+
+
+def example_specs() -> dict[str, str]:
+    """``examples/specs/*.json`` by file name (empty when gpuyard is installed without its examples)."""
+    if not EXAMPLE_SPECS.is_dir():
+        return {}
+    return {path.name: path.read_text() for path in sorted(EXAMPLE_SPECS.glob("*.json"))}

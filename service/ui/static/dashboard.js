@@ -1,0 +1,437 @@
+// gpuyard's dashboard: live curves (uPlot, fed by the job's Server-Sent Events), the gradient-flow view,
+// the compare page, the upload with progress, and the submit page's dry run. No build step.
+(function () {
+  "use strict";
+
+  var COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+  var charts = [];
+
+  function csrfToken() {
+    var meta = document.querySelector('meta[name="csrf-token"]');
+    return meta ? meta.content : "";
+  }
+
+  function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
+
+  function el(tag, text, className) {
+    var node = document.createElement(tag);
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    if (className) node.className = className;
+    return node;
+  }
+
+  function fmt(v) {
+    if (v === null || v === undefined) return "—";
+    if (typeof v === "number" && Number.isInteger(v)) return v.toLocaleString("en-US");
+    if (typeof v === "number") return Math.abs(v) >= 1e4 || (v !== 0 && Math.abs(v) < 1e-3) ? v.toExponential(3) : String(+v.toPrecision(4));
+    return String(v);
+  }
+
+  function bytes(n) {
+    if (n === null || n === undefined) return "—";
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return (i ? n.toFixed(1) : n) + " " + units[i];
+  }
+
+  // One uPlot line chart in `container`: x = epochs, one series per label; replaced when labels change.
+  function lineChart(container, labels, data, logY) {
+    // How many values it draws (not counting gaps): what the browser test reads.
+    container.dataset.values = String(data.slice(1).reduce(function (n, ys) {
+      return n + ys.filter(function (y) { return y !== null && y !== undefined; }).length;
+    }, 0));
+    if (container._chart) {
+      if (container._labels === labels.join("\u0000")) { container._chart.setData(data); return container._chart; }
+      container._chart.destroy();
+      charts = charts.filter(function (c) { return c !== container._chart; });
+    }
+    clear(container);
+    var series = [{ label: "epoch" }];
+    labels.forEach(function (label, i) {
+      series.push({ label: label, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true, points: { show: true, size: 5 } });
+    });
+    var opts = {
+      width: Math.max(260, container.clientWidth || 600),
+      height: 240,
+      series: series,
+      scales: { x: { time: false }, y: logY ? { distr: 3 } : {} },
+      axes: [{ label: "epoch" }, {}],
+      legend: { live: false },
+    };
+    var chart = new uPlot(opts, data, container);
+    container._chart = chart;
+    container._labels = labels.join("\u0000");
+    charts.push(chart);
+    return chart;
+  }
+
+  window.addEventListener("resize", function () {
+    charts.forEach(function (chart) {
+      var parent = chart.root.parentNode;
+      if (parent) chart.setSize({ width: Math.max(260, parent.clientWidth), height: 240 });
+    });
+  });
+
+  // ── one job: curves from the event stream ──
+  function jobCurves(section) {
+    var terminal = JSON.parse(section.dataset.terminalStates || "[]");
+    var rows = [];
+    var lossBox = document.getElementById("loss-chart");
+    var metricBox = document.getElementById("metric-chart");
+
+    function redraw() {
+      rows.sort(function (a, b) { return a.epoch - b.epoch; });
+      var epochs = rows.map(function (r) { return r.epoch; });
+      var lossKeys = ["loss"];
+      var metricKeys = [];
+      rows.forEach(function (r) {
+        Object.keys(r.metrics).forEach(function (k) {
+          if (k === "val_loss") { if (lossKeys.indexOf(k) < 0) lossKeys.push(k); }
+          else if (metricKeys.indexOf(k) < 0) metricKeys.push(k);
+        });
+      });
+      metricKeys.sort(function (a, b) { return a.replace(/^val_/, "").localeCompare(b.replace(/^val_/, "")) || a.length - b.length; });
+      var value = function (r, k) { return k === "loss" ? r.loss : (r.metrics[k] === undefined ? null : r.metrics[k]); };
+      lineChart(lossBox, lossKeys, [epochs].concat(lossKeys.map(function (k) { return rows.map(function (r) { return value(r, k); }); })));
+      if (metricKeys.length) {
+        lineChart(metricBox, metricKeys, [epochs].concat(metricKeys.map(function (k) { return rows.map(function (r) { return value(r, k); }); })));
+      }
+      section.dataset.points = String(rows.length);
+    }
+
+    // Per-epoch gradient-flow records, from the trainer's "diagnostics" events (redrawn once per frame).
+    var flowRecords = [];
+    var flowPending = false;
+    function drawFlowSoon() {
+      if (flowPending) return;
+      flowPending = true;
+      window.requestAnimationFrame(function () {
+        flowPending = false;
+        flowRecords.sort(function (a, b) { return a.epoch - b.epoch; });
+        var flow = document.getElementById("gradient-flow");
+        if (flow) flow.dataset.loaded = "events";
+        var note = document.getElementById("gradient-note");
+        if (note) note.textContent = "Per block, measured on a fixed probe batch after every epoch (epoch 0: before training).";
+        drawGradientFlow(flowRecords);
+      });
+    }
+
+    var source = new EventSource(section.dataset.eventsUrl);
+    source.addEventListener("diagnostics", function (e) {
+      var d = JSON.parse(e.data);
+      flowRecords = flowRecords.filter(function (r) { return r.epoch !== d.epoch; });
+      flowRecords.push({ epoch: d.epoch, blocks: d.blocks || {} });
+      drawFlowSoon();
+    });
+    source.addEventListener("epoch_end", function (e) {
+      var d = JSON.parse(e.data);
+      rows = rows.filter(function (r) { return r.epoch !== d.epoch; });  // a resumed job repeats an epoch
+      rows.push({ epoch: d.epoch, loss: d.loss, metrics: d.metrics || {} });
+      redraw();
+    });
+    source.addEventListener("state", function (e) {
+      var d = JSON.parse(e.data);
+      var badge = document.getElementById("job-state");
+      if (badge) { badge.textContent = d.state; badge.className = "state state-" + d.state; }
+      if (terminal.indexOf(d.state) >= 0) {
+        source.close();
+        section.dataset.ended = d.state;
+        var status = document.getElementById("job-status");
+        if (status && window.htmx) window.htmx.trigger(status, "refresh");
+        // A job trained before diagnostics events existed: draw from its diagnostics.json instead.
+        var flow = document.getElementById("gradient-flow");
+        if (flow && !flowRecords.length) setTimeout(function () { gradientFlow(flow, true); }, 500);
+      }
+    });
+    source.onerror = function () {
+      if (section.dataset.ended) source.close();
+    };
+  }
+
+  // ── one job: gradient flow from diagnostics.json ──
+  function gradientFlow(section, retry) {
+    if (section.dataset.loaded) return;
+    fetch(section.dataset.diagnosticsUrl, { credentials: "same-origin" }).then(function (response) {
+      if (!response.ok) {
+        if (retry) setTimeout(function () { gradientFlow(section, false); }, 2000);
+        return null;
+      }
+      return response.json();
+    }).then(function (records) {
+      if (!records || !records.length || section.dataset.loaded) return;
+      section.dataset.loaded = "yes";
+      var note = document.getElementById("gradient-note");
+      if (note) note.textContent = "Per block, measured on a fixed probe batch after every epoch (epoch 0: before training).";
+      drawGradientFlow(records);
+    }).catch(function () { /* no diagnostics (yet) */ });
+  }
+
+  function blockNames(records) {
+    var names = [];
+    records.forEach(function (r) {
+      Object.keys(r.blocks || {}).forEach(function (b) { if (names.indexOf(b) < 0) names.push(b); });
+    });
+    return names;
+  }
+
+  function drawGradientFlow(records) {
+    var blocks = blockNames(records);
+    var epochs = records.map(function (r) { return r.epoch; });
+    var norm = function (r, b) { var e = (r.blocks || {})[b]; return e && e.gradient_norm > 0 ? e.gradient_norm : null; };
+    drawHeatmap(document.getElementById("gradient-heatmap"), document.getElementById("heatmap-legend"), blocks, records, norm);
+    // The ratio's ends: the first and last block that has a gradient (an input block has none).
+    var learning = blocks.filter(function (b) { return records.some(function (r) { return norm(r, b); }); });
+    var first = learning[0], last = learning[learning.length - 1];
+    var ratios = records.map(function (r) { var a = norm(r, first), z = norm(r, last); return a && z ? a / z : null; });
+    lineChart(document.getElementById("ratio-chart"), [first + " / " + last], [epochs, ratios], true);
+    var stat = function (key) {
+      return [epochs].concat(blocks.map(function (b) {
+        return records.map(function (r) { var e = (r.blocks || {})[b]; return e && typeof e[key] === "number" ? e[key] : null; });
+      }));
+    };
+    lineChart(document.getElementById("activation-mean-chart"), blocks, stat("activation_mean"), false);
+    lineChart(document.getElementById("activation-std-chart"), blocks, stat("activation_std"), false);
+  }
+
+  // Viridis-like ramp: dark purple (small gradient) → yellow (large).
+  var RAMP = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+  function rampColor(t) {
+    t = Math.max(0, Math.min(1, t)) * (RAMP.length - 1);
+    var i = Math.min(RAMP.length - 2, Math.floor(t)), f = t - i, a = RAMP[i], b = RAMP[i + 1];
+    return "rgb(" + [0, 1, 2].map(function (k) { return Math.round(a[k] + (b[k] - a[k]) * f); }).join(",") + ")";
+  }
+
+  function drawHeatmap(canvas, legend, blocks, records, norm) {
+    if (!canvas) return;
+    var ratio = window.devicePixelRatio || 1;
+    var cssWidth = Math.max(260, canvas.parentNode.clientWidth || 640);
+    var labelWidth = Math.min(140, cssWidth * 0.3), axisHeight = 22;
+    var rowHeight = Math.max(10, Math.min(28, 240 / Math.max(1, blocks.length)));
+    var cssHeight = blocks.length * rowHeight + axisHeight;
+    canvas.width = cssWidth * ratio; canvas.height = cssHeight * ratio;
+    canvas.style.width = cssWidth + "px"; canvas.style.height = cssHeight + "px";
+    var ctx = canvas.getContext("2d");
+    ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+    ctx.clearRect(0, 0, cssWidth, cssHeight);
+    var logs = [];
+    records.forEach(function (r) { blocks.forEach(function (b) { var v = norm(r, b); if (v) logs.push(Math.log10(v)); }); });
+    var lo = Math.min.apply(null, logs), hi = Math.max.apply(null, logs);
+    if (!isFinite(lo)) { lo = 0; hi = 1; }
+    if (hi - lo < 1e-9) hi = lo + 1;
+    var cellWidth = (cssWidth - labelWidth) / Math.max(1, records.length);
+    ctx.font = "11px system-ui, sans-serif";
+    ctx.textBaseline = "middle";
+    blocks.forEach(function (b, row) {
+      ctx.fillStyle = "#222";
+      ctx.textAlign = "right";
+      var label = b.length > 20 ? b.slice(0, 19) + "…" : b;
+      ctx.fillText(label, labelWidth - 4, row * rowHeight + rowHeight / 2);
+      records.forEach(function (r, col) {
+        var v = norm(r, b);
+        ctx.fillStyle = v ? rampColor((Math.log10(v) - lo) / (hi - lo)) : "#ddd";
+        ctx.fillRect(labelWidth + col * cellWidth, row * rowHeight, Math.ceil(cellWidth), rowHeight - 1);
+      });
+    });
+    ctx.fillStyle = "#222";
+    ctx.textAlign = "center";
+    var step = Math.max(1, Math.ceil(records.length / 12));
+    records.forEach(function (r, col) {
+      if (col % step === 0) ctx.fillText(String(r.epoch), labelWidth + (col + 0.5) * cellWidth, blocks.length * rowHeight + axisHeight / 2);
+    });
+    canvas.dataset.cells = String(blocks.length * records.length);
+    if (legend) legend.textContent = "colour: log10(gradient norm) from " + lo.toFixed(2) + " (dark) to " + hi.toFixed(2) + " (yellow); x: epoch, y: block (input side on top)";
+  }
+
+  // ── compare ──
+  function compare(dataNode) {
+    var jobs = JSON.parse(dataNode.textContent);
+    var epochSet = {};
+    jobs.forEach(function (j) { (j.columns.epoch || []).forEach(function (e) { epochSet[e] = true; }); (j.ratio.epoch || []).forEach(function (e) { epochSet[e] = true; }); });
+    var epochs = Object.keys(epochSet).map(Number).sort(function (a, b) { return a - b; });
+    var align = function (xs, ys) {
+      var byEpoch = {};
+      (xs || []).forEach(function (e, i) { byEpoch[e] = ys ? ys[i] : null; });
+      return epochs.map(function (e) { return byEpoch[e] === undefined ? null : byEpoch[e]; });
+    };
+    var labels = jobs.map(function (j) { return j.label; });
+    lineChart(document.getElementById("compare-loss"), labels, [epochs].concat(jobs.map(function (j) { return align(j.columns.epoch, j.columns.loss); })), false);
+    var metric = null;
+    jobs.forEach(function (j) {
+      Object.keys(j.columns).forEach(function (k) { if (!metric && k.indexOf("val_") === 0 && k !== "val_loss") metric = k; });
+    });
+    metric = metric || "val_loss";
+    var caption = document.getElementById("compare-metric-caption");
+    if (caption) caption.textContent = "Validation metric: " + metric;
+    lineChart(document.getElementById("compare-metric"), labels, [epochs].concat(jobs.map(function (j) { return align(j.columns.epoch, j.columns[metric]); })), false);
+    lineChart(document.getElementById("compare-ratio"), labels, [epochs].concat(jobs.map(function (j) { return align(j.ratio.epoch, j.ratio.ratio); })), true);
+    dataNode.dataset.drawn = String(jobs.length);
+  }
+
+  // ── problems of a refusal ──
+  function showProblems(box, body, status) {
+    clear(box);
+    var p = el("p", (body && body.detail) || ("the server answered " + status), "flash error");
+    p.setAttribute("role", "alert");
+    box.appendChild(p);
+    if (body && body.problems && body.problems.length) {
+      var list = el("ul", null, "problems");
+      body.problems.forEach(function (problem) {
+        var item = el("li");
+        if (problem.field) { item.appendChild(el("code", problem.field)); item.appendChild(document.createTextNode(": ")); }
+        item.appendChild(document.createTextNode(problem.detail));
+        list.appendChild(item);
+      });
+      box.appendChild(list);
+    }
+  }
+
+  function parseJson(text) { try { return JSON.parse(text); } catch (e) { return null; } }
+
+  // ── upload with progress ──
+  function upload(form) {
+    var fileInput = document.getElementById("upload-file");
+    var bar = document.getElementById("upload-progress");
+    var percent = document.getElementById("upload-percent");
+    var result = document.getElementById("upload-result");
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      if (!fileInput.files.length) return;
+      var file = fileInput.files[0];
+      var data = new FormData();
+      data.append("file", file);
+      var xhr = new XMLHttpRequest();
+      xhr.open("POST", form.action + "?name=" + encodeURIComponent(file.name));
+      xhr.setRequestHeader("X-CSRFToken", csrfToken());
+      bar.hidden = false; bar.value = 0; clear(result);
+      xhr.upload.addEventListener("progress", function (e) {
+        if (e.lengthComputable) { bar.value = 100 * e.loaded / e.total; percent.textContent = Math.round(bar.value) + " %"; }
+      });
+      xhr.addEventListener("load", function () {
+        var body = parseJson(xhr.responseText);
+        if (xhr.status === 200 || xhr.status === 201) {
+          bar.value = 100; percent.textContent = "checked";
+          var ok = el("p", "Uploaded " + file.name + " as " + body.id + " (" + bytes(body.size_bytes) + ").", "flash ok");
+          ok.setAttribute("role", "status");
+          result.appendChild(ok);
+          setTimeout(function () { window.location.assign(form.getAttribute("data-list-url")); }, 800);
+        } else {
+          percent.textContent = "refused";
+          showProblems(result, body, xhr.status);
+        }
+      });
+      xhr.addEventListener("error", function () { showProblems(result, { detail: "the upload was interrupted" }, 0); });
+      xhr.send(data);
+    });
+  }
+
+  // ── submit: dry run, then queue ──
+  function submitPage(form) {
+    var examples = parseJson(document.getElementById("example-specs").textContent) || {};
+    var dataset = document.getElementById("submit-dataset");
+    var example = document.getElementById("submit-example");
+    var specBox = document.getElementById("submit-spec");
+    var dryButton = document.getElementById("dry-run-button");
+    var submitButton = document.getElementById("submit-button");
+    var report = document.getElementById("dry-run-report");
+    var passed = null;
+
+    var signature = function () { return dataset.value + "\u0000" + specBox.value; };
+    var invalidate = function () { if (passed !== signature()) submitButton.disabled = true; };
+    example.addEventListener("change", function () { if (examples[example.value]) { specBox.value = examples[example.value]; invalidate(); } });
+    specBox.addEventListener("input", invalidate);
+    dataset.addEventListener("change", invalidate);
+
+    function body() {
+      var spec = parseJson(specBox.value);
+      if (!spec || typeof spec !== "object") {
+        showProblems(report, { detail: "The spec is not a JSON object: check its brackets, quotes and commas." }, 0);
+        return null;
+      }
+      return JSON.stringify({ dataset: dataset.value, spec: spec });
+    }
+
+    function post(url, payload) {
+      return fetch(url, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
+        body: payload,
+      }).then(function (response) {
+        return response.text().then(function (text) { return { status: response.status, body: parseJson(text) }; });
+      });
+    }
+
+    dryButton.addEventListener("click", function () {
+      var payload = body();
+      if (!payload) return;
+      var sig = signature();
+      clear(report);
+      report.appendChild(el("p", "Dry run…", "hint"));
+      post(form.getAttribute("data-jobs-url") + "?dry_run=1", payload).then(function (answer) {
+        if (answer.status !== 200) { showProblems(report, answer.body, answer.status); return; }
+        showReport(report, answer.body.report || {});
+        passed = sig;
+        submitButton.disabled = signature() !== passed;
+      });
+    });
+
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      var payload = body();
+      if (!payload) return;
+      submitButton.disabled = true;
+      post(form.getAttribute("data-jobs-url"), payload).then(function (answer) {
+        if (answer.status !== 201) { showProblems(report, answer.body, answer.status); submitButton.disabled = false; return; }
+        window.location.assign(form.getAttribute("data-job-page").replace("JOB_ID", encodeURIComponent(answer.body.id)));
+      });
+    });
+  }
+
+  function showReport(box, r) {
+    clear(box);
+    box.appendChild(el("h2", "Dry run"));
+    var facts = el("dl", null, "facts");
+    var add = function (k, v) { facts.appendChild(el("dt", k)); facts.appendChild(el("dd", v)); };
+    var params = r.parameters || {};
+    add("Parameters", fmt(params.total) + " (trainable " + fmt(params.trainable) + ", non-trainable " + fmt(params.non_trainable) + ")");
+    var memory = r.memory_estimate_bytes;
+    if (memory && typeof memory === "object") {
+      var parts = ["weights", "gradients", "optimizer_state", "input_batch", "activations_per_batch"]
+        .filter(function (k) { return typeof memory[k] === "number"; })
+        .map(function (k) { return k.replace(/_/g, " ") + " " + bytes(memory[k]); });
+      add("Memory estimate", bytes(memory.total) + " per training step at batch size " + fmt(memory.batch_size) + " (" + parts.join(", ") + ")");
+      if (memory.note) add("", memory.note);
+    } else {
+      add("Memory estimate", bytes(memory));
+    }
+    box.appendChild(facts);
+    (r.warnings || []).forEach(function (w) {
+      var text = typeof w === "string" ? w : ((w.field ? w.field + ": " : "") + (w.detail || JSON.stringify(w)));
+      box.appendChild(el("p", "warning: " + text, "flash warn"));
+    });
+    var wrap = el("div", null, "table-wrap");
+    var table = el("table");
+    table.id = "layer-table";
+    var head = el("tr");
+    ["Layer", "Class", "Output shape", "Parameters"].forEach(function (h) { var th = el("th", h); th.scope = "col"; head.appendChild(th); });
+    var thead = el("thead"); thead.appendChild(head); table.appendChild(thead);
+    var tbody = el("tbody");
+    (r.layers || []).forEach(function (layer) {
+      var tr = el("tr");
+      [layer.name, layer["class"], JSON.stringify(layer.output_shape), fmt(layer.parameters)].forEach(function (v) { tr.appendChild(el("td", v)); });
+      tbody.appendChild(tr);
+    });
+    table.appendChild(tbody); wrap.appendChild(table); box.appendChild(wrap);
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var curves = document.getElementById("curves");
+    if (curves) jobCurves(curves);
+    var compareData = document.getElementById("compare-data");
+    if (compareData) compare(compareData);
+    var uploadForm = document.getElementById("upload-form");
+    if (uploadForm) upload(uploadForm);
+    var submitForm = document.getElementById("submit-form");
+    if (submitForm) submitPage(submitForm);
+  });
+})();
