@@ -21,7 +21,7 @@ from models.size import size_problems
 from models.spec import JobSpec, parse_spec
 from service.api import json_body, query_args, respond
 from service.auth import authenticate, current_user, visible_owner_id
-from service.errors import NotFound, ServiceUnavailable, Unprocessable
+from service.errors import NotFound, ServiceUnavailable, Unprocessable, scrub_paths, server_roots
 from service.extensions import services
 from service.schemas import DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut
 from worker.db import Database, Dataset, Job, JobEvent
@@ -102,7 +102,8 @@ def index() -> Response:
         page = services().db.list_jobs(visible_owner_id(), state=query.state, limit=query.limit, cursor=query.cursor)
     except ValueError as exc:
         raise Unprocessable(str(exc), field="cursor") from exc
-    return respond(JobListOut(jobs=[JobOut.of(j) for j in page.jobs], next_cursor=page.next_cursor))
+    jobs = [_job_out(j, with_queue_position=False) for j in page.jobs]
+    return respond(JobListOut(jobs=jobs, next_cursor=page.next_cursor))
 
 
 @bp.get("/<job_id>")
@@ -111,9 +112,14 @@ def show(job_id: str) -> Response:
     return respond(_job_out(_visible_job(job_id)))
 
 
-def _job_out(job: Job) -> JobOut:
-    position = services().db.queue_position(job.id) if job.state == QUEUED else None
-    return JobOut.of(job, queue_position=position)
+def _job_out(job: Job, *, with_queue_position: bool = True) -> JobOut:
+    """The job as the API shows it: its place in the queue (one job only), no server path in its error."""
+    svc = services()
+    position = svc.db.queue_position(job.id) if job.state == QUEUED and with_queue_position else None
+    out = JobOut.of(job, queue_position=position)
+    if out.error_detail:
+        out.error_detail = scrub_paths(out.error_detail, server_roots(svc.settings))
+    return out
 
 
 @bp.post("/<job_id>/cancel")
@@ -123,7 +129,7 @@ def cancel(job_id: str) -> Response:
     job = services().db.request_cancel(job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
-    return respond(JobOut.of(job))
+    return respond(_job_out(job, with_queue_position=False))
 
 
 @bp.get("/<job_id>/events")
