@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-import sys
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -17,7 +14,7 @@ from core.errors import GpuyardError
 from core.settings import Settings, get_settings
 from service.api import datasets, gpus, health, jobs, openapi
 from service.checks import DryRunGate, sandbox_check_dataset, trainer_dry_run
-from service.errors import HeadersTooLarge, scrub_paths, to_api_error
+from service.errors import HeadersTooLarge, scrub_paths, server_roots, to_api_error
 from service.extensions import EXTENSION_KEY, Services, csrf, init_services
 from service.sessions import init_sessions
 from service.streams import EventHub, StreamSlots
@@ -127,7 +124,7 @@ def register_errorhandlers(app: Flask) -> None:
     installation are cut to the file's name (:func:`service.errors.scrub_paths`).
     """
     settings: Settings = services_of(app).settings
-    roots = _server_roots(settings)
+    roots = server_roots(settings)
 
     @app.errorhandler(GpuyardError)
     def handle_gpuyard_error(exc: GpuyardError) -> tuple[Response, int, dict[str, str]]:
@@ -169,17 +166,6 @@ def register_request_checks(app: Flask) -> None:
                 )
         if total > MAX_HEADER_BYTES:
             raise HeadersTooLarge(f"the headers total {total} bytes; expected at most {MAX_HEADER_BYTES}")
-
-
-def _server_roots(settings: Settings) -> list[str]:
-    """Directories whose paths must not reach a client."""
-    places = [settings.storage_dir, settings.data_dir, tempfile.gettempdir(), sys.prefix, sys.base_prefix]
-    places.append(Path(__file__).resolve().parents[1])  # the installation (tracebacks name its files)
-    roots = set()
-    for place in places:
-        if place is not None:
-            roots.update({str(Path(place)), str(Path(place).resolve())})
-    return sorted(roots)
 
 
 def _scrubbed(body: dict[str, Any], roots: list[str]) -> dict[str, Any]:

@@ -24,10 +24,14 @@ Errors from below (job DB, storage, spec and data checks) are translated by :fun
 from __future__ import annotations
 
 import re
+import sys
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from core.errors import DataError, GpuyardError, Problem, SpecError
+from core.settings import Settings
 from worker.errors import (
     ActiveJobLimit,
     DatabaseUnavailable,
@@ -196,3 +200,14 @@ def scrub_paths(text: str, roots: Iterable[str]) -> str:
 
 def _last_component(match: re.Match[str]) -> str:
     return match.group(0).rstrip("/").rsplit("/", 1)[-1] or "(server path)"
+
+
+def server_roots(settings: Settings) -> list[str]:
+    """Directories whose paths must not reach a client: storage, data dir, temp dir, the installation."""
+    places = [settings.storage_dir, settings.data_dir, tempfile.gettempdir(), sys.prefix, sys.base_prefix]
+    places.append(Path(__file__).resolve().parents[1])  # the installation (tracebacks name its files)
+    roots = set()
+    for place in places:
+        if place is not None:
+            roots.update({str(Path(place)), str(Path(place).resolve())})
+    return sorted(roots)

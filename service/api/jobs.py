@@ -20,7 +20,7 @@ from models.size import size_problems
 from models.spec import JobSpec, parse_spec
 from service.api import json_body, query_args, respond
 from service.auth import authenticate, current_user, visible_owner_id
-from service.errors import NotFound, ServiceUnavailable, TooManyRequests, Unprocessable
+from service.errors import NotFound, ServiceUnavailable, TooManyRequests, Unprocessable, scrub_paths, server_roots
 from service.extensions import services
 from service.schemas import DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut
 from service.streams import EventHub
@@ -103,7 +103,8 @@ def index() -> Response:
         page = services().db.list_jobs(visible_owner_id(), state=query.state, limit=query.limit, cursor=query.cursor)
     except ValueError as exc:
         raise Unprocessable(str(exc), field="cursor") from exc
-    return respond(JobListOut(jobs=[JobOut.of(j) for j in page.jobs], next_cursor=page.next_cursor))
+    jobs = [job_out(j, with_queue_position=False) for j in page.jobs]
+    return respond(JobListOut(jobs=jobs, next_cursor=page.next_cursor))
 
 
 @bp.get("/<job_id>")
@@ -112,10 +113,14 @@ def show(job_id: str) -> Response:
     return respond(job_out(visible_job(job_id)))
 
 
-def job_out(job: Job) -> JobOut:
-    """A job as the API shows it, with its place in the queue while it waits."""
-    position = services().db.queue_position(job.id) if job.state == QUEUED else None
-    return JobOut.of(job, queue_position=position)
+def job_out(job: Job, *, with_queue_position: bool = True) -> JobOut:
+    """The job as the API shows it: its place in the queue (one job only), no server path in its error."""
+    svc = services()
+    position = svc.db.queue_position(job.id) if job.state == QUEUED and with_queue_position else None
+    out = JobOut.of(job, queue_position=position)
+    if out.error_detail:
+        out.error_detail = scrub_paths(out.error_detail, server_roots(svc.settings))
+    return out
 
 
 @bp.post("/<job_id>/cancel")
@@ -125,7 +130,7 @@ def cancel(job_id: str) -> Response:
     job = services().db.request_cancel(job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
-    return respond(JobOut.of(job))
+    return respond(job_out(job, with_queue_position=False))
 
 
 @bp.get("/<job_id>/events")

@@ -89,3 +89,17 @@ def test_artifacts_download_with_their_documented_media_type(
     assert response.status_code == 200 and response.mimetype == "application/json"
     documented = client.get("/openapi.json").get_json()["paths"]["/v1/jobs/{job_id}/artifacts/{name}"]["get"]
     assert set(documented["responses"]["200"]["content"]) == set(ARTIFACT_MEDIA_TYPES.values())
+
+
+def test_a_jobs_error_detail_names_no_server_path(
+    app: Flask, client: FlaskClient, tokens: Tokens, dataset_id: str
+) -> None:
+    svc = _services(app)
+    job_id = client.post("/v1/jobs", json={"dataset": dataset_id, "spec": GOOD_SPEC}, headers=bearer(tokens.alice))
+    job_id = job_id.get_json()["id"]
+    stored = svc.storage.local_path(svc.db.get_dataset(dataset_id).storage_key)
+    assert svc.db.interrupt_queued(job_id, "dataset_invalid", f"{stored} does not exist")
+    shown = client.get(f"/v1/jobs/{job_id}", headers=bearer(tokens.alice)).get_json()
+    assert shown["error_detail"] == f"{stored.name} does not exist"
+    listed = client.get("/v1/jobs", headers=bearer(tokens.alice)).get_json()["jobs"]
+    assert [j["error_detail"] for j in listed if j["id"] == job_id] == [f"{stored.name} does not exist"]

@@ -241,18 +241,19 @@ def test_a_version_1_database_migrates_to_gpus(tmp_path: Path) -> None:
     db = Database(url)
     db.migrate()
     db.dispose()
-    # make it look like version 1: drop what version 2 adds
+    # make it look like version 1: drop what versions 2 and 3 add
     conn = sqlite3.connect(tmp_path / "old.db")
     conn.executescript(
         "DROP TABLE gpus; DROP TABLE dispatch_lock; ALTER TABLE jobs DROP COLUMN dispatched_at;"
-        "ALTER TABLE jobs DROP COLUMN dispatch_note; DELETE FROM schema_version; "
+        "ALTER TABLE jobs DROP COLUMN dispatch_note; ALTER TABLE users DROP COLUMN disabled; "
+        "DELETE FROM schema_version; "
         "INSERT INTO schema_version VALUES (1, 'users, datasets, jobs, job_events', '2026-01-01 00:00:00');"
     )
     conn.close()
     db = Database(url)
     try:
         assert db.schema_version() == 1
-        assert db.migrate() == LATEST_VERSION == 2
+        assert db.migrate() == LATEST_VERSION == 3  # 2: gpus, 3: users.disabled
         db.register_gpu(fake_uuid(0), host="h", index=0, name="fake", memory_total_bytes=GiB)
         assert [g.uuid for g in db.list_gpus()] == [fake_uuid(0)]
     finally:

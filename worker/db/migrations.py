@@ -32,12 +32,12 @@ def _v2_gpus(conn: Connection) -> None:
     DispatchLock.__table__.create(conn)
 
 
-# Append only. A fresh database gets the models' current tables at once and is stamped with the last
-# version (so these steps must leave an old database exactly where create_all leaves a new one).
 def _v3_users_disabled(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE"))
 
 
+# Append only. A fresh database gets the models' current tables at once and is stamped with the last
+# version (so these steps must leave an old database exactly where create_all leaves a new one).
 MIGRATIONS: list[Migration] = [
     Migration(1, "users, datasets, jobs, job_events", _v1_initial),
     Migration(2, "gpus, dispatch_lock; jobs.dispatched_at, jobs.dispatch_note", _v2_gpus),
