@@ -19,6 +19,7 @@ from models.blocks.snn import snn_warnings
 from models.build import build_model, needs_input_stats
 from models.data.summary import DatasetSummary
 from models.heads import resolve_head
+from models.health import predict_health
 from models.spec import JobSpec, KerasJsonArchitecture, SnnArchitecture, parse_spec
 
 # Per trainable weight, the optimizer slots Keras keeps (Adam: m and v; RMSprop: the running mean
@@ -223,10 +224,11 @@ def dry_run(spec_obj: dict[str, Any], summary: DatasetSummary | None) -> dict[st
 
     Returns:
         ``{"ok", "errors", "warnings", "parameters": {"total", "trainable", "non_trainable"},
-        "layers": [{"name", "class", "output_shape", "parameters"}], "memory_estimate_bytes"}``;
+        "layers": [{"name", "class", "output_shape", "parameters"}], "memory_estimate_bytes", "health"}``;
         errors and warnings are problem dicts (``code``, ``detail``, ``field``), ALL of them.
         ``parameters``, ``layers`` and ``memory_estimate_bytes`` are empty when the model could not
-        be built.
+        be built. ``health``: the health findings predictable from the spec alone
+        (:func:`models.health.predict_health`), each also listed as a warning.
     """
     result: dict[str, Any] = {
         "ok": False,
@@ -235,6 +237,7 @@ def dry_run(spec_obj: dict[str, Any], summary: DatasetSummary | None) -> dict[st
         "parameters": None,
         "layers": [],
         "memory_estimate_bytes": None,
+        "health": [],
     }
     try:
         spec = parse_spec(spec_obj)
@@ -247,6 +250,10 @@ def dry_run(spec_obj: dict[str, Any], summary: DatasetSummary | None) -> dict[st
     if summary is None:
         summary, errors, warnings = declared_summary(spec)
     warnings += _spec_warnings(spec, summary)
+    result["health"] = predict_health(spec)
+    warnings += [
+        Problem(f["kind"], f"{f['detail']} Remedy: {f['remedy']}", "architecture.activation") for f in result["health"]
+    ]
     if summary is not None:
         with contextlib.suppress(SpecError):  # build_model reports these problems with the others
             warnings += resolve_head(spec, summary).warnings
