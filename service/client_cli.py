@@ -227,6 +227,16 @@ def _progress_text(progress: dict[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
+def health_text(finding: dict[str, Any]) -> str:
+    """One health finding for a terminal: kind and epoch, what was measured, then the remedy."""
+    epoch = finding.get("epoch")
+    when = f" at epoch {epoch}" if epoch is not None else " (predicted)"
+    return (
+        f"[yellow]{finding.get('kind', '?')}[/]{when}: {finding.get('detail', '')}\n"
+        f"  remedy: {finding.get('remedy', '')}"
+    )
+
+
 def _print_job(job: dict[str, Any]) -> None:
     table = Table(show_header=False, box=None)
     rows: list[tuple[str, str]] = [
@@ -252,6 +262,8 @@ def _print_job(job: dict[str, Any]) -> None:
         rows.append(("exit code", str(job["exit_code"])))
     if job.get("cancel_requested") and job["state"] not in TERMINAL_STATES:
         rows.append(("cancel", "requested"))
+    for finding in job.get("health") or []:
+        rows.append(("health", health_text(finding)))
     for key, value in rows:
         table.add_row(f"[bold]{key}[/]", value)
     _console().print(table)
@@ -392,6 +404,14 @@ class _Follower:
             + (f" after {epochs} epochs{early}" if epochs else "")
             + (f": {', '.join(shown)}" if shown else "")
         )
+
+    def on_health(self, data: dict[str, Any]) -> None:
+        findings = data.get("findings") or []
+        if not findings:
+            self.console.print(f"health: the earlier findings cleared after epoch {data.get('epoch', '?')}")
+        for finding in findings:
+            if isinstance(finding, dict):
+                self.console.print("health: " + health_text(finding))
 
     def on_failed(self, data: dict[str, Any]) -> None:
         self.console.print(f"[red]failed[/]: {data.get('reason', '?')}: {data.get('detail', '')}")
