@@ -60,3 +60,37 @@ def test_report_from_runs(course: ModuleType, tmp_path: Path) -> None:
     assert "epoch 0: vanishing_gradient" in text  # computed from the records when no health events were saved
     for png in ("test_accuracy.png", "gradients_epoch0_digits.png", "ratio_per_epoch_breast_cancer.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
+
+
+def test_service_mode_follows_the_job_and_downloads_its_artifacts(course: ModuleType, tmp_path: Path) -> None:
+    """``run --service``: submit through the client, keep the events until the terminal one, fetch the files."""
+    from service.client import Event
+
+    class FakeClient:
+        def __init__(self) -> None:
+            self.downloaded: list[str] = []
+
+        def submit(self, dataset: str, spec: dict) -> dict:
+            assert dataset == "ds_1" and spec["name"]
+            return {"id": "job_1"}
+
+        def events(self, job_id: str):
+            yield Event(event="health", data=json.dumps({"event": "health", "epoch": 0, "findings": []}), id="1")
+            yield Event(event="state", data=json.dumps({"event": "state", "state": "succeeded"}), id="2")
+            raise AssertionError("read past the terminal event")
+
+        def job(self, job_id: str) -> dict:
+            return {"id": job_id, "state": "succeeded", "health": []}
+
+        def download(self, job_id: str, name: str, dest: Path) -> Path:
+            self.downloaded.append(name)
+            Path(dest).write_text("{}")
+            return Path(dest)
+
+    client = FakeClient()
+    spec = course.course_specs()["f_snn_8"]
+    state = course.run_service(client, "ds_1", spec, tmp_path / "job")
+    assert state == "succeeded"
+    events = (tmp_path / "job" / "events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"] for line in events] == ["health", "state"]
+    assert client.downloaded == ["history.json", "diagnostics.json", "summary.json"]

@@ -175,7 +175,7 @@ def run_service(client: Any, dataset_id: str, spec: dict[str, Any], out: Path) -
             data = event.json()
             if isinstance(data, dict) and "event" in data:
                 events.write(json.dumps(data) + "\n")
-            if event.is_terminal():
+            if event.is_terminal:
                 break
     final = client.job(job["id"])
     (out / "job.json").write_text(json.dumps(final, indent=2, default=str))
