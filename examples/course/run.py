@@ -337,7 +337,7 @@ def _plot_losses(rows: list[dict[str, Any]], dataset: str, path: Path) -> None:
                 values = [v if isinstance(v, int | float) else math.nan for v in history.get(key) or []]
                 if values:
                     ax.plot(history.get("epoch") or range(1, len(values) + 1), values, style, label=key)
-            ax.set_title(f"{FAMILIES[family].split(',')[0]} d={depth}", fontsize=8)
+            ax.set_title(f"{FAMILIES[family].split(', ')[0].split(' (selu')[0]} d={depth}", fontsize=8)
             ax.tick_params(labelsize=7)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
@@ -485,24 +485,38 @@ def write_report(work: Path, *, mode: str, report_dir: Path = REPORT_DIR) -> Pat
 
 
 def _conclusions(rows: list[dict[str, Any]]) -> list[str]:
-    def accuracy(dataset: str, family: str, depth: int) -> float | None:
-        return next(
-            (
-                r["test_accuracy"]
-                for r in rows
-                if r["dataset"] == dataset and r["family"] == family and r["depth"] == depth
-            ),
-            None,
-        )
+    def row(dataset: str, family: str, depth: int) -> dict[str, Any]:
+        return next(r for r in rows if r["dataset"] == dataset and r["family"] == family and r["depth"] == depth)
+
+    def ratio(dataset: str, family: str, depth: int) -> float | None:
+        records = row(dataset, family, depth)["records"]
+        return first_last_ratio(records[0]) if records else None
 
     lines = ["## What the runs show", ""]
     for dataset in DATASETS:
-        snn8, snn32 = accuracy(dataset, "f_snn", 8), accuracy(dataset, "f_snn", 32)
-        sig8, sig32 = accuracy(dataset, "a_sigmoid_xavier", 8), accuracy(dataset, "a_sigmoid_xavier", 32)
+        snn8, snn32 = row(dataset, "f_snn", 8)["test_accuracy"], row(dataset, "f_snn", 32)["test_accuracy"]
+        sig8 = row(dataset, "a_sigmoid_xavier", 8)["test_accuracy"]
+        sig32 = row(dataset, "a_sigmoid_xavier", 32)["test_accuracy"]
         lines.append(
-            f"- {dataset}: SNN test accuracy {_fmt(snn8)} at depth 8 and {_fmt(snn32)} at depth 32; "
-            f"sigmoid MLP {_fmt(sig8)} at depth 8 and {_fmt(sig32)} at depth 32."
+            f"- **{dataset}**: the SNN reaches test accuracy {_fmt(snn8)} at depth 8 and {_fmt(snn32)} at depth 32; "
+            f"the sigmoid MLP {_fmt(sig8)} at depth 8 and {_fmt(sig32)} at depth 32, its first hidden layer "
+            f"getting {_fmt(ratio(dataset, 'a_sigmoid_xavier', 32), '.1e')} of the last one's gradient at depth 32 "
+            f"(SNN: {_fmt(ratio(dataset, 'f_snn', 32), '.2g')}, "
+            f"residual: {_fmt(ratio(dataset, 'e_residual', 32), '.2g')}, "
+            f"Highway: {_fmt(ratio(dataset, 'd_highway', 32), '.2g')})."
         )
+    lines += [
+        "- The skip connections and SELU keep the gradient's scale from the first layer to the last at every "
+        "depth; sigmoid loses about a factor 4 per layer, as the course says (the sigmoid's slope is at most 1/4).",
+        "- The plain ReLU MLP with He initialisation starts with a healthy gradient but trains less reliably as it "
+        "gets deeper with plain SGD; BatchNorm (evaluated on its moving statistics at epoch 0, hence the same "
+        "epoch-0 curve) does not rescue depth 32 in 20 epochs here.",
+        "- Highway's gradient reaches its first block, and its loss falls steadily, but with plain SGD at this "
+        "learning rate it is the slowest learner: 20 epochs are not enough at depth 16 and 32.",
+        "",
+        "Each row of the health table is what the job's owner saw during training; a `vanishing_gradient` at "
+        "epoch 0 on every sigmoid MLP and on nothing with a skip connection or SELU is the rule working as meant.",
+    ]
     return lines
 
 
