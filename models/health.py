@@ -315,20 +315,37 @@ def signature(findings: Iterable[Mapping[str, Any]]) -> frozenset[str]:
 
 
 class HealthWatch:
-    """Decides when findings are news: the first non-empty list, then whenever the set of kinds changes.
+    """Decides when findings are news, so that a job's stream is not a flicker of the same few kinds.
 
-    An empty list after findings is news too (the problems cleared); an empty list at the start is not.
+    News: a kind that was not reported before (at once), or a reported kind absent for ``clear_after``
+    checks in a row (a ratio hovering at its threshold comes and goes from epoch to epoch; it is cleared
+    only once it stays away). An empty list at the start is not news. When there is news, the current
+    findings are what gets reported.
+
+    Args:
+        clear_after: consecutive checks without a reported kind before it counts as cleared.
     """
 
-    def __init__(self) -> None:
-        self.current: frozenset[str] = frozenset()
+    def __init__(self, clear_after: int = 3) -> None:
+        if clear_after < 1:
+            raise ValueError(f"Expected clear_after >= 1. Received: clear_after={clear_after}")
+        self.clear_after = clear_after
+        self.reported: frozenset[str] = frozenset()
+        self._absent: dict[str, int] = {}
 
     def update(self, findings: Sequence[Mapping[str, Any]]) -> bool:
-        """Take this epoch's findings; True when they should be emitted."""
-        new = signature(findings)
-        changed = new != self.current
-        self.current = new
-        return changed
+        """Take this check's findings; True when they should be emitted."""
+        kinds = signature(findings)
+        for kind in self.reported - kinds:
+            self._absent[kind] = self._absent.get(kind, 0) + 1
+        for kind in kinds:
+            self._absent.pop(kind, None)
+        cleared = {kind for kind, count in self._absent.items() if count >= self.clear_after}
+        if kinds - self.reported or cleared:
+            self.reported = kinds
+            self._absent = {}
+            return True
+        return False
 
 
 def predict_health(spec: Any) -> list[dict[str, Any]]:

@@ -116,12 +116,17 @@ def test_every_kind_has_a_one_sentence_remedy() -> None:
 
 
 def test_watch_reports_news_only() -> None:
-    watch = HealthWatch()
+    watch = HealthWatch(clear_after=3)
     assert watch.update([]) is False  # nothing at epoch 0 is not an event
     vanishing = health_events(record([1e-9, 1.0]), family="mlp", epoch=0)
     assert watch.update(vanishing) is True
     assert watch.update(health_events(record([1e-8, 1.0], epoch=1), family="mlp")) is False  # same kind
-    assert watch.update([]) is True  # cleared
+    # A ratio hovering at the threshold: gone for two checks, back on the third, is not news.
+    assert [watch.update([]), watch.update([]), watch.update(vanishing)] == [False, False, False]
+    dead = health_events(record([1.0, 1.0], dense1={"relu_units": 8, "dead_share": 1.0}), family="mlp", epoch=5)
+    assert watch.update(vanishing + dead) is True  # a new kind at once
+    assert [watch.update([]), watch.update([]), watch.update([])] == [False, False, True]  # cleared for good
+    assert watch.reported == frozenset()
 
 
 def test_default_thresholds_match_the_settings() -> None:
