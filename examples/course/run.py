@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from core import names  # noqa: E402
-from models.health import health_events, thresholds_from  # noqa: E402
+from models.health import HealthWatch, health_events, thresholds_from  # noqa: E402
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
 REPORT_DIR = ROOT / "docs" / "course"
@@ -245,6 +245,28 @@ def first_last_ratio(record: dict[str, Any]) -> float | None:
     return norms[0] / norms[-1] if len(norms) >= 2 else None
 
 
+def replay_health(
+    records: list[dict[str, Any]], history: dict[str, Any], *, family: str, thresholds: Any
+) -> list[dict[str, Any]]:
+    """The ``health`` events the trainer emits for these diagnostics records, replayed with today's rules.
+
+    The same calls as ``worker.trainer.callbacks.HealthMonitor``: each record with that epoch's training loss,
+    through a :class:`models.health.HealthWatch`.
+    """
+    losses = dict(zip(history.get("epoch") or [], history.get("loss") or [], strict=False))
+    watch = HealthWatch()
+    events = []
+    for record in records:
+        epoch = int(record["epoch"])
+        train_loss = losses.get(epoch) if epoch > 0 else None
+        if epoch > 0 and train_loss is None and epoch in losses:
+            train_loss = float("nan")  # null in history.json: the loss was not finite
+        findings = health_events(record, family=family, thresholds=thresholds, epoch=epoch, train_loss=train_loss)
+        if watch.update(findings):
+            events.append({"event": "health", "epoch": epoch, "findings": findings})
+    return events
+
+
 def collect(work: Path) -> list[dict[str, Any]]:
     """One row per job: spec name, dataset, family, depth, diagnostics, history, test accuracy, health."""
     thresholds = thresholds_from(None)
@@ -256,17 +278,8 @@ def collect(work: Path) -> list[dict[str, Any]]:
             records = _read(out / names.DIAGNOSTICS) or []
             summary = _read(out / names.SUMMARY) or {}
             events = _events(out / "events.jsonl")
-            health = [e for e in events if e.get("event") == "health"]
-            if not health:  # runs made before the trainer emitted health events
-                health = [
-                    {"epoch": r["epoch"], "findings": found}
-                    for r in records
-                    if (
-                        found := health_events(
-                            r, family=spec["architecture"]["family"], thresholds=thresholds, epoch=r["epoch"]
-                        )
-                    )
-                ]
+            history = _read(out / names.HISTORY) or {}
+            health = replay_health(records, history, family=spec["architecture"]["family"], thresholds=thresholds)
             test = ((summary.get("metrics") or {}).get("test") or {}).get("accuracy")
             rows.append(
                 {
@@ -337,11 +350,12 @@ def _plot_losses(rows: list[dict[str, Any]], dataset: str, path: Path) -> None:
                 values = [v if isinstance(v, int | float) else math.nan for v in history.get(key) or []]
                 if values:
                     ax.plot(history.get("epoch") or range(1, len(values) + 1), values, style, label=key)
+            ax.set_yscale("log")  # BatchNorm's first validation losses reach 1e19 (moving statistics)
             ax.set_title(f"{FAMILIES[family].split(', ')[0].split(' (selu')[0]} d={depth}", fontsize=8)
             ax.tick_params(labelsize=7)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
-    fig.suptitle(f"{dataset}: training (solid) and validation (dashed) loss per epoch")
+    fig.suptitle(f"{dataset}: training (solid) and validation (dashed) loss per epoch, log scale")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -468,7 +482,13 @@ def write_report(work: Path, *, mode: str, report_dir: Path = REPORT_DIR) -> Pat
     lines += ["## Training and validation loss", ""]
     for dataset in DATASETS:
         lines += [f"![loss curves, {dataset}](loss_{dataset}.png)", ""]
-    lines += ["## Health events", "", "What gpuyard told each job's owner (the `health` events, kind and epoch).", ""]
+    lines += [
+        "## Health events",
+        "",
+        "What gpuyard tells each job's owner (the `health` events: kind and epoch), replayed from each job's "
+        "`diagnostics.json` and `history.json` with the trainer's rules (`models/health.py`).",
+        "",
+    ]
     lines += ["| dataset | job | health events |", "|---|---|---|"]
     for row in rows:
         found = "; ".join(
@@ -513,9 +533,17 @@ def _conclusions(rows: list[dict[str, Any]]) -> list[str]:
         "epoch-0 curve) does not rescue depth 32 in 20 epochs here.",
         "- Highway's gradient reaches its first block, and its loss falls steadily, but with plain SGD at this "
         "learning rate it is the slowest learner: 20 epochs are not enough at depth 16 and 32.",
+        "- Diagnostics run the model in inference mode (BatchNorm on its moving statistics, as the model is "
+        "used). In the deepest BatchNorm networks the moving statistics lag the batch statistics far behind after "
+        "the first epochs, so the evaluated model's loss overflows (see its validation loss) while the training "
+        "loss looks fine: the `exploding_gradient` and `loss_not_finite` findings there describe the model as it "
+        "would be used, and clear once the statistics catch up.",
+        "- `dead_units` fires at initialisation on the plain deep ReLU MLPs (depth 32): more than half of some "
+        "blocks' units never fire on the probe batch, the ReLU failure the course warns of; it clears as "
+        "training moves the biases.",
         "",
         "Each row of the health table is what the job's owner saw during training; a `vanishing_gradient` at "
-        "epoch 0 on every sigmoid MLP and on nothing with a skip connection or SELU is the rule working as meant.",
+        "epoch 0 on every sigmoid MLP, and no finding at all for any Highway or SNN job, is the rule working as meant.",
     ]
     return lines
 
