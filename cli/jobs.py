@@ -17,7 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Column, Table
 
-from cli.render import render_events, styled_state
+from cli.render import health_text, render_events, styled_state
 from core.names import ARTIFACT_NAMES, MODEL_H5
 from core.settings import get_settings
 from core.states import CANCELLED, FAILED, INTERRUPTED, JOB_STATES, SUCCEEDED, TERMINAL_STATES
@@ -243,6 +243,8 @@ def _print_job(job: dict[str, Any]) -> None:
         rows.append(("exit code", str(job["exit_code"])))
     if job.get("cancel_requested") and job["state"] not in TERMINAL_STATES:
         rows.append(("cancel", "requested"))
+    for finding in job.get("health") or []:
+        rows.append(("health", health_text(finding)))
     for key, value in rows:
         table.add_row(f"[bold]{key}[/]", value)
     _console().print(table)

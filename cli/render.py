@@ -132,6 +132,14 @@ class EventRenderer:
             + (f": {', '.join(shown)}" if shown else "")
         )
 
+    def on_health(self, data: dict[str, Any]) -> None:
+        findings = data.get("findings") or []
+        if not findings:
+            self.console.print(f"health: the earlier findings cleared after epoch {data.get('epoch', '?')}")
+        for finding in findings:
+            if isinstance(finding, dict):
+                self.console.print("health: " + health_text(finding))
+
     def on_failed(self, data: dict[str, Any]) -> None:
         self.console.print(f"[red]failed[/]: {data.get('reason', '?')}: {data.get('detail', '')}")
         for problem in data.get("problems") or []:
@@ -145,6 +153,16 @@ def _duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def health_text(finding: dict[str, Any]) -> str:
+    """One health finding for a terminal: kind and epoch, what was measured, then the remedy."""
+    epoch = finding.get("epoch")
+    when = f" at epoch {epoch}" if epoch is not None else " (predicted)"
+    return (
+        f"[yellow]{finding.get('kind', '?')}[/]{when}: {finding.get('detail', '')}\n"
+        f"  remedy: {finding.get('remedy', '')}"
+    )
 
 
 def render_events(events: Iterable[dict[str, Any]], console: Console | None = None) -> EventRenderer:

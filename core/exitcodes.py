@@ -16,6 +16,7 @@ class ExitCode(enum.IntEnum):
     OUT_OF_MEMORY = 5
     CANCELLED = 6
     TIME_LIMIT = 7
+    UNHEALTHY = 8  # a health finding listed in the spec's training.stop_on (models/health.py)
 
     @property
     def reason(self) -> str:
@@ -24,4 +25,10 @@ class ExitCode(enum.IntEnum):
     @property
     def is_users_fault(self) -> bool:
         """True when the job itself is to blame (bad spec, bad data, too big), not the infrastructure."""
-        return self in (ExitCode.SPEC_INVALID, ExitCode.DATASET_INVALID, ExitCode.OUT_OF_MEMORY, ExitCode.TIME_LIMIT)
+        return self in (
+            ExitCode.SPEC_INVALID,
+            ExitCode.DATASET_INVALID,
+            ExitCode.OUT_OF_MEMORY,
+            ExitCode.TIME_LIMIT,
+            ExitCode.UNHEALTHY,
+        )

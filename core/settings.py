@@ -1,7 +1,7 @@
 """gpuyard's one typed configuration object, read from ``GPUYARD_*`` environment variables.
 
 Two layers, one prefix: :class:`DataLimits` holds what the HDF5 checks (``models.data``) need and is all
-``models`` may see; :class:`Settings` extends it with everything else (job service, workers, GPUs, client).
+they see; :class:`Settings` extends it with everything else (job service, workers, GPUs, client).
 """
 
 from __future__ import annotations
@@ -55,6 +55,50 @@ class Settings(DataLimits):
     # Trainer
     progress_interval_s: float = Field(0.5, gt=0, description="Minimum seconds between two batch progress events.")
     probe_batch_size: int = Field(64, gt=0, description="Rows in the fixed batch used for per-layer diagnostics.")
+
+    # Training health (models/health.py): thresholds of the health events the trainer emits
+    health_vanishing_ratio: float = Field(
+        1e-3,
+        gt=0,
+        description="vanishing_gradient when the first hidden block's gradient norm is below this fraction of "
+        "the last hidden block's (a 20-layer sigmoid MLP: about 1e-11; Highway, ResNet, SNN: 0.5-2).",
+    )
+    health_exploding_ratio: float = Field(
+        1e3,
+        gt=1,
+        description="exploding_gradient when the first hidden block's gradient norm is above this multiple of "
+        "the last hidden block's (a non-finite gradient always is).",
+    )
+    health_dead_units_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="dead_units when more than this share of a block's ReLU units is never active on the probe batch.",
+    )
+    health_snn_mean_tolerance: float = Field(
+        0.1,
+        gt=0,
+        description="snn_drift at initialisation when a block's activation mean is outside 0 +/- this "
+        "(at least 1/sqrt(units) for a narrow block: a finite layer's own noise).",
+    )
+    health_snn_variance_tolerance: float = Field(
+        0.2,
+        gt=0,
+        description="snn_drift at initialisation when a block's activation variance is outside 1 +/- this "
+        "(at least 2*sqrt(2/units) for a narrow block: a finite layer's own noise).",
+    )
+    health_snn_variance_floor: float = Field(
+        0.01,
+        gt=0,
+        description="snn_drift after training started when a block's activation variance falls below this "
+        "(the units collapsed to a constant); trained SNNs legitimately move away from variance 1.",
+    )
+    health_snn_variance_ceiling: float = Field(
+        100.0,
+        gt=1,
+        description="snn_drift after training started when a block's activation variance rises above this "
+        "(the activations blow up); a 32-block SNN on digits stays within 1-6 while it learns.",
+    )
 
     # Job service: database, queue, storage (service/, worker/db.py, worker/storage.py)
     database_url: str = Field(

@@ -19,6 +19,7 @@ from models.blocks.snn import snn_warnings
 from models.build import build_model, needs_input_stats
 from models.data.summary import DatasetSummary
 from models.heads import resolve_head
+from models.health import predict_health
 from models.size import optimizer_slots, training_memory
 from models.spec import JobSpec, KerasJsonArchitecture, SnnArchitecture, parse_spec
 
@@ -211,10 +212,11 @@ def dry_run(spec_obj: JobSpec | dict[str, Any], summary: DatasetSummary | None) 
 
     Returns:
         ``{"ok", "errors", "warnings", "parameters": {"total", "trainable", "non_trainable"},
-        "layers": [{"name", "class", "output_shape", "parameters"}], "memory_estimate_bytes"}``;
+        "layers": [{"name", "class", "output_shape", "parameters"}], "memory_estimate_bytes", "health"}``;
         errors and warnings are problem dicts (``code``, ``detail``, ``field``), ALL of them.
         ``parameters``, ``layers`` and ``memory_estimate_bytes`` are empty when the model could not
-        be built.
+        be built. ``health``: the health findings predictable from the spec alone
+        (:func:`models.health.predict_health`), each also listed as a warning.
     """
     result: dict[str, Any] = {
         "ok": False,
@@ -223,6 +225,7 @@ def dry_run(spec_obj: JobSpec | dict[str, Any], summary: DatasetSummary | None) 
         "parameters": None,
         "layers": [],
         "memory_estimate_bytes": None,
+        "health": [],
     }
     if isinstance(spec_obj, JobSpec):
         spec = spec_obj
@@ -238,6 +241,10 @@ def dry_run(spec_obj: JobSpec | dict[str, Any], summary: DatasetSummary | None) 
     if summary is None:
         summary, errors, warnings = declared_summary(spec)
     warnings += _spec_warnings(spec, summary)
+    result["health"] = predict_health(spec)
+    warnings += [
+        Problem(f["kind"], f"{f['detail']} Remedy: {f['remedy']}", "architecture.activation") for f in result["health"]
+    ]
     if summary is not None:
         with contextlib.suppress(SpecError):  # build_model reports these problems with the others
             warnings += resolve_head(spec, summary).warnings

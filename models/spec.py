@@ -31,6 +31,7 @@ from pydantic_core import PydanticCustomError
 from core.errors import Problem, SpecError
 from core.jsondepth import MAX_JSON_DEPTH, text_depth, value_depth
 from models.data.summary import DataKeys
+from models.health import HEALTH_KINDS
 
 FAMILIES = ("mlp", "highway", "resnet", "snn", "cnn", "keras_json")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid", "linear")
@@ -373,6 +374,12 @@ class TrainingSpec(_Strict):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds weights, shuffling and the split.")
     early_stopping: EarlyStoppingSpec | None = None
     shuffle: bool = True
+    stop_on: list[Literal[HEALTH_KINDS]] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="Health findings that end the job as failed (reason 'unhealthy') when the trainer sees "
+        f"them, at epoch 0 or after any epoch; any of {', '.join(HEALTH_KINDS)}. Default: none, the findings "
+        "are only reported.",
+    )
 
 
 class ResourcesSpec(_Strict):

@@ -138,6 +138,12 @@ class JobOut(BaseModel):
         "null once dispatched, and in job lists.",
     )
     dispatch_note: str | None = Field(None, description="Why a queued job is still waiting, when it is.")
+    health: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="The trainer's current health findings (the last `health` event): each with kind "
+        "(vanishing_gradient, exploding_gradient, dead_units, snn_drift, loss_not_finite), epoch, value, "
+        "threshold, blocks, detail and remedy. Empty when nothing was found.",
+    )
 
     @classmethod
     def of(cls, job: Job, *, queue_position: int | None = None) -> JobOut:
@@ -155,7 +161,7 @@ class JobOut(BaseModel):
             started_at=job.started_at,
             finished_at=job.finished_at,
             cancel_requested=job.cancel_requested,
-            progress=JobProgress.model_validate(job.last_progress) if job.last_progress else None,
+            progress=JobProgress.model_validate(_without_health(job.last_progress)) if job.last_progress else None,
             error_reason=job.error_reason,
             error_detail=job.error_detail,
             exit_code=job.exit_code,
@@ -163,7 +169,13 @@ class JobOut(BaseModel):
             dispatched_at=job.dispatched_at,
             queue_position=queue_position,
             dispatch_note=job.dispatch_note if job.state == QUEUED else None,
+            health=list((job.last_progress or {}).get("health") or []),
         )
+
+
+def _without_health(progress: dict[str, Any]) -> dict[str, Any]:
+    """The job's ``last_progress`` without the health findings (the job's ``health`` field shows them)."""
+    return {k: v for k, v in progress.items() if k != "health"}
 
 
 class JobListQuery(_Body):

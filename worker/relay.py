@@ -81,4 +81,6 @@ def progress_of(event: dict[str, Any]) -> dict[str, Any] | None:
     if kind == "finished":
         # Final metrics are nested by split (train/val/test); `metrics` stays the flat per-epoch figures.
         return {"stage": "finished", "final_metrics": event.get("metrics")}
+    if kind == "health":  # the current findings (models/health.py): each event replaces the last
+        return {"health": event.get("findings") or []}
     return None

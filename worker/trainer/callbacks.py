@@ -17,9 +17,11 @@ import keras
 import numpy as np
 
 from core.atomicio import atomic_path, atomic_write_json
+from core.exitcodes import ExitCode
 from core.names import CHECKPOINT_STATE
+from models.health import HealthThresholds, HealthWatch, health_events
 from worker.trainer.diagnostics import Diagnostics
-from worker.trainer.env import StopFlag
+from worker.trainer.env import StopFlag, TrainingStopped
 from worker.trainer.events import EventEmitter, jsonable
 
 SEED_STATE_NAME = "seed_generator_state"
@@ -198,6 +200,63 @@ def emit_diagnostics(emitter: EventEmitter, record: dict[str, Any]) -> None:
     """A ``diagnostics`` event: the epoch's per-block gradient norm and activation mean/std (what the
     dashboard's gradient-flow view draws while the job trains); per-layer norms stay in diagnostics.json."""
     emitter.emit("diagnostics", epoch=record["epoch"], probe_loss=record.get("probe_loss"), blocks=record["blocks"])
+
+
+class HealthMonitor(keras.callbacks.Callback):
+    """Reads each diagnostics record with the health rules; emits ``health`` when the findings change.
+
+    Runs after the checkpoint writer, so a job stopped on a finding (``training.stop_on``) keeps that epoch.
+
+    Args:
+        emitter: where ``health`` events go.
+        records: the diagnostics records, the latest last (the recorder appends to the same list).
+        family: the spec's architecture family.
+        thresholds: the rules' thresholds (settings ``GPUYARD_HEALTH_*``).
+        stop_on: finding kinds that end the job (``TrainingStopped`` with exit code ``unhealthy``).
+    """
+
+    def __init__(
+        self,
+        emitter: EventEmitter,
+        records: list[dict[str, Any]],
+        *,
+        family: str,
+        thresholds: HealthThresholds,
+        stop_on: list[str],
+    ) -> None:
+        super().__init__()
+        self.emitter = emitter
+        self.records = records
+        self.family = family
+        self.thresholds = thresholds
+        self.stop_on = set(stop_on)
+        self.watch = HealthWatch()
+
+    def findings(self, record: dict[str, Any], epoch: int, train_loss: Any = None) -> list[dict[str, Any]]:
+        return health_events(record, family=self.family, thresholds=self.thresholds, epoch=epoch, train_loss=train_loss)
+
+    def resume(self, record: dict[str, Any]) -> None:
+        """Take a resumed run's last record as already reported (its findings are not news again)."""
+        self.watch.update(self.findings(record, int(record.get("epoch", 0))))
+
+    def check(self, record: dict[str, Any], epoch: int, train_loss: Any = None) -> list[dict[str, Any]]:
+        """Emit this epoch's findings when they are news; raise when one is in ``stop_on``."""
+        findings = self.findings(record, epoch, train_loss)
+        if self.watch.update(findings):
+            self.emitter.emit("health", epoch=epoch, findings=findings)
+        stopping = [f for f in findings if f["kind"] in self.stop_on]
+        if stopping:
+            kinds = ", ".join(f["kind"] for f in stopping)
+            raise TrainingStopped(
+                ExitCode.UNHEALTHY,
+                f"stopped at epoch {epoch} on {kinds} (training.stop_on): {stopping[0]['detail']} "
+                f"Remedy: {stopping[0]['remedy']}",
+            )
+        return findings
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.records:
+            self.check(self.records[-1], epoch + 1, (logs or {}).get("loss"))
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):

@@ -4,6 +4,12 @@ The same function computes gradients on every Keras backend (``tf.GradientTape``
 ``model.stateless_call``, torch autograd). The model runs with ``training=False`` so that the probe is
 deterministic (no dropout noise, BatchNorm on its moving statistics) and consumes no random state, which
 keeps a resumed run identical to an uninterrupted one.
+
+Dead ReLU units come from the same forward pass: the probe's extractor model also returns the output of every
+ReLU layer (a ``ReLU`` layer with no slope, an ``Activation("relu")``, or a Dense/Conv layer built with
+``activation="relu"``); a unit (a Dense unit, or a conv channel at any position) that is never above 0 on any
+probe row is dead. Each block then carries ``relu_units`` and ``dead_share`` (dead / relu_units), and
+``parameters`` (its trainable weights, which tells the health rules which blocks have a gradient at all).
 """
 
 from __future__ import annotations
@@ -31,6 +37,17 @@ def weighted_layers(model: keras.Model) -> list[keras.layers.Layer]:
     for layer in model.layers:
         visit(layer)
     return found
+
+
+def is_relu(layer: keras.layers.Layer) -> bool:
+    """Whether ``layer`` outputs ``max(x, 0)``: ReLU units can die (never active again)."""
+    if isinstance(layer, keras.layers.ReLU):
+        return not layer.negative_slope and not layer.threshold
+    return getattr(layer, "activation", None) is keras.activations.relu
+
+
+def _parameters(layer: keras.layers.Layer) -> int:
+    return int(sum(math.prod(w.shape) for w in layer.trainable_weights))
 
 
 def _loss_value(model: keras.Model, y: Any, y_pred: Any) -> Any:
@@ -144,23 +161,42 @@ class Diagnostics:
             blocks = {layer.name: [layer.name] for layer in weighted_layers(model)}
         self.blocks = {block: [n for n in members if n in names] for block, members in blocks.items()}
         self.blocks = {block: members for block, members in self.blocks.items() if members}
+        by_name = {layer.name: layer for layer in _all_layers(model)}
+        self.parameters = {
+            block: sum(_parameters(by_name[n]) for n in members) for block, members in self.blocks.items()
+        }
+        self.relu_layers = {
+            block: [n for n in members if is_relu(by_name[n])] for block, members in self.blocks.items()
+        }
         self._extractor, self._output_of = self._build_extractor(names)
         self._gradients = gradient_function(model)
 
     def _build_extractor(self, order: list[str]) -> tuple[keras.Model | None, dict[str, int]]:
-        """A model returning each block's output: the block's last layer in the model's order."""
+        """A model returning each block's output (its last layer in the model's order) and each ReLU layer's.
+
+        ``output_of`` maps a block name, and a ReLU layer's name, to its index among the outputs.
+        """
         position = {name: i for i, name in enumerate(order)}
-        outputs, output_of = [], {}
+        outputs: list[Any] = []
+        output_of: dict[str, int] = {}
+        index_of_layer: dict[str, int] = {}
+
+        def output(name: str) -> int:
+            if name not in index_of_layer:
+                index_of_layer[name] = len(outputs)
+                outputs.append(self.model.get_layer(name).output)
+            return index_of_layer[name]
+
         try:
             inputs = self.model.inputs
             inputs = inputs[0] if len(inputs) == 1 else inputs
             for block, members in self.blocks.items():
-                last = max(members, key=lambda n: position[n])
-                output_of[block] = len(outputs)
-                outputs.append(self.model.get_layer(last).output)
+                output_of[block] = output(max(members, key=lambda n: position[n]))
+            self._relu_output = {n: output(n) for layers in self.relu_layers.values() for n in layers}
             return keras.Model(inputs, outputs), output_of
         except (AttributeError, ValueError, TypeError, KeyError) as exc:
             self.notes.append(f"block activations unavailable: {exc}")
+            self._relu_output = {}
             return None, {}
 
     def record(self, epoch: int) -> dict[str, Any]:
@@ -177,11 +213,24 @@ class Diagnostics:
         for block, members in self.blocks.items():
             entry: dict[str, float | None] = {
                 "gradient_norm": math.sqrt(sum(squares.get(n, 0.0) for n in members)),
+                "parameters": self.parameters[block],
             }
             if block in self._output_of:
                 values = activations[self._output_of[block]]
                 entry["activation_mean"] = float(values.mean())
                 entry["activation_std"] = float(values.std())
+                entry["units"] = int(values.shape[-1]) if values.ndim > 1 else 1
+            relu_outputs = [
+                activations[self._relu_output[n]] for n in self.relu_layers[block] if n in self._relu_output
+            ]
+            if relu_outputs:
+                units = dead = 0
+                for values in relu_outputs:
+                    ever_active = (values.reshape(-1, values.shape[-1]) > 0).any(axis=0)
+                    units += ever_active.size
+                    dead += int(ever_active.size - ever_active.sum())
+                entry["relu_units"] = units
+                entry["dead_share"] = dead / units if units else 0.0
             blocks[block] = entry
         return {
             "epoch": epoch,

@@ -21,6 +21,7 @@ from core.errors import Problem, SpecError
 from core.exitcodes import ExitCode
 from models.build import build_model, layer_blocks, needs_input_stats
 from models.data.reader import open_training_data
+from models.health import thresholds_from
 from worker.trainer import callbacks as cbs
 from worker.trainer.diagnostics import Diagnostics
 from worker.trainer.env import TrainingStopped
@@ -119,9 +120,18 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
         resumed_from_epoch=initial_epoch if state is not None else None,
         pid=os.getpid(),
     )
+    health = cbs.HealthMonitor(
+        emitter,
+        records,
+        family=spec.architecture.family,
+        thresholds=thresholds_from(settings),
+        stop_on=list(training.stop_on),
+    )
     if state is None:
         records.append(jsonable(diagnostics.record(0)))
         cbs.emit_diagnostics(emitter, records[-1])
+    elif records:
+        health.resume(records[-1])
     timings["ready_s"] = time.monotonic() - job.started
 
     early_stopping = _early_stopping(spec)
@@ -142,10 +152,12 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
     ]
     if early_stopping is not None:
         callbacks.append(early_stopping)
-    callbacks += [cbs.DiagnosticsRecorder(diagnostics, records, emitter), writer]
+    callbacks += [cbs.DiagnosticsRecorder(diagnostics, records, emitter), writer, health]
 
     fit_started = time.monotonic()
     try:
+        if state is None:
+            health.check(records[-1], 0)  # before the first step: what the initialisation alone shows
         stop.check()
         if initial_epoch < training.epochs and not stopped_early:
             model.fit(
