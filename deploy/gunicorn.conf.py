@@ -11,6 +11,9 @@ import os
 
 from service.gunicorn_conf import (  # noqa: F401  (gunicorn reads these names from this module)
     graceful_timeout,
+    limit_request_field_size,
+    limit_request_fields,
+    limit_request_line,
     max_requests,
     preload_app,
     timeout,
@@ -33,11 +36,3 @@ errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss "%(a)s"'
 # X-Forwarded-* are trusted only from FORWARDED_ALLOW_IPS, which gunicorn reads itself (docs/deploy.md).
-
-# Header limits: set above the app's own (service/app.py MAX_HEADER_FIELD_BYTES 8190 per field, 32 KiB in
-# all, 100 fields), so a client meets the app's JSON 431 rather than gunicorn's HTML 400/431. What still
-# gets gunicorn's own plain answer, before the app runs: a request line over 8190 bytes (gunicorn's
-# ceiling), one header field over 64 KiB, more than 1000 fields, and requests that are not HTTP at all.
-limit_request_line = 8190
-limit_request_field_size = 64 * 1024
-limit_request_fields = 1000

@@ -26,3 +26,10 @@ graceful_timeout = 30
 max_requests = 0
 # Each worker builds its own app (and DB pool) after the fork; migrations take a lock, so all may start.
 preload_app = False
+# Header limits: set above the app's own (service/app.py MAX_HEADER_FIELD_BYTES 8190 per field, 32 KiB in
+# all, 100 fields), so a client meets the app's JSON 431 rather than gunicorn's HTML 400/431. What still
+# gets gunicorn's own plain answer, before the app runs: a request line over 8190 bytes (gunicorn's
+# ceiling), one header field over 64 KiB, more than 1000 fields, and requests that are not HTTP at all.
+limit_request_line = 8190
+limit_request_field_size = 64 * 1024
+limit_request_fields = 1000

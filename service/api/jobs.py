@@ -158,7 +158,7 @@ def events(job_id: str) -> Response:
             headers={"Retry-After": str(max(1, round(svc.settings.sse_keepalive_s)))},
         )
     stream = _EventStream(
-        _event_stream(svc.db, svc.hub, job_id, after, svc.settings.sse_keepalive_s),
+        _event_stream(svc.db, svc.hub, job_id, after, svc.settings.sse_keepalive_s, server_roots(svc.settings)),
         on_close=lambda: svc.stream_slots.release(user_id, slot),
         on_keepalive=lambda: svc.stream_slots.refresh(user_id, slot),
     )
@@ -195,7 +195,9 @@ class _EventStream:
 _KEEPALIVE = ": keep-alive\n\n"
 
 
-def _event_stream(db: Database, hub: EventHub, job_id: str, after: int, keepalive_s: float) -> Iterator[str]:
+def _event_stream(
+    db: Database, hub: EventHub, job_id: str, after: int, keepalive_s: float, roots: list[str]
+) -> Iterator[str]:
     """The SSE body. Takes its parts as arguments: the generator runs after the request context is gone."""
     last = after
     yield "retry: 2000\n\n"
@@ -206,7 +208,7 @@ def _event_stream(db: Database, hub: EventHub, job_id: str, after: int, keepaliv
             batch = db.events_since(job_id, last)
             for job_event in batch:
                 last = job_event.seq
-                yield _sse(job_event)
+                yield _sse(job_event, roots)
                 if _is_terminal(job_event):
                     return
             if batch:
@@ -218,7 +220,7 @@ def _event_stream(db: Database, hub: EventHub, job_id: str, after: int, keepaliv
             if job.is_terminal:
                 # Ended without a terminal event after ours (or a resume past it): flush what is left, stop.
                 for job_event in db.events_since(job_id, last):
-                    yield _sse(job_event)
+                    yield _sse(job_event, roots)
                 return
             quiet = time.monotonic() - quiet_since
             if quiet >= keepalive_s:
@@ -228,9 +230,10 @@ def _event_stream(db: Database, hub: EventHub, job_id: str, after: int, keepaliv
             hub.wait(published, keepalive_s - quiet)
 
 
-def _sse(job_event: JobEvent) -> str:
+def _sse(job_event: JobEvent, roots: list[str]) -> str:
+    """One event as SSE; server paths in it (a trainer's detail, its artifact paths) cut to file names."""
     name = str(job_event.event.get("event", "message")).replace("\n", " ")
-    data = json.dumps(job_event.event, separators=(",", ":"))
+    data = scrub_paths(json.dumps(job_event.event, separators=(",", ":")), roots)
     return f"id: {job_event.seq}\nevent: {name}\ndata: {data}\n\n"
 
 

@@ -255,3 +255,19 @@ def test_slow_header_clients_are_cut_off_and_do_not_block_health(
         for sock in slow:
             sock.close()
 
+
+
+def test_a_stream_names_no_server_path(client: FlaskClient, tokens: Tokens, app: Any) -> None:
+    svc = app.extensions["gpuyard"]
+    db: Database = svc.db
+    alice = db.user_for_token(tokens.alice)
+    dataset, _ = db.add_dataset(alice.id, "b" * 64, 1, SUMMARY, "datasets/bb/x.h5")
+    job = db.create_job(alice.id, dataset.id, SPEC, max_active=10, max_attempts=1)
+    secret = f"{svc.settings.storage_dir}/jobs/{job.id}/checkpoint/model-0001.keras"
+    db.append_event(job.id, {"event": "failed", "reason": "internal_error", "detail": f"cannot read {secret}"})
+    db.request_cancel(job.id)  # queued: cancelled at once, the stream's terminal event
+    body = client.get(f"/v1/jobs/{job.id}/events", headers={"Authorization": f"Bearer {tokens.alice}"}).get_data(
+        as_text=True
+    )
+    assert "cannot read model-0001.keras" in body
+    assert str(svc.settings.storage_dir) not in body
