@@ -198,3 +198,42 @@ def test_huge_learning_rate_stops_the_job_early_with_stop_on(tmp_path: Path, sma
     (failed,) = run.of("failed")
     assert failed["reason"] == "unhealthy" and "training.stop_on" in failed["detail"]
     assert "Remedy:" in failed["detail"]
+
+
+def _sigmoid_like_record(epoch: int) -> dict[str, Any]:
+    blocks = {f"dense{i}": {"gradient_norm": 0.25 ** (20 - i), "parameters": 10} for i in range(1, 21)}
+    return {"epoch": epoch, "probe_loss": 2.3, "gradient_norms": {}, "blocks": {**blocks, "output": {
+        "gradient_norm": 1.0, "parameters": 10}}}  # fmt: skip
+
+
+def test_health_monitor_emits_news_restates_on_resume_and_stops_on_request() -> None:
+    import io
+
+    from core.exitcodes import ExitCode
+    from worker.trainer.callbacks import HealthMonitor
+    from worker.trainer.env import TrainingStopped
+    from worker.trainer.events import EventEmitter
+
+    def monitor(stop_on: list[str]) -> tuple[HealthMonitor, io.StringIO]:
+        stream = io.StringIO()
+        emitter = EventEmitter(stream)
+        return HealthMonitor(emitter, [], family="mlp", thresholds=HealthThresholds(), stop_on=stop_on), stream
+
+    def events(stream: io.StringIO) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+    watching, stream = monitor([])
+    watching.check(_sigmoid_like_record(0), 0)
+    watching.check(_sigmoid_like_record(1), 1)  # the same finding: no second event
+    assert [(e["event"], e["epoch"]) for e in events(stream)] == [("health", 0)]
+
+    resumed, stream = monitor([])
+    resumed.resume(_sigmoid_like_record(4))  # a new attempt's record starts empty: say it once more
+    assert [(e["epoch"], e.get("resumed")) for e in events(stream)] == [(4, True)]
+
+    stopping, stream = monitor(["vanishing_gradient"])
+    with pytest.raises(TrainingStopped) as stopped:
+        stopping.check(_sigmoid_like_record(0), 0)
+    assert stopped.value.exit_code is ExitCode.UNHEALTHY
+    assert "vanishing_gradient (training.stop_on)" in stopped.value.detail and "Remedy:" in stopped.value.detail
+    assert events(stream)[0]["event"] == "health"  # reported before the job stops

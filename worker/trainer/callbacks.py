@@ -236,8 +236,11 @@ class HealthMonitor(keras.callbacks.Callback):
         return health_events(record, family=self.family, thresholds=self.thresholds, epoch=epoch, train_loss=train_loss)
 
     def resume(self, record: dict[str, Any]) -> None:
-        """Take a resumed run's last record as already reported (its findings are not news again)."""
-        self.watch.update(self.findings(record, int(record.get("epoch", 0))))
+        """Restate a resumed run's current findings once: the new attempt's job record starts without them."""
+        epoch = int(record.get("epoch", 0))
+        findings = self.findings(record, epoch)
+        if self.watch.update(findings):
+            self.emitter.emit("health", epoch=epoch, findings=findings, resumed=True)
 
     def check(self, record: dict[str, Any], epoch: int, train_loss: Any = None) -> list[dict[str, Any]]:
         """Emit this epoch's findings when they are news; raise when one is in ``stop_on``."""
