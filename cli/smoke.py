@@ -39,7 +39,7 @@ from core.settings import get_settings
 from models.data.sandbox import check_file
 from models.data.summary import DatasetSummary
 from models.fit import spec_data_problems
-from models.size import model_size, optimizer_slots, training_memory
+from models.size import estimated_training_bytes, model_size
 from models.spec import JobSpec, parse_spec
 from worker.trainer.events import FAILED_EVENT
 
@@ -169,14 +169,7 @@ def _placement(run: SmokeRun, spec: JobSpec, summary: DatasetSummary, gpus_path:
     size = model_size(spec, list(summary.input_shape), summary.output_dim)
     if size is None:
         return run.record("budget_fits", True, "keras_json: no estimate, not checked", started)
-    need = training_memory(
-        parameters=size.parameters,
-        trainable=size.trainable,
-        slots=optimizer_slots(spec),
-        batch_size=spec.training.batch_size,
-        io_per_sample=size.io_per_sample,
-        activations_per_sample=size.activations_per_sample,
-    )["total"]
+    need = estimated_training_bytes(spec, size)
     fraction = spec.resources.memory_fraction
     candidates = {u: t for u, t in gpus.items() if wanted in ("any", u)}
     budgets = {u: int(fraction * t) for u, t in candidates.items()}

@@ -272,6 +272,18 @@ def model_size(spec: JobSpec, input_shape: list[int], output_units: int) -> Mode
     return ModelSize(tally.parameters, tally.trainable, tally.activations, io)
 
 
+def estimated_training_bytes(spec: JobSpec, size: ModelSize) -> int:
+    """Bytes one training step of ``spec``'s model (of ``size``) needs: :func:`training_memory`'s total."""
+    return training_memory(
+        parameters=size.parameters,
+        trainable=size.trainable,
+        slots=optimizer_slots(spec),
+        batch_size=spec.training.batch_size,
+        io_per_sample=size.io_per_sample,
+        activations_per_sample=size.activations_per_sample,
+    )["total"]
+
+
 # --------------------------------------------------------------------------------------------------------
 # Limits
 # --------------------------------------------------------------------------------------------------------
@@ -399,14 +411,7 @@ def size_problems(spec: JobSpec, input_shape: list[int], output_units: int, limi
             )
         )
     if size is not None:
-        memory = training_memory(
-            parameters=size.parameters,
-            trainable=size.trainable,
-            slots=optimizer_slots(spec),
-            batch_size=spec.training.batch_size,
-            io_per_sample=size.io_per_sample,
-            activations_per_sample=size.activations_per_sample,
-        )["total"]
+        memory = estimated_training_bytes(spec, size)
         if memory > limits.max_training_memory_bytes:
             problems.append(
                 _too_large(

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
+from support import free_port  # noqa: F401  (re-exported to the service tests)
 
 from service.extensions import Services
 from worker.errors import QueueUnavailable
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def services(app: Flask) -> Services:
