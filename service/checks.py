@@ -41,7 +41,7 @@ def sandbox_check_dataset(
 
 
 # Sets the address-space limit in the child, then execs the command. Not preexec_fn: that is unsafe in a
-# process with threads (gunicorn's gthread workers), where the child may deadlock before exec.
+# process with threads (the event hub's listener, the lease keepers), where the child may deadlock before exec.
 _EXEC_UNDER_RLIMIT_AS = (
     "import os, resource, sys; limit = int(sys.argv[1]); "
     "resource.setrlimit(resource.RLIMIT_AS, (limit, limit)); os.execv(sys.argv[2], sys.argv[2:])"

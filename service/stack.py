@@ -3,7 +3,7 @@
 ::
 
     gpuyard up ─┬─ redis-server   private, on a free loopback port (unless GPUYARD_REDIS_URL is set)
-                ├─ gunicorn       service.app:create_app(), gthread
+                ├─ gunicorn       service.app:create_app(), gevent workers
                 ├─ gpuyard worker --gpus all: one worker per GPU (gpu.<uuid>) and one on the CPU queue, or
                 │                 one CPU worker without GPUs (prefork; each trainer in its own process group)
                 └─ gpuyard janitor
