@@ -177,6 +177,11 @@ class Settings(DataLimits):
         description="Seconds between two job-event polls of the database in an SSE stream while Redis "
         "pub/sub is unreachable (otherwise a stream sleeps until its job publishes an event).",
     )
+    metrics_token: str = Field(
+        "",
+        description="Bearer token a Prometheus scraper on another host sends to read GET /metrics; empty: only "
+        "scrapers on this host (loopback) may read it.",
+    )
     max_streams_per_user: int = Field(
         20,
         ge=1,

@@ -12,10 +12,11 @@ from werkzeug.exceptions import HTTPException
 
 from core.errors import GpuyardError
 from core.settings import Settings, get_settings
-from service.api import datasets, gpus, health, jobs, openapi
+from service.api import datasets, gpus, health, jobs, metrics, openapi
 from service.checks import DryRunGate, sandbox_check_dataset, trainer_dry_run
 from service.errors import HeadersTooLarge, scrub_paths, server_roots, to_api_error
 from service.extensions import EXTENSION_KEY, Services, csrf, init_services
+from service.metrics import observe_requests
 from service.sessions import init_sessions
 from service.streams import EventHub, StreamSlots
 from service.ui import bp as ui_bp
@@ -68,6 +69,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     register_blueprints(app)
     register_errorhandlers(app)
     register_request_checks(app)
+    observe_requests(app)
     return app
 
 
@@ -111,7 +113,7 @@ def register_extensions(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     """One blueprint per resource, all under /v1 but the OpenAPI document; the dashboard under /ui."""
-    for module in (health, datasets, jobs, gpus, openapi):
+    for module in (health, datasets, jobs, gpus, metrics, openapi):
         app.register_blueprint(module.bp)
     app.register_blueprint(ui_bp)
     app.register_blueprint(ui_root)

@@ -221,6 +221,9 @@ class Stack:
             )
         for sub in ("logs", "storage", "redis"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        # The API processes' metrics files (prometheus-client's multiprocess mode): a fresh set per start.
+        shutil.rmtree(self.data_dir / "prometheus", ignore_errors=True)
+        (self.data_dir / "prometheus").mkdir()
         if sys.platform.startswith("linux"):
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -284,6 +287,7 @@ class Stack:
             GPUYARD_STORAGE_DIR=str(Path(self.settings.storage_dir or self.data_dir / "storage").resolve()),
             GPUYARD_REDIS_URL=self.redis_url,
             GPUYARD_WORKER_GPU=env.get("GPUYARD_WORKER_GPU", "cpu"),
+            PROMETHEUS_MULTIPROC_DIR=str(self.data_dir / "prometheus"),  # GET /metrics sums the API processes
             PYTHONUNBUFFERED="1",
         )
         return env

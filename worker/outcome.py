@@ -63,7 +63,10 @@ def classify_exit(
     if exit_code < 0:
         # A signal gpuyard did not send: an interruption, like a lost worker. Hand the job back; its next
         # attempt resumes from the checkpoint (the supervisor fails it out_of_memory when it repeats).
-        name = signal.strsignal(-exit_code) or f"signal {-exit_code}"
+        try:
+            name = signal.Signals(-exit_code).name
+        except ValueError:
+            name = f"signal {-exit_code}"
         hint = " (the kernel's OOM killer does this when the host runs out of memory)"
         return (
             None,

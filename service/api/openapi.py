@@ -225,6 +225,21 @@ def openapi_document() -> dict[str, Any]:
                 errors=("401", "404"),
             ),
         },
+        "/metrics": {
+            "get": _op(
+                "metrics",
+                "Prometheus metrics (text format): jobs by state, queue, waits, durations, GPUs, API latency; "
+                "loopback scrapers, or Bearer GPUYARD_METRICS_TOKEN",
+                {
+                    "200": {
+                        "description": "Prometheus text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+                auth=False,
+                errors=("403",),
+            )
+        },
         "/openapi.json": {
             "get": _op(
                 "openapi",

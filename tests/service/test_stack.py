@@ -29,6 +29,12 @@ def test_up_serves_then_sigint_stops_every_process(tmp_path: Path) -> None:
         assert token in stack.output()  # printed for the user
         datasets = requests.get(stack.url + "/v1/datasets", headers={"Authorization": f"Bearer {token}"}, timeout=5)
         assert datasets.status_code == 200 and datasets.json() == {"datasets": []}
+        # Prometheus metrics, the API's latency summed over its processes (multiprocess mode)
+        metrics = requests.get(stack.url + "/metrics", timeout=5)
+        assert metrics.status_code == 200 and 'gpuyard_jobs{state="queued"} 0.0' in metrics.text
+        assert 'gpuyard_http_request_duration_seconds_count{method="GET",route="/v1/datasets",status="200"} 1.0' in (
+            metrics.text
+        )
 
         tree = stack.descendants()
         names = " ".join(" ".join(p.cmdline()) for p in tree)

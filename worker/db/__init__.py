@@ -19,7 +19,7 @@ The refusals (``JobDBError`` and its kin) live in ``worker/errors.py``.
 
 from __future__ import annotations
 
-from worker.db.database import Database, DispatchTxn, JanitorReport, JobPage
+from worker.db.database import Database, DispatchTxn, JanitorReport, JobPage, MetricsSnapshot
 from worker.db.engine import make_engine
 from worker.db.migrations import LATEST_VERSION, MIGRATIONS
 from worker.db.tables import Dataset, Gpu, Job, JobEvent, SchemaVersion, User, hash_token, new_id, utcnow
@@ -48,6 +48,7 @@ __all__ = [
     "JobDBError",
     "JobEvent",
     "JobPage",
+    "MetricsSnapshot",
     "SchemaError",
     "SchemaVersion",
     "UnknownDataset",
