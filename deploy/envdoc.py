@@ -35,7 +35,8 @@ COMPOSE_VARIABLES: tuple[tuple[str, str, str], ...] = (
         "this host's private address here (docs/deploy.md).",
     ),
     ("WEB_CONCURRENCY", "2", "gunicorn worker processes of the API (deploy/gunicorn.conf.py)."),
-    ("GUNICORN_THREADS", "16", "Threads per gunicorn worker; each live SSE stream holds one."),
+    ("GUNICORN_WORKER_CONNECTIONS", "2000", "Connections (requests and open event streams) per gunicorn worker."),
+    ("GRAFANA_ADMIN_PASSWORD", "change-me", "Grafana's admin password (docker compose --profile monitoring)."),
 )
 
 

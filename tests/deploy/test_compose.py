@@ -11,6 +11,7 @@ from typing import Any
 import click
 import jsonschema
 import pytest
+import yaml
 from click.testing import CliRunner
 from deploy_helpers import (
     COMPOSE_FILE,
@@ -58,7 +59,9 @@ def test_anchors_and_extension_fields_instead_of_copies() -> None:
 def test_the_services() -> None:
     assert {"redis", "postgres", "api", "janitor", "worker-gpu0", "worker-gpu1", "worker-cpu"} <= set(SERVICES)
     assert SERVICES["worker-cpu"]["profiles"] == ["cpu"]
-    assert all("profiles" not in SERVICES[name] for name in SERVICES if name != "worker-cpu")
+    assert SERVICES["prometheus"]["profiles"] == SERVICES["grafana"]["profiles"] == ["monitoring"]
+    optional = {"worker-cpu", "prometheus", "grafana"}
+    assert all("profiles" not in SERVICES[name] for name in SERVICES if name not in optional)
 
 
 def test_broker_persists_and_postgres_keeps_its_data() -> None:
@@ -74,9 +77,22 @@ def test_broker_persists_and_postgres_keeps_its_data() -> None:
 
 
 def test_third_party_images_are_pinned() -> None:
-    for name in ("redis", "postgres"):
+    for name in ("redis", "postgres", "prometheus", "grafana"):
         image = SERVICES[name]["image"]
-        assert re.fullmatch(r"[a-z0-9/._-]+:[0-9]+\.[0-9]+[A-Za-z0-9._-]*", image), f"{name}: {image!r} not pinned"
+        assert re.fullmatch(r"[a-z0-9/._-]+:v?[0-9]+\.[0-9]+[A-Za-z0-9._-]*", image), f"{name}: {image!r} not pinned"
+
+
+def test_prometheus_scrapes_the_api_on_loopback_and_grafana_reads_it() -> None:
+    prometheus = SERVICES["prometheus"]
+    assert prometheus["network_mode"] == "service:api"  # loopback: GET /metrics needs no token there
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["127.0.0.1:8000"]
+    sources = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert sources["datasources"][0]["url"] == "http://api:9090"
+    for volume in prometheus["volumes"] + SERVICES["grafana"]["volumes"]:
+        source = volume.split(":")[0]
+        assert source in COMPOSE["volumes"] or (ROOT / source).exists(), volume
 
 
 def test_each_gpu_worker_pins_a_different_device() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -91,3 +94,15 @@ def test_other_hosts_need_the_metrics_token(app: Flask, settings: Settings) -> N
     services(app).settings = settings.model_copy(update={"metrics_token": "s3cret"})
     assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}, **far).status_code == 200
     assert client.get("/metrics", headers={"Authorization": "Bearer nope"}, **far).status_code == 403
+
+
+def test_the_grafana_dashboard_plots_only_series_gpuyard_exports(client: FlaskClient) -> None:
+    """Every gpuyard_* name in deploy/grafana/gpuyard.json is a series GET /metrics exposes."""
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "gpuyard.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"gpuyard_[a-z_]+", target["expr"])}  # fmt: skip
+    exported = {name for name, _labels in samples(client)}
+    text = client.get("/metrics").get_data(as_text=True)
+    exported |= {family.name for family in text_string_to_metric_families(text)}
+    used = {re.sub(r"_(bucket|count|sum)$", "", name) for name in used}  # a histogram's series, by family
+    assert used and used <= exported, sorted(used - exported)
