@@ -86,15 +86,19 @@ class EventHub:
         warned = False
         while not self._closing.is_set():
             client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, health_check_interval=30)
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub = client.pubsub()
             try:
                 pubsub.psubscribe(EVENTS_PATTERN)
+                # Live only once Redis confirmed the subscription: an event published after that wakes us.
+                confirmed = pubsub.get_message(timeout=5.0)
+                if not confirmed or confirmed.get("type") != "psubscribe":
+                    raise redis.ConnectionError(f"no confirmation of the subscription ({confirmed!r})")
+                self._wake_all()  # events published while we were not listening; before streams rely on us
                 self.live.set()
                 warned = False
-                self._wake_all()  # events published while we were not listening
                 while not self._closing.is_set():
                     message = pubsub.get_message(timeout=1.0)
-                    if message is not None:
+                    if message is not None and message.get("type") == "pmessage":
                         self._wake(job_of_channel(message["channel"]))
             except (redis.RedisError, OSError) as exc:
                 if not warned:
