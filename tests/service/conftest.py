@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from api_helpers import FakeDryRun, FakeQueue, Tokens, free_port, services
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
+from werkzeug.serving import make_server
 
 from core.settings import Settings
 from service.app import create_app
+from service.client import Client
 
 
 @pytest.fixture
@@ -37,13 +41,20 @@ def dry_run() -> FakeDryRun:
 
 
 @pytest.fixture
-def app(settings: Settings, queue: FakeQueue, dry_run: FakeDryRun) -> Iterator[Flask]:
+def beats() -> dict[str, dict[str, Any]]:
+    """The workers' live heartbeats by GPU uuid (what Redis would hold); a test edits it."""
+    return {}
+
+
+@pytest.fixture
+def app(settings: Settings, queue: FakeQueue, dry_run: FakeDryRun, beats: dict[str, dict[str, Any]]) -> Iterator[Flask]:
     app = create_app(
         {
             "TESTING": True,
             "GPUYARD_SETTINGS": settings,
             "GPUYARD_JOB_QUEUE": queue,
             "GPUYARD_DRY_RUNNER": dry_run,
+            "GPUYARD_GPU_HEARTBEATS": lambda uuids: {u: beats[u] for u in uuids if u in beats},
         }
     )
     yield app
@@ -70,3 +81,20 @@ def tokens(app: Flask) -> Tokens:
     )
 
 
+
+
+@pytest.fixture
+def server_url(app: Flask) -> Iterator[str]:
+    """The app served over HTTP on a free loopback port (werkzeug, threaded), for the Python client."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(5)
+
+
+@pytest.fixture
+def alice(server_url: str, tokens: Tokens) -> Iterator[Client]:
+    with Client(server_url, tokens.alice, timeout_s=10) as client:
+        yield client

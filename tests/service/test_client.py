@@ -20,28 +20,11 @@ import pytest
 from api_helpers import GOOD_SPEC, Tokens, free_port, services
 from click.testing import CliRunner
 from flask import Flask
-from werkzeug.serving import make_server
 
 from cli.main import main
 from core.names import TRAINER_LOG as JOB_LOG_NAME
 from core.settings import get_settings
 from service.client import Client, ClientError, SseParser
-
-
-@pytest.fixture
-def server_url(app: Flask) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(5)
-
-
-@pytest.fixture
-def alice(server_url: str, tokens: Tokens) -> Iterator[Client]:
-    with Client(server_url, tokens.alice, timeout_s=10) as client:
-        yield client
 
 
 @pytest.fixture

@@ -3,17 +3,15 @@ drain/undrain/clear, 422 for a job no GPU could ever hold, a waiting job's queue
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from api_helpers import FakeDryRun, FakeQueue, Tokens, assert_error_body, bearer, free_port, upload
+from api_helpers import FakeQueue, Tokens, assert_error_body, bearer, free_port, upload
 from flask import Flask
 from flask.testing import FlaskClient
 
 from core.settings import Settings
-from service.app import create_app
 from worker.db import Database
 from worker.gpus import GiB, fake_uuid
 
@@ -32,27 +30,6 @@ def settings(tmp_path: Path) -> Settings:
         fake_gpus="2x16GiB",
         gpu_reserve_fraction=0.1,
     )
-
-
-@pytest.fixture
-def beats() -> dict[str, dict[str, Any]]:
-    """The workers' live heartbeats by GPU uuid (what Redis would hold); a test edits it."""
-    return {}
-
-
-@pytest.fixture
-def app(settings: Settings, queue: FakeQueue, dry_run: FakeDryRun, beats: dict[str, dict[str, Any]]) -> Iterator[Flask]:
-    app = create_app(
-        {
-            "TESTING": True,
-            "GPUYARD_SETTINGS": settings,
-            "GPUYARD_JOB_QUEUE": queue,
-            "GPUYARD_DRY_RUNNER": dry_run,
-            "GPUYARD_GPU_HEARTBEATS": lambda uuids: {u: beats[u] for u in uuids if u in beats},
-        }
-    )
-    yield app
-    app.extensions["gpuyard"].db.dispose()
 
 
 def _db(app: Flask) -> Database:

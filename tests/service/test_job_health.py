@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from api_helpers import GOOD_SPEC, Tokens, services
 from click.testing import CliRunner
 from flask import Flask
-from werkzeug.serving import make_server
 
 from cli.main import main
 from models.health import health_events
 from service.client import Client
 from worker.relay import progress_of as _progress_of
-
-
-@pytest.fixture
-def server_url(app: Flask) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(5)
-
-
-@pytest.fixture
-def alice(server_url: str, tokens: Tokens) -> Iterator[Client]:
-    with Client(server_url, tokens.alice, timeout_s=10) as client:
-        yield client
 
 
 def vanishing_findings() -> list[dict[str, Any]]:

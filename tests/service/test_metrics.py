@@ -7,14 +7,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
 from api_helpers import Tokens, services
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.settings import Settings
-from service.app import create_app
 from worker.db import Database
 from worker.gpus import fake_uuid
 
@@ -56,28 +54,13 @@ def test_jobs_queue_and_durations_follow_the_job_db(client: FlaskClient, tokens:
                for name, labels in done)  # fmt: skip
 
 
-@pytest.fixture
-def gpu_app(settings: Settings, queue: Any, dry_run: Any) -> Any:
-    beat = {"memory_total_bytes": 16 * 2**30, "memory_used_bytes": 3 * 2**30, "utilization_percent": 40,
-            "host": "box", "slots": 4, "time": 0.0}  # fmt: skip
-    app = create_app(
-        {
-            "TESTING": True,
-            "GPUYARD_SETTINGS": settings,
-            "GPUYARD_JOB_QUEUE": queue,
-            "GPUYARD_DRY_RUNNER": dry_run,
-            "GPUYARD_GPU_HEARTBEATS": lambda uuids: {u: beat for u in uuids if u == fake_uuid(0)},
-        }
-    )
+def test_per_gpu_series_from_the_heartbeats(app: Flask, beats: dict[str, dict[str, Any]]) -> None:
+    beats[fake_uuid(0)] = {"memory_total_bytes": 16 * 2**30, "memory_used_bytes": 3 * 2**30,
+                           "utilization_percent": 40, "host": "box", "slots": 4, "time": 0.0}  # fmt: skip
     db = services(app).db
     for index in (0, 1):
         db.register_gpu(fake_uuid(index), host="box", index=index, name="Fake", memory_total_bytes=16 * 2**30)
-    yield app
-    db.dispose()
-
-
-def test_per_gpu_series_from_the_heartbeats(gpu_app: Flask) -> None:
-    found = samples(gpu_app.test_client())
+    found = samples(app.test_client())
     online = {"uuid": fake_uuid(0), "index": "0", "host": "box"}
     offline = {"uuid": fake_uuid(1), "index": "1", "host": "box"}
     key = lambda name, labels: (name, tuple(sorted(labels.items())))  # noqa: E731

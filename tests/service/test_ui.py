@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from api_helpers import GOOD_SPEC, FakeDryRun, FakeQueue, Tokens, bearer, free_port, upload
+from api_helpers import GOOD_SPEC, FakeQueue, Tokens, bearer, free_port, upload
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -23,26 +22,6 @@ from worker.db import Database
 from worker.gpus import GiB, fake_uuid
 
 GPU0 = fake_uuid(0)
-
-
-@pytest.fixture
-def beats() -> dict[str, dict[str, Any]]:
-    return {}
-
-
-@pytest.fixture
-def app(settings: Settings, queue: FakeQueue, dry_run: FakeDryRun, beats: dict[str, dict[str, Any]]) -> Iterator[Flask]:
-    app = create_app(
-        {
-            "TESTING": True,
-            "GPUYARD_SETTINGS": settings,
-            "GPUYARD_JOB_QUEUE": queue,
-            "GPUYARD_DRY_RUNNER": dry_run,
-            "GPUYARD_GPU_HEARTBEATS": lambda uuids: {u: beats[u] for u in uuids if u in beats},
-        }
-    )
-    yield app
-    app.extensions["gpuyard"].db.dispose()
 
 
 def _db(app: Flask) -> Database:
