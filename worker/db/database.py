@@ -321,11 +321,6 @@ class Database:
         if self.is_postgres:
             s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": int(sha256[:15], 16)})
 
-    def storage_key_in_use(self, storage_key: str) -> bool:
-        """Whether any data set row (any owner) still points at this stored file."""
-        with self._begin() as s:
-            return s.scalar(select(exists().where(Dataset.storage_key == storage_key))) or False
-
     # ── jobs ──
     def create_job(
         self,
