@@ -287,6 +287,30 @@ class Settings(DataLimits):
         gt=0,
         description="The most GPU (sum of memory_fraction over running and dispatched jobs) one user holds.",
     )
+    fair_share_half_life_s: float = Field(
+        7200.0,
+        gt=0,
+        description="Fair sharing: a user's past GPU usage (memory fraction x seconds) counts half as much after "
+        "this many seconds when ordering the queue.",
+    )
+    queue_aging_s: float = Field(
+        14400.0,
+        gt=0,
+        description="Fair sharing: a waiting job's priority rises by one for every this many seconds it has "
+        "waited, so nothing starves.",
+    )
+    queue_default_job_s: float = Field(
+        600.0,
+        gt=0,
+        description="Start estimates: the duration assumed for a job when no earlier job of its kind, its owner "
+        "or anyone has finished yet.",
+    )
+    memory_margin: float = Field(
+        1.25,
+        ge=1.0,
+        description="Automatic budgets: memory_fraction 'auto' and suggested_memory_fraction are the expected "
+        "(or measured) peak times this, as a fraction of the GPU.",
+    )
     dispatch_stale_s: float = Field(
         120.0,
         gt=0,

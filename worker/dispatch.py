@@ -11,11 +11,18 @@ The rule (``plan_dispatch``, a pure function) for a GPU job of memory fraction `
 
 Among the GPUs that fit: best fit, the one left with the least free fraction (then memory, then index).
 
-Order and fairness: strict FIFO within a priority, higher priorities first. A job that fits nowhere
-waits at the head of its GPUs: every GPU it could use is closed to later jobs in this pass, so a stream
-of small jobs never starves a big one. Later jobs may still start on GPUs the blocked job cannot use
-(another uuid, a drained GPU). A job held back only by its owner's cap blocks nobody. A waiting job's
-place (``queue_position``) and the reason (``dispatch_note``) are shown by GET /v1/jobs/<id>.
+* the job's ``resources.backend`` is one the GPU's worker reported it can run (heartbeat ``backends``).
+
+Order and fairness: :func:`worker.fairshare.fair_order` (priority raised by waiting, then each user's
+share of the GPUs held now and lately, then FIFO). A job that fits nowhere waits at the head of its GPUs:
+every GPU it could use is closed to later jobs in this pass, so a stream of small jobs never starves a big
+one. Later jobs may still start on GPUs the blocked job cannot use (another uuid, a drained GPU). A job
+held back only by its owner's cap blocks nobody.
+
+The queue explains itself: each pass stores on every waiting job its ``queue_position``, a
+``waiting_reason`` code (:data:`WAITING_REASONS`) with a sentence (``dispatch_note``), and
+``estimated_start_at`` from :func:`forecast_starts`, a replay of this same rule over the running jobs'
+expected ends and the durations of the jobs ahead; a change is recorded as a ``queue`` event.
 
 CPU jobs (``resources.gpu: cpu``, or any job when no GPU was ever registered) go to ``train_queue`` at once.
 
@@ -27,12 +34,14 @@ supervisor) and every janitor pass.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
 import socket
+import statistics
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +49,10 @@ import redis
 
 from core.errors import Problem
 from core.settings import Settings
+from core.states import QUEUED, SUCCEEDED
 from models.spec import resources_of
-from worker.db import Database, Gpu, Job, utcnow
+from worker.db import Database, DispatchTxn, Gpu, Job, utcnow
+from worker.fairshare import FairPolicy, UsageSpan, decayed_usage, fair_order
 from worker.gpus import budget_bytes, context_allowance_bytes
 from worker.queues import Sender, cpu_queue, gpu_queue
 
@@ -50,6 +61,25 @@ log = logging.getLogger(__name__)
 HEARTBEAT_PREFIX = "gpuyard:gpu:"
 _EPS = 1e-9
 
+# Why a job waits (``waiting_reason``); each comes with a sentence (``dispatch_note``) naming the numbers.
+GPU_FULL = "gpu_full"
+BEHIND_EARLIER_JOB = "behind_earlier_job"
+USER_FRACTION_CAP = "user_fraction_cap"
+GPU_DRAINING = "gpu_draining"
+GPU_OFFLINE = "gpu_offline"
+UNKNOWN_GPU = "unknown_gpu"
+NO_WORKER_FOR_BACKEND = "no_worker_for_backend"
+QUEUE_UNREACHABLE = "queue_unreachable"
+WAITING_REASONS: dict[str, str] = {
+    GPU_FULL: "every GPU it may use is online but has no room (memory fraction, free memory or slots) now",
+    BEHIND_EARLIER_JOB: "an earlier job waits for the same GPUs and is not overtaken there",
+    USER_FRACTION_CAP: "its owner's running jobs already hold max_gpu_fraction_per_user",
+    GPU_DRAINING: "the GPUs it may use are draining or quarantined",
+    GPU_OFFLINE: "the GPUs it may use have no live worker",
+    UNKNOWN_GPU: "the GPU it names is not registered by any worker",
+    NO_WORKER_FOR_BACKEND: "no online worker can run its resources.backend",
+    QUEUE_UNREACHABLE: "its task could not be sent to the job queue; the next pass tries again",
+}
 
 
 def heartbeat_key(gpu_uuid: str) -> str:
@@ -77,7 +107,11 @@ class GpuView:
     gpuyard_bytes: int = 0
     processes: list[dict[str, Any]] = field(default_factory=list)
     heartbeat_at: float | None = None
+    backends: tuple[str, ...] | None = None  # what its worker can run; None: not reported (any)
     row: Gpu | None = None
+
+    def runs(self, backend: str) -> bool:
+        return self.backends is None or backend in self.backends
 
     @property
     def placeable(self) -> bool:
@@ -114,6 +148,8 @@ class GpuView:
             view.gpuyard_bytes = int(heartbeat.get("gpuyard_bytes") or 0)
             view.processes = list(heartbeat.get("processes") or [])
             view.heartbeat_at = heartbeat.get("time")
+            reported = heartbeat.get("backends")
+            view.backends = tuple(reported) if isinstance(reported, list) else None
         return view
 
 
@@ -126,11 +162,23 @@ class Ticket:
     fraction: float
     request: str  # "any" | "cpu" | a GPU UUID
     gpu: str | None = None  # where it runs or was dispatched (active jobs)
+    backend: str = "tensorflow"
+    priority: int = 0
+    queued_at: dt.datetime = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
     @classmethod
     def of(cls, job: Job) -> Ticket:
         resources = resources_of(job.spec)
-        return cls(job.id, job.owner_id, resources.memory_fraction, resources.gpu, job.gpu)
+        return cls(
+            job.id,
+            job.owner_id,
+            resources.memory_fraction,
+            resources.gpu,
+            job.gpu,
+            resources.backend,
+            job.priority,
+            job.queued_at,
+        )
 
 
 # ── the rule ──────────────────────────────────────────────────────────────────────────────────────────
@@ -144,7 +192,11 @@ class Placement:
 @dataclass
 class Plan:
     placements: list[Placement] = field(default_factory=list)
-    notes: dict[str, str] = field(default_factory=dict)  # job id → why it waits
+    notes: dict[str, str] = field(default_factory=dict)  # job id → why it waits, a sentence
+    reasons: dict[str, str] = field(default_factory=dict)  # job id → why it waits, a WAITING_REASONS code
+
+    def wait(self, job_id: str, reason: str, note: str) -> None:
+        self.reasons[job_id], self.notes[job_id] = reason, note
 
 
 @dataclass
@@ -184,16 +236,18 @@ def plan_dispatch(
             plan.placements.append(Placement(ticket.id, "cpu", cpu_queue))
             continue
         if ticket.request != "any" and ticket.request not in by_uuid:
-            plan.notes[ticket.id] = f"waiting: GPU {ticket.request} is not registered by any worker"
+            plan.wait(ticket.id, UNKNOWN_GPU, f"waiting: GPU {ticket.request} is not registered by any worker")
             continue
         if user_share[ticket.owner_id] + ticket.fraction > user_cap + _EPS:
-            plan.notes[ticket.id] = (
+            plan.wait(
+                ticket.id,
+                USER_FRACTION_CAP,
                 f"waiting: your running jobs hold {user_share[ticket.owner_id]:.2f} GPU; the limit per user "
-                f"is {user_cap:g} (max_gpu_fraction_per_user)"
+                f"is {user_cap:g} (max_gpu_fraction_per_user)",
             )
             continue
         wanted = [g for g in gpus if ticket.request in ("any", g.uuid)]
-        candidates = [g for g in wanted if g.placeable]
+        candidates = [g for g in wanted if g.placeable and g.runs(ticket.backend)]
         fitting = [g for g in candidates if g.uuid not in closed and _fits(g, load[g.uuid], ticket, reserve, allowance)]
         if fitting:
             best = min(fitting, key=lambda g: _leftover(g, load[g.uuid], ticket, reserve, allowance))
@@ -204,8 +258,8 @@ def plan_dispatch(
             user_share[ticket.owner_id] += ticket.fraction
             plan.placements.append(Placement(ticket.id, best.uuid, gpu_queue(best.uuid)))
             continue
-        plan.notes[ticket.id] = _why_waiting(ticket, wanted, candidates, closed, load, reserve, allowance)
-        closed.update(g.uuid for g in candidates)  # strict FIFO: no later job overtakes it on these GPUs
+        plan.wait(ticket.id, *_why_waiting(ticket, wanted, candidates, closed, load, reserve, allowance))
+        closed.update(g.uuid for g in candidates)  # no later job overtakes it on these GPUs
     return plan
 
 
@@ -238,12 +292,20 @@ def _why_waiting(
     load: dict[str, _Load],
     reserve: float,
     allowance: int,
-) -> str:
+) -> tuple[str, str]:
     if not candidates:
         states = ", ".join(f"{g.index}:{g.state}" for g in wanted) or "none registered"
-        return f"waiting: no GPU can take new jobs ({states})"
+        if any(g.placeable for g in wanted):
+            able = sorted({b for g in wanted if g.placeable for b in (g.backends or ())})
+            return NO_WORKER_FOR_BACKEND, (
+                f"waiting: no online worker runs backend {ticket.backend!r} (online workers run: "
+                f"{', '.join(able) or 'none'})"
+            )
+        if any(g.online and (g.draining or g.quarantined) for g in wanted):
+            return GPU_DRAINING, f"waiting: no GPU can take new jobs ({states})"
+        return GPU_OFFLINE, f"waiting: no GPU can take new jobs ({states})"
     if all(g.uuid in closed for g in candidates):
-        return "waiting: behind an earlier job that is waiting for the same GPUs (FIFO)"
+        return BEHIND_EARLIER_JOB, "waiting: behind an earlier job that is waiting for the same GPUs"
     parts = []
     for g in candidates:
         entry = load[g.uuid]
@@ -258,7 +320,7 @@ def _why_waiting(
             parts.append(
                 f"GPU {g.index}: {max(0, _free_memory(g, entry)) / 2**30:.1f} GiB free of {need / 2**30:.1f} needed"
             )
-    return f"waiting for room (memory_fraction {ticket.fraction:g}): " + "; ".join(parts)
+    return GPU_FULL, f"waiting for room (memory_fraction {ticket.fraction:g}): " + "; ".join(parts)
 
 
 # ── refusing what can never run ───────────────────────────────────────────────────────────────────────
@@ -349,12 +411,209 @@ def gpu_views(db: Database, heartbeats: HeartbeatSource) -> list[GpuView]:
     return [GpuView.of(row, beats.get(row.uuid)) for row in rows]
 
 
+# ── forecasting ───────────────────────────────────────────────────────────────────────────────────────
+@dataclass(frozen=True)
+class Holding:
+    """An active job in a forecast: where it holds room and when it is expected to end."""
+
+    ticket: Ticket
+    end: dt.datetime
+
+
+def forecast_starts(
+    order: Sequence[Ticket],
+    holding: Iterable[Holding],
+    gpus: Sequence[GpuView],
+    *,
+    now: dt.datetime,
+    duration_s: Callable[[Ticket], float],
+    **rule: Any,
+) -> dict[str, dt.datetime | None]:
+    """When each waiting job of ``order`` would start: :func:`plan_dispatch` replayed at every expected end.
+
+    The running jobs end at their ``end``; a job placed at time ``t`` ends at ``t + duration_s(job)``.
+    The order is kept as given (the order of ``now``) and GPUs keep their current state (an offline GPU
+    stays offline), so a job that only such a GPU could run gets None. Each step looks at the first
+    ``max(64, 4 × slots)`` jobs of the line only.
+
+    Args:
+        order: the waiting jobs in dispatch order.
+        holding: the active jobs with their expected ends.
+        gpus: the GPUs as they are now.
+        now: the time of the forecast.
+        duration_s: the expected run time of a job not started yet.
+        rule: ``plan_dispatch``'s keyword arguments.
+    """
+    # Memory gpuyard's own jobs hold now is read from NVML; in the future only the budgets count.
+    board = [dataclasses.replace(g, gpuyard_bytes=0) for g in gpus]
+    active = [h if h.end > now else Holding(h.ticket, now) for h in holding]
+    remaining = list(order)
+    starts: dict[str, dt.datetime | None] = {}
+    clock = now
+    # Only the head of the line can start at the next end: at most every slot frees, and a job that waits
+    # closes its GPUs to the jobs behind it; looking at a window keeps a long queue's forecast linear.
+    window = max(64, 4 * sum(g.slots or 4 for g in board))
+    while remaining:
+        plan = plan_dispatch(remaining[:window], [h.ticket for h in active], board, **rule)
+        placed = {p.job_id: p.gpu for p in plan.placements}
+        for ticket in remaining:
+            if ticket.id in placed:
+                starts[ticket.id] = clock
+                end = clock + dt.timedelta(seconds=duration_s(ticket))
+                active.append(Holding(dataclasses.replace(ticket, gpu=placed[ticket.id]), end))
+        remaining = [t for t in remaining if t.id not in placed]
+        if not remaining or not active:
+            break
+        clock = max(clock, min(h.end for h in active))
+        active = [h for h in active if h.end > clock]
+    starts.update({t.id: None for t in remaining})
+    return starts
+
+
+def job_kind(job: Job) -> tuple[int, str | None, str, int]:
+    """What makes two jobs alike in run time: owner, data set, architecture family and epochs."""
+    spec = job.spec or {}
+    arch = spec.get("architecture") or {}
+    epochs = (spec.get("training") or {}).get("epochs") or 0
+    return (job.owner_id, job.dataset_id, str(arch.get("type")), int(epochs))
+
+
+class Durations:
+    """Expected run times from the jobs that succeeded lately: the median of the same :func:`job_kind`,
+    else of the same owner, else of everyone, else ``default_s``."""
+
+    def __init__(self, finished: Iterable[Job], default_s: float) -> None:
+        self.default_s = default_s
+        self._kind: dict[tuple[int, str | None, str, int], list[float]] = defaultdict(list)
+        self._owner: dict[int, list[float]] = defaultdict(list)
+        self._all: list[float] = []
+        for job in finished:
+            if job.state != SUCCEEDED or job.started_at is None or job.finished_at is None:
+                continue
+            seconds = (job.finished_at - job.started_at).total_seconds()
+            self._kind[job_kind(job)].append(seconds)
+            self._owner[job.owner_id].append(seconds)
+            self._all.append(seconds)
+
+    def of(self, job: Job) -> float:
+        for sample in (self._kind.get(job_kind(job)), self._owner.get(job.owner_id), self._all):
+            if sample:
+                return max(1.0, statistics.median(sample))
+        limit = resources_of(job.spec).max_runtime_s
+        return float(min(self.default_s, limit) if limit else self.default_s)
+
+    def remaining(self, job: Job, now: dt.datetime) -> float:
+        """Seconds until an active job ends: the trainer's ETA while it trains, else expected − elapsed."""
+        progress = job.last_progress or {}
+        eta = progress.get("eta_s")
+        if job.state != QUEUED and isinstance(eta, int | float) and eta >= 0:
+            return float(eta)
+        expected = self.of(job)
+        if job.state == QUEUED or job.started_at is None:
+            return expected
+        elapsed = (now - job.started_at).total_seconds()
+        return max(expected - elapsed, 0.1 * expected)
+
+
+def _usage_spans(finished: Iterable[Job], active: Iterable[Job]) -> Iterator[UsageSpan]:
+    for job in (*finished, *active):
+        if job.gpu in (None, "cpu") or job.started_at is None or job.state == QUEUED:
+            continue
+        yield UsageSpan(job.owner_id, resources_of(job.spec).memory_fraction, job.started_at, job.finished_at)
+
+
 # ── doing it ──────────────────────────────────────────────────────────────────────────────────────────
 @dataclass
 class DispatchReport:
     sent: list[Placement] = field(default_factory=list)
     failed: list[tuple[Placement, Exception]] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)
+    starts: dict[str, dt.datetime | None] = field(default_factory=dict)  # waiting job → estimated start
+
+
+@dataclass
+class QueuePass:
+    """One pass's decisions (:func:`decide_queue`): where jobs go now, and where the rest stand."""
+
+    order: list[Ticket]
+    plan: Plan
+    starts: dict[str, dt.datetime | None]
+    durations: Durations
+
+
+def decide_queue(
+    txn: DispatchTxn,
+    settings: Settings,
+    gpus: Sequence[GpuView],
+    now: dt.datetime,
+    *,
+    extra: Job | None = None,
+) -> QueuePass:
+    """Order the waiting jobs (fair share), place what fits, and forecast the others' starts.
+
+    Args:
+        extra: a job not in the database, considered as if it had been submitted at ``now`` (a dry run).
+    """
+    policy = FairPolicy(settings.fair_share_half_life_s, settings.queue_aging_s)
+    waiting = txn.waiting() + ([extra] if extra is not None else [])
+    placed = txn.placed()
+    finished = txn.finished_since(now - dt.timedelta(seconds=5 * policy.half_life_s))
+    by_id = {j.id: j for j in waiting}
+    active = [Ticket.of(j) for j in placed]
+    held: dict[int, float] = defaultdict(float)
+    for ticket in active:
+        if ticket.gpu not in (None, "cpu"):
+            held[ticket.owner_id] += ticket.fraction
+    usage = decayed_usage(_usage_spans(finished, placed), now, policy.half_life_s)
+    order = fair_order([Ticket.of(j) for j in waiting], held=held, usage=usage, now=now, policy=policy)
+    rule: dict[str, Any] = {
+        "cpu_queue": cpu_queue(settings),
+        "reserve": settings.gpu_reserve_fraction,
+        "allowance": context_allowance_bytes(settings),
+        "user_cap": settings.max_gpu_fraction_per_user,
+    }
+    plan = plan_dispatch(order, active, gpus, **rule)
+    durations = Durations(finished, settings.queue_default_job_s)
+    going = {p.job_id: p.gpu for p in plan.placements}
+    holding = [Holding(Ticket.of(j), now + dt.timedelta(seconds=durations.remaining(j, now))) for j in placed]
+    holding += [
+        Holding(dataclasses.replace(t, gpu=going[t.id]), now + dt.timedelta(seconds=durations.of(by_id[t.id])))
+        for t in order
+        if t.id in going
+    ]
+    starts = forecast_starts(
+        [t for t in order if t.id in plan.notes],
+        holding,
+        gpus,
+        now=now,
+        duration_s=lambda t: durations.of(by_id[t.id]),
+        **rule,
+    )
+    return QueuePass(order, plan, starts, durations)
+
+
+def _material(job: Job, position: int, reason: str, start: dt.datetime | None, now: dt.datetime) -> bool:
+    """Whether a waiting job's standing changed enough to record: place, reason, or an estimate that moved
+    by more than a minute and a fifth of the wait."""
+    if (job.queue_position, job.waiting_reason) != (position, reason):
+        return True
+    before = job.estimated_start_at
+    if (before is None) != (start is None):
+        return True
+    if before is None or start is None:
+        return False
+    return abs((start - before).total_seconds()) > max(60.0, 0.2 * (start - now).total_seconds())
+
+
+def queue_event(position: int, reason: str, note: str, start: dt.datetime | None) -> dict[str, Any]:
+    """The ``queue`` event a waiting job records when its standing changes."""
+    return {
+        "event": "queue",
+        "queue_position": position,
+        "waiting_reason": reason,
+        "detail": note,
+        "estimated_start_at": start.isoformat() if start else None,
+    }
 
 
 def dispatch(
@@ -365,39 +624,63 @@ def dispatch(
     *,
     holder: str | None = None,
     now: dt.datetime | None = None,
+    wake: Callable[[str], None] | None = None,
 ) -> DispatchReport:
-    """One dispatch pass: under the lock, place what fits and mark it; then send each task.
+    """One dispatch pass: under the lock, place what fits and mark it, and store where every other waiting
+    job stands; then send each task.
 
     A send that fails takes its mark back (the job stays queued for the next pass) and is reported in
     ``failed``; the caller decides what that means (the API answers 503 for the job just submitted).
+
+    Args:
+        wake: called with the id of each job that recorded a ``queue`` event (publishes the wake-up that
+            its event streams wait for).
     """
     now = now or utcnow()
     holder = holder or f"{socket.gethostname()}"
+    recorded: list[str] = []
     with db.dispatch_lock(holder, now) as txn:
-        queued_jobs = txn.waiting()
+        queued_jobs = {j.id: j for j in txn.waiting()}
         if not queued_jobs:
             return DispatchReport()
-        plan = plan_dispatch(
-            [Ticket.of(j) for j in queued_jobs],
-            [Ticket.of(j) for j in txn.placed()],
-            gpus,
-            cpu_queue=cpu_queue(settings),
-            reserve=settings.gpu_reserve_fraction,
-            allowance=context_allowance_bytes(settings),
-            user_cap=settings.max_gpu_fraction_per_user,
-        )
+        decided = decide_queue(txn, settings, gpus, now)
+        plan = decided.plan
         marked = [p for p in plan.placements if txn.mark_dispatched(p.job_id, p.gpu, now)]
-        notes_now = {j.id: j.dispatch_note for j in queued_jobs}
-        for job_id, note in plan.notes.items():
-            if notes_now.get(job_id) != note:
-                txn.set_note(job_id, note)
-    report = DispatchReport(waiting=plan.notes)
+        position = 0
+        for ticket in decided.order:
+            if ticket.id not in plan.notes:
+                continue
+            position += 1
+            job, reason, note = queued_jobs[ticket.id], plan.reasons[ticket.id], plan.notes[ticket.id]
+            start = decided.starts.get(ticket.id)
+            material = _material(job, position, reason, start, now)
+            if material or job.dispatch_note != note:
+                event = queue_event(position, reason, note, start) if material else None
+                txn.set_queue_info(
+                    ticket.id,
+                    position=position,
+                    reason=reason,
+                    note=note,
+                    estimated_start_at=start,
+                    event=event,
+                    now=now,
+                )
+                if event is not None:
+                    recorded.append(ticket.id)
+    report = DispatchReport(waiting=plan.notes, starts=decided.starts)
+    for job_id in recorded if wake is not None else ():
+        wake(job_id)
     for placement in marked:
         try:
             send(placement.job_id, placement.queue)
         except Exception as exc:  # kombu/redis raise many kinds; each job is handled alone
             log.warning("dispatch: job %s not sent to %s: %s", placement.job_id, placement.queue, exc)
-            db.undispatch(placement.job_id, now, f"waiting: the job queue was unreachable ({type(exc).__name__})")
+            db.undispatch(
+                placement.job_id,
+                now,
+                f"waiting: the job queue was unreachable ({type(exc).__name__})",
+                QUEUE_UNREACHABLE,
+            )
             report.failed.append((placement, exc))
         else:
             report.sent.append(placement)
@@ -417,7 +700,8 @@ def recover_stale(
     for job in db.stale_dispatches(now - dt.timedelta(seconds=settings.dispatch_stale_s)):
         if job.gpu == "cpu" or job.gpu in placeable or job.dispatched_at is None:
             continue
-        if db.undispatch(job.id, job.dispatched_at, f"waiting: GPU {job.gpu} stopped taking jobs; placing it again"):
+        note = f"waiting: GPU {job.gpu} stopped taking jobs; placing it again"
+        if db.undispatch(job.id, job.dispatched_at, note, GPU_OFFLINE):
             taken_back.append(job.id)
     if taken_back:
         log.warning("dispatch: took back stale dispatches %s", taken_back)

@@ -14,7 +14,18 @@ import pytest
 from core.settings import Settings
 from core.states import QUEUED
 from worker.db import Database, utcnow
-from worker.dispatch import GpuView, Ticket, dispatch, gpu_views, never_fits, plan_dispatch, recover_stale
+from worker.dispatch import (
+    BEHIND_EARLIER_JOB,
+    GPU_FULL,
+    USER_FRACTION_CAP,
+    GpuView,
+    Ticket,
+    dispatch,
+    gpu_views,
+    never_fits,
+    plan_dispatch,
+    recover_stale,
+)
 from worker.gpus import GiB, fake_uuid
 
 CPU_QUEUE = "test.cpu"
@@ -62,7 +73,7 @@ def test_strict_fifo_a_blocked_job_is_not_overtaken_on_its_gpus() -> None:
     running = [ticket("a", 0.5, on=fake_uuid(0))]
     queued = [ticket("big", 0.75), ticket("small", 0.25)]
     plan = plan_dispatch(queued, running, [gpu(0)], cpu_queue=CPU_QUEUE)
-    assert plan.placements == [] and "FIFO" in plan.notes["small"]
+    assert plan.placements == [] and plan.reasons == {"big": GPU_FULL, "small": BEHIND_EARLIER_JOB}
     # ... but a later job may use a GPU the blocked one cannot: it asked for GPU 0 only
     queued = [ticket("big", 0.75, request=fake_uuid(0)), ticket("small", 0.25)]
     plan = plan_dispatch(queued, running, [gpu(0), gpu(1)], cpu_queue=CPU_QUEUE)
@@ -154,7 +165,8 @@ def test_dispatch_marks_then_sends_and_keeps_fifo(
     first = gpu_db.get_job(ids[0])
     assert first.gpu in (fake_uuid(0), fake_uuid(1)) and first.dispatched_at is not None
     waiting = gpu_db.get_job(ids[4])
-    assert waiting.dispatched_at is None and gpu_db.queue_position(ids[4]) == 1 and "waiting" in waiting.dispatch_note
+    assert waiting.dispatched_at is None and waiting.queue_position == 1 and "waiting" in waiting.dispatch_note
+    assert waiting.waiting_reason == USER_FRACTION_CAP and waiting.estimated_start_at is not None
     assert report.waiting == {ids[4]: waiting.dispatch_note}
     # a second pass sends nothing twice
     assert dispatch(gpu_db, fake_settings, gpu_views(gpu_db, online), lambda j, q: sent.append((j, q))).sent == []
@@ -187,7 +199,7 @@ def test_a_dispatched_job_runs_only_on_its_gpu_and_a_requeue_clears_the_dispatch
     report = gpu_db.requeue_expired(utcnow() + dt.timedelta(seconds=1))
     assert report.requeued == [job_id]
     job = gpu_db.get_job(job_id)
-    assert (job.gpu, job.dispatched_at) == (None, None) and gpu_db.queue_position(job_id) == 1
+    assert (job.gpu, job.dispatched_at, job.queue_position) == (None, None, None)  # placed anew by the next pass
 
 
 def test_a_stale_dispatch_to_an_offline_gpu_is_taken_back(
@@ -246,6 +258,9 @@ def test_a_version_1_database_migrates_to_gpus(tmp_path: Path) -> None:
     conn.executescript(
         "DROP TABLE gpus; DROP TABLE dispatch_lock; ALTER TABLE jobs DROP COLUMN dispatched_at;"
         "ALTER TABLE jobs DROP COLUMN dispatch_note; ALTER TABLE users DROP COLUMN disabled; "
+        "ALTER TABLE users DROP COLUMN max_priority; ALTER TABLE jobs DROP COLUMN queue_position; "
+        "ALTER TABLE jobs DROP COLUMN waiting_reason; ALTER TABLE jobs DROP COLUMN estimated_start_at; "
+        "ALTER TABLE jobs DROP COLUMN memory_fraction_auto; ALTER TABLE jobs DROP COLUMN suggested_memory_fraction; "
         "DELETE FROM schema_version; "
         "INSERT INTO schema_version VALUES (1, 'users, datasets, jobs, job_events', '2026-01-01 00:00:00');"
     )
@@ -253,7 +268,7 @@ def test_a_version_1_database_migrates_to_gpus(tmp_path: Path) -> None:
     db = Database(url)
     try:
         assert db.schema_version() == 1
-        assert db.migrate() == LATEST_VERSION == 3  # 2: gpus, 3: users.disabled
+        assert db.migrate() == LATEST_VERSION == 4  # 2: gpus, 3: users.disabled, 4: fair sharing
         db.register_gpu(fake_uuid(0), host="h", index=0, name="fake", memory_total_bytes=GiB)
         assert [g.uuid for g in db.list_gpus()] == [fake_uuid(0)]
     finally:

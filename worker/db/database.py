@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,13 @@ from worker.errors import ActiveJobLimit, DatabaseUnavailable, DatasetInUse, Unk
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PG_DISPATCH_LOCK = 0x67707965
 _CANCELLED_REASON = ExitCode.CANCELLED.reason
+# A job leaving the queue (dispatched, or put back to be placed anew) no longer has a place in it.
+_NOT_WAITING: dict[str, Any] = {
+    "dispatch_note": None,
+    "queue_position": None,
+    "waiting_reason": None,
+    "estimated_start_at": None,
+}
 
 
 @dataclass
@@ -49,6 +56,7 @@ class DispatchTxn:
     """What a dispatcher may do while it holds the dispatch lock (:meth:`Database.dispatch_lock`)."""
 
     session: Session
+    append: Callable[[Session, str, dict[str, Any], dt.datetime], int]
 
     def waiting(self) -> list[Job]:
         """Queued jobs not yet placed (and not being cancelled), in dispatch order: priority, then FIFO."""
@@ -68,26 +76,54 @@ class DispatchTxn:
             ).unique()
         )
 
+    def finished_since(self, since: dt.datetime, *, limit: int = 5000) -> list[Job]:
+        """Jobs that ran and ended at or after ``since``, newest first (fair-share usage, duration estimates)."""
+        return list(
+            self.session.scalars(
+                select(Job)
+                .where(Job.state.in_(TERMINAL_STATES), Job.finished_at >= since, Job.started_at.is_not(None))
+                .order_by(Job.finished_at.desc())
+                .limit(limit)
+            ).unique()
+        )
+
     def mark_dispatched(self, job_id: str, gpu: str, now: dt.datetime) -> bool:
         """Place a waiting job on ``gpu`` (a UUID or ``cpu``); False when it is no longer waiting."""
         return (
             self.session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == QUEUED, Job.dispatched_at.is_(None))
-                .values(gpu=gpu, dispatched_at=now, dispatch_note=None)
+                .values(gpu=gpu, dispatched_at=now, **_NOT_WAITING)
                 .execution_options(synchronize_session=False)
             ).rowcount
             == 1
         )
 
-    def set_note(self, job_id: str, note: str) -> None:
-        """Say why a queued job still waits (shown by GET /v1/jobs/<id>)."""
-        self.session.execute(
+    def set_queue_info(
+        self,
+        job_id: str,
+        *,
+        position: int,
+        reason: str,
+        note: str,
+        estimated_start_at: dt.datetime | None,
+        event: dict[str, Any] | None,
+        now: dt.datetime,
+    ) -> None:
+        """Say where a queued job stands (shown by GET /v1/jobs/<id>), recording ``event`` when given."""
+        changed = self.session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state == QUEUED)
-            .values(dispatch_note=note)
+            .where(Job.id == job_id, Job.state == QUEUED, Job.dispatched_at.is_(None))
+            .values(
+                queue_position=position,
+                waiting_reason=reason,
+                dispatch_note=note,
+                estimated_start_at=estimated_start_at,
+            )
             .execution_options(synchronize_session=False)
-        )
+        ).rowcount
+        if changed == 1 and event is not None:
+            self.append(self.session, job_id, event, now)
 
 
 @dataclass
@@ -196,6 +232,14 @@ class Database:
             if user is not None:
                 user.token_hash = hash_token(token)
         return (user, token) if user is not None else None
+
+    def set_max_priority(self, name: str, max_priority: int) -> User | None:
+        """Set the highest priority ``name`` may give a job; None when there is no such user."""
+        with self._begin() as s:
+            user = s.scalar(select(User).where(User.name == name))
+            if user is not None:
+                user.max_priority = max_priority
+            return user
 
     def get_user(self, user_id: int) -> User | None:
         """The user with this id, or None (the dashboard's session names its user by id)."""
@@ -331,6 +375,7 @@ class Database:
         max_active: int,
         max_attempts: int,
         priority: int = 0,
+        memory_fraction_auto: bool = False,
         now: dt.datetime | None = None,
     ) -> Job:
         """Queue a job, unless the owner already has ``max_active`` queued or running jobs.
@@ -363,6 +408,7 @@ class Database:
                 spec=spec,
                 state=QUEUED,
                 priority=priority,
+                memory_fraction_auto=memory_fraction_auto,
                 attempts=0,
                 max_attempts=max_attempts,
                 queued_at=now,
@@ -527,6 +573,7 @@ class Database:
         exit_code: int | None = None,
         *,
         peak_gpu_memory_bytes: int | None = None,
+        suggested_memory_fraction: float | None = None,
         now: dt.datetime | None = None,
     ) -> bool:
         """End ``owner``'s attempt in a terminal state and release the lease.
@@ -538,6 +585,7 @@ class Database:
             detail: a sentence for the user.
             exit_code: the trainer's exit code.
             peak_gpu_memory_bytes: the peak the GPU watchdog saw, if any.
+            suggested_memory_fraction: what that peak plus a margin is of its GPU (worker.gpus).
 
         Returns:
             False when ``owner`` no longer holds the job; nothing is changed then.
@@ -556,6 +604,8 @@ class Database:
         }
         if peak_gpu_memory_bytes is not None:
             values["peak_gpu_memory_bytes"] = peak_gpu_memory_bytes
+        if suggested_memory_fraction is not None:
+            values["suggested_memory_fraction"] = suggested_memory_fraction
         with self._begin() as s:
             done = s.execute(
                 update(Job)
@@ -575,16 +625,34 @@ class Database:
         reason: str,
         detail: str | None = None,
         *,
+        spec: dict[str, Any] | None = None,
+        peak_gpu_memory_bytes: int | None = None,
         now: dt.datetime | None = None,
     ) -> str | None:
         """Hand a running job back (e.g. the worker is shutting down): queued again, or interrupted when
         it has used all its attempts, or cancelled when a cancel was requested.
+
+        Args:
+            spec: the job's spec from now on (a resized memory budget), stored with the hand-back.
+            peak_gpu_memory_bytes: the peak the attempt reached, kept on the record.
 
         Returns:
             The job's new state, or None when ``owner`` does not hold it.
         """
         now = now or utcnow()
         with self._begin() as s:
+            changes: dict[str, Any] = {}
+            if spec is not None:
+                changes["spec"] = spec
+            if peak_gpu_memory_bytes is not None:
+                changes["peak_gpu_memory_bytes"] = peak_gpu_memory_bytes
+            if changes:
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
+                    .values(**changes)
+                    .execution_options(synchronize_session=False)
+                )
             return self._release(s, job_id, now, reason, detail, owner=owner)
 
     def interrupt_queued(self, job_id: str, reason: str, detail: str, *, now: dt.datetime | None = None) -> bool:
@@ -675,7 +743,7 @@ class Database:
         held = and_(Job.id == job_id, Job.state == RUNNING)
         held = and_(held, Job.lease_owner == owner) if owner is not None else and_(held, Job.lease_expires_at < now)
         cleared = {"lease_owner": None, "lease_expires_at": None}
-        undispatched = {"gpu": None, "dispatched_at": None, "dispatch_note": None}  # the dispatcher places it anew
+        undispatched = {"gpu": None, "dispatched_at": None, **_NOT_WAITING}  # the dispatcher places it anew
         steps = (
             (CANCELLED, Job.cancel_requested.is_(True), {"finished_at": now, "error_reason": _CANCELLED_REASON}),
             (QUEUED, Job.attempts < Job.max_attempts, undispatched),
@@ -716,9 +784,15 @@ class Database:
             if held != 1:
                 s.add(DispatchLock(id=1, held_by=holder, held_at=now))
                 s.flush()
-            yield DispatchTxn(s)
+            yield DispatchTxn(s, self._append)
 
-    def undispatch(self, job_id: str, dispatched_at: dt.datetime, note: str) -> bool:
+    @contextlib.contextmanager
+    def peek_queue(self) -> Iterator[DispatchTxn]:
+        """The dispatcher's view without its lock, to read only (a dry run's forecast)."""
+        with self._begin() as s:
+            yield DispatchTxn(s, self._append)
+
+    def undispatch(self, job_id: str, dispatched_at: dt.datetime, note: str, reason: str) -> bool:
         """Take back a dispatch whose task could not be sent (still queued, same dispatch): the next
         dispatch pass places the job again."""
         with self._begin() as s:
@@ -726,7 +800,7 @@ class Database:
                 s.execute(
                     update(Job)
                     .where(Job.id == job_id, Job.state == QUEUED, Job.dispatched_at == dispatched_at)
-                    .values(gpu=None, dispatched_at=None, dispatch_note=note)
+                    .values(gpu=None, dispatched_at=None, dispatch_note=note, waiting_reason=reason)
                     .execution_options(synchronize_session=False)
                 ).rowcount
                 == 1
@@ -741,39 +815,23 @@ class Database:
                 ).unique()
             )
 
-    def queue_position(self, job_id: str) -> int | None:
-        """1-based place of a queued, not yet dispatched job in dispatch order (priority, then FIFO)."""
-        with self._begin() as s:
-            job = s.get(Job, job_id)
-            if job is None or job.state != QUEUED or job.dispatched_at is not None:
-                return None
-            ahead = s.scalar(
-                select(func.count())
-                .select_from(Job)
-                .where(
-                    Job.state == QUEUED,
-                    Job.dispatched_at.is_(None),
-                    or_(
-                        Job.priority > job.priority,
-                        and_(
-                            Job.priority == job.priority,
-                            or_(
-                                Job.queued_at < job.queued_at,
-                                and_(Job.queued_at == job.queued_at, Job.id < job.id),
-                            ),
-                        ),
-                    ),
-                )
-            )
-            return int(ahead or 0) + 1
-
     # ── GPUs ──
     def register_gpu(
-        self, uuid: str, *, host: str, index: int, name: str, memory_total_bytes: int, now: dt.datetime | None = None
+        self,
+        uuid: str,
+        *,
+        host: str,
+        index: int,
+        name: str,
+        memory_total_bytes: int,
+        backends: Sequence[str] | None = None,
+        now: dt.datetime | None = None,
     ) -> Gpu:
-        """Record (or refresh) a GPU a worker serves; its drain and quarantine flags are kept."""
+        """Record (or refresh) a GPU a worker serves, with the backends it runs; drain and quarantine stay."""
         now = now or utcnow()
-        values = {"host": host, "index": index, "name": name, "memory_total_bytes": memory_total_bytes}
+        values: dict[str, Any] = {"host": host, "index": index, "name": name, "memory_total_bytes": memory_total_bytes}
+        if backends is not None:
+            values["backends"] = sorted(backends)
         with self._begin() as s:
             changed = s.execute(
                 update(Gpu).where(Gpu.uuid == uuid).values(**values).execution_options(synchronize_session=False)
@@ -855,8 +913,9 @@ class Database:
                 s.scalar(select(func.count()).where(Job.state == QUEUED, Job.dispatched_at.is_(None))) or 0
             )
             recent = s.execute(
-                select(Job.id, Job.state, Job.gpu, Job.queued_at, Job.started_at, Job.finished_at, Job.last_progress)
-                .where(or_(Job.state == RUNNING, Job.started_at >= since, Job.finished_at >= since))
+                select(
+                    Job.id, Job.state, Job.gpu, Job.queued_at, Job.started_at, Job.finished_at, Job.last_progress
+                ).where(or_(Job.state == RUNNING, Job.started_at >= since, Job.finished_at >= since))
             ).all()
         for job_id, state, gpu, queued_at, started_at, finished_at, progress in recent:
             if started_at is not None and started_at >= since:

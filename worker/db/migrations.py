@@ -36,12 +36,25 @@ def _v3_users_disabled(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE"))
 
 
+def _v4_sharing(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE users ADD COLUMN max_priority INTEGER NOT NULL DEFAULT 0"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN queue_position INTEGER"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN waiting_reason VARCHAR(32)"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN estimated_start_at TIMESTAMP"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN memory_fraction_auto BOOLEAN NOT NULL DEFAULT FALSE"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN suggested_memory_fraction FLOAT"))
+    # Version 2 creates ``gpus`` from the current model, so a database migrated from 1 already has it.
+    if "backends" not in {c["name"] for c in inspect(conn).get_columns("gpus")}:
+        conn.execute(text("ALTER TABLE gpus ADD COLUMN backends JSON"))
+
+
 # Append only. A fresh database gets the models' current tables at once and is stamped with the last
 # version (so these steps must leave an old database exactly where create_all leaves a new one).
 MIGRATIONS: list[Migration] = [
     Migration(1, "users, datasets, jobs, job_events", _v1_initial),
     Migration(2, "gpus, dispatch_lock; jobs.dispatched_at, jobs.dispatch_note", _v2_gpus),
     Migration(3, "users.disabled", _v3_users_disabled),
+    Migration(4, "fair sharing: users.max_priority; jobs queue info and memory sizing; gpus.backends", _v4_sharing),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 _PG_MIGRATION_LOCK = 0x67707964  # "gpyd": any constant shared by every process migrating this DB

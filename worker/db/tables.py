@@ -13,6 +13,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -84,6 +85,8 @@ class User(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("FALSE"))
+    # The highest priority this user may give a job (an admin sets it: `gpuyard users set-priority`).
+    max_priority: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
 
 class Dataset(Base):
@@ -136,6 +139,13 @@ class Job(Base):
     # Set by the dispatcher (worker/dispatch.py) with ``gpu`` before it sends the task; cleared on requeue.
     dispatched_at: Mapped[dt.datetime | None]
     dispatch_note: Mapped[str | None] = mapped_column(String(300))
+    # The queue explained (worker/dispatch.py writes them each pass while the job waits; cleared on dispatch).
+    queue_position: Mapped[int | None] = mapped_column(Integer)
+    waiting_reason: Mapped[str | None] = mapped_column(String(32))
+    estimated_start_at: Mapped[dt.datetime | None]
+    # Memory sizing: whether gpuyard chose memory_fraction ("auto"), and what the measured peak suggests.
+    memory_fraction_auto: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("FALSE"))
+    suggested_memory_fraction: Mapped[float | None] = mapped_column(Float)
 
     owner: Mapped[User] = relationship(lazy="joined")
 
@@ -166,6 +176,7 @@ class Gpu(Base):
     quarantined: Mapped[bool] = mapped_column(Boolean, default=False)
     quarantined_since: Mapped[dt.datetime | None]
     quarantine_reason: Mapped[str | None] = mapped_column(Text)
+    backends: Mapped[list[str] | None] = mapped_column(JSON)  # what its worker can run (tensorflow, jax, torch)
 
 
 class DispatchLock(Base):

@@ -1,0 +1,202 @@
+"""A synthetic lab day replayed through the real dispatcher (job DB, fair order, placement, forecast) with
+simulated time: no GPU over-committed, equal shares while everyone waits, bounded waits, and start
+estimates that come true. Prints the figures (``pytest -s``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import heapq
+import random
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.settings import Settings
+from worker.db import Database
+from worker.dispatch import GpuView, dispatch, gpu_views
+from worker.gpus import GiB, fake_uuid
+
+T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
+GPUS = 2
+SLOTS = 4
+USERS = ("ada", "bob", "cyd", "dee")
+SWEEP_WINDOW_S = 1800.0  # the morning rush: every sweep is queued within half an hour
+
+
+@dataclass(order=True)
+class Submission:
+    at: float
+    user: str = field(compare=False)
+    kind: int = field(compare=False)
+    fraction: float = field(compare=False)
+    priority: int = field(compare=False)
+    seconds: float = field(compare=False)
+
+
+def lab_day(seed: int = 7) -> list[Submission]:
+    """200 jobs: ada queues a sweep of 80 at once, the others 40 each in sweeps of 10 within half an hour.
+    Every user has the same three kinds of job (a data set + architecture + epochs): fractions 1/8, 1/4 and
+    1/2, typical lengths 4–20 minutes, each run ±20 % of its kind's; every tenth job at priority 1."""
+    rng = random.Random(seed)
+    shapes = [(0.125, rng.uniform(240, 1200)), (0.25, rng.uniform(240, 1200)), (0.5, rng.uniform(240, 1200))]
+    jobs = []
+    for user in USERS:
+        count = 80 if user == "ada" else 40
+        sweeps = [0.0] if user == "ada" else [rng.uniform(0, SWEEP_WINDOW_S) for _ in range(count // 10)]
+        for i in range(count):
+            at = sweeps[i * len(sweeps) // count]
+            kind = rng.randrange(3)
+            fraction, typical = shapes[kind]
+            jobs.append(Submission(at, user, kind, fraction, int(i % 10 == 5), typical * rng.uniform(0.8, 1.2)))
+    return sorted(jobs)
+
+
+class Lab:
+    """The job DB and fake GPUs of the replay; workers start a dispatched job at once."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.settings = Settings(
+            data_dir=tmp_path / "data", database_url=f"sqlite:///{(tmp_path / 'replay.db').as_posix()}", redis_url=""
+        )
+        self.db = Database(self.settings.database_url)
+        self.db.migrate()
+        for index in range(GPUS):
+            self.db.register_gpu(fake_uuid(index), host="h", index=index, name="fake", memory_total_bytes=16 * GiB)
+        self.users = {}
+        self.datasets = {}
+        for name in USERS:
+            user, _ = self.db.create_user(name)
+            self.db.set_max_priority(name, 1)
+            self.users[name] = user.id
+            for kind in range(3):
+                dataset, _ = self.db.add_dataset(user.id, f"{name}{kind}".ljust(64, "0"), 1, {}, f"k/{name}{kind}")
+                self.datasets[name, kind] = dataset.id
+
+    def gpus(self) -> list[GpuView]:
+        return gpu_views(self.db, lambda uuids: {u: {"slots": SLOTS, "time": 0.0} for u in uuids})
+
+
+def test_a_lab_day_is_packed_fair_bounded_and_forecast(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    trace = lab_day()
+    ends: list[tuple[float, str]] = []  # (time, job id)
+    info: dict[str, dict] = {}
+    on_gpu: dict[str, dict[str, float]] = defaultdict(dict)  # uuid → job → fraction
+    peak_fraction = 0.0
+    fraction_seconds = 0.0
+    got: dict[str, float] = defaultdict(float)
+    busy_time = 0.0
+    settled = False
+    clock = 0.0
+    pending = list(trace)
+
+    def run_pass(now: float) -> list[str]:
+        sent: list[tuple[str, str]] = []
+        dispatch(lab.db, lab.settings, lab.gpus(), lambda j, q: sent.append((j, q)), now=T0 + dt.timedelta(seconds=now))
+        for job_id, _queue in sent:
+            job = lab.db.get_job(job_id)
+            assert lab.db.take_lease(job_id, "w", 10**6, gpu=job.gpu, now=T0 + dt.timedelta(seconds=now))
+            info[job_id]["start"] = now
+            info[job_id]["gpu"] = job.gpu
+            on_gpu[job.gpu][job_id] = info[job_id]["fraction"]
+            heapq.heappush(ends, (now + info[job_id]["seconds"], job_id))
+        return [j for j, _ in sent]
+
+    while pending or ends:
+        next_submit = pending[0].at if pending else float("inf")
+        next_end = ends[0][0] if ends else float("inf")
+        now = min(next_submit, next_end)
+        used = sum(sum(jobs.values()) for jobs in on_gpu.values())
+        fraction_seconds += used * (now - clock)
+        waiting_users = {i["user"] for i in info.values() if "start" not in i}
+        if waiting_users == set(USERS):  # GPU-seconds of each user while every user has a job waiting
+            busy_time += now - clock
+            for jobs in on_gpu.values():
+                for job_id, fraction in jobs.items():
+                    got[info[job_id]["user"]] += fraction * (now - clock)
+        clock = now
+        arrived = []
+        while pending and pending[0].at == now:
+            sub = pending.pop(0)
+            spec = {"resources": {"gpu": "any", "memory_fraction": sub.fraction}, "training": {"epochs": sub.kind + 1}}
+            spec["architecture"] = {"type": "mlp"}
+            job = lab.db.create_job(
+                lab.users[sub.user],
+                lab.datasets[sub.user, sub.kind],
+                spec,
+                max_active=1000,
+                max_attempts=3,
+                priority=sub.priority,
+                now=T0 + dt.timedelta(seconds=now),
+            )
+            info[job.id] = {"user": sub.user, "submit": now, "fraction": sub.fraction, "seconds": sub.seconds}
+            arrived.append(job.id)
+        while ends and ends[0][0] == now:
+            _, job_id = heapq.heappop(ends)
+            job = lab.db.get_job(job_id)
+            assert lab.db.finish_job(job_id, "w", "succeeded", now=T0 + dt.timedelta(seconds=now))
+            del on_gpu[job.gpu][job_id]
+        for jobs in on_gpu.values():  # the trainers' ETAs, as their epoch_end events report them
+            for job_id in jobs:
+                left = info[job_id]["start"] + info[job_id]["seconds"] - now
+                lab.db.record_progress(job_id, {"stage": "training", "eta_s": left})
+        run_pass(now)
+        for uuid, jobs in on_gpu.items():
+            assert sum(jobs.values()) <= 1.0 + 1e-9 and len(jobs) <= SLOTS, f"GPU {uuid} over-committed: {jobs}"
+            peak_fraction = max(peak_fraction, sum(jobs.values()))
+        if not pending and not settled:  # every job is in: the estimates from here on can come true
+            settled = True
+            for job_id, i in info.items():
+                if "start" not in i:
+                    i["settled"] = lab.db.get_job(job_id).estimated_start_at
+                    i["settled_at"] = now
+        for job_id in arrived:  # the estimate a user sees right after submitting
+            job = lab.db.get_job(job_id)
+            info[job_id]["ahead"] = sum(  # GPU work queued or running when it arrived, its own included
+                i["fraction"] * (i["seconds"] if "start" not in i else i["start"] + i["seconds"] - now)
+                for i in info.values()
+                if "start" not in i or i["start"] + i["seconds"] > now
+            )
+            if "start" not in info[job_id]:
+                assert job.queue_position and job.waiting_reason and job.dispatch_note
+                info[job_id]["estimate"] = job.estimated_start_at
+
+    assert all("start" in i for i in info.values()) and len(info) == 200
+    equal = sum(got.values()) / len(USERS)
+    shares = {user: got[user] / equal for user in USERS}
+    # waits and start estimates
+    waits = [i["start"] - i["submit"] for i in info.values()]
+    # Start estimates, as a share of the wait still ahead: the one seen at submission (later submissions of
+    # users with a smaller share legitimately overtake it), and the one seen once every job is in.
+    errors = [
+        abs((i["estimate"] - T0).total_seconds() - i["start"]) / (i["start"] - i["submit"])
+        for i in info.values()
+        if i.get("estimate") is not None and i["start"] - i["submit"] >= 60
+    ]
+    settled_errors = [
+        abs((i["settled"] - T0).total_seconds() - i["start"]) / (i["start"] - i["settled_at"])
+        for i in info.values()
+        if i.get("settled") is not None and i["start"] - i["settled_at"] >= 60
+    ]
+    makespan = max(i["start"] + i["seconds"] for i in info.values())
+    utilisation = fraction_seconds / (GPUS * makespan)
+    # The bound on a wait: the GPU work in the system when the job arrived (its own included), drained at
+    # the utilisation reached, plus two aging steps (by then it outranks everything that came later).
+    bounds = [i["ahead"] / (GPUS * utilisation) + 2 * lab.settings.queue_aging_s for i in info.values()]
+    print(
+        f"\nreplay: 200 jobs, {GPUS} GPUs x {SLOTS} slots, makespan {makespan / 3600:.2f} h, "
+        f"GPU memory utilisation {utilisation:.0%} (peak fraction on one GPU {peak_fraction:.2f})\n"
+        f"fair share while all {len(USERS)} users wait ({busy_time / 3600:.2f} h): "
+        + ", ".join(f"{u} {s:.3f}" for u, s in shares.items())
+        + f"\nwaits: median {statistics.median(waits) / 60:.1f} min, max {max(waits) / 60:.1f} min; "
+        f"worst wait / bound {max(w / b for w, b in zip(waits, bounds, strict=True)):.2f}\n"
+        f"start estimates once every job is in: {len(settled_errors)} jobs, median error "
+        f"{statistics.median(settled_errors):.1%}, p90 {statistics.quantiles(settled_errors, n=10)[-1]:.1%}; "
+        f"at submission: median error {statistics.median(errors):.1%} ({len(errors)} jobs)"
+    )
+    assert peak_fraction <= 1.0 + 1e-9
+    assert all(0.9 <= s <= 1.1 for s in shares.values()), shares
+    assert all(w <= b for w, b in zip(waits, bounds, strict=True))
+    assert statistics.median(settled_errors) <= 0.25
+    lab.db.dispose()
