@@ -93,6 +93,13 @@ class JobCreate(_Body):
 
     dataset: str = Field(description="Id of one of your data sets (POST /v1/datasets).")
     spec: SpecObject = Field(description="The job spec (see the JobSpec schema).")
+    priority: int = Field(
+        0,
+        ge=-100,
+        le=100,
+        description="Higher goes first; at most your max_priority (an admin sets it; default 0). "
+        "Within a priority the queue is ordered by fair share (see README).",
+    )
 
 
 class JobProgress(BaseModel):
@@ -134,10 +141,28 @@ class JobOut(BaseModel):
     )
     queue_position: int | None = Field(
         None,
-        description="1-based place among the jobs waiting for a GPU (priority first, then FIFO); "
-        "null once dispatched, and in job lists.",
+        description="1-based place among the jobs waiting for a GPU (priority, then fair share, then FIFO); "
+        "null once dispatched.",
     )
-    dispatch_note: str | None = Field(None, description="Why a queued job is still waiting, when it is.")
+    waiting_reason: str | None = Field(
+        None,
+        description="Why a queued job still waits, machine-readable: gpu_full, behind_earlier_job, "
+        "user_fraction_cap, gpu_draining, gpu_offline, unknown_gpu, no_worker_for_backend, queue_unreachable.",
+    )
+    dispatch_note: str | None = Field(None, description="Why a queued job is still waiting, as a sentence.")
+    estimated_start_at: dt.datetime | None = Field(
+        None,
+        description="When a waiting job should start, replaying the dispatcher over the running jobs' ETAs and "
+        "the expected durations of the jobs ahead; null when no online GPU could run it.",
+    )
+    memory_fraction_auto: bool = Field(
+        False, description="Whether gpuyard sized resources.memory_fraction (the spec said 'auto' or nothing)."
+    )
+    suggested_memory_fraction: float | None = Field(
+        None,
+        description="For a finished job: its measured GPU memory peak plus a margin, as a fraction of its GPU: "
+        "what to ask for next time.",
+    )
     health: list[dict[str, Any]] = Field(
         default_factory=list,
         description="The trainer's current health findings (the last `health` event): each with kind "
@@ -146,7 +171,8 @@ class JobOut(BaseModel):
     )
 
     @classmethod
-    def of(cls, job: Job, *, queue_position: int | None = None) -> JobOut:
+    def of(cls, job: Job) -> JobOut:
+        waiting = job.state == QUEUED and job.dispatched_at is None
         return cls(
             id=job.id,
             owner=job.owner.name,
@@ -167,8 +193,12 @@ class JobOut(BaseModel):
             exit_code=job.exit_code,
             peak_gpu_memory_bytes=job.peak_gpu_memory_bytes,
             dispatched_at=job.dispatched_at,
-            queue_position=queue_position,
+            queue_position=job.queue_position if waiting else None,
+            waiting_reason=job.waiting_reason if waiting else None,
             dispatch_note=job.dispatch_note if job.state == QUEUED else None,
+            estimated_start_at=job.estimated_start_at if waiting else None,
+            memory_fraction_auto=bool(job.memory_fraction_auto),
+            suggested_memory_fraction=job.suggested_memory_fraction,
             health=list((job.last_progress or {}).get("health") or []),
         )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -321,6 +322,14 @@ def budget_bytes(memory_fraction: float, total_bytes: int, allowance_bytes: int)
     One formula for the dispatcher's room, the watchdog's kill line and what GET /v1/gpus shows.
     """
     return min(total_bytes, int(memory_fraction * total_bytes) + allowance_bytes)
+
+
+def fraction_for(need_bytes: int, total_bytes: int, allowance_bytes: int, margin: float) -> float:
+    """The smallest memory_fraction (in hundredths, at least 0.01) whose :func:`budget_bytes` holds
+    ``need_bytes × margin``: the inverse of the budget formula, for automatic and suggested budgets. Above
+    1 when no GPU of ``total_bytes`` is big enough."""
+    wanted = need_bytes * margin - allowance_bytes
+    return max(0.01, math.ceil(100 * wanted / total_bytes - 1e-9) / 100)
 
 
 def select_gpus(devices: Sequence[GpuInfo], selection: str) -> list[GpuInfo]:

@@ -12,6 +12,8 @@ from core.states import CANCELLED, FAILED, SUCCEEDED
 MEMORY_BUDGET_EXCEEDED = "memory_budget_exceeded"
 #: The supervisor killed the trainer for holding more host memory than trainer_memory_bytes.
 HOST_MEMORY_EXCEEDED = "host_memory_exceeded"
+#: The event recorded when a job out of GPU budget is requeued at its measured peak (once per job).
+RESIZED_EVENT = "resized"
 #: The trainer died of a signal gpuyard did not send (most often the kernel's OOM killer's SIGKILL).
 TRAINER_KILLED = "trainer_killed"
 

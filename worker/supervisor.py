@@ -32,6 +32,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import queue
 import shlex
 import signal
@@ -55,9 +56,23 @@ from models.spec import resources_of
 from worker import procs
 from worker.db import Database, Job
 from worker.errors import JobDBError
-from worker.gpus import GpuBackend, budget_bytes, context_allowance_bytes, declare_fake_process_if_absent, get_backend
+from worker.gpus import (
+    GpuBackend,
+    budget_bytes,
+    context_allowance_bytes,
+    declare_fake_process_if_absent,
+    fraction_for,
+    get_backend,
+)
 from worker.lease import LeaseKeeper, default_owner
-from worker.outcome import HOST_MEMORY_EXCEEDED, MEMORY_BUDGET_EXCEEDED, TRAINER_KILLED, Outcome, classify_exit
+from worker.outcome import (
+    HOST_MEMORY_EXCEEDED,
+    MEMORY_BUDGET_EXCEEDED,
+    RESIZED_EVENT,
+    TRAINER_KILLED,
+    Outcome,
+    classify_exit,
+)
 from worker.relay import EventPublisher, progress_of
 from worker.storage import LocalStorage, Storage
 from worker.trainer.events import FAILED_EVENT
@@ -70,6 +85,7 @@ _HOST_MEMORY_INTERVAL_S = 0.5
 def trainer_memory_limit(settings: Settings) -> int:
     """The host memory one trainer's process group may hold: the setting, else half of this host's."""
     return settings.trainer_memory_bytes or psutil.virtual_memory().total // 2
+
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +123,7 @@ class Supervisor:
         self.failed_event: dict[str, Any] | None = None
         self.progress: dict[str, Any] = {}
         self.watchdog: MemoryWatchdog | None = None
+        self.gpu_total_bytes: int | None = None
         self.host_memory: HostMemoryWatchdog | None = None
         self.peak_rss_bytes = 0
 
@@ -265,10 +282,59 @@ class Supervisor:
                 )
             else:
                 detail = f"{detail}; peak {_mib(self.peak_rss_bytes)} of host memory; resuming from the checkpoint"
+        if (
+            state == FAILED
+            and self.watchdog is not None
+            and (
+                reason == MEMORY_BUDGET_EXCEEDED
+                or (
+                    stop_reason is None
+                    and proc.returncode == ExitCode.OUT_OF_MEMORY
+                    and reason == ExitCode.OUT_OF_MEMORY.reason
+                )
+            )
+        ):
+            resized, detail = self._resize(job, detail)
+            if resized is not None:
+                return self._hand_back(base, reason, detail, spec=resized)
         if state is None:
             return self._hand_back(base, reason, detail)
         outcome = self._finish(job, state, None if state == SUCCEEDED else reason, detail, proc.returncode)
         return Outcome(**{**base, "state": outcome.state, "reason": outcome.reason, "detail": outcome.detail})
+
+    def _resize(self, job: Job, detail: str | None) -> tuple[dict[str, Any] | None, str | None]:
+        """A job that ran out of its GPU budget: its spec at the measured peak plus margin, once, when that
+        fits a GPU (else None), and the detail that says so or names the fraction to ask for."""
+        assert self.watchdog is not None
+        peak = max(self.watchdog.peak_bytes, self.watchdog.exceeded_bytes or 0)
+        total = self.gpu_total_bytes
+        if not peak or not total:
+            return None, detail
+        old = resources_of(job.spec).memory_fraction
+        allowance = context_allowance_bytes(self.settings)
+        # Killed at its budget, the job might have wanted more than it reached: grow by a quarter at least.
+        new = max(fraction_for(peak, total, allowance, self.settings.memory_margin), math.ceil(125 * old) / 100)
+        limit = min(1.0 - self.settings.gpu_reserve_fraction, self.settings.max_gpu_fraction_per_user)
+        resized_before = any(e.event.get("event") == RESIZED_EVENT for e in self.db.events_since(self.job_id, 0))
+        if resized_before or new > limit + 1e-9:
+            why = "it was resized once already" if resized_before else f"more than a GPU's jobs may hold ({limit:g})"
+            return (
+                None,
+                f"{detail}; it needs memory_fraction ≥ {new:g}, {why}: ask for it, or make the model smaller",
+            )
+        spec = {**job.spec, "resources": {**(job.spec.get("resources") or {}), "memory_fraction": new}}
+        event = {
+            "event": RESIZED_EVENT,
+            "memory_fraction_from": old,
+            "memory_fraction": new,
+            "peak_gpu_memory_bytes": peak,
+        }
+        self.db.append_event(self.job_id, event)
+        return (
+            spec,
+            f"{detail}; requeued once at memory_fraction {new:g} (peak {_mib(peak)} + margin), resuming from "
+            "its checkpoint",
+        )
 
     def _kills_in_a_row(self) -> int:
         """How many of this job's latest hand-backs, in a row, were trainers killed by a signal."""
@@ -313,6 +379,7 @@ class Supervisor:
             assert self.settings.fake_gpu_dir is not None
             declare_fake_process_if_absent(self.settings.fake_gpu_dir, self.gpu, pgid)
         fraction = resources_of(job.spec).memory_fraction
+        self.gpu_total_bytes = info.memory_total_bytes
         budget = budget_bytes(fraction, info.memory_total_bytes, context_allowance_bytes(self.settings))
         self.watchdog = MemoryWatchdog(
             self.backend, self.gpu, pgid, budget, self.settings.gpu_watchdog_interval_s, self.job_id
@@ -445,8 +512,19 @@ class Supervisor:
     # ── endings ──
     def _finish(self, job: Job, state: str, reason: str | None, detail: str | None, exit_code: int | None) -> Outcome:
         peak = self.watchdog.peak_bytes if self.watchdog is not None and self.watchdog.readings else None
+        suggested = None
+        if peak and self.gpu_total_bytes:
+            allowance = context_allowance_bytes(self.settings)
+            suggested = min(1.0, fraction_for(peak, self.gpu_total_bytes, allowance, self.settings.memory_margin))
         if not self.db.finish_job(
-            self.job_id, self.owner, state, reason, detail, exit_code, peak_gpu_memory_bytes=peak
+            self.job_id,
+            self.owner,
+            state,
+            reason,
+            detail,
+            exit_code,
+            peak_gpu_memory_bytes=peak,
+            suggested_memory_fraction=suggested,
         ):
             log.warning("job %s: lease lost before the result could be recorded", self.job_id)
             return Outcome(self.job_id, ran=True, reason="lease_lost", attempt=job.attempts, exit_code=exit_code)
@@ -461,8 +539,13 @@ class Supervisor:
             attempt=job.attempts,
         )
 
-    def _hand_back(self, base: dict[str, Any], reason: str, detail: str | None) -> Outcome:
-        new_state = self.db.requeue_job(self.job_id, self.owner, reason, detail)
+    def _hand_back(
+        self, base: dict[str, Any], reason: str, detail: str | None, *, spec: dict[str, Any] | None = None
+    ) -> Outcome:
+        peak = self.watchdog.peak_bytes if self.watchdog is not None and self.watchdog.readings else None
+        new_state = self.db.requeue_job(
+            self.job_id, self.owner, reason, detail, spec=spec, peak_gpu_memory_bytes=peak or None
+        )
         if new_state == QUEUED and self.requeue is not None:
             self.requeue(self.job_id)
         log.warning("job %s: handed back (%s), now %s", self.job_id, reason, new_state)

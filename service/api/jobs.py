@@ -13,7 +13,7 @@ from flask import Blueprint, Response, request, send_file, url_for
 from core.atomicio import file_sha256
 from core.errors import Problem
 from core.names import ARTIFACT_MEDIA_TYPES, ARTIFACT_NAMES, TRAINER_LOG
-from core.states import QUEUED, TERMINAL_STATES
+from core.states import TERMINAL_STATES
 from models.data.summary import DatasetSummary
 from models.fit import spec_data_problems
 from models.size import size_problems
@@ -103,7 +103,7 @@ def index() -> Response:
         page = services().db.list_jobs(visible_owner_id(), state=query.state, limit=query.limit, cursor=query.cursor)
     except ValueError as exc:
         raise Unprocessable(str(exc), field="cursor") from exc
-    jobs = [job_out(j, with_queue_position=False) for j in page.jobs]
+    jobs = [job_out(j) for j in page.jobs]
     return respond(JobListOut(jobs=jobs, next_cursor=page.next_cursor))
 
 
@@ -113,11 +113,10 @@ def show(job_id: str) -> Response:
     return respond(job_out(visible_job(job_id)))
 
 
-def job_out(job: Job, *, with_queue_position: bool = True) -> JobOut:
-    """The job as the API shows it: its place in the queue (one job only), no server path in its error."""
+def job_out(job: Job) -> JobOut:
+    """The job as the API shows it: no server path in its error."""
     svc = services()
-    position = svc.db.queue_position(job.id) if job.state == QUEUED and with_queue_position else None
-    out = JobOut.of(job, queue_position=position)
+    out = JobOut.of(job)
     if out.error_detail:
         out.error_detail = scrub_paths(out.error_detail, server_roots(svc.settings))
     return out
@@ -130,7 +129,7 @@ def cancel(job_id: str) -> Response:
     job = services().db.request_cancel(job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
-    return respond(job_out(job, with_queue_position=False))
+    return respond(job_out(job))
 
 
 @bp.get("/<job_id>/events")

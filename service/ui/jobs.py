@@ -54,9 +54,9 @@ def _job_groups() -> dict[str, list[JobOut]]:
         if job.state == QUEUED:
             waiting.append(job_out(job))
         elif job.state == RUNNING:
-            running.append(job_out(job, with_queue_position=False))
+            running.append(job_out(job))
         else:
-            finished.append(job_out(job, with_queue_position=False))
+            finished.append(job_out(job))
     waiting.sort(key=lambda j: j.queue_position or 1 << 30)
     return {"waiting": waiting, RUNNING: running, "finished": finished}  # RUNNING names the template variable
 

@@ -91,7 +91,11 @@ def test_jobs_are_placed_on_gpus_and_shown_on_them(
     second = submit(client, tokens.alice, dataset_id, memory_fraction=0.5).get_json()
     third = submit(client, tokens.alice, dataset_id, memory_fraction=0.25).get_json()
     assert second["gpu"] is None and second["queue_position"] == 1 and "memory fraction free" in second["dispatch_note"]
-    assert third["queue_position"] == 2 and "FIFO" in third["dispatch_note"]  # not overtaking on GPU 0
+    assert (second["waiting_reason"], third["waiting_reason"]) == ("gpu_full", "behind_earlier_job")
+    assert third["queue_position"] == 2  # not overtaking on GPU 0
+    assert second["estimated_start_at"] is not None and third["estimated_start_at"] >= second["estimated_start_at"]
+    listed = {j["id"]: j for j in client.get("/v1/jobs", headers=bearer(tokens.alice)).get_json()["jobs"]}
+    assert (listed[third["id"]]["queue_position"], listed[third["id"]]["waiting_reason"]) == (2, "behind_earlier_job")
     assert queue.sent == [first["id"]]
     shown = client.get(f"/v1/jobs/{second['id']}", headers=bearer(tokens.alice)).get_json()
     assert shown["queue_position"] == 1
