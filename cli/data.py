@@ -19,9 +19,7 @@ _KEY_OPTIONS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 @click.command("check-data")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--keys-json", help='Keys as JSON, e.g. \'{"x_train": "X", "y_train": "Y", "num_classes": 10}\'.'
-)
+@click.option("--keys-json", help='Keys as JSON, e.g. \'{"x_train": "X", "y_train": "Y", "num_classes": 10}\'.')
 @click.option("--x-train", help="Key of the training inputs (default X_train).")
 @click.option("--y-train", help="Key of the training targets (default Y_train).")
 @click.option("--x-val", help="Key of the validation inputs (default X_val, optional in the file).")

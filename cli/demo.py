@@ -28,12 +28,27 @@ def _json_lines(stream: Iterator[str]) -> Iterator[dict]:
 
 
 @click.command("demo")
-@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=EXAMPLES / "highway.json", show_default=True, help="Job spec to train.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output directory [default: <data dir>/demo/run].")
-@click.option("--backend", type=click.Choice(["tensorflow", "jax", "torch"]), default=None,
-              help="Keras backend [default: the spec's].")
+@click.option(
+    "--spec",
+    "spec_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=EXAMPLES / "highway.json",
+    show_default=True,
+    help="Job spec to train.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output directory [default: <data dir>/demo/run].",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["tensorflow", "jax", "torch"]),
+    default=None,
+    help="Keras backend [default: the spec's].",
+)
 def demo_command(spec_path: Path, out_dir: Path | None, backend: str | None) -> None:
     """Train SPEC (the Highway example by default) on sklearn's digits, written as HDF5, on the CPU."""
     console = Console(stderr=True)
@@ -41,8 +56,19 @@ def demo_command(spec_path: Path, out_dir: Path | None, backend: str | None) -> 
     data_path = write_digits_h5(demo_dir / "digits.h5")
     out_dir = out_dir or demo_dir / "run"
     console.print(f"data: {data_path}\nspec: {spec_path}\nout:  {out_dir}")
-    command = [sys.executable, "-m", "worker.trainer", "--spec", str(spec_path), "--data", str(data_path),
-               "--out", str(out_dir), "--gpu", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "worker.trainer",
+        "--spec",
+        str(spec_path),
+        "--data",
+        str(data_path),
+        "--out",
+        str(out_dir),
+        "--gpu",
+        "cpu",
+    ]
     if backend:
         command += ["--backend", backend]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:

@@ -17,7 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Column, Table
 
-from cli.render import health_text, render_events, styled_state
+from cli.render import health_text, queue_text, render_events, styled_state
 from core.names import ARTIFACT_NAMES, MODEL_H5
 from core.settings import get_settings
 from core.states import CANCELLED, FAILED, INTERRUPTED, JOB_STATES, SUCCEEDED, TERMINAL_STATES
@@ -141,8 +141,11 @@ def _size(n: float) -> str:
 @click.option("--dataset", required=True, help="Id of one of your data sets (gpuyard datasets upload).")
 @click.option("--dry-run", is_flag=True, help="Build the model on the data set's shapes; queue nothing.")
 @click.option("--follow", "-f", is_flag=True, help="Then follow the job like `gpuyard logs -f`.")
+@click.option(
+    "--priority", type=int, default=0, show_default=True, help="Higher goes first; at most your max_priority."
+)
 @client_options
-def submit(client: Client, spec_file: Path, dataset: str, dry_run: bool, follow: bool) -> None:
+def submit(client: Client, spec_file: Path, dataset: str, dry_run: bool, follow: bool, priority: int) -> None:
     """Submit a job: SPEC.json (see examples/specs/) on a data set. Prints the job id on stdout."""
     try:
         spec = json.loads(spec_file.read_text())
@@ -150,11 +153,13 @@ def submit(client: Client, spec_file: Path, dataset: str, dry_run: bool, follow:
         raise click.BadParameter(f"{spec_file} is not valid JSON: {exc}", param_hint="SPEC.json") from None
     if not isinstance(spec, dict):
         raise click.BadParameter(f"expected a JSON object in {spec_file}", param_hint="SPEC.json")
-    result = client.submit(dataset, spec, dry_run=dry_run)
+    result = client.submit(dataset, spec, dry_run=dry_run, priority=priority)
     if dry_run:
         _print_dry_run(result)
         return
     click.echo(f"job {result['id']} {result['state']}", err=True)
+    if result.get("waiting_reason"):
+        click.echo("queue: " + queue_text(result), err=True)
     click.echo(result["id"])
     if follow:
         sys.exit(follow_job(client, result["id"]))
@@ -171,6 +176,14 @@ def _print_dry_run(result: dict[str, Any]) -> None:
         console.print(table)
     rest = {k: v for k, v in report.items() if k != "layers"}
     console.print_json(json.dumps(rest, default=str))
+    if result.get("memory"):
+        console.print(result["memory"])
+    placement = result.get("placement")
+    if placement:
+        where = (
+            f"would start now on {placement['gpu']}" if placement.get("gpu") else "would wait: " + queue_text(placement)
+        )
+        console.print(where)
 
 
 @click.command("status")
@@ -192,7 +205,13 @@ def status(client: Client, job: str | None, state: str | None, as_json: bool) ->
         click.echo(json.dumps(jobs, indent=2))
         return
     table = Table(
-        Column("id", no_wrap=True), Column("state", no_wrap=True), "family", "owner", "progress", "queued at", "reason"
+        Column("id", no_wrap=True),
+        Column("state", no_wrap=True),
+        "family",
+        "owner",
+        "progress",
+        "queued at",
+        "queue / reason",
     )
     for item in jobs:
         table.add_row(
@@ -202,9 +221,15 @@ def status(client: Client, job: str | None, state: str | None, as_json: bool) ->
             item["owner"],
             _progress_text(item.get("progress")),
             str(item["queued_at"])[:19].replace("T", " "),
-            item.get("error_reason") or "",
+            _queue_short(item) if item.get("waiting_reason") else item.get("error_reason") or "",
         )
     _console().print(table)
+
+
+def _queue_short(job: dict[str, Any]) -> str:
+    start = job.get("estimated_start_at")
+    eta = f", ~{str(start)[11:16]}" if start else ""
+    return f"#{job.get('queue_position')} {job['waiting_reason']}{eta}"
 
 
 def _progress_text(progress: dict[str, Any] | None) -> str:
@@ -216,6 +241,16 @@ def _progress_text(progress: dict[str, Any] | None) -> str:
     if progress.get("loss") is not None:
         parts.append(f"loss {progress['loss']:.4g}")
     return ", ".join(parts)
+
+
+def _memory_text(job: dict[str, Any]) -> str:
+    fraction = ((job.get("spec") or {}).get("resources") or {}).get("memory_fraction")
+    text = f"memory_fraction {fraction}" + (" (auto)" if job.get("memory_fraction_auto") else "")
+    if job.get("peak_gpu_memory_bytes"):
+        text += f", peak {job['peak_gpu_memory_bytes'] / 2**20:,.0f} MiB"
+    if job.get("suggested_memory_fraction"):
+        text += f", next time ask for {job['suggested_memory_fraction']:g}"
+    return text
 
 
 def _print_job(job: dict[str, Any]) -> None:
@@ -232,7 +267,11 @@ def _print_job(job: dict[str, Any]) -> None:
         ("started", str(job.get("started_at") or "")),
         ("finished", str(job.get("finished_at") or "")),
         ("progress", _progress_text(job.get("progress"))),
+        ("priority", str(job.get("priority", 0))),
+        ("memory", _memory_text(job)),
     ]
+    if job.get("waiting_reason"):
+        rows.append(("queue", queue_text(job)))
     metrics = (job.get("progress") or {}).get("metrics")
     if metrics:
         rows.append(("metrics", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))))

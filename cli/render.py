@@ -132,6 +132,15 @@ class EventRenderer:
             + (f": {', '.join(shown)}" if shown else "")
         )
 
+    def on_queue(self, data: dict[str, Any]) -> None:
+        self.console.print("queue: " + queue_text(data))
+
+    def on_resized(self, data: dict[str, Any]) -> None:
+        self.console.print(
+            f"memory: out of its budget at memory_fraction {data.get('memory_fraction_from')}; requeued once at "
+            f"{data.get('memory_fraction')}"
+        )
+
     def on_health(self, data: dict[str, Any]) -> None:
         findings = data.get("findings") or []
         if not findings:
@@ -184,3 +193,16 @@ def render_events(events: Iterable[dict[str, Any]], console: Console | None = No
         for event in events:
             renderer.handle(event)
     return renderer
+
+
+def queue_text(waiting: dict[str, Any]) -> str:
+    """Where a waiting job stands, from a job record or a ``queue`` event: "#2, gpu_full, starts ~14:05 (…)"."""
+    parts = []
+    if waiting.get("queue_position") is not None:
+        parts.append(f"#{waiting['queue_position']}")
+    if waiting.get("waiting_reason"):
+        parts.append(str(waiting["waiting_reason"]))
+    start = waiting.get("estimated_start_at")
+    parts.append(f"starts ~{str(start)[:16].replace('T', ' ')} UTC" if start else "start unknown")
+    note = waiting.get("detail") or waiting.get("dispatch_note")
+    return ", ".join(parts) + (f" ({note})" if note else "")

@@ -50,9 +50,7 @@ def api(host: str, port: int, workers: int, connections: int, gunicorn_args: tup
 )
 @click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds the processes get to stop before they are killed.")  # fmt: skip
-def up(
-    data_dir: Path | None, host: str, port: int, api_workers: int, concurrency: int | None, grace_s: float
-) -> None:
+def up(data_dir: Path | None, host: str, port: int, api_workers: int, concurrency: int | None, grace_s: float) -> None:
     """Run the whole local stack (Redis, API, one CPU worker, janitor) until Ctrl-C."""
     settings = get_settings()
     data_dir = (data_dir or settings.data_dir).resolve()

@@ -40,7 +40,7 @@ from models.data.sandbox import check_file
 from models.data.summary import DatasetSummary
 from models.fit import spec_data_problems
 from models.size import estimated_training_bytes, model_size
-from models.spec import JobSpec, parse_spec
+from models.spec import AUTO, JobSpec, parse_spec
 from worker.trainer.events import FAILED_EVENT
 
 EXIT_CODES = {
@@ -170,7 +170,8 @@ def _placement(run: SmokeRun, spec: JobSpec, summary: DatasetSummary, gpus_path:
     if size is None:
         return run.record("budget_fits", True, "keras_json: no estimate, not checked", started)
     need = estimated_training_bytes(spec, size)
-    fraction = spec.resources.memory_fraction
+    # 'auto' is sized at submit to fit the model: it fits when a whole GPU does.
+    fraction = 1.0 if spec.resources.memory_fraction == AUTO else spec.resources.fraction
     candidates = {u: t for u, t in gpus.items() if wanted in ("any", u)}
     budgets = {u: int(fraction * t) for u, t in candidates.items()}
     fitting = [u for u, b in budgets.items() if b >= need]

@@ -39,13 +39,14 @@ def create(name: str, admin: bool) -> None:
 @users.command("list")
 def list_users() -> None:
     """List users (never their tokens)."""
-    table = Table("id", "name", "admin", "disabled", "created")
+    table = Table("id", "name", "admin", "disabled", "max priority", "created")
     for user in _database().list_users():
         table.add_row(
             str(user.id),
             user.name,
             "yes" if user.is_admin else "",
             "yes" if user.disabled else "",
+            str(user.max_priority),
             user.created_at.isoformat(" ", "seconds"),
         )
     Console().print(table)
@@ -67,6 +68,16 @@ def enable(name: str) -> None:
     if _database().set_user_disabled(name, False) is None:
         raise click.ClickException(f"no user named {name!r}; 'gpuyard users list' shows them")
     click.echo(f"enabled user {name!r}", err=True)
+
+
+@users.command("set-priority")
+@click.argument("name")
+@click.argument("max_priority", type=click.IntRange(-100, 100))
+def set_priority(name: str, max_priority: int) -> None:
+    """Let user NAME submit jobs at priorities up to MAX_PRIORITY (default 0; higher goes first)."""
+    if _database().set_max_priority(name, max_priority) is None:
+        raise click.ClickException(f"no user named {name!r}; 'gpuyard users list' shows them")
+    click.echo(f"user {name!r} may now submit at priority ≤ {max_priority}", err=True)
 
 
 @users.command("rotate-token")

@@ -382,18 +382,35 @@ class TrainingSpec(_Strict):
     )
 
 
+#: The fraction of a job whose budget is not sized (yet): the default, and what 'auto' stands for where
+#: there is no estimate to size it from (a CPU-only deployment, keras_json).
+UNSIZED_FRACTION = 0.25
+AUTO = "auto"
+
+
 class ResourcesSpec(_Strict):
     """Validated when the job is submitted, enforced by the worker."""
 
-    memory_fraction: float = Field(
-        0.25,
-        gt=0.0,
-        le=1.0,
+    memory_fraction: float | Literal["auto"] = Field(
+        UNSIZED_FRACTION,
         description="Share of the GPU's memory the job may use. The default, 0.25, lets four jobs share a "
-        "GPU; ask for 1.0 to have a GPU alone.",
+        "GPU; ask for 1.0 to have a GPU alone. 'auto': gpuyard sizes it at submit from the model's estimated "
+        "training memory, corrected by the peaks measured on earlier jobs of the same family (see README).",
     )
     backend: Literal["tensorflow", "jax", "torch"] = "tensorflow"
     max_runtime_s: PositiveInt | None = Field(None, description="Wall-clock limit; the job stops after it.")
+    @field_validator("memory_fraction")
+    @classmethod
+    def _fraction_range(cls, value: float | str) -> float | str:
+        if value != AUTO and not 0.0 < float(value) <= 1.0:
+            raise ValueError(f"Expected a number in (0, 1] or 'auto'. Received: memory_fraction={value!r}")
+        return value
+
+    @property
+    def fraction(self) -> float:
+        """The memory fraction as a number (an unresolved 'auto' counts as :data:`UNSIZED_FRACTION`)."""
+        return UNSIZED_FRACTION if self.memory_fraction == AUTO else float(self.memory_fraction)
+
     gpu: str = Field(
         "any",
         pattern=_GPU_PATTERN,

@@ -24,6 +24,7 @@ from service.ui import root as ui_root
 from worker.db import Database
 from worker.dispatch import GpuBoard
 from worker.queues import celery_sender
+from worker.relay import EventPublisher
 from worker.storage import LocalStorage
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -107,6 +108,7 @@ def register_extensions(app: Flask) -> None:
             stream_slots=StreamSlots(
                 settings.redis_url or None, settings.max_streams_per_user, ttl_s=3 * settings.sse_keepalive_s
             ),
+            wake=functools.partial(EventPublisher(settings.redis_url or None).publish, payload={"event": "wake"}),
         ),
     )
 

@@ -300,13 +300,14 @@ class Client:
         return self._json("GET", f"/v1/datasets/{dataset_id}")
 
     # ── jobs ──
-    def submit(self, dataset: str, spec: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
-        """Queue a job (the job), or with ``dry_run`` report what it would build (parameters, layers)."""
+    def submit(self, dataset: str, spec: dict[str, Any], dry_run: bool = False, priority: int = 0) -> dict[str, Any]:
+        """Queue a job (the job), or with ``dry_run`` report what it would build (parameters, layers) and
+        where and when it would start."""
         return self._json(
             "POST",
             "/v1/jobs",
             params={"dry_run": "1"} if dry_run else None,
-            json={"dataset": dataset, "spec": spec},
+            json={"dataset": dataset, "spec": spec, "priority": priority},
             timeout=(self.timeout_s, max(self.timeout_s, 180.0)) if dry_run else self.timeout_s,
         )
 

@@ -46,7 +46,8 @@ class Services:
     """Wakes this process's event streams when their job publishes (service/streams.py)."""
     stream_slots: StreamSlots
     """Counts each user's open event streams across processes."""
-    """The workers' GPU heartbeats by uuid (Redis; tests substitute a dict)."""
+    wake: Callable[[str], None] = lambda job_id: None
+    """Tells a job's event streams to look at the DB (Redis pub/sub; the dispatcher's queue events)."""
 
 
 def init_services(app: Flask, services: Services) -> None:

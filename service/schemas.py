@@ -229,6 +229,18 @@ class DryRunOut(BaseModel):
         description="The trainer's dry-run report: parameters, layer table, memory estimate, warnings."
     )
     env: dict[str, Any] | None = Field(None, description="The environment the trainer would set up.")
+    placement: PlacementOut | None = Field(None, description="Where and when the job would start if submitted now.")
+    memory: str | None = Field(None, description="How memory_fraction 'auto' was sized, when it was asked for.")
+
+
+class PlacementOut(BaseModel):
+    """A dry run's forecast: the GPU it would start on now, or its place, reason and estimated start."""
+
+    gpu: str | None = Field(description="The GPU (or 'cpu') it would be placed on now; null when it would wait.")
+    estimated_start_at: dt.datetime | None
+    waiting_reason: str | None = None
+    detail: str | None = None
+    queue_position: int | None = None
 
 
 # ── GPUs ──

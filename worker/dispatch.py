@@ -172,7 +172,7 @@ class Ticket:
         return cls(
             job.id,
             job.owner_id,
-            resources.memory_fraction,
+            resources.fraction,
             resources.gpu,
             job.gpu,
             resources.backend,
@@ -331,7 +331,7 @@ def never_fits(spec: dict[str, Any], gpus: Sequence[GpuView], settings: Settings
     never refuses: a job's need is capped at its GPU's total, so an empty GPU always holds it.)
     """
     resources = resources_of(spec)
-    fraction, request = resources.memory_fraction, resources.gpu
+    fraction, request = resources.fraction, resources.gpu
     if request == "cpu" or (request == "any" and not gpus):
         return []
     if request != "any" and request not in {g.uuid for g in gpus}:
@@ -475,7 +475,7 @@ def job_kind(job: Job) -> tuple[int, str | None, str, int]:
     spec = job.spec or {}
     arch = spec.get("architecture") or {}
     epochs = (spec.get("training") or {}).get("epochs") or 0
-    return (job.owner_id, job.dataset_id, str(arch.get("type")), int(epochs))
+    return (job.owner_id, job.dataset_id, str(arch.get("family")), int(epochs))
 
 
 class Durations:
@@ -519,7 +519,7 @@ def _usage_spans(finished: Iterable[Job], active: Iterable[Job]) -> Iterator[Usa
     for job in (*finished, *active):
         if job.gpu in (None, "cpu") or job.started_at is None or job.state == QUEUED:
             continue
-        yield UsageSpan(job.owner_id, resources_of(job.spec).memory_fraction, job.started_at, job.finished_at)
+        yield UsageSpan(job.owner_id, resources_of(job.spec).fraction, job.started_at, job.finished_at)
 
 
 # ── doing it ──────────────────────────────────────────────────────────────────────────────────────────

@@ -21,6 +21,7 @@ exits stops the fleet (its supervisor — ``gpuyard up``, compose, systemd — r
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -132,8 +133,17 @@ def descendants(pid: int | None) -> set[int]:
         return set()
 
 
-def heartbeat(info: GpuInfo, *, host: str, worker: str, slots: int, ours: set[int]) -> dict[str, Any]:
-    """One GPU's heartbeat: its readings, with each process marked gpuyard's (in ``ours``) or foreign."""
+def installed_backends() -> list[str]:
+    """The Keras backends this host's trainers can import (looked up, not imported: no framework here)."""
+    modules = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+    return sorted(name for name, module in modules.items() if importlib.util.find_spec(module) is not None)
+
+
+def heartbeat(
+    info: GpuInfo, *, host: str, worker: str, slots: int, ours: set[int], backends: Sequence[str] = ()
+) -> dict[str, Any]:
+    """One GPU's heartbeat: its readings, with each process marked gpuyard's (in ``ours``) or foreign, and
+    the backends its trainers can run."""
     processes = [
         {"pid": p.pid, "pgid": _pgid(p.pid), "memory_bytes": p.memory_bytes, "gpuyard": p.pid in ours}
         for p in info.processes
@@ -147,6 +157,7 @@ def heartbeat(info: GpuInfo, *, host: str, worker: str, slots: int, ours: set[in
         "host": host,
         "worker": worker,
         "slots": slots,
+        "backends": list(backends),
         "memory_total_bytes": info.memory_total_bytes,
         "memory_used_bytes": info.memory_used_bytes,
         "memory_free_bytes": info.memory_free_bytes,
@@ -173,6 +184,7 @@ class Heartbeats(threading.Thread):
         self.settings, self.backend = settings, backend
         self.workers = [w for w in workers if w.gpu is not None]  # the CPU worker has no GPU to report
         self.host = socket.gethostname()
+        self.backends = installed_backends()
         self._client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._stopping = threading.Event()
         self._warned = False
@@ -186,7 +198,12 @@ class Heartbeats(threading.Thread):
             if info is None or worker.proc is None or worker.proc.poll() is not None:
                 continue  # no reading, or no worker to take jobs: let the key expire (offline)
             record = heartbeat(
-                info, host=self.host, worker=worker.name, slots=worker.slots, ours=descendants(worker.proc.pid)
+                info,
+                host=self.host,
+                worker=worker.name,
+                slots=worker.slots,
+                ours=descendants(worker.proc.pid),
+                backends=self.backends,
             )
             pipe.set(heartbeat_key(worker.gpu.uuid), json.dumps(record), px=ttl_ms)
         try:
@@ -221,7 +238,14 @@ def register(db: Database, workers: Sequence[WorkerPlan], host: str | None = Non
         gpu = worker.gpu
         if gpu is None:
             continue  # the CPU worker
-        db.register_gpu(gpu.uuid, host=host, index=gpu.index, name=gpu.name, memory_total_bytes=gpu.memory_total_bytes)
+        db.register_gpu(
+            gpu.uuid,
+            host=host,
+            index=gpu.index,
+            name=gpu.name,
+            memory_total_bytes=gpu.memory_total_bytes,
+            backends=installed_backends(),
+        )
 
 
 def run_fleet(

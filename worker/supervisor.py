@@ -310,7 +310,7 @@ class Supervisor:
         total = self.gpu_total_bytes
         if not peak or not total:
             return None, detail
-        old = resources_of(job.spec).memory_fraction
+        old = resources_of(job.spec).fraction
         allowance = context_allowance_bytes(self.settings)
         # Killed at its budget, the job might have wanted more than it reached: grow by a quarter at least.
         new = max(fraction_for(peak, total, allowance, self.settings.memory_margin), math.ceil(125 * old) / 100)
@@ -378,7 +378,7 @@ class Supervisor:
             # The fake GPU counts the trainer's RSS unless the trainer (or a test) declares a figure.
             assert self.settings.fake_gpu_dir is not None
             declare_fake_process_if_absent(self.settings.fake_gpu_dir, self.gpu, pgid)
-        fraction = resources_of(job.spec).memory_fraction
+        fraction = resources_of(job.spec).fraction
         self.gpu_total_bytes = info.memory_total_bytes
         budget = budget_bytes(fraction, info.memory_total_bytes, context_allowance_bytes(self.settings))
         self.watchdog = MemoryWatchdog(

@@ -7,26 +7,28 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from functools import lru_cache
+from typing import Any
 
 from flask import Blueprint, Response, request, send_file, url_for
 
 from core.atomicio import file_sha256
 from core.errors import Problem
 from core.names import ARTIFACT_MEDIA_TYPES, ARTIFACT_NAMES, TRAINER_LOG
-from core.states import TERMINAL_STATES
+from core.states import QUEUED, TERMINAL_STATES
 from models.data.summary import DatasetSummary
 from models.fit import spec_data_problems
 from models.size import size_problems
-from models.spec import JobSpec, parse_spec
+from models.spec import AUTO, JobSpec, parse_spec
 from service.api import json_body, query_args, respond
 from service.auth import authenticate, current_user, visible_owner_id
 from service.errors import NotFound, ServiceUnavailable, TooManyRequests, Unprocessable, scrub_paths, server_roots
 from service.extensions import services
-from service.schemas import DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut
+from service.schemas import DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut, PlacementOut
 from service.streams import EventHub
-from worker.db import Database, Dataset, Job, JobEvent
-from worker.dispatch import dispatch, gpu_views, never_fits
+from worker.db import Database, Dataset, Job, JobEvent, utcnow
+from worker.dispatch import GpuView, decide_queue, dispatch, gpu_views, never_fits
 from worker.errors import QueueUnavailable
+from worker.sizing import auto_budget
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
@@ -58,10 +60,23 @@ def submit() -> Response:
     size = size_problems(spec, list(summary.input_shape), summary.output_dim, svc.settings)
     if size:  # before anything is built, dry run included
         raise Unprocessable.from_problems("model_too_large", size, prefix="spec.")
+    user = current_user()
+    if body.priority > user.max_priority:
+        raise Unprocessable(
+            f"priority {body.priority} is above your max_priority {user.max_priority}; ask an admin "
+            "(gpuyard users set-priority) or submit at most that",
+            field="priority",
+            code="priority_too_high",
+        )
     spec_json = spec.model_dump(mode="json")
     if spec_json["resources"]["max_runtime_s"] is None and svc.settings.default_max_runtime_s:
         spec_json["resources"]["max_runtime_s"] = svc.settings.default_max_runtime_s
     gpus = gpu_views(svc.db, svc.heartbeats)
+    _check_backend(spec, gpus)
+    sized = None
+    if spec.resources.memory_fraction == AUTO:
+        sized = auto_budget(svc.db, svc.settings, spec, summary, gpus)
+        spec_json["resources"]["memory_fraction"] = sized.memory_fraction
     never = never_fits(spec_json, gpus, svc.settings)
     if never:
         raise Unprocessable.from_problems("never_fits", never, prefix="spec.")
@@ -74,16 +89,29 @@ def submit() -> Response:
             problems = [Problem(e.get("code", "invalid"), e.get("detail", ""), e.get("field")) for e in errors]
             raise Unprocessable.from_problems("spec_invalid", problems, prefix="spec.")
         return respond(
-            DryRunOut(dataset=dataset.id, spec=spec_json, report=result.get("report"), env=result.get("env"))
+            DryRunOut(
+                dataset=dataset.id,
+                spec=spec_json,
+                report=result.get("report"),
+                env=result.get("env"),
+                placement=_would_start(spec_json, dataset.id, body.priority, gpus),
+                memory=sized.detail if sized else None,
+            )
         )
     job = svc.db.create_job(
-        current_user().id,
+        user.id,
         dataset.id,
         spec_json,
         max_active=svc.settings.max_active_jobs_per_user,
         max_attempts=svc.settings.max_attempts,
+        priority=body.priority,
+        memory_fraction_auto=sized is not None,
     )
-    report = dispatch(svc.db, svc.settings, gpus, svc.send)
+    if sized is not None:
+        svc.db.append_event(
+            job.id, {"event": "memory_sized", "memory_fraction": sized.memory_fraction, "detail": sized.detail}
+        )
+    report = dispatch(svc.db, svc.settings, gpus, svc.send, wake=svc.wake)
     for placement, exc in report.failed:
         if placement.job_id == job.id:
             detail = str(exc) if isinstance(exc, QueueUnavailable) else f"{type(exc).__name__}: {exc}"
@@ -93,6 +121,48 @@ def submit() -> Response:
             ) from exc
     job = svc.db.get_job(job.id) or job
     return respond(job_out(job), 201, {"Location": url_for("jobs.show", job_id=job.id)})
+
+
+def _check_backend(spec: JobSpec, gpus: list[GpuView]) -> None:
+    """Refuse a backend no registered worker runs (422 listing those that exist); one that only offline
+    workers run is accepted and waits (``no_worker_for_backend``). Unknown where no worker reported any."""
+    backends = {b for g in gpus for b in (g.backends or (g.row.backends if g.row is not None else None) or ())}
+    wanted = spec.resources.backend
+    if spec.resources.gpu != "cpu" and backends and wanted not in backends:
+        raise Unprocessable(
+            f"resources.backend: no worker runs {wanted!r}; the workers run: {', '.join(sorted(backends))}",
+            field="spec.resources.backend",
+            code="no_worker_for_backend",
+        )
+
+
+def _would_start(spec_json: dict[str, Any], dataset_id: str, priority: int, gpus: list[GpuView]) -> PlacementOut:
+    """Where and when a job like this would start if submitted now (a forecast; nothing is written)."""
+    svc = services()
+    now = utcnow()
+    probe = Job(
+        id="dry_run",
+        owner_id=current_user().id,
+        dataset_id=dataset_id,
+        spec=spec_json,
+        state=QUEUED,
+        priority=priority,
+        queued_at=now,
+        attempts=0,
+    )
+    with svc.db.peek_queue() as txn:
+        decided = decide_queue(txn, svc.settings, gpus, now, extra=probe)
+    going = {p.job_id: p.gpu for p in decided.plan.placements}
+    if probe.id in going:
+        return PlacementOut(gpu=going[probe.id], estimated_start_at=now, waiting_reason=None, detail="would start now")
+    position = [t.id for t in decided.order if t.id in decided.plan.notes].index(probe.id) + 1
+    return PlacementOut(
+        gpu=None,
+        estimated_start_at=decided.starts.get(probe.id),
+        waiting_reason=decided.plan.reasons.get(probe.id),
+        detail=decided.plan.notes.get(probe.id),
+        queue_position=position,
+    )
 
 
 @bp.get("")
@@ -151,8 +221,7 @@ def events(job_id: str) -> Response:
     if slot is None:
         cap = svc.settings.max_streams_per_user
         raise TooManyRequests(
-            f"you have {cap} event streams open; the limit is {cap} (max_streams_per_user). "
-            "Close one, or retry later",
+            f"you have {cap} event streams open; the limit is {cap} (max_streams_per_user). Close one, or retry later",
             code="too_many_streams",
             headers={"Retry-After": str(max(1, round(svc.settings.sse_keepalive_s)))},
         )

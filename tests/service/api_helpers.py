@@ -11,7 +11,9 @@ from flask.testing import FlaskClient
 from support import free_port  # noqa: F401  (re-exported to the service tests)
 
 from service.extensions import Services
+from worker.db import Database
 from worker.errors import QueueUnavailable
+from worker.gpus import GiB, fake_uuid
 
 
 def services(app: Flask) -> Services:
@@ -78,3 +80,38 @@ class Tokens:
     @staticmethod
     def header(token: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
+
+
+# ── fake GPUs registered through the job DB, with heartbeats a test edits ──
+GPU0, GPU1 = fake_uuid(0), fake_uuid(1)
+MLP = {"architecture": {"family": "mlp", "widths": [16]}, "training": {"epochs": 1}}
+
+
+
+
+def _db(app: Flask) -> Database:
+    return app.extensions["gpuyard"].db
+
+
+def register_two(app: Flask, beats: dict[str, dict[str, Any]], *, online: tuple[str, ...] = (GPU0, GPU1)) -> None:
+    for index, uuid in enumerate((GPU0, GPU1)):
+        _db(app).register_gpu(uuid, host="node1", index=index, name="Fake GPU 16 GiB", memory_total_bytes=16 * GiB)
+        if uuid in online:
+            beats[uuid] = {
+                "host": "node1",
+                "slots": 4,
+                "memory_total_bytes": 16 * GiB,
+                "memory_used_bytes": 0,
+                "utilization_percent": 0,
+                "processes": [],
+                "foreign_bytes": 0,
+                "gpuyard_bytes": 0,
+                "time": 1.0,
+            }
+
+
+def submit(client: FlaskClient, token: str, dataset_id: str, **resources: Any) -> Any:
+    spec = {**MLP, "resources": resources}
+    return client.post("/v1/jobs", json={"dataset": dataset_id, "spec": spec}, headers=bearer(token))
+
+

@@ -7,16 +7,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_helpers import FakeQueue, Tokens, assert_error_body, bearer, free_port, upload
+from api_helpers import (
+    GPU0,
+    GPU1,
+    FakeQueue,
+    Tokens,
+    _db,
+    assert_error_body,
+    bearer,
+    free_port,
+    register_two,
+    submit,
+    upload,
+)
 from flask import Flask
 from flask.testing import FlaskClient
 
 from core.settings import Settings
-from worker.db import Database
-from worker.gpus import GiB, fake_uuid
-
-GPU0, GPU1 = fake_uuid(0), fake_uuid(1)
-MLP = {"architecture": {"family": "mlp", "widths": [16]}, "training": {"epochs": 1}}
+from worker.gpus import GiB
 
 
 @pytest.fixture
@@ -32,35 +40,9 @@ def settings(tmp_path: Path) -> Settings:
     )
 
 
-def _db(app: Flask) -> Database:
-    return app.extensions["gpuyard"].db
-
-
-def register_two(app: Flask, beats: dict[str, dict[str, Any]], *, online: tuple[str, ...] = (GPU0, GPU1)) -> None:
-    for index, uuid in enumerate((GPU0, GPU1)):
-        _db(app).register_gpu(uuid, host="node1", index=index, name="Fake GPU 16 GiB", memory_total_bytes=16 * GiB)
-        if uuid in online:
-            beats[uuid] = {
-                "host": "node1",
-                "slots": 4,
-                "memory_total_bytes": 16 * GiB,
-                "memory_used_bytes": 0,
-                "utilization_percent": 0,
-                "processes": [],
-                "foreign_bytes": 0,
-                "gpuyard_bytes": 0,
-                "time": 1.0,
-            }
-
-
 @pytest.fixture
 def dataset_id(client: FlaskClient, tokens: Tokens, digits_h5: Path) -> str:
     return upload(client, tokens.alice, digits_h5).get_json()["id"]
-
-
-def submit(client: FlaskClient, token: str, dataset_id: str, **resources: Any) -> Any:
-    spec = {**MLP, "resources": resources}
-    return client.post("/v1/jobs", json={"dataset": dataset_id, "spec": spec}, headers=bearer(token))
 
 
 def test_gpus_need_a_token_and_list_every_registered_gpu(

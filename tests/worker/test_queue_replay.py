@@ -120,7 +120,7 @@ def test_a_lab_day_is_packed_fair_bounded_and_forecast(tmp_path: Path) -> None:
         while pending and pending[0].at == now:
             sub = pending.pop(0)
             spec = {"resources": {"gpu": "any", "memory_fraction": sub.fraction}, "training": {"epochs": sub.kind + 1}}
-            spec["architecture"] = {"type": "mlp"}
+            spec["architecture"] = {"family": "mlp"}
             job = lab.db.create_job(
                 lab.users[sub.user],
                 lab.datasets[sub.user, sub.kind],

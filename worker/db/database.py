@@ -815,6 +815,23 @@ class Database:
                 ).unique()
             )
 
+    def recent_peaks(self, family: str, *, limit: int = 20) -> list[tuple[Job, dict[str, Any]]]:
+        """The latest finished jobs of an architecture ``family`` that recorded a GPU memory peak, each with
+        its data set's summary (automatic budgets learn from them)."""
+        with self._begin() as s:
+            rows = s.execute(
+                select(Job, Dataset.summary)
+                .join(Dataset, Dataset.id == Job.dataset_id)
+                .where(
+                    Job.state.in_(TERMINAL_STATES),
+                    Job.peak_gpu_memory_bytes.is_not(None),
+                    Job.spec["architecture"]["family"].as_string() == family,
+                )
+                .order_by(Job.finished_at.desc())
+                .limit(limit)
+            ).all()
+            return [(job, summary) for job, summary in rows]
+
     # ── GPUs ──
     def register_gpu(
         self,

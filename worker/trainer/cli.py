@@ -195,7 +195,7 @@ def prepare_and_train(args: argparse.Namespace, settings: Settings, emitter: Eve
     plan = env.plan_environment(
         backend=spec.resources.backend,
         device=device,
-        memory_fraction=spec.resources.memory_fraction,
+        memory_fraction=spec.resources.fraction,
         gpu_total_bytes=total,
     )
     env.apply_environment(plan)
