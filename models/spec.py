@@ -382,8 +382,8 @@ class TrainingSpec(_Strict):
     )
 
 
-#: The fraction of a job whose budget is not sized (yet): the default, and what 'auto' stands for where
-#: there is no estimate to size it from (a CPU-only deployment, keras_json).
+#: What an unsized 'auto' stands for: where there is no estimate to size it from (keras_json, no GPU
+#: registered), and for a stored spec that was never sized.
 UNSIZED_FRACTION = 0.25
 AUTO = "auto"
 
@@ -392,10 +392,11 @@ class ResourcesSpec(_Strict):
     """Validated when the job is submitted, enforced by the worker."""
 
     memory_fraction: float | Literal["auto"] = Field(
-        UNSIZED_FRACTION,
-        description="Share of the GPU's memory the job may use. The default, 0.25, lets four jobs share a "
-        "GPU; ask for 1.0 to have a GPU alone. 'auto': gpuyard sizes it at submit from the model's estimated "
-        "training memory, corrected by the peaks measured on earlier jobs of the same family (see README).",
+        AUTO,
+        description="Share of the GPU's memory the job may use: 0.25 lets four jobs share a GPU, 1.0 has a GPU "
+        "alone. 'auto' (the default): gpuyard sizes it at submit from the model's estimated training memory, "
+        "corrected by the peaks measured on earlier jobs of the same family (see README); a job that still "
+        "runs out is requeued once at its measured peak.",
     )
     backend: Literal["tensorflow", "jax", "torch"] = "tensorflow"
     max_runtime_s: PositiveInt | None = Field(None, description="Wall-clock limit; the job stops after it.")

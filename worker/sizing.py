@@ -40,6 +40,7 @@ class AutoBudget:
     correction: float
     samples: int
     detail: str
+    sized: bool = True  # False: no estimate or no GPU to size it for; it stands for the unsized default
 
 
 def estimate_bytes(spec: JobSpec, summary: DatasetSummary) -> int | None:
@@ -70,7 +71,8 @@ def auto_budget(
     estimate = estimate_bytes(spec, summary)
     if request == "cpu" or not totals or estimate is None:
         why = "no estimate for keras_json" if estimate is None else "no GPU to size it for"
-        return AutoBudget(UNSIZED_FRACTION, estimate, 1.0, 0, f"auto: {why}; memory_fraction {UNSIZED_FRACTION:g}")
+        detail = f"auto: {why}; memory_fraction {UNSIZED_FRACTION:g}"
+        return AutoBudget(UNSIZED_FRACTION, estimate, 1.0, 0, detail, sized=False)
     correction, samples = peak_correction(db, spec.architecture.family)
     need = int(estimate * correction)
     fraction = fraction_for(need, min(totals), context_allowance_bytes(settings), settings.memory_margin)

@@ -107,7 +107,7 @@ def submit() -> Response:
         priority=body.priority,
         memory_fraction_auto=sized is not None,
     )
-    if sized is not None:
+    if sized is not None and sized.sized:
         svc.db.append_event(
             job.id, {"event": "memory_sized", "memory_fraction": sized.memory_fraction, "detail": sized.detail}
         )

@@ -42,7 +42,7 @@ def test_minimal_spec_gets_documented_defaults() -> None:
     assert spec.training.seed == 0
     assert spec.training.shuffle is True
     assert spec.training.optimizer.name == "adam"
-    assert spec.resources.memory_fraction == 0.25
+    assert spec.resources.memory_fraction == "auto" and spec.resources.fraction == 0.25  # sized at submit
     assert spec.resources.backend == "tensorflow"
     assert spec.resources.gpu == "any"
     assert spec.architecture.input_normalization == "none"

@@ -36,8 +36,8 @@ def test_up_packs_four_quarter_jobs_onto_one_fake_gpu(tmp_path: Path, digits_h5:
             with digits_h5.open("rb") as fh:
                 stored = storage.put_dataset_stream(fh, max_bytes=10 * 2**20)
             dataset, _ = db.add_dataset(user.id, stored.sha256, stored.size_bytes, {}, stored.key)
-            # The fake trainer's own spec key; memory_fraction left out: the default, 0.25.
-            spec = {"name": "packed", "fake": {"epochs": 3, "epoch_s": 2}}
+            # The fake trainer's own spec key, and four quarters of a GPU.
+            spec = {"name": "packed", "fake": {"epochs": 3, "epoch_s": 2}, "resources": {"memory_fraction": 0.25}}
             job_ids = [db.create_job(user.id, dataset.id, spec, max_active=10, max_attempts=1).id for _ in range(4)]
             deadline = time.monotonic() + 120  # the janitor's dispatch pass places them (every 0.5 s)
             while not all(db.get_job(j).is_terminal for j in job_ids):

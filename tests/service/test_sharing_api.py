@@ -26,7 +26,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from cli.main import main
-from core.settings import Settings
+from core.settings import Settings, get_settings
 from worker.gpus import GiB
 
 
@@ -160,6 +160,8 @@ def test_the_cli_shows_the_queue_and_an_admin_sets_priorities(
     datasets: dict[str, str],
     server_url: str,
     settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     register_two(app, beats, online=(GPU0,))
     runner = CliRunner()
@@ -168,10 +170,13 @@ def test_the_cli_shows_the_queue_and_an_admin_sets_priorities(
         argv = [*args, "--url", server_url, "--token", token]
         return runner.invoke(main, argv, catch_exceptions=False, env={"COLUMNS": "200"})
 
-    db_env = {"GPUYARD_DATA_DIR": str(settings.data_dir), "GPUYARD_DATABASE_URL": settings.database_url}
-    refused = runner.invoke(main, ["users", "set-priority", "nobody", "3"], env=db_env)
+    monkeypatch.setenv("GPUYARD_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("GPUYARD_DATABASE_URL", settings.database_url)
+    get_settings.cache_clear()  # the admin commands read the process's settings once
+    request.addfinalizer(get_settings.cache_clear)
+    refused = runner.invoke(main, ["users", "set-priority", "nobody", "3"])
     assert refused.exit_code == 1 and "no user named 'nobody'" in refused.output
-    assert runner.invoke(main, ["users", "set-priority", "alice", "3"], env=db_env).exit_code == 0
+    assert runner.invoke(main, ["users", "set-priority", "alice", "3"]).exit_code == 0
     assert _db(app).get_user(_db(app).user_for_token(tokens.alice).id).max_priority == 3
 
     spec = Path(settings.data_dir) / "half.json"
