@@ -55,6 +55,12 @@ class Settings(DataLimits):
     # Trainer
     progress_interval_s: float = Field(0.5, gt=0, description="Minimum seconds between two batch progress events.")
     probe_batch_size: int = Field(64, gt=0, description="Rows in the fixed batch used for per-layer diagnostics.")
+    tensorboard_histogram_every: int = Field(
+        5,
+        ge=0,
+        description="Epochs between two TensorBoard weight/activation histograms (also before training and at the "
+        "last epoch); 0 writes none. Scalars are written every epoch.",
+    )
 
     # Training health (models/health.py): thresholds of the health events the trainer emits
     health_vanishing_ratio: float = Field(

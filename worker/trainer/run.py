@@ -27,6 +27,7 @@ from worker.trainer.diagnostics import Diagnostics
 from worker.trainer.env import TrainingStopped
 from worker.trainer.events import jsonable
 from worker.trainer.job import TrainingJob
+from worker.trainer.tensorboard import TensorBoardLogger
 
 
 def train(job: TrainingJob) -> int:
@@ -153,11 +154,22 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
     if early_stopping is not None:
         callbacks.append(early_stopping)
     callbacks += [cbs.DiagnosticsRecorder(diagnostics, records, emitter), writer, health]
+    board = TensorBoardLogger(
+        job.out_dir / names.TENSORBOARD_DIR,
+        diagnostics,
+        records,
+        progress.records,
+        epochs=training.epochs,
+        histogram_every=settings.tensorboard_histogram_every,
+        resumed_from=initial_epoch if state is not None else None,
+    )
+    callbacks.insert(callbacks.index(writer), board)  # reads the epoch's diagnostics record; before the checkpoint
 
     fit_started = time.monotonic()
     try:
         if state is None:
             health.check(records[-1], 0)  # before the first step: what the initialisation alone shows
+            board.log_initial()
         stop.check()
         if initial_epoch < training.epochs and not stopped_early:
             model.fit(
@@ -181,8 +193,10 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
                 partial_epoch=True,
             )
         stopped.detail += f"; checkpoint at epoch {writer.last_epoch or initial_epoch} in {store.directory}"
+        board.close(job.out_dir / names.TENSORBOARD_ZIP)
         raise
     timings["fit_s"] = time.monotonic() - fit_started
+    board.close(job.out_dir / names.TENSORBOARD_ZIP)
     if stopped_early and early_stopping is not None and early_stopping.restore_best_weights:
         # Resumed after early stopping had already ended training: fit did not run, restore here.
         best = store.load_best_weights(state or {})
