@@ -27,6 +27,7 @@ from service.streams import EventHub
 from worker.db import Database, Dataset, Job, JobEvent
 from worker.dispatch import dispatch, gpu_views, never_fits
 from worker.errors import QueueUnavailable
+from worker.notify import url_problems
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
@@ -51,6 +52,10 @@ def submit() -> Response:
     dry_run = _flag("dry_run")
     body = json_body(JobCreate)
     spec = parse_spec(body.spec)  # SpecError: 422 with every problem
+    if body.notify:
+        problems = url_problems(body.notify, svc.settings)
+        if problems:
+            raise Unprocessable.from_problems("notify_invalid", problems)
     dataset = svc.db.get_dataset(body.dataset, visible_owner_id())
     if dataset is None:
         raise NotFound(f"no data set {body.dataset!r}; upload one with POST /v1/datasets", field="dataset")
@@ -82,6 +87,7 @@ def submit() -> Response:
         spec_json,
         max_active=svc.settings.max_active_jobs_per_user,
         max_attempts=svc.settings.max_attempts,
+        notify=body.notify,
     )
     report = dispatch(svc.db, svc.settings, gpus, svc.send)
     for placement, exc in report.failed:

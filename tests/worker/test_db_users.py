@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,12 +36,38 @@ def test_disable_enable_and_rotate_take_effect_at_once(db: Database) -> None:
 
 def test_a_v2_database_migrates_to_users_disabled(db: Database) -> None:
     user, token = db.create_user("olduser")
-    with db.engine.begin() as conn:  # back to schema 2: no users.disabled column
+    with db.engine.begin() as conn:  # back to schema 2: no users.disabled column (nor v4's notify columns)
         conn.exec_driver_sql("ALTER TABLE users DROP COLUMN disabled")
+        _drop_v4_columns(conn)
         conn.execute(jobdb.SchemaVersion.__table__.delete())
         conn.execute(
             jobdb.SchemaVersion.__table__.insert().values(version=2, description="v2", applied_at=jobdb.utcnow())
         )
-    assert db.migrate() == jobdb.LATEST_VERSION == 3
+    assert db.migrate() == jobdb.LATEST_VERSION
     found = db.user_for_token(token)
     assert found is not None and found.id == user.id and found.disabled is False
+
+
+def _drop_v4_columns(conn: Any) -> None:
+    for table, column in (
+        ("users", "webhook_secret"),
+        ("users", "notify"),
+        ("jobs", "notify"),
+        ("jobs", "notify_pending"),
+    ):
+        conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+
+
+def test_a_v3_database_migrates_to_notify_columns(db: Database) -> None:
+    user, token = db.create_user("olduser")
+    with db.engine.begin() as conn:  # back to schema 3: no notify columns
+        _drop_v4_columns(conn)
+        conn.execute(jobdb.SchemaVersion.__table__.delete())
+        conn.execute(
+            jobdb.SchemaVersion.__table__.insert().values(version=3, description="v3", applied_at=jobdb.utcnow())
+        )
+    assert db.migrate() == jobdb.LATEST_VERSION
+    found = db.user_for_token(token)
+    assert found is not None and found.notify is None and found.webhook_secret is None
+    assert db.rotate_webhook_secret(user.id) == db.webhook_secret(user.id)
+    assert db.claim_notifications() == []

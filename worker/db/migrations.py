@@ -36,12 +36,20 @@ def _v3_users_disabled(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE"))
 
 
+def _v4_notify(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE users ADD COLUMN webhook_secret VARCHAR(64)"))
+    conn.execute(text("ALTER TABLE users ADD COLUMN notify JSON"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN notify JSON"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN notify_pending BOOLEAN NOT NULL DEFAULT FALSE"))
+
+
 # Append only. A fresh database gets the models' current tables at once and is stamped with the last
 # version (so these steps must leave an old database exactly where create_all leaves a new one).
 MIGRATIONS: list[Migration] = [
     Migration(1, "users, datasets, jobs, job_events", _v1_initial),
     Migration(2, "gpus, dispatch_lock; jobs.dispatched_at, jobs.dispatch_note", _v2_gpus),
     Migration(3, "users.disabled", _v3_users_disabled),
+    Migration(4, "users.webhook_secret, users.notify; jobs.notify, jobs.notify_pending", _v4_notify),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 _PG_MIGRATION_LOCK = 0x67707964  # "gpyd": any constant shared by every process migrating this DB

@@ -84,6 +84,10 @@ class User(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("FALSE"))
+    # Notifications (worker/notify.py): the key that signs this user's webhooks (HMAC-SHA256; kept in clear,
+    # as a webhook receiver needs the same key) and the URLs of jobs that name none of their own.
+    webhook_secret: Mapped[str | None] = mapped_column(String(64))
+    notify: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class Dataset(Base):
@@ -136,6 +140,10 @@ class Job(Base):
     # Set by the dispatcher (worker/dispatch.py) with ``gpu`` before it sends the task; cleared on requeue.
     dispatched_at: Mapped[dt.datetime | None]
     dispatch_note: Mapped[str | None] = mapped_column(String(300))
+    # The job's own notify URLs (None: its owner's defaults); notify_pending is set with the terminal state,
+    # in the same transaction, and cleared by whoever hands the notifications to the queue.
+    notify: Mapped[list[str] | None] = mapped_column(JSON)
+    notify_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("FALSE"))
 
     owner: Mapped[User] = relationship(lazy="joined")
 
