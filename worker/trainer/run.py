@@ -168,8 +168,8 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
     fit_started = time.monotonic()
     try:
         if state is None:
-            health.check(records[-1], 0)  # before the first step: what the initialisation alone shows
             board.log_initial()
+            health.check(records[-1], 0)  # before the first step: what the initialisation alone shows
         stop.check()
         if initial_epoch < training.epochs and not stopped_early:
             model.fit(
@@ -193,10 +193,10 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
                 partial_epoch=True,
             )
         stopped.detail += f"; checkpoint at epoch {writer.last_epoch or initial_epoch} in {store.directory}"
-        board.close(job.out_dir / names.TENSORBOARD_ZIP)
         raise
+    finally:  # every attempt leaves its logs: finished, stopped, or failed (out of memory, a crash)
+        board.close(job.out_dir / names.TENSORBOARD_ZIP)
     timings["fit_s"] = time.monotonic() - fit_started
-    board.close(job.out_dir / names.TENSORBOARD_ZIP)
     if stopped_early and early_stopping is not None and early_stopping.restore_best_weights:
         # Resumed after early stopping had already ended training: fit did not run, restore here.
         best = store.load_best_weights(state or {})

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import sys
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -218,7 +219,15 @@ class TensorBoardLogger(keras.callbacks.Callback):
                 self._extractor_failed = True  # weights still get histograms; activations need a functional model
         return self._extractor
 
-    def close(self, archive: Path) -> Path:
-        """Flush and close the event files, then zip them into ``archive``."""
-        self.writer.close()
-        return zip_logs(self.logdir, archive)
+    def close(self, archive: Path) -> Path | None:
+        """Flush and close the event files, then zip them into ``archive``; None when that failed.
+
+        The logs are a by-product: a failure here (a full disk) is said on stderr and never fails the job
+        nor hides the error a failing attempt is ending with.
+        """
+        try:
+            self.writer.close()
+            return zip_logs(self.logdir, archive)
+        except OSError as exc:
+            print(f"gpuyard trainer: no {archive.name}: {exc}", file=sys.stderr)
+            return None
