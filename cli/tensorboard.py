@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -14,6 +15,8 @@ import click
 from cli.jobs import client_options
 from core.names import TENSORBOARD_ZIP
 from service.client import Client
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a job id names a folder here: no separators, no dots
 
 
 def default_cache_dir() -> Path:
@@ -32,6 +35,11 @@ def fetch_logs(client: Client, job_ids: Sequence[str], cache_dir: Path) -> dict[
         ClientError: a job has no logs (404) or the download failed; nothing of that job is unpacked.
         click.ClickException: an archive is not a zip file.
     """
+    for job_id in job_ids:
+        if not _JOB_ID.match(job_id):
+            raise click.BadParameter(
+                f"Expected a job id such as job_k3v9x2m7qpta. Received: {job_id!r}", param_hint="JOBS"
+            )
     cache_dir.mkdir(parents=True, exist_ok=True)
     folders: dict[str, Path] = {}
     for job_id in job_ids:

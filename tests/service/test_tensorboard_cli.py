@@ -83,3 +83,7 @@ def test_tensorboard_names_a_job_without_logs(
     assert result.exit_code != 0
     assert f"no {TENSORBOARD_ZIP}" in result.output and job_id in result.output
     assert not (tmp_path / job_id).exists()
+    escape = CliRunner().invoke(
+        main, ["tensorboard", "../x", "--dir", str(tmp_path), "--url", server_url, "--token", tokens.alice]
+    )
+    assert escape.exit_code == 2 and "Expected a job id" in escape.output
