@@ -18,7 +18,8 @@ from worker.dispatch import Dispatcher
 from worker.fleet import WorkerPlan, plan_workers, run_fleet
 from worker.gpus import GpuBackend, get_backend
 from worker.janitor import janitor_pass, run_janitor
-from worker.queues import celery_sender, cpu_queue, notify_queue
+from worker.notify import enqueue_notifications
+from worker.queues import celery_notify_sender, celery_sender, cpu_queue, notify_queue
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +213,13 @@ def janitor_command(interval: float | None, once: bool) -> None:
         dispatcher = Dispatcher(settings, db, celery_sender(settings))
         try:
             report = janitor_pass(db, dispatcher)
+            notified = enqueue_notifications(db, celery_notify_sender(settings))
         finally:
             dispatcher.close()
-        click.echo(f"requeued: {report.requeued}  interrupted: {report.interrupted}  cancelled: {report.cancelled}")
+        click.echo(
+            f"requeued: {report.requeued}  interrupted: {report.interrupted}  cancelled: {report.cancelled}  "
+            f"notifications queued: {notified}"
+        )
         return
     with contextlib.suppress(KeyboardInterrupt):
         run_janitor(settings, interval)
