@@ -8,6 +8,7 @@
     cli/workers.py   worker, janitor                                    (run the Celery side)
     cli/users.py     users                                              (accounts and tokens)
     cli/compose.py   compose                                            (docker compose for this host's GPUs)
+    cli/tensorboard.py tensorboard                                      (download jobs' TensorBoard logs, open them)
     cli/demo.py      demo                                               (the Highway example, no service)
     cli/smoke.py     smoke                                              (a CI pipeline's check of a spec, CPU)
     cli/render.py    the one renderer of a job's events (logs -f, submit --follow, demo)
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import click
 
-from cli import compose, data, demo, jobs, serve, smoke, users, workers
+from cli import compose, data, demo, jobs, serve, smoke, tensorboard, users, workers
 
 
 @click.group()
@@ -38,6 +39,7 @@ for command in (
     jobs.logs,
     jobs.cancel,
     jobs.download,
+    tensorboard.tensorboard_command,
     serve.api,
     serve.up,
     compose.compose_command,

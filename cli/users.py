@@ -1,4 +1,5 @@
-"""``gpuyard users``: create API users (printing their token once), list, disable, enable them, rotate tokens."""
+"""``gpuyard users``: create API users (printing their token once), list, disable, enable them, rotate tokens,
+rotate webhook secrets and set default notify URLs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from rich.table import Table
 from core.settings import get_settings
 from worker.db import Database
 from worker.errors import UserExists
+from worker.notify import url_problems
 
 
 def _database() -> Database:
@@ -89,3 +91,39 @@ def rotate_token(name: str) -> None:
         raise click.ClickException(f"no user named {name!r}; 'gpuyard users list' shows them")
     click.echo(f"new token for user {name!r} (store it now; it cannot be shown again; the old one is void):", err=True)
     click.echo(rotated[1])
+
+
+@users.command("webhook-secret")
+@click.argument("name")
+def webhook_secret(name: str) -> None:
+    """Give user NAME a new webhook signing secret and print it once; the old one stops signing at once.
+
+    Webhooks carry X-Gpuyard-Signature: sha256=<hex HMAC-SHA256 of the raw body, keyed by this secret>.
+    """
+    db = _database()
+    user = db.user_by_name(name)
+    if user is None:
+        raise click.ClickException(f"no user named {name!r}; 'gpuyard users list' shows them")
+    secret = db.rotate_webhook_secret(user.id)
+    click.echo(f"new webhook secret for user {name!r} (store it now; it is not shown again):", err=True)
+    click.echo(secret)
+
+
+@users.command("notify")
+@click.argument("name")
+@click.argument("urls", nargs=-1)
+@click.option("--clear", is_flag=True, help="Remove the user's default notify URLs.")
+def notify(name: str, urls: tuple[str, ...], clear: bool) -> None:
+    """Show, set (URLS) or --clear the notify URLs of user NAME's jobs that name none of their own."""
+    settings = get_settings()
+    db = _database()
+    user = db.user_by_name(name)
+    if user is None:
+        raise click.ClickException(f"no user named {name!r}; 'gpuyard users list' shows them")
+    if urls or clear:
+        problems = url_problems(list(urls), settings, field="URLS")
+        if problems:
+            raise click.ClickException("\n".join(f"{p.field}: {p.detail}" for p in problems))
+        user = db.set_user_notify(user.id, None if clear else list(urls)) or user
+    for url in user.notify or []:
+        click.echo(url)

@@ -18,7 +18,8 @@ from worker.dispatch import Dispatcher
 from worker.fleet import WorkerPlan, plan_workers, run_fleet
 from worker.gpus import GpuBackend, get_backend
 from worker.janitor import janitor_pass, run_janitor
-from worker.queues import celery_sender, cpu_queue
+from worker.notify import enqueue_notifications
+from worker.queues import celery_notify_sender, celery_sender, cpu_queue, notify_queue
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ def plan_host_workers(
             f"{found}. In a container: is the NVIDIA container toolkit installed on the host, and does the "
             "service reserve exactly one device (deploy.resources.reservations.devices, one device_ids entry)?"
         )
+    for worker in workers:
+        worker.extra_queues = (notify_queue(settings),)
     if workers:
         return workers, True
     if not cpu_worker:
@@ -71,7 +74,9 @@ def plan_host_workers(
         )
     host = socket.gethostname()
     queue = settings.train_queue
-    return [WorkerPlan(gpu=None, name=f"{queue}@{host}", queue=queue, slots=concurrency or 1)], False
+    only = WorkerPlan(gpu=None, name=f"{queue}@{host}", queue=queue, slots=concurrency or 1)
+    only.extra_queues = (notify_queue(settings),)
+    return [only], False
 
 
 def command_line(env: dict[str, str], argv: list[str]) -> str:
@@ -162,7 +167,13 @@ def worker_command(
         raise click.UsageError("--no-cpu-worker and --expect-gpus need --gpus")
     # CPU jobs go to train_queue (worker/dispatch.py), whatever the worker's GPU setting.
     queue = queue or settings.train_queue
-    worker = WorkerPlan(gpu=None, name=name or f"{queue}@{socket.gethostname()}", queue=queue, slots=concurrency or 1)
+    worker = WorkerPlan(
+        gpu=None,
+        name=name or f"{queue}@{socket.gethostname()}",
+        queue=queue,
+        slots=concurrency or 1,
+        extra_queues=(notify_queue(settings),),
+    )
     if check:
         _print_plan([worker], loglevel, False, pin=gpu == "cpu")
         return
@@ -202,9 +213,13 @@ def janitor_command(interval: float | None, once: bool) -> None:
         dispatcher = Dispatcher(settings, db, celery_sender(settings))
         try:
             report = janitor_pass(db, dispatcher)
+            notified = enqueue_notifications(db, celery_notify_sender(settings))
         finally:
             dispatcher.close()
-        click.echo(f"requeued: {report.requeued}  interrupted: {report.interrupted}  cancelled: {report.cancelled}")
+        click.echo(
+            f"requeued: {report.requeued}  interrupted: {report.interrupted}  cancelled: {report.cancelled}  "
+            f"notifications queued: {notified}"
+        )
         return
     with contextlib.suppress(KeyboardInterrupt):
         run_janitor(settings, interval)

@@ -3,6 +3,8 @@
 A job's folder (``jobs/<job_id>/`` in storage, the trainer's ``--out``)::
 
     model.h5  model.keras  history.json  diagnostics.json  summary.json     the artifacts (downloadable)
+    tensorboard.zip                                                         the TensorBoard logs, zipped
+    tensorboard/                                                            the logs while the trainer writes
     trainer.log                                                             the trainer's stderr
     spec.json  dataset.json  trainer.pid                                    what the worker hands the trainer
     checkpoint/state.json + checkpoint/model-NNNN.keras                     what --resume continues from
@@ -15,8 +17,10 @@ MODEL_KERAS = "model.keras"
 HISTORY = "history.json"
 DIAGNOSTICS = "diagnostics.json"
 SUMMARY = "summary.json"
+#: The TensorBoard event files (worker/trainer/tensorboard.py), zipped at the end of every attempt.
+TENSORBOARD_ZIP = "tensorboard.zip"
 #: Every artifact a finished job offers for download, in the order the API lists them.
-ARTIFACT_NAMES = (MODEL_H5, MODEL_KERAS, HISTORY, DIAGNOSTICS, SUMMARY)
+ARTIFACT_NAMES = (MODEL_H5, MODEL_KERAS, HISTORY, DIAGNOSTICS, SUMMARY, TENSORBOARD_ZIP)
 #: The Content-Type each artifact downloads with (a .keras file is a zip archive Keras defines no type for).
 ARTIFACT_MEDIA_TYPES = {
     MODEL_H5: "application/x-hdf5",
@@ -24,6 +28,7 @@ ARTIFACT_MEDIA_TYPES = {
     HISTORY: "application/json",
     DIAGNOSTICS: "application/json",
     SUMMARY: "application/json",
+    TENSORBOARD_ZIP: "application/zip",
 }
 
 #: The trainer's stderr, appended to by every attempt.
@@ -37,3 +42,5 @@ PID_FILE = "trainer.pid"
 #: The checkpoint folder and its index file.
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE = "state.json"
+#: The folder the trainer writes TensorBoard event files into (zipped into TENSORBOARD_ZIP).
+TENSORBOARD_DIR = "tensorboard"

@@ -6,10 +6,11 @@ they see; :class:`Settings` extends it with everything else (job service, worker
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -55,6 +56,12 @@ class Settings(DataLimits):
     # Trainer
     progress_interval_s: float = Field(0.5, gt=0, description="Minimum seconds between two batch progress events.")
     probe_batch_size: int = Field(64, gt=0, description="Rows in the fixed batch used for per-layer diagnostics.")
+    tensorboard_histogram_every: int = Field(
+        5,
+        ge=0,
+        description="Epochs between two TensorBoard weight/activation histograms (also before training and at the "
+        "last epoch); 0 writes none. Scalars are written every epoch.",
+    )
 
     # Training health (models/health.py): thresholds of the health events the trainer emits
     health_vanishing_ratio: float = Field(
@@ -228,6 +235,27 @@ class Settings(DataLimits):
     janitor_interval_s: float = Field(
         10.0, gt=0, description="Seconds between two janitor passes (requeue jobs whose lease expired)."
     )
+
+    # Notifications when a job ends (worker/notify.py)
+    notify_queue: str = Field(
+        "gpuyard.notify",
+        description="The Celery queue of notification tasks (gpuyard.notify); every gpuyard worker consumes it.",
+    )
+    notify_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="Connect and read timeout of one notification request."
+    )
+    notify_max_retries: int = Field(
+        6,
+        ge=0,
+        description="Retries of a notification that fails (no answer, 5xx, 429), with exponential backoff "
+        "from 2 s up to 10 min; then it is dropped and logged.",
+    )
+    notify_max_urls: int = Field(5, ge=0, description="The most notify URLs a job or a user may name.")
+    notify_allowed_networks: str = Field(
+        "",
+        description="Comma-separated networks (CIDR) a webhook may reach although they are private, loopback or "
+        "link-local, e.g. '10.0.0.0/8,127.0.0.1/32'. Empty: webhooks reach public addresses only.",
+    )
     worker_gpu: str = Field(
         "cpu", description="What this worker's trainers run on: 'cpu' or a GPU UUID (one worker per GPU)."
     )
@@ -328,6 +356,17 @@ class Settings(DataLimits):
         description="Client side: bearer token the gpuyard commands send (overridden by --token); "
         "'gpuyard users create NAME' prints one, 'gpuyard up' the admin's.",
     )
+
+    @field_validator("notify_allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        """Refuse at start-up what the notify task could not parse (each entry a CIDR network or address)."""
+        for entry in filter(None, (part.strip() for part in value.split(","))):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"Expected CIDR networks such as '10.0.0.0/8'. Received: {entry!r}") from exc
+        return value
 
     @model_validator(mode="after")
     def _default_paths(self) -> Settings:

@@ -87,6 +87,29 @@ class DatasetUploadQuery(_Body):
     num_classes: int | None = Field(None, ge=2)
 
 
+# ── users ──
+class UserOut(BaseModel):
+    """The caller's account: its notification defaults (never its token or webhook secret)."""
+
+    name: str
+    is_admin: bool
+    notify: list[str] = Field(description="The notify URLs of your jobs that name none of their own.")
+    has_webhook_secret: bool = Field(description="Whether a webhook signing secret exists (rotate to see one).")
+
+
+class NotifyIn(_Body):
+    """PUT /v1/users/me/notify: the default notify URLs of your jobs ([] for none)."""
+
+    notify: list[str]
+
+
+class WebhookSecretOut(BaseModel):
+    """Shown once, when created: webhooks carry ``X-Gpuyard-Signature: sha256=<hex HMAC-SHA256 of the body>``."""
+
+    secret: str
+    header: str = Field(description="The header that carries the signature.")
+
+
 # ── jobs ──
 class JobCreate(_Body):
     """POST /v1/jobs: a data set id and a job spec."""
@@ -99,6 +122,12 @@ class JobCreate(_Body):
         le=100,
         description="Higher goes first; at most your max_priority (an admin sets it; default 0). "
         "Within a priority the queue is ordered by fair share (see README).",
+    )
+    notify: list[str] | None = Field(
+        None,
+        description="URLs told when the job ends (succeeded, failed, cancelled, interrupted): http(s):// webhooks "
+        "(a signed JSON POST) or apprise URLs (slack://, mailto://, ...). Absent: your default list "
+        "(PUT /v1/users/me/notify); []: none.",
     )
 
 

@@ -21,3 +21,29 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(poll_s)
+
+
+# The columns each schema version after 2 adds (worker/db/migrations.py), newest last: what a test drops to
+# make a fresh database look like an older one.
+_COLUMNS_ADDED = {
+    3: [("users", "disabled")],
+    4: [
+        ("users", "max_priority"),
+        ("jobs", "queue_position"),
+        ("jobs", "waiting_reason"),
+        ("jobs", "estimated_start_at"),
+        ("jobs", "memory_fraction_auto"),
+        ("jobs", "suggested_memory_fraction"),
+    ],
+    5: [("users", "webhook_secret"), ("users", "notify"), ("jobs", "notify"), ("jobs", "notify_pending")],
+}
+
+
+def rewind_schema(execute: Callable[[str], object], version: int) -> None:
+    """Make a migrated SQLite database look like schema ``version`` (≥ 2): drop later versions' columns
+    and stamp it. ``execute`` runs one SQL statement (a DB-API cursor's or ``exec_driver_sql``)."""
+    for added in range(version + 1, max(_COLUMNS_ADDED) + 1):
+        for table, column in _COLUMNS_ADDED[added]:
+            execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    execute("DELETE FROM schema_version")
+    execute(f"INSERT INTO schema_version VALUES ({version}, 'v{version}', '2026-01-01 00:00:00')")

@@ -58,6 +58,9 @@ class WorkerPlan:
     queue: str
     slots: int
     proc: subprocess.Popen[bytes] | None = None
+    #: Queues consumed beside ``queue``: the notify queue (its tasks are short; a slot that a finished job
+    #: frees takes that job's notification at once).
+    extra_queues: tuple[str, ...] = ()
 
     def pinning(self) -> dict[str, str]:
         """The environment that pins this worker's trainers: its GPU's UUID, or no GPU at all."""
@@ -88,7 +91,7 @@ class WorkerPlan:
             "--concurrency",
             str(self.slots),
             "--queues",
-            self.queue,
+            ",".join((self.queue, *self.extra_queues)),
             "--hostname",
             self.name,
             "--loglevel",

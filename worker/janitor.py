@@ -6,6 +6,10 @@ the last checkpoint in the job's folder. A job out of attempts becomes ``interru
 was requested becomes ``cancelled``. Run one janitor per deployment (several are safe, only wasteful:
 each release is a guarded UPDATE that exactly one of them wins).
 
+Each pass also hands the notifications of jobs that ended since the last one to the notify queue
+(``worker/notify.py``): the supervisor does so after every job it ran, the janitor catches the rest
+(cancelled while queued, given up here, refused by a dead broker) and whatever a broken queue left.
+
 Requeued jobs are not re-sent to a fixed queue: the pass ends with a dispatch pass
 (``worker/dispatch.py``) that places them, every other waiting job and
 those whose dispatch went stale (their GPU went offline before a worker took them).
@@ -21,7 +25,8 @@ from core.settings import Settings
 from worker.db import Database, JanitorReport
 from worker.dispatch import Dispatcher
 from worker.errors import JobDBError
-from worker.queues import Sender, celery_sender
+from worker.notify import NotifySender, enqueue_notifications
+from worker.queues import Sender, celery_notify_sender, celery_sender
 from worker.storage import LocalStorage
 
 log = logging.getLogger(__name__)
@@ -68,17 +73,20 @@ def run_janitor(
     stop: threading.Event | None = None,
     db: Database | None = None,
     send: Sender | None = None,
+    notify: NotifySender | None = None,
 ) -> None:
     """Run :func:`janitor_pass` every ``interval_s`` (default: ``settings.janitor_interval_s``) until ``stop``
     is set; a pass that cannot reach the DB is logged and the next one tries again.
 
     Args:
         send: how tasks are sent (default: Celery on the broker; tests pass a recorder).
+        notify: how notification tasks are sent (the same).
     """
     interval = settings.janitor_interval_s if interval_s is None else interval_s
     stop = stop or threading.Event()
     db = db or Database(settings.database_url)
     dispatcher = Dispatcher(settings, db, send or celery_sender(settings))
+    notify = notify or celery_notify_sender(settings)
     assert settings.storage_dir is not None  # filled in by Settings
     storage = LocalStorage(settings.storage_dir)
     log.info("janitor: every %.1f s on %s", interval, db.url)
@@ -86,6 +94,7 @@ def run_janitor(
         while not stop.is_set():
             try:
                 janitor_pass(db, dispatcher)
+                enqueue_notifications(db, notify)
             except JobDBError as exc:
                 log.warning("janitor: pass failed: %s", exc)
             sweep_tmp(storage, settings.tmp_max_age_s)

@@ -4,6 +4,7 @@
 
     gpuyard.train(job_id) ──▶ gpu.<uuid>       one queue per GPU, consumed by that GPU's worker only
                           ──▶ <cpu queue>      CPU jobs: the setting GPUYARD_TRAIN_QUEUE ("gpuyard.jobs")
+    gpuyard.notify(job_id, url) ──▶ <notify queue>  GPUYARD_NOTIFY_QUEUE ("gpuyard.notify"), every worker
 
 The dispatcher (``worker/dispatch.py``) picks the queue; the API, the janitor and the task itself all send
 through :func:`celery_sender`. Nothing here imports a framework.
@@ -20,6 +21,7 @@ from core.settings import Settings
 from worker.errors import QueueUnavailable
 
 TRAIN_TASK = "gpuyard.train"
+NOTIFY_TASK = "gpuyard.notify"
 GPU_QUEUE_PREFIX = "gpu."
 _GPU_UUID = re.compile(r"^GPU-[0-9A-Za-z-]+$")
 
@@ -31,6 +33,11 @@ when the broker cannot take it."""
 def cpu_queue(settings: Settings) -> str:
     """The queue of CPU jobs (``resources.gpu: cpu``, or every job where no GPU is registered)."""
     return settings.train_queue
+
+
+def notify_queue(settings: Settings) -> str:
+    """The queue of notification tasks; every gpuyard worker consumes it beside its training queue."""
+    return settings.notify_queue
 
 
 def gpu_queue(gpu_uuid: str) -> str:
@@ -78,5 +85,22 @@ def celery_sender(settings: Settings, app: Celery | None = None) -> Sender:
             raise QueueUnavailable(
                 f"the job queue is unreachable ({type(exc).__name__}); job {job_id} was not sent"
             ) from exc
+
+    return send
+
+
+def celery_notify_sender(settings: Settings, app: Celery | None = None) -> Callable[[str, str], None]:
+    """``send(job_id, url)``: put ``gpuyard.notify(job_id, url)`` on the notify queue through ``app``.
+
+    Raises (from ``send``):
+        QueueUnavailable: the broker cannot take it.
+    """
+    app = app or producer(settings)
+
+    def send(job_id: str, url: str) -> None:
+        try:
+            app.send_task(NOTIFY_TASK, args=[job_id, url], queue=notify_queue(settings))
+        except Exception as exc:  # kombu and redis raise a zoo of connection errors; all mean the same here
+            raise QueueUnavailable(f"the notify queue is unreachable ({type(exc).__name__}) for job {job_id}") from exc
 
     return send

@@ -28,6 +28,7 @@ from service.streams import EventHub
 from worker.db import Database, Dataset, Job, JobEvent, utcnow
 from worker.dispatch import GpuView, decide_queue, dispatch, gpu_views, never_fits
 from worker.errors import QueueUnavailable
+from worker.notify import url_problems
 from worker.sizing import auto_budget
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -53,6 +54,10 @@ def submit() -> Response:
     dry_run = _flag("dry_run")
     body = json_body(JobCreate)
     spec = parse_spec(body.spec)  # SpecError: 422 with every problem
+    if body.notify:
+        problems = url_problems(body.notify, svc.settings)
+        if problems:
+            raise Unprocessable.from_problems("notify_invalid", problems)
     dataset = svc.db.get_dataset(body.dataset, visible_owner_id())
     if dataset is None:
         raise NotFound(f"no data set {body.dataset!r}; upload one with POST /v1/datasets", field="dataset")
@@ -106,6 +111,7 @@ def submit() -> Response:
         max_attempts=svc.settings.max_attempts,
         priority=body.priority,
         memory_fraction_auto=sized is not None,
+        notify=body.notify,
     )
     if sized is not None and sized.sized:
         svc.db.append_event(

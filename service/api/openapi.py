@@ -24,7 +24,10 @@ from service.schemas import (
     JobEventOut,
     JobListOut,
     JobOut,
+    NotifyIn,
     ReadyOut,
+    UserOut,
+    WebhookSecretOut,
 )
 
 bp = Blueprint("openapi", __name__)
@@ -71,6 +74,9 @@ def openapi_document() -> dict[str, Any]:
         (JobEventOut, "serialization"),
         (GpuOut, "serialization"),
         (GpuListOut, "serialization"),
+        (NotifyIn, "validation"),
+        (UserOut, "serialization"),
+        (WebhookSecretOut, "serialization"),
     ]
     _, top = models_json_schema(models, ref_template=REF)
     schemas = _openapi_safe(top.get("$defs", {}))
@@ -163,6 +169,30 @@ def openapi_document() -> dict[str, Any]:
                 ("undrain", "Let a drained GPU take jobs again (admin)"),
                 ("clear", "Clear a GPU's quarantine (admin)"),
             )
+        },
+        "/v1/users/me": {
+            "get": _op(
+                "getMe", "Your account: default notify URLs, whether a webhook secret exists", {"200": _json("UserOut")}
+            ),
+        },
+        "/v1/users/me/notify": {
+            "put": _op(
+                "setMyNotify",
+                "Set the notify URLs of your jobs that name none ([] for none)",
+                {"200": _json("UserOut")},
+                errors=("400", "401", "422"),
+                body={
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": REF.format(model="NotifyIn")}}},
+                },
+            ),
+        },
+        "/v1/users/me/webhook-secret": {
+            "post": _op(
+                "rotateWebhookSecret",
+                "Create a new webhook signing secret, shown this once (the old one stops signing at once)",
+                {"201": _json("WebhookSecretOut", "Created")},
+            ),
         },
         "/v1/jobs/{job_id}/cancel": {
             "parameters": [_path("job_id")],

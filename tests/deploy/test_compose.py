@@ -191,7 +191,7 @@ def assert_runs_one_gpu_worker(argv: list[str]) -> None:
     (line,) = planned
     uuid = fake_uuid(0)
     assert f"CUDA_VISIBLE_DEVICES={uuid}" in line and f"GPUYARD_WORKER_GPU={uuid}" in line, line
-    assert option(line, "--queues") == f"gpu.{uuid}", line
+    assert option(line, "--queues") == f"gpu.{uuid},gpuyard.notify", line
     assert option(line, "--hostname").startswith("gpu0@"), line
 
 
@@ -253,7 +253,7 @@ def test_the_cpu_worker_consumes_the_cpu_queue() -> None:
     for visible in ("", "1x16GiB"):
         code, output, planned = check_worker_command(SERVICES["worker-cpu"]["command"], fake_gpus=visible)
         assert code == 0, output
-        assert [option(line, "--queues") for line in planned] == ["cpu.jobs"], output
+        assert [option(line, "--queues") for line in planned] == ["cpu.jobs,gpuyard.notify"], output
     assert "--no-cpu-worker" in SERVICES["worker-gpu0"]["command"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support import rewind_schema
 
 from worker import db as jobdb
 from worker.db import Database
@@ -35,12 +36,19 @@ def test_disable_enable_and_rotate_take_effect_at_once(db: Database) -> None:
 
 def test_a_v2_database_migrates_to_users_disabled(db: Database) -> None:
     user, token = db.create_user("olduser")
-    with db.engine.begin() as conn:  # back to schema 2: no users.disabled column
-        conn.exec_driver_sql("ALTER TABLE users DROP COLUMN disabled")
-        conn.execute(jobdb.SchemaVersion.__table__.delete())
-        conn.execute(
-            jobdb.SchemaVersion.__table__.insert().values(version=2, description="v2", applied_at=jobdb.utcnow())
-        )
-    assert db.migrate() == jobdb.LATEST_VERSION == 3
+    with db.engine.begin() as conn:  # back to schema 2: no users.disabled column (nor later ones)
+        rewind_schema(conn.exec_driver_sql, 2)
+    assert db.migrate() == jobdb.LATEST_VERSION
     found = db.user_for_token(token)
     assert found is not None and found.id == user.id and found.disabled is False
+
+
+def test_a_v3_database_migrates_to_notify_columns(db: Database) -> None:
+    user, token = db.create_user("olduser")
+    with db.engine.begin() as conn:  # back to schema 3: no sharing nor notify columns
+        rewind_schema(conn.exec_driver_sql, 3)
+    assert db.migrate() == jobdb.LATEST_VERSION
+    found = db.user_for_token(token)
+    assert found is not None and found.notify is None and found.webhook_secret is None
+    assert db.rotate_webhook_secret(user.id) == db.webhook_secret(user.id)
+    assert db.claim_notifications() == []

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import rewind_schema
 
 from core.settings import Settings
 from core.states import QUEUED
@@ -253,22 +254,19 @@ def test_a_version_1_database_migrates_to_gpus(tmp_path: Path) -> None:
     db = Database(url)
     db.migrate()
     db.dispose()
-    # make it look like version 1: drop what versions 2 and 3 add
+    # make it look like version 1: drop what versions 2 and later add
     conn = sqlite3.connect(tmp_path / "old.db")
+    rewind_schema(conn.execute, 2)
     conn.executescript(
         "DROP TABLE gpus; DROP TABLE dispatch_lock; ALTER TABLE jobs DROP COLUMN dispatched_at;"
-        "ALTER TABLE jobs DROP COLUMN dispatch_note; ALTER TABLE users DROP COLUMN disabled; "
-        "ALTER TABLE users DROP COLUMN max_priority; ALTER TABLE jobs DROP COLUMN queue_position; "
-        "ALTER TABLE jobs DROP COLUMN waiting_reason; ALTER TABLE jobs DROP COLUMN estimated_start_at; "
-        "ALTER TABLE jobs DROP COLUMN memory_fraction_auto; ALTER TABLE jobs DROP COLUMN suggested_memory_fraction; "
-        "DELETE FROM schema_version; "
+        "ALTER TABLE jobs DROP COLUMN dispatch_note; DELETE FROM schema_version; "
         "INSERT INTO schema_version VALUES (1, 'users, datasets, jobs, job_events', '2026-01-01 00:00:00');"
     )
     conn.close()
     db = Database(url)
     try:
         assert db.schema_version() == 1
-        assert db.migrate() == LATEST_VERSION == 4  # 2: gpus, 3: users.disabled, 4: fair sharing
+        assert db.migrate() == LATEST_VERSION == 5  # 2: gpus, 3: users.disabled, 4: fair sharing, 5: notify
         db.register_gpu(fake_uuid(0), host="h", index=0, name="fake", memory_total_bytes=GiB)
         assert [g.uuid for g in db.list_gpus()] == [fake_uuid(0)]
     finally:

@@ -165,15 +165,16 @@ def test_worker_command_plans_gpu_and_cpu_workers(tmp_path: Path, monkeypatch: p
         queues = [line.split("--queues ")[1].split()[0] for line in result.stdout.splitlines()]
         return result.exit_code, queues, result.output
 
-    train_queue = Settings(data_dir=tmp_path).train_queue
-    assert check("--gpus", "all")[:2] == (0, [f"gpu.{fake_uuid(0)}", f"gpu.{fake_uuid(1)}", train_queue])
-    assert check("--gpus", "all", "--no-cpu-worker")[:2] == (0, [f"gpu.{fake_uuid(0)}", f"gpu.{fake_uuid(1)}"])
-    assert check("--gpus", "all", fake="")[:2] == (0, [train_queue])  # no GPU: one CPU worker
+    train_queue, notify = Settings(data_dir=tmp_path).train_queue, Settings(data_dir=tmp_path).notify_queue
+    gpu0, gpu1 = f"gpu.{fake_uuid(0)},{notify}", f"gpu.{fake_uuid(1)},{notify}"  # every worker sends notifications
+    assert check("--gpus", "all")[:2] == (0, [gpu0, gpu1, f"{train_queue},{notify}"])
+    assert check("--gpus", "all", "--no-cpu-worker")[:2] == (0, [gpu0, gpu1])
+    assert check("--gpus", "all", fake="")[:2] == (0, [f"{train_queue},{notify}"])  # no GPU: one CPU worker
     code, _, output = check("--gpus", "all", "--no-cpu-worker", fake="")
     assert code == 1 and "nothing else to run" in output
     code, _, output = check("--gpus", "all", "--expect-gpus", "1")
     assert code == 1 and "Expected exactly 1 GPU(s)" in output and "Received: 2" in output
-    assert check("--gpus", "1", "--expect-gpus", "1")[:2] == (0, [f"gpu.{fake_uuid(1)}", train_queue])
+    assert check("--gpus", "1", "--expect-gpus", "1")[:2] == (0, [gpu1, f"{train_queue},{notify}"])
     assert check("--no-cpu-worker")[0] == 2  # needs --gpus
     assert check("--gpu", fake_uuid(0), "--queue", "q")[0] == 2
 

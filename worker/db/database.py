@@ -241,6 +241,53 @@ class Database:
                 user.max_priority = max_priority
             return user
 
+    def rotate_webhook_secret(self, user_id: int) -> str | None:
+        """Give a user a new webhook signing secret and return it (the one time it is shown); None if no
+        such user. Webhooks sent from then on are signed with it."""
+        secret = "whsec_" + secrets.token_urlsafe(32)
+        with self._begin() as s:
+            changed = s.execute(
+                update(User).where(User.id == user_id).values(webhook_secret=secret).execution_options(
+                    synchronize_session=False
+                )
+            ).rowcount
+        return secret if changed == 1 else None
+
+    def webhook_secret(self, user_id: int) -> str:
+        """The user's webhook signing secret, created on first use (the user rotates it to learn it).
+
+        Raises:
+            KeyError: no such user.
+        """
+        with self._begin() as s:
+            current = s.scalar(select(User.webhook_secret).where(User.id == user_id))
+        if current:
+            return current
+        candidate = "whsec_" + secrets.token_urlsafe(32)
+        with self._begin() as s:
+            s.execute(
+                update(User)
+                .where(User.id == user_id, User.webhook_secret.is_(None))
+                .values(webhook_secret=candidate)
+                .execution_options(synchronize_session=False)
+            )
+            secret = s.scalar(select(User.webhook_secret).where(User.id == user_id))
+        if secret is None:
+            raise KeyError(f"user {user_id} does not exist")
+        return secret
+
+    def set_user_notify(self, user_id: int, urls: list[str] | None) -> User | None:
+        """Set the notify URLs of the user's jobs that name none (None or []: no default); None if no user."""
+        with self._begin() as s:
+            user = s.get(User, user_id)
+            if user is not None:
+                user.notify = list(urls) if urls else None
+            return user
+
+    def user_by_name(self, name: str) -> User | None:
+        with self._begin() as s:
+            return s.scalar(select(User).where(User.name == name))
+
     def get_user(self, user_id: int) -> User | None:
         """The user with this id, or None (the dashboard's session names its user by id)."""
         with self._begin() as s:
@@ -376,9 +423,12 @@ class Database:
         max_attempts: int,
         priority: int = 0,
         memory_fraction_auto: bool = False,
+        notify: list[str] | None = None,
         now: dt.datetime | None = None,
     ) -> Job:
         """Queue a job, unless the owner already has ``max_active`` queued or running jobs.
+
+        ``notify``: the URLs told when the job ends (None: the owner's defaults; []: none).
 
         Raises:
             ActiveJobLimit: the owner is at the cap.
@@ -414,6 +464,7 @@ class Database:
                 queued_at=now,
                 cancel_requested=False,
                 last_event_seq=0,
+                notify=notify,
             )
             s.add(job)
             s.flush()
@@ -762,6 +813,33 @@ class Database:
                 return new_state
         return None
 
+    # ── notifications (worker/notify.py): an outbox flag set with every terminal state ──
+    def claim_notifications(self, limit: int = 100) -> list[Job]:
+        """Take jobs whose end was not yet handed to the notify queue; each is returned to one caller only."""
+        with self._begin() as s:
+            pending = list(s.scalars(select(Job.id).where(Job.notify_pending.is_(True)).order_by(Job.id).limit(limit)))
+        claimed = []
+        for job_id in pending:
+            with self._begin() as s:
+                won = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.notify_pending.is_(True))
+                    .values(notify_pending=False)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if won == 1:
+                    claimed.append(s.get(Job, job_id, populate_existing=True))
+        return [job for job in claimed if job is not None]
+
+    def mark_notify_pending(self, job_id: str) -> None:
+        """Put a claimed job's notifications back (the queue was unreachable): the next pass takes them."""
+        with self._begin() as s:
+            s.execute(
+                update(Job).where(Job.id == job_id).values(notify_pending=True).execution_options(
+                    synchronize_session=False
+                )
+            )
+
     # ── dispatch (worker/dispatch.py decides; these read and mark under the dispatch lock) ──
     @contextlib.contextmanager
     def dispatch_lock(self, holder: str, now: dt.datetime | None = None) -> Iterator[DispatchTxn]:
@@ -968,6 +1046,13 @@ class Database:
         if bumped != 1:
             raise KeyError(f"job {job_id} does not exist")
         seq = s.scalar(select(Job.last_event_seq).where(Job.id == job_id))
+        if event_data.get("event") == "state" and event_data.get("state") in TERMINAL_STATES:
+            # Every terminal transition passes here, in its own transaction: the notification outbox.
+            s.execute(
+                update(Job).where(Job.id == job_id).values(notify_pending=True).execution_options(
+                    synchronize_session=False
+                )
+            )
         payload = dict(event_data)
         payload.setdefault("time", now.timestamp())
         s.add(JobEvent(job_id=job_id, seq=seq, time=now, event=payload))

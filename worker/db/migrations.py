@@ -46,6 +46,11 @@ def _v4_sharing(conn: Connection) -> None:
     # Version 2 creates ``gpus`` from the current model, so a database migrated from 1 already has it.
     if "backends" not in {c["name"] for c in inspect(conn).get_columns("gpus")}:
         conn.execute(text("ALTER TABLE gpus ADD COLUMN backends JSON"))
+def _v5_notify(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE users ADD COLUMN webhook_secret VARCHAR(64)"))
+    conn.execute(text("ALTER TABLE users ADD COLUMN notify JSON"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN notify JSON"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN notify_pending BOOLEAN NOT NULL DEFAULT FALSE"))
 
 
 # Append only. A fresh database gets the models' current tables at once and is stamped with the last
@@ -55,6 +60,7 @@ MIGRATIONS: list[Migration] = [
     Migration(2, "gpus, dispatch_lock; jobs.dispatched_at, jobs.dispatch_note", _v2_gpus),
     Migration(3, "users.disabled", _v3_users_disabled),
     Migration(4, "fair sharing: users.max_priority; jobs queue info and memory sizing; gpus.backends", _v4_sharing),
+    Migration(5, "users.webhook_secret, users.notify; jobs.notify, jobs.notify_pending", _v5_notify),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 _PG_MIGRATION_LOCK = 0x67707964  # "gpyd": any constant shared by every process migrating this DB

@@ -87,6 +87,10 @@ class User(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("FALSE"))
     # The highest priority this user may give a job (an admin sets it: `gpuyard users set-priority`).
     max_priority: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # Notifications (worker/notify.py): the key that signs this user's webhooks (HMAC-SHA256; kept in clear,
+    # as a webhook receiver needs the same key) and the URLs of jobs that name none of their own.
+    webhook_secret: Mapped[str | None] = mapped_column(String(64))
+    notify: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class Dataset(Base):
@@ -146,6 +150,10 @@ class Job(Base):
     # Memory sizing: whether gpuyard chose memory_fraction ("auto"), and what the measured peak suggests.
     memory_fraction_auto: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("FALSE"))
     suggested_memory_fraction: Mapped[float | None] = mapped_column(Float)
+    # The job's own notify URLs (None: its owner's defaults); notify_pending is set with the terminal state,
+    # in the same transaction, and cleared by whoever hands the notifications to the queue.
+    notify: Mapped[list[str] | None] = mapped_column(JSON)
+    notify_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("FALSE"))
 
     owner: Mapped[User] = relationship(lazy="joined")
 

@@ -27,6 +27,7 @@ from worker.trainer.diagnostics import Diagnostics
 from worker.trainer.env import TrainingStopped
 from worker.trainer.events import jsonable
 from worker.trainer.job import TrainingJob
+from worker.trainer.tensorboard import TensorBoardLogger
 
 
 def train(job: TrainingJob) -> int:
@@ -153,10 +154,21 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
     if early_stopping is not None:
         callbacks.append(early_stopping)
     callbacks += [cbs.DiagnosticsRecorder(diagnostics, records, emitter), writer, health]
+    board = TensorBoardLogger(
+        job.out_dir / names.TENSORBOARD_DIR,
+        diagnostics,
+        records,
+        progress.records,
+        epochs=training.epochs,
+        histogram_every=settings.tensorboard_histogram_every,
+        resumed_from=initial_epoch if state is not None else None,
+    )
+    callbacks.insert(callbacks.index(writer), board)  # reads the epoch's diagnostics record; before the checkpoint
 
     fit_started = time.monotonic()
     try:
         if state is None:
+            board.log_initial()
             health.check(records[-1], 0)  # before the first step: what the initialisation alone shows
         stop.check()
         if initial_epoch < training.epochs and not stopped_early:
@@ -182,6 +194,8 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
             )
         stopped.detail += f"; checkpoint at epoch {writer.last_epoch or initial_epoch} in {store.directory}"
         raise
+    finally:  # every attempt leaves its logs: finished, stopped, or failed (out of memory, a crash)
+        board.close(job.out_dir / names.TENSORBOARD_ZIP)
     timings["fit_s"] = time.monotonic() - fit_started
     if stopped_early and early_stopping is not None and early_stopping.restore_best_weights:
         # Resumed after early stopping had already ended training: fit did not run, restore here.

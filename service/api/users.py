@@ -1,0 +1,52 @@
+"""/v1/users/me: the caller's notification defaults and webhook signing secret."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from service.api import json_body, respond
+from service.auth import authenticate, current_user
+from service.errors import Unprocessable
+from service.extensions import services
+from service.schemas import NotifyIn, UserOut, WebhookSecretOut
+from worker.db import User
+from worker.notify import SIGNATURE_HEADER, url_problems
+
+bp = Blueprint("users", __name__, url_prefix="/v1/users")
+bp.before_request(authenticate)
+
+
+def _out(user: User) -> UserOut:
+    return UserOut(
+        name=user.name,
+        is_admin=user.is_admin,
+        notify=list(user.notify or []),
+        has_webhook_secret=bool(user.webhook_secret),
+    )
+
+
+@bp.get("/me")
+def me() -> Response:
+    """Your account: name, admin flag, default notify URLs, whether a webhook secret exists."""
+    user = services().db.get_user(current_user().id) or current_user()
+    return respond(_out(user))
+
+
+@bp.put("/me/notify")
+def set_notify() -> Response:
+    """Set the notify URLs of your jobs that name none (``notify`` in POST /v1/jobs); [] for none."""
+    svc = services()
+    body = json_body(NotifyIn)
+    problems = url_problems(body.notify, svc.settings)
+    if problems:
+        raise Unprocessable.from_problems("notify_invalid", problems)
+    user = svc.db.set_user_notify(current_user().id, body.notify)
+    return respond(_out(user or current_user()))
+
+
+@bp.post("/me/webhook-secret")
+def rotate_webhook_secret() -> Response:
+    """Create a new webhook signing secret and show it, this once; webhooks are signed with it from now on."""
+    secret = services().db.rotate_webhook_secret(current_user().id)
+    assert secret is not None  # the caller was just authenticated
+    return respond(WebhookSecretOut(secret=secret, header=SIGNATURE_HEADER), 201)
