@@ -55,6 +55,7 @@ from worker.db import Database, DispatchTxn, Gpu, Job, utcnow
 from worker.fairshare import FairPolicy, UsageSpan, decayed_usage, fair_order
 from worker.gpus import budget_bytes, context_allowance_bytes
 from worker.queues import Sender, cpu_queue, gpu_queue
+from worker.relay import EventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -718,6 +719,7 @@ class Dispatcher:
         self.settings, self.db, self.send = settings, db, send
         self._board = None if heartbeats is not None else GpuBoard(settings.redis_url or None)
         self.heartbeats: HeartbeatSource = heartbeats or self._board.heartbeats  # type: ignore[union-attr]
+        self._events = EventPublisher(settings.redis_url or None)
 
     def gpus(self) -> list[GpuView]:
         return gpu_views(self.db, self.heartbeats)
@@ -726,8 +728,13 @@ class Dispatcher:
         gpus = self.gpus()
         if recover:
             recover_stale(self.db, gpus, self.settings)
-        return dispatch(self.db, self.settings, gpus, self.send)
+        return dispatch(self.db, self.settings, gpus, self.send, wake=self.wake)
+
+    def wake(self, job_id: str) -> None:
+        """Wake the event streams of a job that recorded a ``queue`` event."""
+        self._events.publish(job_id, {"event": "wake"})
 
     def close(self) -> None:
+        self._events.close()
         if self._board is not None:
             self._board.close()
