@@ -3,6 +3,7 @@
 A job's folder (``jobs/<job_id>/`` in storage, the trainer's ``--out``)::
 
     model.h5  model.keras  history.json  diagnostics.json  summary.json     the artifacts (downloadable)
+    model.onnx  saved_model.zip                                             exports, when asked for
     trainer.log                                                             the trainer's stderr
     spec.json  dataset.json  trainer.pid                                    what the worker hands the trainer
     checkpoint/state.json + checkpoint/model-NNNN.keras                     what --resume continues from
@@ -15,8 +16,16 @@ MODEL_KERAS = "model.keras"
 HISTORY = "history.json"
 DIAGNOSTICS = "diagnostics.json"
 SUMMARY = "summary.json"
-#: Every artifact a finished job offers for download, in the order the API lists them.
-ARTIFACT_NAMES = (MODEL_H5, MODEL_KERAS, HISTORY, DIAGNOSTICS, SUMMARY)
+#: Exports of the trained model (``output.export`` in the spec, or ``gpuyard export`` afterwards).
+MODEL_ONNX = "model.onnx"
+SAVED_MODEL_ZIP = "saved_model.zip"
+#: Export format (as the spec and the API name it) → the artifact it writes.
+EXPORT_ARTIFACTS = {"onnx": MODEL_ONNX, "saved_model": SAVED_MODEL_ZIP}
+EXPORT_FORMATS = tuple(EXPORT_ARTIFACTS)
+#: What every successful training run writes.
+TRAINED_ARTIFACTS = (MODEL_H5, MODEL_KERAS, HISTORY, DIAGNOSTICS, SUMMARY)
+#: Every artifact a finished job may offer for download (exports only once made), in the API's order.
+ARTIFACT_NAMES = (*TRAINED_ARTIFACTS, *EXPORT_ARTIFACTS.values())
 #: The Content-Type each artifact downloads with (a .keras file is a zip archive Keras defines no type for).
 ARTIFACT_MEDIA_TYPES = {
     MODEL_H5: "application/x-hdf5",
@@ -24,6 +33,8 @@ ARTIFACT_MEDIA_TYPES = {
     HISTORY: "application/json",
     DIAGNOSTICS: "application/json",
     SUMMARY: "application/json",
+    MODEL_ONNX: "application/octet-stream",
+    SAVED_MODEL_ZIP: "application/zip",
 }
 
 #: The trainer's stderr, appended to by every attempt.
@@ -37,3 +48,5 @@ PID_FILE = "trainer.pid"
 #: The checkpoint folder and its index file.
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE = "state.json"
+#: A job's model operations (evaluate, predict, export): ``operations/<op_id>/`` holds each one's input.
+OPERATIONS_DIR = "operations"

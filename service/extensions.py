@@ -47,6 +47,8 @@ class Services:
     stream_slots: StreamSlots
     """Counts each user's open event streams across processes."""
     """The workers' GPU heartbeats by uuid (Redis; tests substitute a dict)."""
+    send_operation: Sender
+    """Puts gpuyard.operate(op_id) on a queue (Celery; tests substitute one that runs it)."""
 
 
 def init_services(app: Flask, services: Services) -> None:

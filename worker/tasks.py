@@ -1,4 +1,5 @@
-"""The Celery tasks: thin wrappers that hand a job id to the supervisor (``gpuyard.train``)."""
+"""The Celery tasks: thin wrappers that hand a job id to the supervisor (``gpuyard.train``), or an operation
+id to the operation runner (``gpuyard.operate``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from celery import Task, shared_task
 from core.settings import get_settings
 from worker.db import Database
 from worker.dispatch import Dispatcher
-from worker.queues import TRAIN_TASK, celery_sender
+from worker.operations import run_operation
+from worker.queues import OPERATE_TASK, TRAIN_TASK, celery_sender
+from worker.storage import LocalStorage
 from worker.supervisor import default_owner, supervise
 
 
@@ -41,3 +44,13 @@ def train(self: Task, job_id: str) -> dict[str, Any]:
     finally:
         dispatcher.close()
     return outcome.to_dict()
+
+
+@shared_task(name=OPERATE_TASK)
+def operate(operation_id: str) -> dict[str, Any]:
+    """Evaluate, predict with or export a finished job's model (idempotent: only a queued operation runs)."""
+    settings = get_settings()
+    assert settings.storage_dir is not None  # filled in by Settings
+    return run_operation(
+        operation_id, settings, db=_database(settings.database_url), storage=LocalStorage(settings.storage_dir)
+    )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.engine import Connection
 
-from worker.db.tables import Base, DispatchLock, Gpu, Job, SchemaVersion, utcnow
+from worker.db.tables import Base, DispatchLock, Gpu, Job, Operation, SchemaVersion, utcnow
 from worker.errors import SchemaError
 
 
@@ -36,12 +36,17 @@ def _v3_users_disabled(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE"))
 
 
+def _v4_operations(conn: Connection) -> None:
+    Operation.__table__.create(conn)
+
+
 # Append only. A fresh database gets the models' current tables at once and is stamped with the last
 # version (so these steps must leave an old database exactly where create_all leaves a new one).
 MIGRATIONS: list[Migration] = [
     Migration(1, "users, datasets, jobs, job_events", _v1_initial),
     Migration(2, "gpus, dispatch_lock; jobs.dispatched_at, jobs.dispatch_note", _v2_gpus),
     Migration(3, "users.disabled", _v3_users_disabled),
+    Migration(4, "operations (evaluate, predict, export on a finished job)", _v4_operations),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 _PG_MIGRATION_LOCK = 0x67707964  # "gpyd": any constant shared by every process migrating this DB
