@@ -61,6 +61,7 @@ def producer(settings: Settings) -> Celery:
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
+        task_send_sent_event=True,  # Flower shows a task as sent before a worker takes it
         broker_connection_timeout=3,
         broker_connection_retry_on_startup=False,
         task_publish_retry=True,
