@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -20,9 +21,13 @@ import h5py
 import numpy as np
 import pytest
 from api_helpers import FakeDryRun, FakeQueue, assert_error_body, bearer, upload
+from click.testing import CliRunner
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.serving import make_server
 
+from cli.main import main as gpuyard
+from core.atomicio import file_sha256
 from core.names import MODEL_ONNX, SAVED_MODEL_ZIP, SUMMARY
 from core.settings import Settings
 from core.states import QUEUED, SUCCEEDED
@@ -264,3 +269,37 @@ def test_export_refuses_an_unknown_format(trained: Trained) -> None:
     )
     body = assert_error_body(response, 422)
     assert body["field"] == "formats.0" and "onnx" in body["detail"]
+
+
+def test_the_cli_evaluates_predicts_and_exports(trained: Trained, tmp_path: Path) -> None:
+    server = make_server("127.0.0.1", 0, trained.app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    api = ["--url", f"http://127.0.0.1:{server.server_port}", "--token", trained.alice]
+    runner = CliRunner()
+    try:
+        done = runner.invoke(gpuyard, ["evaluate", trained.job_id, trained.dataset_id, *api])
+        assert done.exit_code == 0, done.output
+        assert f"accuracy: {trained.reported['test']['accuracy']:.6g}" in done.output
+
+        batch = tmp_path / "batch.json"
+        batch.write_text(json.dumps({"inputs": trained.x_test[:3].tolist()}))
+        done = runner.invoke(gpuyard, ["predict", trained.job_id, str(batch), "-o", str(tmp_path / "out.json"), *api])
+        assert done.exit_code == 0, done.output
+        assert len(json.loads((tmp_path / "out.json").read_text())["classes"]) == 3
+
+        done = runner.invoke(gpuyard, ["export", trained.job_id, "--format", "onnx", "-o", str(tmp_path), *api])
+        assert done.exit_code == 0, done.output
+        storage = LocalStorage(trained.settings.storage_dir)  # type: ignore[arg-type]
+        stored = storage.local_path(storage.job_key(trained.job_id, MODEL_ONNX))
+        assert file_sha256(tmp_path / MODEL_ONNX) == file_sha256(stored)
+
+        done = runner.invoke(gpuyard, ["predict", trained.job_id, str(batch), *api, "--url", "http://127.0.0.1:9"])
+        assert done.exit_code != 0 and "connection_failed" in done.output
+        wrong = tmp_path / "wrong.json"
+        wrong.write_text(json.dumps([[1.0, 2.0]]))
+        done = runner.invoke(gpuyard, ["predict", trained.job_id, str(wrong), *api])
+        assert done.exit_code == 1 and "422 shape_mismatch [inputs]" in done.output
+    finally:
+        server.shutdown()
+        thread.join(5)
