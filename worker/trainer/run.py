@@ -44,7 +44,9 @@ def train(job: TrainingJob) -> int:
     job.out_dir.mkdir(parents=True, exist_ok=True)
     store = cbs.CheckpointStore(
         job.out_dir / names.CHECKPOINT_DIR,
-        fingerprint=cbs.spec_sha256(spec.model_dump(mode="json"), job.summary.sha256),
+        # Exports do not change training: a checkpoint stays valid whatever output.export asks for (and
+        # across the upgrade that added the field).
+        fingerprint=cbs.spec_sha256(spec.model_dump(mode="json", exclude={"output": {"export"}}), job.summary.sha256),
         emitter=job.emitter,
     )
     state = _resume_state(store) if job.resume else None
