@@ -28,7 +28,7 @@ import urllib3
 
 from core.atomicio import atomic_path
 from core.errors import GpuyardError, Problem
-from core.states import TERMINAL_STATES
+from core.states import QUEUED, TERMINAL_STATES
 
 _CHUNK_BYTES = 1024 * 1024
 _RETRY_STATUSES = (502, 503, 504)
@@ -499,10 +499,16 @@ class Client:
         deadline = time.monotonic() + timeout_s
         while operation.get("state") not in TERMINAL_STATES:
             if time.monotonic() >= deadline:
+                hint = (
+                    " (no worker took it: operations run on the CPU queue, GPUYARD_TRAIN_QUEUE; is a CPU worker up?)"
+                    if operation.get("state") == QUEUED
+                    else ""
+                )
                 raise ClientError(
                     "timeout",
                     f"operation {operation.get('id')} on job {job_id} is still {operation.get('state')} after "
-                    f"{timeout_s:g} s; GET /v1/jobs/{job_id}/operations/{operation.get('id')} tells when it ends",
+                    f"{timeout_s:g} s{hint}; GET /v1/jobs/{job_id}/operations/{operation.get('id')} tells when it "
+                    "ends",
                 )
             time.sleep(poll_s)
             operation = self.operation(job_id, operation["id"])

@@ -20,7 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from api_helpers import FakeDryRun, FakeQueue, assert_error_body, bearer, upload
+from api_helpers import FakeDryRun, FakeQueue, Tokens, assert_error_body, bearer, services, upload
 from click.testing import CliRunner
 from flask import Flask
 from flask.testing import FlaskClient
@@ -28,10 +28,11 @@ from werkzeug.serving import make_server
 
 from cli.main import main as gpuyard
 from core.atomicio import file_sha256
-from core.names import MODEL_ONNX, SAVED_MODEL_ZIP, SUMMARY
+from core.names import MODEL_H5, MODEL_ONNX, SAVED_MODEL_ZIP, SUMMARY
 from core.settings import Settings
 from core.states import QUEUED, SUCCEEDED
 from service.app import create_app
+from service.client import Client, ClientError
 from worker.db import Database
 from worker.operations import run_operation
 from worker.storage import LocalStorage
@@ -303,3 +304,28 @@ def test_the_cli_evaluates_predicts_and_exports(trained: Trained, tmp_path: Path
     finally:
         server.shutdown()
         thread.join(5)
+
+
+def test_the_client_says_when_no_worker_takes_an_operation(
+    app: Flask, alice: Client, tokens: Tokens, queue: FakeQueue, digits_h5: Path
+) -> None:
+    """A job made to look succeeded (a model file, its summary.json); the queue takes the operation and
+    nothing runs it, as when no CPU worker is up: the client stops at its timeout and says why (about 2 s)."""
+    svc = services(app)
+    dataset = alice.upload_dataset(digits_h5)
+    owner = svc.db.user_for_token(tokens.alice)
+    assert owner is not None
+    job = svc.db.create_job(owner.id, dataset["id"], {"name": "made"}, max_active=10, max_attempts=1)
+    assert svc.db.take_lease(job.id, "test", 60, gpu="cpu") is not None
+    assert svc.db.finish_job(job.id, "test", SUCCEEDED)
+    folder = svc.storage.local_path(svc.storage.job_key(job.id))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MODEL_H5).write_bytes(b"never loaded")
+    (folder / SUMMARY).write_text(json.dumps({"dataset": dataset["summary"]}))
+
+    with pytest.raises(ClientError) as raised:
+        alice.export(job.id, ["onnx"], timeout_s=0.3)
+    assert raised.value.error == "timeout" and "CPU queue" in raised.value.detail
+    operation_id = queue.sent[-1]
+    assert operation_id.startswith("op_") and queue.queues[operation_id] == svc.settings.train_queue
+    assert alice.operation(job.id, operation_id)["state"] == QUEUED
