@@ -29,10 +29,19 @@ from service.api import json_body, respond
 from service.api.datasets import RAW_TYPES
 from service.api.jobs import visible_job
 from service.auth import authenticate, current_user, visible_owner_id
-from service.errors import Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, Unprocessable, UnsupportedMediaType
+from service.errors import (
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unprocessable,
+    UnsupportedMediaType,
+    scrub_paths,
+    server_roots,
+)
 from service.extensions import services
 from service.schemas import EvaluateIn, ExportIn, OperationOut, PredictIn
-from worker.db import Job
+from worker.db import Job, Operation
 from worker.errors import QueueUnavailable
 from worker.operations import operation_dir
 from worker.queues import cpu_queue
@@ -145,7 +154,15 @@ def show(job_id: str, operation_id: str) -> Response:
     operation = services().db.get_operation(operation_id, job.id)
     if operation is None:
         raise NotFound(f"no operation {operation_id!r} on job {job.id}")
-    return respond(OperationOut.of(operation))
+    return respond(operation_out(operation))
+
+
+def operation_out(operation: Operation) -> OperationOut:
+    """The operation as the API shows it: no server path in its error (a child's detail may name files)."""
+    out = OperationOut.of(operation)
+    if out.error_detail:
+        out.error_detail = scrub_paths(out.error_detail, server_roots(services().settings))
+    return out
 
 
 # ── helpers ──
@@ -228,4 +245,4 @@ def _start(job: Job, kind: str, asked: dict[str, Any], place_input: Callable[[Pa
         ) from exc
     operation = svc.db.get_operation(operation.id) or operation
     location = url_for("operations.show", job_id=job.id, operation_id=operation.id)
-    return respond(OperationOut.of(operation), 202, {"Location": location})
+    return respond(operation_out(operation), 202, {"Location": location})

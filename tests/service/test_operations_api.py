@@ -329,3 +329,13 @@ def test_the_client_says_when_no_worker_takes_an_operation(
     operation_id = queue.sent[-1]
     assert operation_id.startswith("op_") and queue.queues[operation_id] == svc.settings.train_queue
     assert alice.operation(job.id, operation_id)["state"] == QUEUED
+
+    # Failed with a detail that names a server path (as a child's traceback line may): the API cuts it.
+    assert svc.db.start_operation(operation_id) is not None
+    svc.db.finish_operation(operation_id, reason="internal_error", detail=f"OSError: {folder / MODEL_H5} is bad")
+    with pytest.raises(ClientError) as raised:
+        alice.wait_operation(job.id, alice.operation(job.id, operation_id))
+    assert (
+        raised.value.error == "operation_failed" and "internal_error: OSError: model.h5 is bad" in raised.value.detail
+    )
+    assert str(folder) not in raised.value.detail
