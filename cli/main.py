@@ -4,6 +4,7 @@
 
     cli/data.py      check-data
     cli/jobs.py      datasets, submit, status, logs, cancel, download   (talk to the API)
+    cli/modeluse.py  evaluate, predict, export                          (use a succeeded job's model)
     cli/serve.py     api, up                                            (run the API, the local stack)
     cli/workers.py   worker, janitor                                    (run the Celery side)
     cli/users.py     users                                              (accounts and tokens)
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import click
 
-from cli import compose, data, demo, jobs, serve, smoke, tensorboard, users, workers
+from cli import compose, data, demo, jobs, modeluse, serve, smoke, tensorboard, users, workers
 
 
 @click.group()
@@ -40,6 +41,9 @@ for command in (
     jobs.cancel,
     jobs.download,
     tensorboard.tensorboard_command,
+    modeluse.evaluate,
+    modeluse.predict,
+    modeluse.export,
     serve.api,
     serve.up,
     compose.compose_command,

@@ -219,6 +219,18 @@ class Settings(DataLimits):
         description="Host memory (RSS of its whole process group) a trainer may hold before it is killed and "
         "the job fails out_of_memory. Empty: half of this host's memory.",
     )
+    max_predict_bytes: int = Field(
+        1 * 2**20,
+        gt=0,
+        description="Largest body POST /v1/jobs/<id>/predict accepts (a JSON batch or an HDF5 file with X), "
+        "in bytes; larger answers 413. Bigger batches: evaluate an uploaded data set, or download the model.",
+    )
+    operation_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a model operation (evaluate, predict, export of a finished job) may run in its "
+        "worker's child process before it is stopped and fails operation_time_limit.",
+    )
     trainer_kills_before_oom: int = Field(
         2,
         ge=1,

@@ -30,6 +30,7 @@ from pydantic_core import PydanticCustomError
 
 from core.errors import Problem, SpecError
 from core.jsondepth import MAX_JSON_DEPTH, text_depth, value_depth
+from core.names import EXPORT_ARTIFACTS, EXPORT_FORMATS
 from models.data.summary import DataKeys
 from models.health import HEALTH_KINDS
 
@@ -330,6 +331,17 @@ class OutputSpec(_Strict):
 
     activation: OutputActivation | None = None
     units: PositiveInt | None = None
+    export: list[Literal[EXPORT_FORMATS]] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="Formats the trainer exports the finished model to, besides model.h5 and model.keras: "
+        f"any of {', '.join(EXPORT_FORMATS)} (artifacts {', '.join(EXPORT_ARTIFACTS.values())}). Or later: "
+        "POST /v1/jobs/<id>/export (gpuyard export).",
+    )
+
+    @field_validator("export")
+    @classmethod
+    def _export_once_each(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
 
 class SgdOptimizer(_Strict):

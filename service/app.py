@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException
 
 from core.errors import GpuyardError
 from core.settings import Settings, get_settings
-from service.api import datasets, gpus, health, jobs, metrics, openapi, users
+from service.api import datasets, gpus, health, jobs, metrics, openapi, operations, users
 from service.checks import DryRunGate, sandbox_check_dataset, trainer_dry_run
 from service.errors import HeadersTooLarge, scrub_paths, server_roots, to_api_error
 from service.extensions import EXTENSION_KEY, Services, csrf, init_services
@@ -23,7 +23,7 @@ from service.ui import bp as ui_bp
 from service.ui import root as ui_root
 from worker.db import Database
 from worker.dispatch import GpuBoard
-from worker.queues import celery_sender
+from worker.queues import OPERATE_TASK, celery_sender
 from worker.relay import EventPublisher
 from worker.storage import LocalStorage
 
@@ -31,7 +31,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 1024 * 1024,  # JSON bodies; the upload endpoint raises its own limit
     "MAX_FORM_MEMORY_SIZE": 64 * 1024,  # non-file multipart fields
     "MAX_FORM_PARTS": 16,
-    # Components tests may replace: GPUYARD_SETTINGS (Settings), GPUYARD_JOB_QUEUE (a worker.queues.Sender),
+    # Components tests may replace: GPUYARD_SETTINGS (Settings), GPUYARD_JOB_QUEUE and GPUYARD_OPERATION_QUEUE
+    # (worker.queues.Sender's of gpuyard.train and gpuyard.operate),
     # GPUYARD_DATASET_CHECKER, GPUYARD_DRY_RUNNER, GPUYARD_GPU_HEARTBEATS (see service.extensions),
     # GPUYARD_DB_SCHEMA (PostgreSQL).
     "GPUYARD_AUTO_MIGRATE": True,
@@ -108,6 +109,7 @@ def register_extensions(app: Flask) -> None:
             stream_slots=StreamSlots(
                 settings.redis_url or None, settings.max_streams_per_user, ttl_s=3 * settings.sse_keepalive_s
             ),
+            send_operation=app.config.get("GPUYARD_OPERATION_QUEUE") or celery_sender(settings, task=OPERATE_TASK),
             wake=functools.partial(EventPublisher(settings.redis_url or None).publish, payload={"event": "wake"}),
         ),
     )
@@ -115,7 +117,7 @@ def register_extensions(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     """One blueprint per resource, all under /v1 but the OpenAPI document; the dashboard under /ui."""
-    for module in (health, datasets, jobs, gpus, users, metrics, openapi):
+    for module in (health, datasets, jobs, operations, gpus, users, metrics, openapi):
         app.register_blueprint(module.bp)
     app.register_blueprint(ui_bp)
     app.register_blueprint(ui_root)

@@ -28,7 +28,7 @@ import urllib3
 
 from core.atomicio import atomic_path
 from core.errors import GpuyardError, Problem
-from core.states import TERMINAL_STATES
+from core.states import QUEUED, TERMINAL_STATES
 
 _CHUNK_BYTES = 1024 * 1024
 _RETRY_STATUSES = (502, 503, 504)
@@ -444,6 +444,82 @@ class Client:
                     f"{target} was not written",
                 )
         return target
+
+    # ── model operations: evaluate, predict, export a succeeded job's model (run by a worker) ──
+    def evaluate(
+        self, job_id: str, dataset: str, *, split: str = "test", wait: bool = True, timeout_s: float = 600.0
+    ) -> dict[str, Any]:
+        """The job's model measured on data set ``dataset``'s ``split``: ``result["metrics"]`` once done.
+
+        Returns:
+            The operation (``id``, ``state``, ``result``); with ``wait``, once it succeeded.
+
+        Raises:
+            ClientError: the API refused (404, 409 job not finished, 422 data set mismatch), the operation
+                failed (``operation_failed``), or ``timeout_s`` passed first (``timeout``).
+        """
+        operation = self._json("POST", f"/v1/jobs/{job_id}/evaluate", json={"dataset": dataset, "split": split})
+        return self.wait_operation(job_id, operation, timeout_s) if wait else operation
+
+    def predict(
+        self,
+        job_id: str,
+        inputs: list[Any] | str | os.PathLike[str],
+        *,
+        wait: bool = True,
+        timeout_s: float = 600.0,
+    ) -> dict[str, Any]:
+        """Predictions of the job's model for a small batch: rows as nested lists, or an HDF5 file (a path)
+        holding them as ``X``. ``result["predictions"]`` (and ``result["classes"]`` for a classifier)."""
+        if isinstance(inputs, list):
+            operation = self._json("POST", f"/v1/jobs/{job_id}/predict", json={"inputs": inputs})
+        else:
+            path = Path(inputs)
+            try:
+                body = path.read_bytes()
+            except OSError as exc:
+                raise ClientError("file_unreadable", f"cannot read {path}: {exc.strerror}", field="file") from exc
+            operation = self._json(
+                "POST", f"/v1/jobs/{job_id}/predict", data=body, headers={"Content-Type": "application/x-hdf5"}
+            )
+        return self.wait_operation(job_id, operation, timeout_s) if wait else operation
+
+    def export(self, job_id: str, formats: list[str], *, wait: bool = True, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Export the job's model (``onnx``, ``saved_model``); then :meth:`download` ``model.onnx`` or
+        ``saved_model.zip``."""
+        operation = self._json("POST", f"/v1/jobs/{job_id}/export", json={"formats": formats})
+        return self.wait_operation(job_id, operation, timeout_s) if wait else operation
+
+    def operation(self, job_id: str, operation_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/jobs/{job_id}/operations/{operation_id}")
+
+    def wait_operation(
+        self, job_id: str, operation: dict[str, Any], timeout_s: float = 600.0, *, poll_s: float = 0.5
+    ) -> dict[str, Any]:
+        """Poll an operation until it succeeded (returned) or failed (:class:`ClientError`)."""
+        deadline = time.monotonic() + timeout_s
+        while operation.get("state") not in TERMINAL_STATES:
+            if time.monotonic() >= deadline:
+                hint = (
+                    " (no worker took it: operations run on the CPU queue, GPUYARD_TRAIN_QUEUE; is a CPU worker up?)"
+                    if operation.get("state") == QUEUED
+                    else ""
+                )
+                raise ClientError(
+                    "timeout",
+                    f"operation {operation.get('id')} on job {job_id} is still {operation.get('state')} after "
+                    f"{timeout_s:g} s{hint}; GET /v1/jobs/{job_id}/operations/{operation.get('id')} tells when it "
+                    "ends",
+                )
+            time.sleep(poll_s)
+            operation = self.operation(job_id, operation["id"])
+        if operation.get("error_reason"):
+            raise ClientError(
+                "operation_failed",
+                f"{operation.get('kind')} of job {job_id} failed: {operation['error_reason']}: "
+                f"{operation.get('error_detail') or ''}",
+            )
+        return operation
 
 
 def _chunks(response: requests.Response) -> Iterator[bytes]:

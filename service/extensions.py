@@ -42,10 +42,13 @@ class Services:
     check_dataset: DatasetChecker
     dry_run: DryRunner
     heartbeats: HeartbeatSource
+    """The workers' GPU heartbeats by uuid (Redis; tests substitute a dict)."""
     hub: EventHub
     """Wakes this process's event streams when their job publishes (service/streams.py)."""
     stream_slots: StreamSlots
     """Counts each user's open event streams across processes."""
+    send_operation: Sender
+    """Puts gpuyard.operate(op_id) on a queue (Celery; tests substitute one that runs it)."""
     wake: Callable[[str], None] = lambda job_id: None
     """Tells a job's event streams to look at the DB (Redis pub/sub; the dispatcher's queue events)."""
 

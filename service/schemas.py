@@ -7,9 +7,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from core.names import EXPORT_FORMATS
 from core.states import JOB_STATES, QUEUED
 from models.data.summary import DatasetSummary
-from worker.db import Dataset, Job, JobEvent
+from worker.db import Dataset, Job, JobEvent, Operation
 
 JobState = Literal[JOB_STATES]  # type: ignore[valid-type]
 
@@ -326,3 +327,67 @@ class JobEventOut(BaseModel):
     @classmethod
     def of(cls, job_event: JobEvent) -> JobEventOut:
         return cls(seq=job_event.seq, time=job_event.time, event=job_event.event)
+
+
+# ── model operations (evaluate, predict, export a finished job's model) ──
+OperationKind = Literal["evaluate", "predict", "export"]
+Split = Literal["test", "val", "train"]
+ExportFormat = Literal[EXPORT_FORMATS]  # type: ignore[valid-type]
+
+
+class EvaluateIn(_Body):
+    """POST /v1/jobs/<id>/evaluate: a data set to measure the job's model on."""
+
+    dataset: str = Field(description="Id of one of your data sets with the model's input shape and targets.")
+    split: Split = Field("test", description="Which split of the data set: test (default), val or train.")
+
+
+class PredictIn(_Body):
+    """POST /v1/jobs/<id>/predict as JSON: rows of inputs (or send an HDF5 file with an X dataset)."""
+
+    inputs: list[Any] = Field(
+        min_length=1, description="One row per sample, each of the model's input shape (nested lists of numbers)."
+    )
+
+
+class ExportIn(_Body):
+    """POST /v1/jobs/<id>/export: the formats to write as artifacts."""
+
+    formats: list[ExportFormat] = Field(
+        min_length=1, description=f"Any of {', '.join(EXPORT_FORMATS)}; each becomes a downloadable artifact."
+    )
+
+
+class OperationOut(BaseModel):
+    """One model operation: queued, then running in a worker, then succeeded (``result``) or failed."""
+
+    id: str
+    job: str
+    kind: OperationKind
+    state: JobState = Field(description="queued, running, succeeded or failed.")
+    request: dict[str, Any] = Field(description="What was asked: dataset and split, rows, or formats.")
+    result: dict[str, Any] | None = Field(
+        description="evaluate: split, rows, metrics (loss, accuracy, ...); predict: rows, predictions and, "
+        "for a classifier, classes; export: artifacts by format."
+    )
+    error_reason: str | None
+    error_detail: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, operation: Operation) -> OperationOut:
+        return cls(
+            id=operation.id,
+            job=operation.job_id,
+            kind=operation.kind,  # type: ignore[arg-type]
+            state=operation.state,  # type: ignore[arg-type]
+            request={k: v for k, v in operation.request.items() if k != "input_file"},
+            result=operation.result,
+            error_reason=operation.error_reason,
+            error_detail=operation.error_detail,
+            created_at=operation.created_at,
+            started_at=operation.started_at,
+            finished_at=operation.finished_at,
+        )

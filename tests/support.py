@@ -36,7 +36,9 @@ _COLUMNS_ADDED = {
         ("jobs", "suggested_memory_fraction"),
     ],
     5: [("users", "webhook_secret"), ("users", "notify"), ("jobs", "notify"), ("jobs", "notify_pending")],
+    6: [],
 }
+_TABLES_ADDED = {6: ["operations"]}
 
 
 def rewind_schema(execute: Callable[[str], object], version: int) -> None:
@@ -45,5 +47,7 @@ def rewind_schema(execute: Callable[[str], object], version: int) -> None:
     for added in range(version + 1, max(_COLUMNS_ADDED) + 1):
         for table, column in _COLUMNS_ADDED[added]:
             execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        for table in _TABLES_ADDED.get(added, ()):
+            execute(f"DROP TABLE {table}")
     execute("DELETE FROM schema_version")
     execute(f"INSERT INTO schema_version VALUES ({version}, 'v{version}', '2026-01-01 00:00:00')")

@@ -127,11 +127,13 @@ def test_every_late_import_says_why() -> None:
             "core/states.py",
         ),
         ("the task name", r"""["']gpuyard\.train["']""", "worker/queues.py"),
+        ("the operation task's name", r"""["']gpuyard\.operate["']""", "worker/queues.py"),
         (
             "artifact names",
             r"""["'](model\.h5|model\.keras|history\.json|diagnostics\.json|summary\.json)["']""",
             "core/names.py",
         ),
+        ("export artifact names", r"""["'](model\.onnx|saved_model\.zip)["']""", "core/names.py"),
         ("the trainer log name", r"""["']trainer\.log["']""", "core/names.py"),
     ],
 )

@@ -53,7 +53,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_track_started=True,
         result_expires=7 * 24 * 3600,
         worker_hijack_root_logger=False,
+        # Task events for Flower and `celery events`: the worker's (received, started, succeeded, …) and the
+        # sender's task-sent (producers in worker/queues.py send it too).
         worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     return app
 

@@ -5,6 +5,7 @@
     gpuyard.train(job_id) ──▶ gpu.<uuid>       one queue per GPU, consumed by that GPU's worker only
                           ──▶ <cpu queue>      CPU jobs: the setting GPUYARD_TRAIN_QUEUE ("gpuyard.jobs")
     gpuyard.notify(job_id, url) ──▶ <notify queue>  GPUYARD_NOTIFY_QUEUE ("gpuyard.notify"), every worker
+    gpuyard.operate(op_id) ─▶ <cpu queue>      evaluate / predict / export a finished job's model
 
 The dispatcher (``worker/dispatch.py``) picks the queue; the API, the janitor and the task itself all send
 through :func:`celery_sender`. Nothing here imports a framework.
@@ -22,6 +23,7 @@ from worker.errors import QueueUnavailable
 
 TRAIN_TASK = "gpuyard.train"
 NOTIFY_TASK = "gpuyard.notify"
+OPERATE_TASK = "gpuyard.operate"
 GPU_QUEUE_PREFIX = "gpu."
 _GPU_UUID = re.compile(r"^GPU-[0-9A-Za-z-]+$")
 
@@ -66,6 +68,7 @@ def producer(settings: Settings) -> Celery:
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
+        task_send_sent_event=True,  # Flower shows a task as sent before a worker takes it
         broker_connection_timeout=3,
         broker_connection_retry_on_startup=False,
         task_publish_retry=True,
@@ -74,16 +77,17 @@ def producer(settings: Settings) -> Celery:
     return app
 
 
-def celery_sender(settings: Settings, app: Celery | None = None) -> Sender:
-    """A :data:`Sender` through ``app`` (default: a :func:`producer` on the broker)."""
+def celery_sender(settings: Settings, app: Celery | None = None, *, task: str = TRAIN_TASK) -> Sender:
+    """A :data:`Sender` of ``task`` (default ``gpuyard.train``) through ``app`` (default: a :func:`producer`
+    on the broker); ``send(op_id, queue)`` with ``task=OPERATE_TASK`` sends a model operation."""
     app = app or producer(settings)
 
     def send(job_id: str, queue: str) -> None:
         try:
-            app.send_task(TRAIN_TASK, args=[job_id], queue=queue)
+            app.send_task(task, args=[job_id], queue=queue)
         except Exception as exc:  # kombu and redis raise a zoo of connection errors; all mean the same here
             raise QueueUnavailable(
-                f"the job queue is unreachable ({type(exc).__name__}); job {job_id} was not sent"
+                f"the job queue is unreachable ({type(exc).__name__}); {job_id} was not sent"
             ) from exc
 
     return send

@@ -1,4 +1,5 @@
-"""The Celery tasks: thin wrappers around plain functions (``gpuyard.train``, ``gpuyard.notify``)."""
+"""The Celery tasks: thin wrappers around plain functions (``gpuyard.train``, ``gpuyard.notify``,
+``gpuyard.operate``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from core.settings import get_settings
 from worker.db import Database
 from worker.dispatch import Dispatcher
 from worker.notify import NotifyFailed, NotifyRefused, deliver, enqueue_notifications
-from worker.queues import NOTIFY_TASK, TRAIN_TASK, celery_notify_sender, celery_sender
+from worker.operations import run_operation
+from worker.queues import NOTIFY_TASK, OPERATE_TASK, TRAIN_TASK, celery_notify_sender, celery_sender
+from worker.storage import LocalStorage
 from worker.supervisor import default_owner, supervise
 
 log = logging.getLogger(__name__)
@@ -73,3 +76,13 @@ def notify(self: Task, job_id: str, url: str) -> str:
             return f"dropped: {exc}"
         countdown = get_exponential_backoff_interval(2, self.request.retries, 600, full_jitter=True)
         raise self.retry(exc=exc, countdown=countdown) from exc
+
+
+@shared_task(name=OPERATE_TASK)
+def operate(operation_id: str) -> dict[str, Any]:
+    """Evaluate, predict with or export a finished job's model (idempotent: only a queued operation runs)."""
+    settings = get_settings()
+    assert settings.storage_dir is not None  # filled in by Settings
+    return run_operation(
+        operation_id, settings, db=_database(settings.database_url), storage=LocalStorage(settings.storage_dir)
+    )

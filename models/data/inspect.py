@@ -95,6 +95,34 @@ def inspect_file(
     return inspection.summary(sha256=sha256 or file_sha256(path), size_bytes=size_bytes)
 
 
+def inspect_inputs(path: str | os.PathLike[str], key: str = "X", *, limits: DataLimits | None = None) -> ArrayInfo:
+    """Check an HDF5 file holding one input array (a predict batch, no targets): the checks a data set's
+    ``X_train`` passes — file, links, storage, dtype, shape, declared size, finite values.
+
+    Runs in the calling process: for uploads use :func:`models.data.sandbox.check_inputs`.
+
+    Raises:
+        DataError: the file is refused; ``problems`` holds one Problem per reason.
+    """
+    limits = limits or get_settings()
+    path = Path(path)
+    size_bytes = _check_file_level(path)
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError([_open_problem(path, size_bytes, exc)]) from exc
+    with handle:
+        inspection = _Inspection(handle, DataKeys(x_train=key), limits)
+        inspection._walk_links()
+        inspection._check_role("x_train")
+        if "x_train" in inspection.datasets:
+            inspection._scan("x_train", inspection.datasets["x_train"])
+        ds = inspection.datasets.get("x_train")
+        if inspection.problems or ds is None:
+            raise DataError(inspection.problems or [Problem("missing_key", f"{key}: no usable dataset", key)])
+        return ArrayInfo(key=key, shape=list(ds.shape), dtype=ds.dtype.name, rows=int(ds.shape[0]))
+
+
 
 
 # ----------------------------------------------------------------------------------------------- file level

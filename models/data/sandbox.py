@@ -22,7 +22,7 @@ from typing import Any
 
 from core.errors import DataError, Problem
 from core.settings import DataLimits, get_settings
-from models.data.summary import DataKeys, DatasetSummary
+from models.data.summary import ArrayInfo, DataKeys, DatasetSummary
 
 #: The settings the child needs (the data limits); nothing else (secrets, URLs) is sent to it.
 CHILD_LIMITS = tuple(DataLimits.model_fields)
@@ -73,6 +73,31 @@ def check_file(
     reply = run_child(request, timeout_s=timeout_s)
     if reply.get("ok"):
         return DatasetSummary.model_validate(reply["summary"])
+    raise DataError([Problem(**problem) for problem in reply["problems"]])
+
+
+def check_inputs(
+    path: str | os.PathLike[str], key: str = "X", *, limits: DataLimits | None = None, timeout_s: float | None = None
+) -> ArrayInfo:
+    """Check an HDF5 file of inputs only (a predict batch: one array ``key``) in the sandboxed child.
+
+    Returns:
+        The array's key, shape, dtype and rows, as :func:`models.data.inspect.inspect_inputs` finds them.
+
+    Raises:
+        DataError: as :func:`check_file`.
+    """
+    limits = limits or get_settings()
+    request = {
+        "path": str(Path(path).resolve()),
+        "inputs_key": key,
+        "limits": {name: getattr(limits, name) for name in CHILD_LIMITS},
+    }
+    if timeout_s is None:
+        timeout_s = 2.0 * limits.validate_cpu_seconds + 10.0
+    reply = run_child(request, timeout_s=timeout_s)
+    if reply.get("ok"):
+        return ArrayInfo.model_validate(reply["array"])
     raise DataError([Problem(**problem) for problem in reply["problems"]])
 
 
@@ -235,15 +260,22 @@ def _child_main() -> int:
     _set_limits(int(limits_in["validate_memory_bytes"]), int(limits_in["validate_cpu_seconds"]))
     try:
         # h5py is imported only now, under the limits.
-        from models.data.inspect import inspect_file
+        from models.data.inspect import inspect_file, inspect_inputs
 
-        summary = inspect_file(
-            request["path"],
-            DataKeys.model_validate(request["keys"]),
-            limits=DataLimits.model_construct(**limits_in),
-            sha256=request.get("sha256"),
-        )
-        reply: dict[str, Any] = {"ok": True, "summary": summary.model_dump(mode="json")}
+        reply: dict[str, Any]
+        if request.get("inputs_key"):
+            array = inspect_inputs(
+                request["path"], request["inputs_key"], limits=DataLimits.model_construct(**limits_in)
+            )
+            reply = {"ok": True, "array": array.model_dump(mode="json")}
+        else:
+            summary = inspect_file(
+                request["path"],
+                DataKeys.model_validate(request["keys"]),
+                limits=DataLimits.model_construct(**limits_in),
+                sha256=request.get("sha256"),
+            )
+            reply = {"ok": True, "summary": summary.model_dump(mode="json")}
     except DataError as exc:
         reply = {"ok": False, "problems": [p.to_dict() for p in exc.problems]}
     except MemoryError:

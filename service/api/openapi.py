@@ -17,6 +17,8 @@ from service.schemas import (
     DatasetOut,
     DryRunOut,
     ErrorOut,
+    EvaluateIn,
+    ExportIn,
     GpuListOut,
     GpuOut,
     HealthOut,
@@ -25,6 +27,8 @@ from service.schemas import (
     JobListOut,
     JobOut,
     NotifyIn,
+    OperationOut,
+    PredictIn,
     ReadyOut,
     UserOut,
     WebhookSecretOut,
@@ -38,6 +42,7 @@ _ERRORS = {
     "401": "Missing or invalid bearer token",
     "403": "Admins only",
     "404": "No such resource, or not yours",
+    "409": "Conflict with the resource's state (e.g. the job has not succeeded)",
     "413": "Upload larger than max_upload_bytes",
     "415": "Unsupported Content-Type",
     "422": "Invalid input; `problems` lists every problem",
@@ -77,6 +82,10 @@ def openapi_document() -> dict[str, Any]:
         (NotifyIn, "validation"),
         (UserOut, "serialization"),
         (WebhookSecretOut, "serialization"),
+        (EvaluateIn, "validation"),
+        (PredictIn, "validation"),
+        (ExportIn, "validation"),
+        (OperationOut, "serialization"),
     ]
     _, top = models_json_schema(models, ref_template=REF)
     schemas = _openapi_safe(top.get("$defs", {}))
@@ -255,6 +264,51 @@ def openapi_document() -> dict[str, Any]:
                 errors=("401", "404"),
             ),
         },
+        "/v1/jobs/{job_id}/evaluate": {
+            "parameters": [_path("job_id")],
+            "post": _op(
+                "evaluateJob",
+                "Measure a succeeded job's model on a data set's split, in a worker; poll the operation",
+                {"202": _json("OperationOut", "Queued")},
+                errors=("400", "401", "404", "409", "422", "503"),
+                body=_json_body("EvaluateIn"),
+            ),
+        },
+        "/v1/jobs/{job_id}/predict": {
+            "parameters": [_path("job_id")],
+            "post": _op(
+                "predictJob",
+                "Predict a small batch (JSON inputs, or HDF5 with X; at most max_predict_bytes) in a worker",
+                {"202": _json("OperationOut", "Queued")},
+                errors=("400", "401", "404", "409", "413", "415", "422", "503"),
+                body={
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": REF.format(model="PredictIn")}},
+                        "application/x-hdf5": {"schema": {"type": "string", "contentMediaType": "application/x-hdf5"}},
+                    },
+                },
+            ),
+        },
+        "/v1/jobs/{job_id}/export": {
+            "parameters": [_path("job_id")],
+            "post": _op(
+                "exportJob",
+                "Export a succeeded job's model (model.onnx, saved_model.zip artifacts) in a worker",
+                {"202": _json("OperationOut", "Queued")},
+                errors=("400", "401", "404", "409", "422", "503"),
+                body=_json_body("ExportIn"),
+            ),
+        },
+        "/v1/jobs/{job_id}/operations/{operation_id}": {
+            "parameters": [_path("job_id"), _path("operation_id")],
+            "get": _op(
+                "getOperation",
+                "One model operation: queued, running, succeeded (result) or failed",
+                {"200": _json("OperationOut")},
+                errors=("401", "404"),
+            ),
+        },
         "/metrics": {
             "get": _op(
                 "metrics",
@@ -321,6 +375,10 @@ def _json(model: str, description: str = "OK") -> dict[str, Any]:
         "description": description,
         "content": {"application/json": {"schema": {"$ref": REF.format(model=model)}}},
     }
+
+
+def _json_body(model: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": REF.format(model=model)}}}}
 
 
 def _query(name: str, type_: str, description: str) -> dict[str, Any]:

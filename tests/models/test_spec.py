@@ -64,6 +64,7 @@ def test_minimal_spec_gets_documented_defaults() -> None:
         ("architecture.family", "transformer", "architecture.family", "family='transformer'"),
         ("output.activation", "softmaxx", "output.activation", "'softmaxx'"),
         ("output.units", 0, "output.units", "units=0"),
+        ("output.export", ["onnx", "tflite"], "output.export.1", "'tflite'"),
         ("loss", "msee", "loss", "loss='msee'"),
         ("metrics", ["accuracy", "f1"], "metrics", "'f1'"),
         ("training.epochs", 0, "training.epochs", "epochs=0"),
@@ -218,3 +219,9 @@ def test_spec_module_does_not_import_a_framework() -> None:
         "assert not bad, bad; models.spec.job_spec_schema()"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_output_export_names_each_format_once() -> None:
+    spec = parse_spec({**copy.deepcopy(MLP), "output": {"export": ["saved_model", "onnx", "saved_model"]}})
+    assert spec.output.export == ["saved_model", "onnx"]
+    assert parse_spec(copy.deepcopy(MLP)).output.export == []

@@ -53,6 +53,7 @@ def app(settings: Settings, queue: FakeQueue, dry_run: FakeDryRun, beats: dict[s
             "TESTING": True,
             "GPUYARD_SETTINGS": settings,
             "GPUYARD_JOB_QUEUE": queue,
+            "GPUYARD_OPERATION_QUEUE": queue,
             "GPUYARD_DRY_RUNNER": dry_run,
             "GPUYARD_GPU_HEARTBEATS": lambda uuids: {u: beats[u] for u in uuids if u in beats},
         }

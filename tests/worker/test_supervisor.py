@@ -21,7 +21,7 @@ import pytest
 import redis
 from celery_helpers import events_of, highway_spec, wait_for
 
-from core.names import ARTIFACT_NAMES, TRAINER_LOG
+from core.names import TRAINED_ARTIFACTS, TRAINER_LOG
 from core.settings import Settings
 from core.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from worker import procs
@@ -116,7 +116,7 @@ def test_supervise_digits_highway_succeeds(
         assert kind in kinds
     assert [e["state"] for e in events_of(db, job_id, "state")] == ["queued", "running", "succeeded"]
     folder = job_dir(storage, job_id)
-    for name in (*ARTIFACT_NAMES, TRAINER_LOG):
+    for name in (*TRAINED_ARTIFACTS, TRAINER_LOG):
         assert (folder / name).is_file(), name
     assert (folder / "checkpoint" / "state.json").is_file()
     assert not (folder / "trainer.pid").exists()

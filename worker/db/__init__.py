@@ -3,7 +3,7 @@
 SQLite (WAL, foreign keys, busy timeout) by default, PostgreSQL by URL (``postgresql+psycopg://``).
 Every access goes through :class:`Database` (``database.py``); the rest of the package is its parts::
 
-    tables.py       the ORM tables (User, Dataset, Job, JobEvent, Gpu, DispatchLock, SchemaVersion)
+    tables.py       the ORM tables (User, Dataset, Job, JobEvent, Gpu, DispatchLock, Operation, SchemaVersion)
     migrations.py   append-only schema steps and ``migrate``
     engine.py       ``make_engine``: SQLite pragmas, PostgreSQL search path
     database.py     ``Database``: one short transaction per method, guarded UPDATEs for every race
@@ -22,7 +22,18 @@ from __future__ import annotations
 from worker.db.database import Database, DispatchTxn, JanitorReport, JobPage, MetricsSnapshot
 from worker.db.engine import make_engine
 from worker.db.migrations import LATEST_VERSION, MIGRATIONS
-from worker.db.tables import Dataset, Gpu, Job, JobEvent, SchemaVersion, User, hash_token, new_id, utcnow
+from worker.db.tables import (
+    Dataset,
+    Gpu,
+    Job,
+    JobEvent,
+    Operation,
+    SchemaVersion,
+    User,
+    hash_token,
+    new_id,
+    utcnow,
+)
 from worker.errors import (
     ActiveJobLimit,
     DatabaseUnavailable,
@@ -49,6 +60,7 @@ __all__ = [
     "JobEvent",
     "JobPage",
     "MetricsSnapshot",
+    "Operation",
     "SchemaError",
     "SchemaVersion",
     "UnknownDataset",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.engine import Connection
 
-from worker.db.tables import Base, DispatchLock, Gpu, Job, SchemaVersion, utcnow
+from worker.db.tables import Base, DispatchLock, Gpu, Job, Operation, SchemaVersion, utcnow
 from worker.errors import SchemaError
 
 
@@ -53,6 +53,10 @@ def _v5_notify(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE jobs ADD COLUMN notify_pending BOOLEAN NOT NULL DEFAULT FALSE"))
 
 
+def _v6_operations(conn: Connection) -> None:
+    Operation.__table__.create(conn)
+
+
 # Append only. A fresh database gets the models' current tables at once and is stamped with the last
 # version (so these steps must leave an old database exactly where create_all leaves a new one).
 MIGRATIONS: list[Migration] = [
@@ -61,6 +65,7 @@ MIGRATIONS: list[Migration] = [
     Migration(3, "users.disabled", _v3_users_disabled),
     Migration(4, "fair sharing: users.max_priority; jobs queue info and memory sizing; gpus.backends", _v4_sharing),
     Migration(5, "users.webhook_secret, users.notify; jobs.notify, jobs.notify_pending", _v5_notify),
+    Migration(6, "operations (evaluate, predict, export on a finished job)", _v6_operations),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 _PG_MIGRATION_LOCK = 0x67707964  # "gpyd": any constant shared by every process migrating this DB

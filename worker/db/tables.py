@@ -1,4 +1,5 @@
-"""The job database's tables (SQLAlchemy ORM): users, data sets, jobs, their events, GPUs, the dispatch lock."""
+"""The job database's tables (SQLAlchemy ORM): users, data sets, jobs, their events, GPUs, the dispatch lock,
+and the model operations (evaluate, predict, export) run on finished jobs."""
 
 from __future__ import annotations
 
@@ -204,3 +205,29 @@ class JobEvent(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     time: Mapped[dt.datetime] = mapped_column(default=utcnow)
     event: Mapped[dict[str, Any]]
+
+
+class Operation(Base):
+    """One use of a finished job's model: evaluate on a data set, predict a batch, or export.
+
+    A small record of its own (not a job row), so job listings, the dispatcher and the per-user job cap
+    never see it. ``state`` takes the job states ``queued``, ``running``, ``succeeded``, ``failed``.
+    """
+
+    __tablename__ = "operations"
+    __table_args__ = (
+        CheckConstraint("state IN ('" + "','".join(JOB_STATES) + "')", name="ck_operations_state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default=QUEUED)
+    request: Mapped[dict[str, Any]]
+    result: Mapped[dict[str, Any] | None]
+    error_reason: Mapped[str | None] = mapped_column(String(64))
+    error_detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]

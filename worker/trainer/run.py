@@ -9,6 +9,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from typing import Any
 
 import h5py
@@ -27,6 +28,7 @@ from worker.trainer.diagnostics import Diagnostics
 from worker.trainer.env import TrainingStopped
 from worker.trainer.events import jsonable
 from worker.trainer.job import TrainingJob
+from worker.trainer.modelops import evaluate_split, export_model
 from worker.trainer.tensorboard import TensorBoardLogger
 
 
@@ -43,7 +45,9 @@ def train(job: TrainingJob) -> int:
     job.out_dir.mkdir(parents=True, exist_ok=True)
     store = cbs.CheckpointStore(
         job.out_dir / names.CHECKPOINT_DIR,
-        fingerprint=cbs.spec_sha256(spec.model_dump(mode="json"), job.summary.sha256),
+        # Exports do not change training: a checkpoint stays valid whatever output.export asks for (and
+        # across the upgrade that added the field).
+        fingerprint=cbs.spec_sha256(spec.model_dump(mode="json", exclude={"output": {"export"}}), job.summary.sha256),
         emitter=job.emitter,
     )
     state = _resume_state(store) if job.resume else None
@@ -206,7 +210,7 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
     final = {
         "train": _last(history, val=False),
         "val": _last(history, val=True),
-        "test": _evaluate(model, data.test, training.batch_size),
+        "test": evaluate_split(model, data.test, training.batch_size),
     }
     artifacts = _write_artifacts(job, model, history, records, final, timings, progress.records)
     emitter.emit(
@@ -269,17 +273,6 @@ def _last(history: list[dict[str, Any]], *, val: bool) -> dict[str, Any]:
     return {k: v for k, v in last.items() if k != "epoch" and not k.startswith("val_")}
 
 
-def _evaluate(model: keras.Model, split: Any, batch_size: int) -> dict[str, Any]:
-    if split is None:
-        return {}
-    if isinstance(split, tuple | list):
-        x, y = split
-        result = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
-    else:
-        result = model.evaluate(split, verbose=0, return_dict=True)
-    return jsonable(result)
-
-
 def _write_artifacts(
     job: TrainingJob,
     model: keras.Model,
@@ -299,6 +292,7 @@ def _write_artifacts(
     atomic_write_json(out / names.HISTORY, _history_columns(history))
     atomic_write_json(out / names.DIAGNOSTICS, records)
     timings["save_s"] = time.monotonic() - save_started
+    exports = _exports(model, out, job.spec.output.export)
     timings["total_s"] = time.monotonic() - job.started
     summary = {
         "spec": job.spec.model_dump(mode="json"),
@@ -310,8 +304,24 @@ def _write_artifacts(
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "versions": _versions(),
     }
+    if exports:
+        summary["exports"] = exports
     atomic_write_json(out / names.SUMMARY, jsonable(summary))
-    return {name: str(out / name) for name in (*names.ARTIFACT_NAMES, names.CHECKPOINT_DIR)}
+    return {name: str(out / name) for name in (*names.ARTIFACT_NAMES, names.CHECKPOINT_DIR) if (out / name).exists()}
+
+
+def _exports(model: keras.Model, out: Any, formats: list[str]) -> dict[str, Any]:
+    """The exports the spec asks for (``output.export``). A failed export does not fail the trained job: it
+    is reported in summary.json (and the traceback in trainer.log); ``gpuyard export`` can retry it."""
+    report: dict[str, Any] = {}
+    for fmt in formats:
+        try:
+            export_model(model, out, [fmt])
+            report[fmt] = {"ok": True, "artifact": names.EXPORT_ARTIFACTS[fmt]}
+        except Exception as exc:  # tf2onnx and SavedModel tracing raise anything; the model is saved already
+            traceback.print_exception(exc, file=sys.stderr)
+            report[fmt] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:2000]}
+    return report
 
 
 def _history_columns(history: list[dict[str, Any]]) -> dict[str, list[Any]]:
