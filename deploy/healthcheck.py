@@ -1,6 +1,6 @@
 """Container health checks: ``python deploy/healthcheck.py api|worker|janitor`` exits 0 when healthy.
 
-api      GET /v1/health on the local gunicorn answers 200.
+api      GET /v1/health on the local gunicorn answers 200 (on GUNICORN_BIND's port, as deploy/gunicorn.conf.py binds).
 worker   a Celery node of this container answers a ping over the broker (it does while its trainers run):
          any node named ``…@<hostname>``, since ``gpuyard worker`` names its nodes ``gpu<index>@<host>``
          (one per GPU) and ``<GPUYARD_TRAIN_QUEUE>@<host>`` (the CPU worker), and a container's hostname
@@ -13,16 +13,26 @@ not pay for importing Celery.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import urllib.request
 from collections.abc import Iterable
 
-API_HEALTH_URL = "http://127.0.0.1:8000/v1/health"
+API_HEALTH_PATH = "/v1/health"
 
 
-def check_api(url: str = API_HEALTH_URL, timeout_s: float = 5.0) -> str | None:
+def api_health_url(bind: str | None = None) -> str:
+    """The health URL of the API bound at ``bind`` (``host:port``, default GUNICORN_BIND or 0.0.0.0:8000),
+    asked on loopback."""
+    bind = bind or os.environ.get("GUNICORN_BIND") or "0.0.0.0:8000"
+    port = bind.rpartition(":")[2] or "8000"
+    return f"http://127.0.0.1:{port}{API_HEALTH_PATH}"
+
+
+def check_api(url: str | None = None, timeout_s: float = 5.0) -> str | None:
     """None when the API answers 200, else what went wrong."""
+    url = url or api_health_url()
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return None if response.status == 200 else f"{url} answered {response.status}"

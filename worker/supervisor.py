@@ -129,15 +129,15 @@ class Supervisor:
 
     # ── top level ──
     def run(self) -> Outcome:
+        taken_at = time.monotonic()
         job = self.db.take_lease(self.job_id, self.owner, self.settings.lease_seconds, gpu=self.gpu)
         if job is None:
             log.info("job %s: not taken (leased elsewhere, finished or cancelled); nothing to do", self.job_id)
             return Outcome(self.job_id, ran=False)
         self.published_seq = job.last_event_seq  # the state event of the lease comes right after
         self._publish_db_events()
-        keeper = LeaseKeeper(
-            self.db, self.job_id, self.owner, self.settings.lease_seconds, self.settings.lease_seconds / 3
-        )
+        lease_seconds = self.settings.lease_seconds
+        keeper = LeaseKeeper(self.db, self.job_id, self.owner, lease_seconds, lease_seconds / 3, taken_at=taken_at)
         keeper.start()
         try:
             return self._attempt(job, keeper)
@@ -433,9 +433,14 @@ class Supervisor:
                 item = events.get(timeout=0.1)
             except queue.Empty:
                 item = None
+            if stop_reason is None and keeper.expired():
+                # Fenced: past the lease (a frozen host waking up) the job may be another's; nothing more
+                # is relayed or recorded, and the trainer dies before it writes another checkpoint.
+                stop_reason = "lease_lost"
+                procs.signal_group(proc.pid, signal.SIGKILL)
             if item is procs.EOF:
                 eof = True
-            elif item is not None:
+            elif item is not None and stop_reason != "lease_lost":
                 self._relay(item)
             now = time.monotonic()
             if now >= next_poll:
@@ -462,12 +467,12 @@ class Supervisor:
                 item = events.get_nowait()
             except queue.Empty:
                 break
-            if item is not procs.EOF:
+            if item is not procs.EOF and stop_reason != "lease_lost":
                 self._relay(item)
         return stop_reason
 
     def _stop_reason(self, keeper: LeaseKeeper, deadline: float | None, now: float) -> str | None:
-        if keeper.lost.is_set():
+        if keeper.expired():
             return "lease_lost"
         if self.watchdog is not None and self.watchdog.exceeded.is_set():
             return MEMORY_BUDGET_EXCEEDED  # the watchdog already killed the group

@@ -85,5 +85,34 @@ def stages(instructions: list[Instruction]) -> list[Stage]:
     return result
 
 
+def global_args(instructions: list[Instruction]) -> dict[str, str | None]:
+    """The ``ARG name[=default]`` lines before the first FROM: the build arguments a FROM may use."""
+    args: dict[str, str | None] = {}
+    for ins in instructions:
+        if ins.keyword == "FROM":
+            break
+        if ins.keyword == "ARG":
+            name, sep, default = ins.value.partition("=")
+            args[name.strip()] = default.strip() if sep else None
+    return args
+
+
+def resolve_base(base: str, args: dict[str, str | None]) -> str:
+    """``base`` with ``${NAME}``/``$NAME`` replaced by the build argument's default.
+
+    Raises:
+        ValueError: the base names an argument without a default.
+    """
+
+    def default(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        value = args.get(name)
+        if value is None:
+            raise ValueError(f"FROM {base}: build argument {name} has no default")
+        return value
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", default, base)
+
+
 def read_stages(path: Path) -> list[Stage]:
     return stages(parse_dockerfile(path.read_text()))

@@ -27,7 +27,7 @@ from deploy_helpers import (
 from cli.main import main as gpuyard_cli
 from core.settings import Settings, get_settings
 from deploy.envdoc import COMPOSE_VARIABLES, settings_env_example
-from deploy.healthcheck import CHECKS
+from deploy.healthcheck import CHECKS, api_health_url
 from worker.gpus import fake_uuid
 
 COMPOSE = load_compose()
@@ -307,3 +307,50 @@ def test_env_example_documents_every_setting_and_compose_variable() -> None:
     documented = {name for name, _, _ in COMPOSE_VARIABLES} | settings_env_names()
     used = set(INTERPOLATION.findall(COMPOSE_FILE.read_text()))
     assert used <= documented, f"compose reads variables .env.example does not explain: {sorted(used - documented)}"
+
+
+# ---- the container test's override (deploy/compose.test.yml, run by `make compose-test`)
+
+
+class _ComposeTagLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags: ``!reset`` (drop the base's value) and ``!override`` (replace it)."""
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeTagLoader.add_constructor(
+        _tag,
+        lambda loader, node: loader.construct_sequence(node)
+        if isinstance(node, yaml.SequenceNode)
+        else loader.construct_mapping(node)
+        if isinstance(node, yaml.MappingNode)
+        else None,
+    )
+
+
+TEST_OVERRIDE = yaml.load((ROOT / "deploy" / "compose.test.yml").read_text(), Loader=_ComposeTagLoader)
+
+
+def test_the_test_stack_stays_on_the_hosts_loopback() -> None:
+    # Tests talk only to loopback: host networking (no bridge), no published ports, the API bound to 127.0.0.1.
+    services = TEST_OVERRIDE["services"]
+    assert set(services) == {"api", "janitor", "worker-cpu", "worker-b"}
+    for name, service in services.items():
+        assert service["network_mode"] == "host", name
+        assert not service.get("ports"), name
+        assert not service.get("depends_on", {}).keys() - {"api"}, f"{name} waits for no redis/postgres service"
+    assert services["api"]["environment"]["GUNICORN_BIND"].startswith("127.0.0.1:")
+
+
+def test_the_test_stack_has_two_hosts_sharing_only_storage() -> None:
+    services = TEST_OVERRIDE["services"]
+    a, b = services["worker-cpu"], services["worker-b"]
+    assert a["hostname"] != b["hostname"], "two hosts: two Celery node names, two lease owners"
+    assert b["extends"] == {"file": "docker-compose.yml", "service": "worker-cpu"}
+    for worker in (a, b):
+        assert worker["volumes"] == ["storage:/data/storage"], "only the storage volume is shared; /data is its own"
+        assert worker["environment"]["GPUYARD_STORAGE_DIR"] == "/data/storage"
+
+
+def test_the_api_healthcheck_follows_the_bind_address() -> None:
+    assert api_health_url("0.0.0.0:8000") == "http://127.0.0.1:8000/v1/health"
+    assert api_health_url("127.0.0.1:18123") == "http://127.0.0.1:18123/v1/health"

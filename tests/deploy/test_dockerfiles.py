@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 from deploy_helpers import DOCKERFILES, ROOT, dockerignored, gpuyard_names, settings_env_names
-from dockerfile_parser import parse_dockerfile, read_stages, stages
+from dockerfile_parser import global_args, parse_dockerfile, read_stages, resolve_base, stages
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # A pinned tag names a version: python:3.11.11-slim-bookworm, nvidia/cuda:12.5.1-base-ubuntu24.04.
@@ -29,6 +29,15 @@ def test_parser_joins_continuations_and_skips_comments() -> None:
     parsed = stages(instructions)
     assert [(s.base, s.name) for s in parsed] == [("a:1.0", "one"), ("b:2.0", None)]
     assert parsed[1].all("USER")[0].value == "u"
+
+
+def test_parser_reads_build_arguments_of_from() -> None:
+    instructions = parse_dockerfile("ARG BASE=a:1.0\nARG OTHER\nFROM ${BASE} AS one\nFROM $BASE\n")
+    args = global_args(instructions)
+    assert args == {"BASE": "a:1.0", "OTHER": None}
+    assert [resolve_base(stage.base, args) for stage in stages(instructions)] == ["a:1.0", "a:1.0"]
+    with pytest.raises(ValueError, match="OTHER has no default"):
+        resolve_base("${OTHER}", args)
 
 
 @pytest.mark.parametrize(
@@ -70,18 +79,53 @@ def test_installs_the_projects_own_extra(flavour: str) -> None:
 
 
 def test_base_images_are_pinned(flavour: str) -> None:
-    parsed = read_stages(DOCKERFILES[flavour])
+    instructions = parse_dockerfile(DOCKERFILES[flavour].read_text())
+    args = global_args(instructions)
+    parsed = stages(instructions)
+    bases = [resolve_base(stage.base, args) for stage in parsed]
     earlier: set[str] = set()
-    for stage in parsed:
-        if stage.base not in earlier:
-            assert PINNED_TAG.match(stage.base), f"{stage.base!r} is not pinned to a version tag"
-            assert not stage.base.endswith(":latest")
+    for stage, base in zip(parsed, bases, strict=True):
+        if base not in earlier:
+            assert PINNED_TAG.match(base), f"{base!r} is not pinned to a version tag"
+            assert not base.endswith(":latest")
         if stage.name:
             earlier.add(stage.name)
     if flavour == "gpu":
-        assert all(stage.base.startswith("nvidia/cuda:") for stage in parsed)
+        assert all(base.startswith("nvidia/cuda:") for base in bases)
     else:
-        assert all(stage.base.startswith("python:3.11") for stage in parsed)
+        assert all(base.startswith("python:3.11") for base in bases)
+
+
+def test_the_base_image_is_a_build_argument(flavour: str) -> None:
+    # Where no registry is reachable the CPU image builds on a local Debian base (deploy/debian-base.sh);
+    # the GPU image takes another CUDA base the same way.
+    instructions = parse_dockerfile(DOCKERFILES[flavour].read_text())
+    assert "BASE_IMAGE" in global_args(instructions)
+    assert all(stage.base == "${BASE_IMAGE}" for stage in stages(instructions))
+
+
+def test_no_frontend_image_and_no_pip_settings_in_a_layer(flavour: str) -> None:
+    # A `# syntax=` line makes BuildKit pull a frontend image from a registry. The building machine's pip
+    # settings and CA bundle come in as secrets, mounted for one RUN: never ENV, ARG or COPY.
+    text = DOCKERFILES[flavour].read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    builder = next(stage for stage in read_stages(DOCKERFILES[flavour]) if stage.name == "builder")
+    (wheel,) = [run for run in builder.all("RUN") if "pip wheel" in run.value and "--no-index" not in run.value]
+    for secret in ("pipconf", "ca"):
+        assert f"--mount=type=secret,id={secret}," in wheel.value
+    assert "--mount=type=cache,target=/root/.cache/pip" in wheel.value, "downloads cached between builds"
+    assert "PIP_NO_CACHE_DIR" not in " ".join(env.value for env in builder.all("ENV"))
+    for stage in read_stages(DOCKERFILES[flavour]):
+        for ins in stage.all("ENV") + stage.all("ARG") + stage.all("COPY"):
+            assert not re.search(r"PIP_(CERT|CONFIG_FILE|INDEX|EXTRA_INDEX)|pip\.conf|\.crt", ins.value), ins
+
+
+def test_the_builder_copies_every_package_the_project_installs(flavour: str) -> None:
+    # `gpuyard` (cli.main) in the image needs cli/: a package left out builds fine and fails at run time.
+    packages = [pattern.rstrip("*") for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]]
+    builder = next(stage for stage in read_stages(DOCKERFILES[flavour]) if stage.name == "builder")
+    copied = {copy.value.split()[0] for copy in builder.all("COPY")}
+    assert set(packages) <= copied, f"packages not copied into the builder: {sorted(set(packages) - copied)}"
 
 
 def test_final_stage_runs_as_a_non_root_user(flavour: str) -> None:

@@ -331,3 +331,12 @@ def test_concurrent_submissions_respect_the_cap(db_factory, db: Database) -> Non
     for thread in threads:
         thread.join(timeout=120)
     assert sorted(outcomes) == ["limit", "limit", "ok", "ok"]
+
+
+def test_postgres_ends_a_session_frozen_inside_a_transaction(db: Database) -> None:
+    # A paused host frozen mid-transaction must not hold the job's row lock until it wakes: the janitor's
+    # requeue of that job would wait behind it (seen in tests/deploy/test_compose_stack.py).
+    if db.engine.dialect.name != "postgresql":
+        pytest.skip("a PostgreSQL session setting")
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SHOW idle_in_transaction_session_timeout")).scalar() == "10s"

@@ -8,6 +8,9 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+# How long PostgreSQL lets a session sit idle inside an open transaction before ending it.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 10_000
+
 
 def make_engine(url: str, *, schema: str | None = None) -> Engine:
     """An engine for ``url``: SQLite gets WAL, foreign keys and a busy timeout; PostgreSQL an optional schema.
@@ -25,8 +28,13 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
     if backend == "postgresql":
-        connect_args = {"options": f"-csearch_path={schema}"} if schema else {}
-        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+        # A process frozen inside a transaction (a paused container, a stopped VM) would hold its row locks
+        # until it wakes, and the janitor's requeue of that very job would wait behind them: the server
+        # ends such a session instead. gpuyard's transactions last milliseconds.
+        options = [f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"]
+        if schema:
+            options.append(f"-csearch_path={schema}")
+        return create_engine(parsed, pool_pre_ping=True, connect_args={"options": " ".join(options)})
     raise ValueError(f"Expected a sqlite:// or postgresql+psycopg:// database URL. Received: {url!r}")
 
 
