@@ -52,7 +52,7 @@ from core.names import CHECKPOINT_DIR, CHECKPOINT_STATE, DATASET_SUMMARY_FILE, P
 from core.settings import Settings, get_settings
 from core.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from models.spec import resources_of
-from worker import procs
+from worker import procs, warm
 from worker.db import Database, Job
 from worker.errors import JobDBError
 from worker.gpus import GpuBackend, budget_bytes, context_allowance_bytes, declare_fake_process_if_absent, get_backend
@@ -102,6 +102,11 @@ class Supervisor:
         self.trainer_argv = list(
             trainer_argv or shlex.split(settings.trainer_command) or [sys.executable, "-m", "worker.trainer"]
         )
+        # Left to its default, warm_trainers applies to the real trainer only: a substituted command must
+        # understand --warm (set warm_trainers explicitly for that).
+        substituted = trainer_argv is not None or bool(settings.trainer_command)
+        wanted = warm.warm_trainers_enabled(settings, gpu) and (settings.warm_trainers or not substituted)
+        self.warm_pool = warm.pool_for(settings, gpu, self.trainer_argv) if wanted else None
         self.backend = backend
         self.published_seq = 0
         self.failed_event: dict[str, Any] | None = None
@@ -175,23 +180,7 @@ class Supervisor:
         ]
         if resume:
             argv.append("--resume")
-        with (job_dir / TRAINER_LOG).open("ab") as log_file:
-            header = (
-                f"\n=== gpuyard attempt {job.attempts} on {socket.gethostname()} at "
-                f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}"
-                f"{' (resuming from checkpoint)' if resume else ''} ===\n"
-            )
-            log_file.write(header.encode())
-            log_file.flush()
-            proc = subprocess.Popen(
-                procs.launcher_argv(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log_file,
-                start_new_session=True,  # its own process group: we signal the group, never the worker
-                env=procs.trainer_env(self.settings),
-                cwd=job_dir,
-            )
+        proc = self._start_trainer(argv, job, job_dir, resume)
         procs.write_pid_file(job_dir / PID_FILE, proc.pid)
         unaccounted_before = self._start_watchdog(job, proc.pid)
         self.host_memory = HostMemoryWatchdog(
@@ -269,6 +258,37 @@ class Supervisor:
             return self._hand_back(base, reason, detail)
         outcome = self._finish(job, state, None if state == SUCCEEDED else reason, detail, proc.returncode)
         return Outcome(**{**base, "state": outcome.state, "reason": outcome.reason, "detail": outcome.detail})
+
+    def _start_trainer(self, argv: list[str], job: Job, job_dir: Path, resume: bool) -> subprocess.Popen[bytes]:
+        """The job's trainer: the slot's warm one when it fits (worker/warm.py), else a cold start."""
+        backend = resources_of(job.spec).backend
+        proc = self.warm_pool.take(backend) if self.warm_pool is not None else None
+        started = "warm trainer" if proc is not None else "cold start"
+        log_path = job_dir / TRAINER_LOG
+        with log_path.open("ab") as log_file:
+            header = (
+                f"\n=== gpuyard attempt {job.attempts} on {socket.gethostname()} at "
+                f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}, {started}"
+                f"{' (resuming from checkpoint)' if resume else ''} ===\n"
+            )
+            log_file.write(header.encode())
+            log_file.flush()
+            if proc is not None:
+                try:
+                    warm.hand_over(proc, [*argv[len(self.trainer_argv) :], "--backend", backend], log_path, job_dir)
+                    return proc
+                except OSError as exc:  # it died after take() looked: kill what is left, start cold
+                    log.warning("job %s: warm trainer %d gone (%s); starting cold", self.job_id, proc.pid, exc)
+                    warm.WarmTrainer(proc, backend, self.gpu, "").discard()
+            return subprocess.Popen(
+                procs.launcher_argv(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                start_new_session=True,  # its own process group: we signal the group, never the worker
+                env=procs.trainer_env(self.settings),
+                cwd=job_dir,
+            )
 
     def _kills_in_a_row(self) -> int:
         """How many of this job's latest hand-backs, in a row, were trainers killed by a signal."""
