@@ -15,7 +15,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from core.settings import Settings, get_settings
 from models.spec import ResourcesSpec
 from worker.queues import cpu_queue
-from worker.warm import close_all, default_trainer_argv, pool_for, warm_trainers_enabled
+from worker.warm import close_all, default_trainer_argv, pool_for, slot_uses_warm_trainers
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -66,10 +66,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
 def _warm_slot(**_: object) -> None:
     """In each new pool process: start its slot's warm trainer now, so the first job is warm too."""
     settings = get_settings()
-    if warm_trainers_enabled(settings, settings.worker_gpu):
+    gpu = settings.worker_gpu
+    if slot_uses_warm_trainers(settings, gpu, substituted=bool(settings.trainer_command)):
         argv = shlex.split(settings.trainer_command) or default_trainer_argv()
-        if not settings.trainer_command:
-            pool_for(settings, settings.worker_gpu, argv).start(ResourcesSpec.model_fields["backend"].default)
+        pool_for(settings, gpu, argv).start(ResourcesSpec.model_fields["backend"].default)
 
 
 def _let_warm_trainers_go(**_: object) -> None:

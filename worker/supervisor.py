@@ -102,10 +102,8 @@ class Supervisor:
         self.trainer_argv = list(
             trainer_argv or shlex.split(settings.trainer_command) or [sys.executable, "-m", "worker.trainer"]
         )
-        # Left to its default, warm_trainers applies to the real trainer only: a substituted command must
-        # understand --warm (set warm_trainers explicitly for that).
         substituted = trainer_argv is not None or bool(settings.trainer_command)
-        wanted = warm.warm_trainers_enabled(settings, gpu) and (settings.warm_trainers or not substituted)
+        wanted = warm.slot_uses_warm_trainers(settings, gpu, substituted=substituted)
         self.warm_pool = warm.pool_for(settings, gpu, self.trainer_argv) if wanted else None
         self.backend = backend
         self.published_seq = 0

@@ -51,6 +51,12 @@ def warm_trainers_enabled(settings: Settings, gpu: str) -> bool:
     return gpu not in ("cpu", "any", "") and not settings.fake_gpus
 
 
+def slot_uses_warm_trainers(settings: Settings, gpu: str, *, substituted: bool) -> bool:
+    """Whether a slot keeps warm trainers. Left to its default, only with the real trainer: a substituted
+    command (``trainer_command``, a test's stand-in) must understand ``--warm``, so it needs the setting."""
+    return warm_trainers_enabled(settings, gpu) and (bool(settings.warm_trainers) or not substituted)
+
+
 def code_fingerprint(root: Path | None = None) -> str:
     """Size and modification time of every source file the trainer runs: a change makes warm ones stale."""
     root = root or Path(__file__).resolve().parents[1]

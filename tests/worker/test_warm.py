@@ -16,14 +16,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from celery_helpers import events_of, highway_spec, wait_for
+from celery_helpers import WorkerProcess, events_of, highway_spec, wait_for
 from trainer_helpers import ROOT, parse_events, trainer_env, write_spec
 
 from core.names import TRAINER_LOG
 from core.settings import Settings
 from core.states import CANCELLED, SUCCEEDED
 from worker import procs, warm
+from worker.celery_app import make_celery
 from worker.db import Database
+from worker.queues import TRAIN_TASK
 from worker.storage import LocalStorage
 from worker.supervisor import supervise
 
@@ -156,3 +158,16 @@ def test_real_trainer_warm_exits_quietly_when_let_go(tmp_path: Path) -> None:
         command, stdin=subprocess.DEVNULL, capture_output=True, cwd=ROOT, env=trainer_env(), timeout=120
     )
     assert done.returncode == 0 and done.stdout == b""
+
+
+def test_a_celery_pool_process_warms_its_slot_as_it_starts(
+    settings: Settings, db: Database, make_job: Callable[..., str], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """A real prefork worker (about 5 s): the pool process starts its warm trainer at init; the job gets it."""
+    command = " ".join(FAKE_TRAINER)
+    warm_settings = settings.model_copy(update={"warm_trainers": True, "trainer_command": command})
+    start_worker(warm_settings)
+    job_id = make_job(fake_spec())
+    result = make_celery(warm_settings).send_task(TRAIN_TASK, args=[job_id], queue=warm_settings.train_queue)
+    assert result.get(timeout=60)["state"] == SUCCEEDED
+    assert started(db, job_id)["warm"] == "tensorflow"
