@@ -112,6 +112,7 @@ class Supervisor:
         self.watchdog: MemoryWatchdog | None = None
         self.host_memory: HostMemoryWatchdog | None = None
         self.peak_rss_bytes = 0
+        self.rewarm_backend: str | None = None  # the slot's next warm trainer, started after the first step
 
     # ── top level ──
     def run(self) -> Outcome:
@@ -208,6 +209,7 @@ class Supervisor:
             assert proc.stdout is not None
             proc.stdout.close()
         (job_dir / PID_FILE).unlink(missing_ok=True)
+        self._rewarm()
         if self.watchdog is not None and self.watchdog.exceeded.is_set() and stop_reason != "lease_lost":
             stop_reason = MEMORY_BUDGET_EXCEEDED
         elif self.host_memory.exceeded.is_set() and stop_reason != "lease_lost":
@@ -260,7 +262,8 @@ class Supervisor:
     def _start_trainer(self, argv: list[str], job: Job, job_dir: Path, resume: bool) -> subprocess.Popen[bytes]:
         """The job's trainer: the slot's warm one when it fits (worker/warm.py), else a cold start."""
         backend = resources_of(job.spec).backend
-        proc = self.warm_pool.take(backend) if self.warm_pool is not None else None
+        proc = self.warm_pool.take(backend, start_next=False) if self.warm_pool is not None else None
+        self.rewarm_backend = backend if self.warm_pool is not None else None
         started = "warm trainer" if proc is not None else "cold start"
         log_path = job_dir / TRAINER_LOG
         with log_path.open("ab") as log_file:
@@ -287,6 +290,15 @@ class Supervisor:
                 env=procs.trainer_env(self.settings),
                 cwd=job_dir,
             )
+
+    def _rewarm(self) -> None:
+        """Start the slot's next warm trainer (once per job: after its first step, or when it ended)."""
+        if self.warm_pool is not None and self.rewarm_backend is not None:
+            backend, self.rewarm_backend = self.rewarm_backend, None
+            try:
+                self.warm_pool.start(backend)
+            except OSError as exc:  # the next job starts cold; this one is not affected
+                log.warning("cannot start a warm trainer: %s", exc)
 
     def _kills_in_a_row(self) -> int:
         """How many of this job's latest hand-backs, in a row, were trainers killed by a signal."""
@@ -447,6 +459,8 @@ class Supervisor:
         kind = event["event"]
         if kind == FAILED_EVENT:
             self.failed_event = event
+        elif kind in ("batch", "epoch_end"):
+            self._rewarm()
         try:
             seq = self.db.append_event(self.job_id, event)
             progress = progress_of(event)

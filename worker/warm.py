@@ -7,6 +7,10 @@ takes it writes the job's command line there (``hand_over``); the trainer sets t
 trains and exits, as a cold trainer would. One process per job still, killed as a group, memory checked
 back to baseline after it: only the import moved ahead.
 
+The next warm trainer is started once the job that took the last one has done its first training step
+(or ended): importing a framework takes seconds of CPU, which the job's own start (building the model,
+compiling the first step) would otherwise share.
+
 Where the pool lives: in the process that runs the slot's jobs (the Celery prefork child, long-lived,
 one job at a time), in a module-level registry keyed by the slot's device. It is started from that
 process's main thread, which matters: ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the
@@ -15,8 +19,8 @@ then finds it dead and starts cold, which is safe, only slower).
 
 A warm trainer is used only when it is alive, was started for the same backend and device, and by the
 same settings and code (``fingerprint``); otherwise it is discarded (SIGKILL: it holds nothing yet) and
-the job starts cold. Right after one is taken (or discarded) the pool starts the next, for the backend of
-the job that just arrived. The pool never imports a framework itself.
+the job starts cold. The next one is for the backend of the job that just arrived. The pool never imports
+a framework itself.
 """
 
 from __future__ import annotations
@@ -155,10 +159,12 @@ class WarmPool:
             log.info("warm trainer %d started for %s on %s", proc.pid, backend, self.gpu)
             return self.waiting
 
-    def take(self, backend: str) -> subprocess.Popen[bytes] | None:
+    def take(self, backend: str, *, start_next: bool = True) -> subprocess.Popen[bytes] | None:
         """The waiting trainer if it fits a job on ``backend`` (alive, same settings and code), else None.
 
-        Either way the slot's next warm trainer is started at once, for ``backend``.
+        Either way the slot's next warm trainer is started for ``backend``: at once, or, with
+        ``start_next=False``, when the caller calls :meth:`start` (the supervisor does once the job's
+        first step is done, so that the next import does not take CPU from the job's own start).
         """
         with self._lock:
             waiting, self.waiting = self.waiting, None
@@ -176,7 +182,8 @@ class WarmPool:
             else:
                 log.info("warm trainer %d discarded: %s; starting the job cold", waiting.proc.pid, why)
                 waiting.discard()
-        self.start(backend)
+        if start_next:
+            self.start(backend)
         return taken
 
     def close(self) -> None:
