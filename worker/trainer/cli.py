@@ -273,8 +273,7 @@ def preload(backend: str, gpu: str) -> env.EnvPlan:
     job arrives, before the framework first touches the GPU (``cap_framework_memory``).
     """
     plan = env.plan_environment(backend=backend, device=gpu, memory_fraction=None, gpu_total_bytes=None)
-    for name in ("XLA_PYTHON_CLIENT_MEM_FRACTION",):
-        plan.environ.pop(name, None)
+    plan.environ.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)  # the job's fraction, set when it arrives
     env.apply_environment(plan)
     from worker.trainer import run  # noqa: F401  the import the warm process exists for: Keras, the backend
 
