@@ -17,8 +17,13 @@ Checks (each reports its own failure; the run goes on):
                   check 2 shows holding.
 4. hygiene        afterwards no process of ours is listed and the memory no process holds is back within
                   gpu_hygiene_tolerance_bytes of the baseline; the GPU was not quarantined.
-5. overhead       samples/s of an mnist_cnn-shaped synthetic job through the trainer vs a bare Keras
-                  script on the same GPU (bench/trainer_overhead.py; goal ≥ 0.98).
+5. warm           a warm trainer (worker/warm.py: JAX imported ahead, CUDA_VISIBLE_DEVICES pinned) takes a
+                  job at memory_fraction 0.3: the cap, set after the import, still holds (NVML peak within
+                  0.3 × total + allowance; JAX's default would preallocate 0.75), and submit → first
+                  training step warm vs the same job started cold (goal warm ≤ 1.0 s).
+6. overhead       samples/s of an mnist_cnn-shaped synthetic job through the trainer (cold and warm) vs a
+                  bare Keras script on the same GPU, interleaved, median of ratios
+                  (bench/trainer_overhead.py; goals ≥ 0.98, extra wall time per job ≤ 1 s).
 
 Writes a markdown table to bench/results/gpu-<date>.md (and $OUT/ when OUT is set).
 """
@@ -77,6 +82,8 @@ def main() -> int:
     parser.add_argument("--overhead-rows", type=int, default=None)
     parser.add_argument("--overhead-epochs", type=int, default=None)
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--skip-warm", action="store_true")
+    parser.add_argument("--overhead-rounds", type=int, default=2)
     args = parser.parse_args()
     if args.fake:
         os.environ["GPUYARD_FAKE_GPUS"] = "2x16GiB"
@@ -281,12 +288,68 @@ def main() -> int:
 
     checker.run("hygiene", hygiene)
 
-    # ── 5. overhead ──
+    # ── 5. warm trainer: cap after import, submit → first step ──
+    def warm_start() -> list[Row]:
+        if args.skip_warm:
+            return [("warm", "skipped", "", None)]
+        from worker import warm
+        from worker.supervisor import supervise
+
+        trainer = [sys.executable, str(FAKE_TRAINER)] if args.fake else warm.default_trainer_argv()
+        warm_settings = settings.model_copy(update={"warm_trainers": True})
+        cold_settings = settings.model_copy(update={"warm_trainers": False})
+        pool = warm.pool_for(warm_settings, state["gpu"], trainer)
+        pool.start("jax")
+
+        def wait_ready() -> float:
+            began = time.monotonic()
+            while pool.waiting is None or not (pool.waiting.ready() or args.fake):
+                if time.monotonic() - began > 120:
+                    raise RuntimeError("the warm trainer did not finish its import within 120 s")
+                time.sleep(0.1)
+            return time.monotonic() - began
+
+        def first_step(job_settings: Any) -> tuple[Any, float | None, dict[str, Any]]:
+            submitted = time.time()
+            job_id = make_job(0.3, epochs=2, epoch_s=0.2, gpu_memory_bytes=int(0.28 * state["total"]))
+            argv = trainer if args.fake else None
+            supervise(job_id, job_settings, db=db, storage=storage, gpu=state["gpu"], backend=backend,
+                      trainer_argv=argv)  # fmt: skip
+            events = [e.event for e in db.events_since(job_id, 0, limit=100_000)]
+            batch = next((e for e in events if e.get("event") in ("batch", "epoch_end")), None)
+            started_event = next((e for e in events if e.get("event") == "started"), {})
+            return db.get_job(job_id), (batch["time"] - submitted) if batch else None, started_event
+
+        import_s = wait_ready()
+        warm_job, warm_s, warm_started = first_step(warm_settings)
+        wait_ready()  # the next warm trainer: let its import finish before the cold job starts
+        warm.close_all()
+        cold_job, cold_s, _ = first_step(cold_settings)
+        budget = int(0.3 * state["total"]) + allowance
+        peak = warm_job.peak_gpu_memory_bytes
+        notes = " ".join((warm_started.get("env") or {}).get("notes") or [])
+        return [
+            ("warm: job succeeded on a warm trainer", f"{warm_job.state}; {notes[:80] or 'no note'}",
+             "succeeded, warm", warm_job.state == SUCCEEDED and ("warm" in notes or args.fake)),
+            ("warm: import ahead of the job", f"{import_s:.1f} s", "(reported)", None),
+            ("warm: cap set after import, NVML peak", f"{(peak or 0) / 2**20:.0f} MiB "
+             f"({warm_started.get('memory_cap', '?')})", f"≤ {budget / 2**20:.0f} MiB (0.3 × total + allowance)",
+             peak is not None and 0 < peak <= budget),
+            ("warm: submit → first step", f"{warm_s:.2f} s" if warm_s is not None else "?", "≤ 1.0 s",
+             None if args.fake or warm_s is None else warm_s <= 1.0),
+            ("cold: submit → first step", f"{cold_s:.2f} s ({cold_job.state})" if cold_s is not None else "?",
+             "(reported)", None),
+        ]  # fmt: skip
+
+    checker.run("warm trainer", warm_start)
+
+    # ── 6. overhead ──
     def overhead() -> list[Row]:
         if args.skip_overhead:
             return [("overhead", "skipped", "≥ 0.98", None)]
         out = work / "overhead.json"
         command = [sys.executable, str(ROOT / "bench" / "trainer_overhead.py"), "--family", "cnn", "--json", str(out)]
+        command += ["--rounds", str(args.overhead_rounds)]
         if args.fake:
             backend_name = os.environ.get("GPUCHECK_FAKE_BACKEND", "tensorflow")
             command += [
@@ -312,7 +375,7 @@ def main() -> int:
             ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("GPUYARD_FAKE_GPUS", None)
-        done = subprocess.run(command, cwd=ROOT, env=env, timeout=240)
+        done = subprocess.run(command, cwd=ROOT, env=env, timeout=300)
         if done.returncode != 0 or not out.exists():
             return [
                 ("overhead: trainer vs bare Keras", f"trainer_overhead.py exited {done.returncode}", "≥ 0.98", False)
@@ -334,6 +397,24 @@ def main() -> int:
                 None,
             )
         )
+        for kind in ("cold", "warm"):
+            if f"{kind}_ratio_median" in result:
+                rows_out.append(
+                    (
+                        f"overhead: {kind} step-rate ratios (median)",
+                        f"{result[f'{kind}_ratios']} ({result[f'{kind}_ratio_median']:.3f})",
+                        "≥ 0.98",
+                        None if args.fake else result[f"{kind}_ratio_median"] >= 0.98,
+                    )
+                )
+                rows_out.append(
+                    (
+                        f"overhead: {kind} extra wall time per job",
+                        f"{result[f'{kind}_extra_wall_s_per_job']:+.2f} s",
+                        "≤ 1 s" if kind == "warm" else "(reported)",
+                        None if args.fake or kind == "cold" else result[f"{kind}_extra_wall_s_per_job"] <= 1.0,
+                    )
+                )
         return rows_out
 
     checker.run("overhead", overhead)

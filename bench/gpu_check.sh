@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of gpuyard in one run (a few minutes on an H100): inventory, two jobs at 0.3 on one GPU,
-# the watchdog killing an over-budget job, GPU hygiene, and the trainer's overhead against bare Keras.
+# the watchdog killing an over-budget job, GPU hygiene, a warm trainer (cap set after the import still
+# holds; submit -> first step warm vs cold), and the trainer's step rate and extra wall time against bare
+# Keras (interleaved, median of ratios).
 # Needs no TensorFlow, no Redis server, no network: JAX backend, the supervisor driven directly on SQLite.
 #
 #   bench/gpu_check.sh                    # on a machine with an NVIDIA GPU
@@ -10,7 +12,7 @@
 # --wheels DIR: pip installs the wheel files in DIR offline (--no-index --no-deps: DIR must hold every
 # missing package, dependencies included) into a temporary site directory put first on PYTHONPATH; the
 # machine's own environment is left untouched. Other arguments go to bench/gpu_check.py (--fake, --rows,
-# --overhead-rows, --overhead-epochs, --skip-overhead).
+# --overhead-rows, --overhead-epochs, --overhead-rounds, --skip-overhead, --skip-warm).
 # Results: bench/results/gpu-<date>.md, and $OUT/ when OUT is set. Each check fails on its own; the exit
 # status is 1 when any failed.
 set -u
@@ -48,7 +50,7 @@ unset KERAS_BACKEND GPUYARD_REDIS_URL
 if [ -z "$fake" ] && command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=index,uuid,name,memory.used,memory.total,driver_version --format=csv || true
 fi
-timeout 330 "$PYTHON" bench/gpu_check.py ${args[@]+"${args[@]}"}
+timeout 560 "$PYTHON" bench/gpu_check.py ${args[@]+"${args[@]}"}
 status=$?
-[ $status -eq 124 ] && echo "gpu_check: stopped after 330 s (the 6-minute budget)" >&2
+[ $status -eq 124 ] && echo "gpu_check: stopped after 560 s (under the device machine's 10-minute call limit)" >&2
 exit $status

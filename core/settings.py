@@ -62,6 +62,20 @@ class Settings(DataLimits):
         description="Epochs between two TensorBoard weight/activation histograms (also before training and at the "
         "last epoch); 0 writes none. Scalars are written every epoch.",
     )
+    checkpoint_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Minimum seconds of training between two checkpoints (besides the one after the last epoch "
+        "and the one on a stop); stretched so that saving takes at most 1 % of the time. 0: every epoch.",
+    )
+    diagnostics_share: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="Share of training time the per-layer diagnostics probe may take: it runs after an epoch "
+        "once training since the last probe took 1/share times the probe's own duration (and after the first "
+        "and last epochs). 1: after every epoch.",
+    )
 
     # Training health (models/health.py): thresholds of the health events the trainer emits
     health_vanishing_ratio: float = Field(
@@ -270,6 +284,12 @@ class Settings(DataLimits):
     )
     worker_gpu: str = Field(
         "cpu", description="What this worker's trainers run on: 'cpu' or a GPU UUID (one worker per GPU)."
+    )
+    warm_trainers: bool | None = Field(
+        None,
+        description="Keep one trainer per worker slot started ahead, its framework imported, waiting for the next "
+        "job on a pipe (submit to first step in about a second instead of several). Empty: on for workers of "
+        "a real GPU, off for CPU workers and fake GPUs (an idle trainer holds about 0.5 GB of host memory).",
     )
     trainer_command: str = Field(
         "",

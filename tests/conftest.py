@@ -6,6 +6,7 @@ test ever touches — or flushes — another Redis's data.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -14,6 +15,14 @@ from pathlib import Path
 import pytest
 import redis
 from support import free_port, wait_for
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's trainers checkpoint and probe after every epoch (the resume, cancel and health tests
+    read them per epoch); tests of the elapsed-time and sampled defaults set these back themselves.
+    Every Settings built here, and every trainer and worker started with this environment, sees them."""
+    os.environ.setdefault("GPUYARD_CHECKPOINT_SECONDS", "0")
+    os.environ.setdefault("GPUYARD_DIAGNOSTICS_SHARE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,15 @@ the process's settings.
 
 from __future__ import annotations
 
+import shlex
+
 from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from core.settings import Settings, get_settings
+from models.spec import ResourcesSpec
 from worker.queues import cpu_queue
+from worker.warm import close_all, default_trainer_argv, pool_for, slot_uses_warm_trainers
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -60,6 +65,22 @@ def make_celery(settings: Settings | None = None) -> Celery:
     )
     return app
 
+
+def _warm_slot(**_: object) -> None:
+    """In each new pool process: start its slot's warm trainer now, so the first job is warm too."""
+    settings = get_settings()
+    gpu = settings.worker_gpu
+    if slot_uses_warm_trainers(settings, gpu, substituted=bool(settings.trainer_command)):
+        argv = shlex.split(settings.trainer_command) or default_trainer_argv()
+        pool_for(settings, gpu, argv).start(ResourcesSpec.model_fields["backend"].default)
+
+
+def _let_warm_trainers_go(**_: object) -> None:
+    close_all()
+
+
+worker_process_init.connect(_warm_slot, weak=False)
+worker_process_shutdown.connect(_let_warm_trainers_go, weak=False)
 
 _app: Celery | None = None
 

@@ -53,7 +53,7 @@ from core.names import CHECKPOINT_DIR, CHECKPOINT_STATE, DATASET_SUMMARY_FILE, P
 from core.settings import Settings, get_settings
 from core.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from models.spec import resources_of
-from worker import procs
+from worker import procs, warm
 from worker.db import Database, Job
 from worker.errors import JobDBError
 from worker.gpus import (
@@ -118,6 +118,9 @@ class Supervisor:
         self.trainer_argv = list(
             trainer_argv or shlex.split(settings.trainer_command) or [sys.executable, "-m", "worker.trainer"]
         )
+        substituted = trainer_argv is not None or bool(settings.trainer_command)
+        wanted = warm.slot_uses_warm_trainers(settings, gpu, substituted=substituted)
+        self.warm_pool = warm.pool_for(settings, gpu, self.trainer_argv) if wanted else None
         self.backend = backend
         self.published_seq = 0
         self.failed_event: dict[str, Any] | None = None
@@ -126,6 +129,7 @@ class Supervisor:
         self.gpu_total_bytes: int | None = None
         self.host_memory: HostMemoryWatchdog | None = None
         self.peak_rss_bytes = 0
+        self.rewarm_backend: str | None = None  # the slot's next warm trainer, started after the first step
 
     # ── top level ──
     def run(self) -> Outcome:
@@ -192,23 +196,7 @@ class Supervisor:
         ]
         if resume:
             argv.append("--resume")
-        with (job_dir / TRAINER_LOG).open("ab") as log_file:
-            header = (
-                f"\n=== gpuyard attempt {job.attempts} on {socket.gethostname()} at "
-                f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}"
-                f"{' (resuming from checkpoint)' if resume else ''} ===\n"
-            )
-            log_file.write(header.encode())
-            log_file.flush()
-            proc = subprocess.Popen(
-                procs.launcher_argv(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log_file,
-                start_new_session=True,  # its own process group: we signal the group, never the worker
-                env=procs.trainer_env(self.settings),
-                cwd=job_dir,
-            )
+        proc = self._start_trainer(argv, job, job_dir, resume)
         procs.write_pid_file(job_dir / PID_FILE, proc.pid)
         unaccounted_before = self._start_watchdog(job, proc.pid)
         self.host_memory = HostMemoryWatchdog(
@@ -238,6 +226,7 @@ class Supervisor:
             assert proc.stdout is not None
             proc.stdout.close()
         (job_dir / PID_FILE).unlink(missing_ok=True)
+        self._rewarm()
         if self.watchdog is not None and self.watchdog.exceeded.is_set() and stop_reason != "lease_lost":
             stop_reason = MEMORY_BUDGET_EXCEEDED
         elif self.host_memory.exceeded.is_set() and stop_reason != "lease_lost":
@@ -335,6 +324,47 @@ class Supervisor:
             f"{detail}; requeued once at memory_fraction {new:g} (peak {_mib(peak)} + margin), resuming from "
             "its checkpoint",
         )
+
+    def _start_trainer(self, argv: list[str], job: Job, job_dir: Path, resume: bool) -> subprocess.Popen[bytes]:
+        """The job's trainer: the slot's warm one when it fits (worker/warm.py), else a cold start."""
+        backend = resources_of(job.spec).backend
+        proc = self.warm_pool.take(backend, start_next=False) if self.warm_pool is not None else None
+        self.rewarm_backend = backend if self.warm_pool is not None else None
+        started = "warm trainer" if proc is not None else "cold start"
+        log_path = job_dir / TRAINER_LOG
+        with log_path.open("ab") as log_file:
+            header = (
+                f"\n=== gpuyard attempt {job.attempts} on {socket.gethostname()} at "
+                f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}, {started}"
+                f"{' (resuming from checkpoint)' if resume else ''} ===\n"
+            )
+            log_file.write(header.encode())
+            log_file.flush()
+            if proc is not None:
+                try:
+                    warm.hand_over(proc, [*argv[len(self.trainer_argv) :], "--backend", backend], log_path, job_dir)
+                    return proc
+                except OSError as exc:  # it died after take() looked: kill what is left, start cold
+                    log.warning("job %s: warm trainer %d gone (%s); starting cold", self.job_id, proc.pid, exc)
+                    warm.WarmTrainer(proc, backend, self.gpu, "").discard()
+            return subprocess.Popen(
+                procs.launcher_argv(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                start_new_session=True,  # its own process group: we signal the group, never the worker
+                env=procs.trainer_env(self.settings),
+                cwd=job_dir,
+            )
+
+    def _rewarm(self) -> None:
+        """Start the slot's next warm trainer (once per job: after its first step, or when it ended)."""
+        if self.warm_pool is not None and self.rewarm_backend is not None:
+            backend, self.rewarm_backend = self.rewarm_backend, None
+            try:
+                self.warm_pool.start(backend)
+            except OSError as exc:  # the next job starts cold; this one is not affected
+                log.warning("cannot start a warm trainer: %s", exc)
 
     def _kills_in_a_row(self) -> int:
         """How many of this job's latest hand-backs, in a row, were trainers killed by a signal."""
@@ -501,6 +531,8 @@ class Supervisor:
         kind = event["event"]
         if kind == FAILED_EVENT:
             self.failed_event = event
+        elif kind in ("batch", "epoch_end"):
+            self._rewarm()
         try:
             seq = self.db.append_event(self.job_id, event)
             progress = progress_of(event)

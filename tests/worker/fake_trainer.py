@@ -12,6 +12,10 @@ On a fake GPU (``GPUYARD_FAKE_GPUS``; the declarations live in ``GPUYARD_FAKE_GP
 seconds (to go over budget mid-run), ``leak_bytes`` (memory left held by no process at exit: a dirty GPU).
 ``--sleep S`` (or ``fake.sleep_s``) sleeps before the first epoch. The ``started`` event reports the
 ``CUDA_VISIBLE_DEVICES`` it inherited.
+
+``--warm --backend B --gpu G`` follows the warm trainer's contract (worker/warm.py): wait for one JSON
+line on stdin, then run the job it names, with stderr in its log; the ``started`` event then carries
+``warm`` and the backend it was started for.
 """
 
 from __future__ import annotations
@@ -38,7 +42,19 @@ def main() -> int:
         parser.add_argument(name, required=name in ("--spec", "--data", "--out"))
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--sleep", type=float, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--backend")
+    argv, warm_for = sys.argv[1:], None
+    if argv[:1] == ["--warm"]:
+        warm_for = argv[argv.index("--backend") + 1]
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        request = json.loads(line)
+        argv = request["argv"]
+        fd = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.dup2(fd, 2)
+        os.chdir(request["cwd"])
+    args = parser.parse_args(argv)
     fake = json.loads(Path(args.spec).read_text()).get("fake", {})
     fake_dir = os.environ.get("GPUYARD_FAKE_GPU_DIR")
     on_fake_gpu = bool(os.environ.get("GPUYARD_FAKE_GPUS")) and fake_dir and (args.gpu or "cpu").startswith("GPU-")
@@ -71,6 +87,7 @@ def main() -> int:
         resumed_from_epoch=first if args.resume else None,
         pid=os.getpid(),
         env={"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")},
+        warm=warm_for,
     )
     time.sleep(args.sleep if args.sleep is not None else float(fake.get("sleep_s", 0)))
     print(f"fake trainer on {args.gpu}, data {args.data}", file=sys.stderr)

@@ -80,6 +80,8 @@ class BatchMonitor(keras.callbacks.Callback):
         self.epoch_started = time.monotonic()
         self.last_batch_end: float | None = None
         self.epoch_seconds: list[float] = []
+        #: Whether training batches ran since the last completed epoch (a stop now leaves a partial epoch).
+        self.in_epoch = False
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.epoch = epoch
@@ -94,10 +96,15 @@ class BatchMonitor(keras.callbacks.Callback):
         return self.last_batch_end - self.epoch_started
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        # Per batch only a clock read and two flag tests; the runtime limit is checked with the rate-limited
+        # progress event (at most every progress_interval_s), a signal at once.
         self.last_batch_end = time.monotonic()
-        self.stop.check()
+        self.in_epoch = True
+        if self.stop.requested:
+            self.stop.check()
         if not self.emitter.batch_due():
             return
+        self.stop.check()
         elapsed = max(time.monotonic() - self.epoch_started, 1e-9)
         done = batch + 1
         samples = min(done * self.batch_size, self.rows)
@@ -113,7 +120,11 @@ class BatchMonitor(keras.callbacks.Callback):
         )
 
     def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        self.stop.check()
+        if self.stop.requested:
+            self.stop.check()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.in_epoch = False
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -179,18 +190,70 @@ class HistoryRecorder(keras.callbacks.Callback):
 
 
 class DiagnosticsRecorder(keras.callbacks.Callback):
-    """Appends a diagnostics record after each epoch, and emits its per-block part as an event."""
+    """Appends a diagnostics record after sampled epochs, and emits its per-block part as an event.
+
+    The probe pass is sampled so that it takes at most ``share`` of the training time: after a probe that
+    took ``d`` seconds, the next runs after the first epoch that ends ``d / share`` seconds (of training
+    since that probe) later. It always runs after the first and the last epoch, after an epoch whose loss
+    is not finite, and when training stops early; ``share=1`` probes after every epoch. Records keep their
+    shape; their ``epoch`` says which epoch each describes (the health rules read the latest one).
+
+    Args:
+        diagnostics: the probe.
+        records: the list the records are appended to (shared with the health monitor and checkpoints).
+        emitter: where ``diagnostics`` events go.
+        share: the share of training time the probe may take, in (0, 1].
+        clock: monotonic clock, replaceable in tests.
+    """
 
     def __init__(
-        self, diagnostics: Diagnostics, records: list[dict[str, Any]], emitter: EventEmitter | None = None
+        self,
+        diagnostics: Diagnostics,
+        records: list[dict[str, Any]],
+        emitter: EventEmitter | None = None,
+        *,
+        share: float = 1.0,
+        clock: Any = time.monotonic,
     ) -> None:
         super().__init__()
+        if not 0 < share <= 1:
+            raise ValueError(f"Expected a share in (0, 1]. Received: share={share}")
         self.diagnostics = diagnostics
         self.records = records
         self.emitter = emitter
+        self.share = share
+        self.clock = clock
+        self.last_probe_end: float | None = None
+        self.last_probe_s = 0.0
+        self.first_epoch: int | None = None
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.last_probe_end = self.clock()
+
+    def due(self, epoch: int, logs: dict[str, Any] | None) -> bool:
+        """Whether the probe runs after epoch ``epoch`` (0-based, as Keras counts)."""
+        if self.share >= 1 or self.last_probe_end is None:
+            return True
+        if self.first_epoch is None or epoch == self.first_epoch:
+            return True
+        # ``_model``: on JAX the ``model`` property syncs the state to the model, not needed for a flag.
+        last = epoch + 1 >= int((self.params or {}).get("epochs") or 0)
+        if last or bool(getattr(self._model, "stop_training", False)):
+            return True
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            return True
+        return self.clock() - self.last_probe_end >= self.last_probe_s / self.share
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.first_epoch is None:
+            self.first_epoch = epoch
+        if not self.due(epoch, logs):
+            return
+        started = self.clock()
         record = jsonable(self.diagnostics.record(epoch + 1))
+        self.last_probe_end = self.clock()
+        self.last_probe_s = self.last_probe_end - started
         self.records.append(record)
         if self.emitter is not None:
             emit_diagnostics(self.emitter, record)
@@ -258,7 +321,9 @@ class HealthMonitor(keras.callbacks.Callback):
         return findings
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if self.records:
+        # Only a record of this epoch is news (the probe is sampled, see DiagnosticsRecorder); an epoch
+        # whose loss is not finite always gets one.
+        if self.records and self.records[-1].get("epoch") == epoch + 1:
             self.check(self.records[-1], epoch + 1, (logs or {}).get("loss"))
 
 
@@ -386,7 +451,17 @@ class CheckpointStore:
 
 
 class CheckpointWriter(keras.callbacks.Callback):
-    """Writes the checkpoint at the end of every epoch, after history, early stopping and diagnostics."""
+    """Writes the checkpoint at an epoch's end, by elapsed time, after history, early stopping and diagnostics.
+
+    A checkpoint is written after an epoch when ``interval_s`` seconds passed since the last one (and at
+    least 100 times the last save's duration, so saving takes at most 1 % of the time), after the last
+    epoch, when training stops early, and when a stop (signal, time limit) is pending. ``interval_s=0``
+    writes one after every epoch. ``save_on_stop`` writes the one a stop in the middle of an epoch needs.
+
+    Args:
+        interval_s: minimum seconds between two checkpoints (0: every epoch).
+        clock: monotonic clock, replaceable in tests.
+    """
 
     def __init__(
         self,
@@ -396,23 +471,59 @@ class CheckpointWriter(keras.callbacks.Callback):
         diagnostics: list[dict[str, Any]],
         early_stopping: ResumableEarlyStopping | None,
         stop: StopFlag,
+        interval_s: float = 0.0,
+        initial_epoch: int = 0,
+        clock: Any = time.monotonic,
     ) -> None:
         super().__init__()
+        if interval_s < 0:
+            raise ValueError(f"Expected interval_s >= 0. Received: interval_s={interval_s}")
         self.store = store
         self.history = history
         self.diagnostics = diagnostics
         self.early_stopping = early_stopping
         self.stop = stop
+        self.interval_s = interval_s
+        self.clock = clock
         self.last_epoch: int | None = None
+        self.completed_epoch = initial_epoch
+        self.last_save_at = clock()
+        self.last_save_s = 0.0
 
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+    def due(self, epoch: int) -> bool:
+        """Whether the checkpoint is written after epoch ``epoch`` (0-based)."""
+        if self.interval_s == 0 or self.stop.stop_reason() is not None:
+            return True
+        # ``_model``: on JAX the ``model`` property syncs the state to the model, not needed for a flag.
+        last = epoch + 1 >= int((self.params or {}).get("epochs") or 0)
+        if last or bool(getattr(self._model, "stop_training", False)):
+            return True
+        return self.clock() - self.last_save_at >= max(self.interval_s, 100 * self.last_save_s)
+
+    def save(self, epoch: int, *, partial_epoch: bool = False) -> None:
+        started = self.clock()
         self.store.save(
             self.model,
-            epoch=epoch + 1,
+            epoch=epoch,
             history=self.history,
             diagnostics=self.diagnostics,
             early_stopping=self.early_stopping,
+            partial_epoch=partial_epoch,
         )
-        self.last_epoch = epoch + 1
+        self.last_save_at = self.clock()
+        self.last_save_s = self.last_save_at - started
+        self.last_epoch = epoch
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.completed_epoch = epoch + 1
+        if self.due(epoch):
+            self.save(epoch + 1)
         # A signal that arrived during validation or the save stops here, on a clean checkpoint.
         self.stop.check()
+
+    def save_on_stop(self, *, in_epoch: bool) -> None:
+        """The checkpoint a stop leaves, unless the last completed epoch has one (then a resume is exact and
+        only the interrupted epoch's batches are lost): that epoch's, between epochs; in the middle of an
+        epoch, the weights reached so far (``partial_epoch``: a resume re-runs that epoch from them)."""
+        if self.last_epoch != self.completed_epoch:
+            self.save(self.completed_epoch, partial_epoch=in_epoch)

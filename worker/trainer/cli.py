@@ -28,7 +28,7 @@ from models.data.summary import DataKeys, DatasetSummary
 from models.spec import JobSpec, parse_spec
 from worker.gpus import gpu_total_memory_bytes
 from worker.trainer import env
-from worker.trainer.events import FAILED_EVENT, EventEmitter
+from worker.trainer.events import FAILED_EVENT, WARM_READY_LINE, EventEmitter
 from worker.trainer.job import TrainingJob
 
 PROCESS_STARTED = time.monotonic()
@@ -153,15 +153,25 @@ def fail(emitter: EventEmitter, exc: BaseException) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["--warm"]:
+        return warm_main(arguments[1:])
+    return run_job(arguments, claim_stdout(), PROCESS_STARTED)
+
+
+def run_job(argv: Sequence[str], events_stream: TextIO, started: float, *, warm: bool = False) -> int:
+    """Train the job ``argv`` describes (the cold command line); events go to ``events_stream``.
+
+    ``warm``: the framework was imported before the job (``warm_main``); ``started`` is when the job came.
+    """
     args = build_parser().parse_args(argv)  # usage errors: exit 2 from argparse, message on stderr
-    events_stream = claim_stdout()
     route_logs_to_stderr()
     settings = get_settings()
     emitter = EventEmitter(events_stream, min_batch_interval_s=settings.progress_interval_s)
-    stop = env.StopFlag(started=PROCESS_STARTED)
+    stop = env.StopFlag(started=started)
     stop.install()
     try:
-        return prepare_and_train(args, settings, emitter, stop)
+        return prepare_and_train(args, settings, emitter, stop, started, warm=warm)
     except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise
@@ -176,7 +186,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         events_stream.close()
 
 
-def prepare_and_train(args: argparse.Namespace, settings: Settings, emitter: EventEmitter, stop: env.StopFlag) -> int:
+def prepare_and_train(
+    args: argparse.Namespace,
+    settings: Settings,
+    emitter: EventEmitter,
+    stop: env.StopFlag,
+    started: float,
+    *,
+    warm: bool = False,
+) -> int:
     overrides: dict[str, Any] = {}
     if args.gpu is not None:
         overrides["gpu"] = args.gpu
@@ -199,6 +217,9 @@ def prepare_and_train(args: argparse.Namespace, settings: Settings, emitter: Eve
         gpu_total_bytes=total,
     )
     env.apply_environment(plan)
+    if warm:  # imported on purpose, before the job: the cap below still comes before the device is touched
+        plan.notes = [note for note in plan.notes if not note.startswith("frameworks already imported")]
+        plan.notes.append("warm trainer: framework imported before the job, memory cap set on its arrival")
     env.cap_framework_memory(plan)
     for note in plan.notes:
         print(f"gpuyard trainer: {note}", file=sys.stderr)
@@ -225,6 +246,91 @@ def prepare_and_train(args: argparse.Namespace, settings: Settings, emitter: Eve
         settings=settings,
         emitter=emitter,
         stop=stop,
-        started=PROCESS_STARTED,
+        started=started,
     )
     return run.train(job)
+
+
+# ── warm mode: started ahead of its job ──────────────────────────────────────────────────────────────
+
+
+def warm_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.trainer --warm",
+        description="Import the framework now, then read one job (a JSON line) from stdin and train it. "
+        'The line: {"argv": [the cold command line\'s arguments], "log": PATH, "cwd": DIR}.',
+    )
+    parser.add_argument("--backend", required=True, choices=env.BACKENDS, help="Keras backend to import")
+    parser.add_argument("--gpu", required=True, help="GPU UUID or 'cpu': pinned now, before the import")
+    return parser
+
+
+def preload(backend: str, gpu: str) -> env.EnvPlan:
+    """Pin the device and import Keras with ``backend`` without touching the device.
+
+    Only the variables read at import are set here (backend, ``CUDA_VISIBLE_DEVICES``); the memory cap
+    (TensorFlow's logical device, ``XLA_PYTHON_CLIENT_MEM_FRACTION``) is the job's, and is set once the
+    job arrives, before the framework first touches the GPU (``cap_framework_memory``).
+    """
+    plan = env.plan_environment(backend=backend, device=gpu, memory_fraction=None, gpu_total_bytes=None)
+    plan.environ.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)  # the job's fraction, set when it arrives
+    env.apply_environment(plan)
+    from worker.trainer import run  # noqa: F401  the import the warm process exists for: Keras, the backend
+
+    return plan
+
+
+def read_job(stdin: TextIO) -> dict[str, Any] | None:
+    """The job line handed over the pipe; None at end of file (the pool let this trainer go)."""
+    line = stdin.readline()
+    if not line.strip():
+        return None
+    request = json.loads(line)
+    if not isinstance(request, dict) or not isinstance(request.get("argv"), list):
+        raise ValueError(f"Expected a JSON object with an 'argv' list. Received: {line[:200]!r}")
+    return request
+
+
+def redirect_stderr(path: str) -> None:
+    """Send fds 1 and 2 (and with them C libraries' output) to the job's log from now on."""
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 2)
+    os.dup2(fd, 1)
+    os.close(fd)
+
+
+def warm_main(argv: Sequence[str]) -> int:
+    """A warm trainer: import now, wait for the job on stdin, then run it as the cold command line would."""
+    args = warm_parser().parse_args(argv)
+    events_stream = claim_stdout()
+    route_logs_to_stderr()
+    preload(args.backend, args.gpu)
+    print(WARM_READY_LINE, file=sys.stderr, flush=True)
+    try:
+        request = read_job(sys.stdin)
+    except ValueError as exc:
+        print(f"gpuyard trainer: bad job line: {exc}", file=sys.stderr)
+        return int(ExitCode.INTERNAL_ERROR)
+    if request is None:
+        return 0
+    received = time.monotonic()
+    if request.get("log"):
+        redirect_stderr(str(request["log"]))
+    if request.get("cwd"):
+        os.chdir(request["cwd"])
+    job_argv = [str(a) for a in request["argv"]]
+    backend = _flag(job_argv, "--backend") or args.backend
+    gpu = _flag(job_argv, "--gpu") or args.gpu
+    if backend != args.backend or gpu != args.gpu:
+        print(f"gpuyard trainer: warm for {args.backend} on {args.gpu}, job wants {backend} on {gpu}",
+              file=sys.stderr)  # fmt: skip
+        return int(ExitCode.INTERNAL_ERROR)
+    return run_job(job_argv, events_stream, received, warm=True)
+
+
+def _flag(argv: Sequence[str], name: str) -> str | None:
+    for index, value in enumerate(argv[:-1]):
+        if value == name:
+            return argv[index + 1]
+    return None

@@ -11,6 +11,8 @@ from typing import Any, TextIO
 
 #: The trainer's last event when it fails (``reason``, ``detail``, ``problems``); not the job state.
 FAILED_EVENT = "failed"
+#: What a warm trainer writes to stderr once its framework is imported (worker/warm.py reads it there).
+WARM_READY_LINE = "gpuyard trainer: warm, framework imported, waiting for a job"
 
 
 def jsonable(value: Any) -> Any:

@@ -148,7 +148,17 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
         emitter, stop, epochs=training.epochs, steps=steps, rows=train_rows, batch_size=training.batch_size
     )
     progress = cbs.EpochProgress(emitter, epochs=training.epochs, steps=steps, rows=train_rows, monitor=monitor)
-    writer = cbs.CheckpointWriter(store, history=history, diagnostics=records, early_stopping=early_stopping, stop=stop)
+    writer = cbs.CheckpointWriter(
+        store,
+        history=history,
+        diagnostics=records,
+        early_stopping=early_stopping,
+        stop=stop,
+        interval_s=settings.checkpoint_seconds,
+        initial_epoch=initial_epoch,
+    )
+    if state is not None:
+        writer.last_epoch = initial_epoch  # the checkpoint resumed from stands until a batch runs
     callbacks: list[keras.callbacks.Callback] = [
         cbs.EpochSetter(data.train),
         monitor,
@@ -157,7 +167,8 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
     ]
     if early_stopping is not None:
         callbacks.append(early_stopping)
-    callbacks += [cbs.DiagnosticsRecorder(diagnostics, records, emitter), writer, health]
+    recorder = cbs.DiagnosticsRecorder(diagnostics, records, emitter, share=settings.diagnostics_share)
+    callbacks += [recorder, writer, health]
     board = TensorBoardLogger(
         job.out_dir / names.TENSORBOARD_DIR,
         diagnostics,
@@ -186,17 +197,14 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
                 verbose=0,
             )
     except TrainingStopped as stopped:
-        if writer.last_epoch is None and state is None:
-            # Nothing checkpointed yet: keep the interrupted first epoch's weights rather than nothing.
-            store.save(
-                model,
-                epoch=initial_epoch,
-                history=history,
-                diagnostics=records,
-                early_stopping=early_stopping,
-                partial_epoch=True,
-            )
-        stopped.detail += f"; checkpoint at epoch {writer.last_epoch or initial_epoch} in {store.directory}"
+        # Checkpoints are written by elapsed time: the stop writes the one it needs (the last completed
+        # epoch, or the weights reached in the interrupted epoch, marked partial).
+        writer.set_model(model)
+        # A fresh run stopped before it completed an epoch keeps what it has, marked partial, as before.
+        in_epoch = monitor.in_epoch or (state is None and writer.completed_epoch == 0)
+        writer.save_on_stop(in_epoch=in_epoch)
+        partial = " (partial: the interrupted epoch restarts from it)" if in_epoch else ""
+        stopped.detail += f"; checkpoint at epoch {writer.last_epoch}{partial} in {store.directory}"
         raise
     finally:  # every attempt leaves its logs: finished, stopped, or failed (out of memory, a crash)
         board.close(job.out_dir / names.TENSORBOARD_ZIP)
