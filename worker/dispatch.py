@@ -428,12 +428,14 @@ def forecast_starts(
     *,
     now: dt.datetime,
     duration_s: Callable[[Ticket], float],
+    reorder: Callable[[list[Ticket], list[Ticket], dt.datetime], list[Ticket]] | None = None,
     **rule: Any,
 ) -> dict[str, dt.datetime | None]:
     """When each waiting job of ``order`` would start: :func:`plan_dispatch` replayed at every expected end.
 
     The running jobs end at their ``end``; a job placed at time ``t`` ends at ``t + duration_s(job)``.
-    The order is kept as given (the order of ``now``) and GPUs keep their current state (an offline GPU
+    The order is kept as given (the order of ``now``; ``reorder`` may order the line again at each step),
+    and GPUs keep their current state (an offline GPU
     stays offline), so a job that only such a GPU could run gets None. Each step looks at the first
     ``max(64, 4 × slots)`` jobs of the line only.
 
@@ -443,6 +445,8 @@ def forecast_starts(
         gpus: the GPUs as they are now.
         now: the time of the forecast.
         duration_s: the expected run time of a job not started yet.
+        reorder: puts the remaining jobs in dispatch order again at each step, given the active ones and the
+            time (the fair order moves as jobs start and end); None keeps ``order``.
         rule: ``plan_dispatch``'s keyword arguments.
     """
     # Memory gpuyard's own jobs hold now is read from NVML; in the future only the budgets count.
@@ -455,6 +459,8 @@ def forecast_starts(
     # closes its GPUs to the jobs behind it; looking at a window keeps a long queue's forecast linear.
     window = max(64, 4 * sum(g.slots or 4 for g in board))
     while remaining:
+        if reorder is not None and clock > now:
+            remaining = reorder(remaining, [h.ticket for h in active], clock)
         plan = plan_dispatch(remaining[:window], [h.ticket for h in active], board, **rule)
         placed = {p.job_id: p.gpu for p in plan.placements}
         for ticket in remaining:
@@ -481,23 +487,29 @@ def job_kind(job: Job) -> tuple[int, str | None, str, int]:
 
 class Durations:
     """Expected run times from the jobs that succeeded lately: the median of the same :func:`job_kind`,
-    else of the same owner, else of everyone, else ``default_s``."""
+    else of anyone's jobs of the same architecture family and epochs, else of the same owner, else of
+    everyone, else ``default_s``."""
 
     def __init__(self, finished: Iterable[Job], default_s: float) -> None:
         self.default_s = default_s
         self._kind: dict[tuple[int, str | None, str, int], list[float]] = defaultdict(list)
+        self._shape: dict[tuple[str, int], list[float]] = defaultdict(list)
         self._owner: dict[int, list[float]] = defaultdict(list)
         self._all: list[float] = []
         for job in finished:
             if job.state != SUCCEEDED or job.started_at is None or job.finished_at is None:
                 continue
             seconds = (job.finished_at - job.started_at).total_seconds()
-            self._kind[job_kind(job)].append(seconds)
+            kind = job_kind(job)
+            self._kind[kind].append(seconds)
+            self._shape[kind[2:]].append(seconds)
             self._owner[job.owner_id].append(seconds)
             self._all.append(seconds)
 
     def of(self, job: Job) -> float:
-        for sample in (self._kind.get(job_kind(job)), self._owner.get(job.owner_id), self._all):
+        kind = job_kind(job)
+        samples = (self._kind.get(kind), self._shape.get(kind[2:]), self._owner.get(job.owner_id), self._all)
+        for sample in samples:
             if sample:
                 return max(1.0, statistics.median(sample))
         limit = resources_of(job.spec).max_runtime_s
@@ -582,6 +594,7 @@ def decide_queue(
         for t in order
         if t.id in going
     ]
+
     starts = forecast_starts(
         [t for t in order if t.id in plan.notes],
         holding,

@@ -4,8 +4,9 @@ The model, kept simple on purpose:
 
     need      = estimated training memory (models/size.py: weights, gradients, optimizer slots, one batch's
                 activations) × correction
-    correction = the median of measured peak ÷ estimate over the latest jobs of the same architecture
-                family that recorded a GPU peak (at most 20; 1 when there are none)
+    correction = the median of measured peak ÷ estimate over the latest succeeded jobs of the same
+                architecture family that recorded a GPU peak (at most 20); with none yet, 'auto' stands
+                for the unsized default (0.25) and that job's peak is the first sample
     fraction  = the smallest fraction, in hundredths, whose budget (fraction × GPU total + the context
                 allowance) holds need × memory_margin, on the smallest GPU the job may run on
 
@@ -74,6 +75,12 @@ def auto_budget(
         detail = f"auto: {why}; memory_fraction {UNSIZED_FRACTION:g}"
         return AutoBudget(UNSIZED_FRACTION, estimate, 1.0, 0, detail, sized=False)
     correction, samples = peak_correction(db, spec.architecture.family)
+    if samples == 0:  # the estimate leaves out the framework's own memory: without a measurement, no guess
+        detail = (
+            f"auto: no {spec.architecture.family} job has a measured GPU peak yet; memory_fraction "
+            f"{UNSIZED_FRACTION:g} until one has"
+        )
+        return AutoBudget(UNSIZED_FRACTION, estimate, 1.0, 0, detail, sized=False)
     need = int(estimate * correction)
     fraction = fraction_for(need, min(totals), context_allowance_bytes(settings), settings.memory_margin)
     detail = (

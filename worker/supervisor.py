@@ -32,7 +32,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import math
 import queue
 import shlex
 import signal
@@ -301,9 +300,9 @@ class Supervisor:
             return None, detail
         old = resources_of(job.spec).fraction
         allowance = context_allowance_bytes(self.settings)
-        # Killed at its budget, the job might have wanted more than it reached: grow by a quarter at least.
-        new = max(fraction_for(peak, total, allowance, self.settings.memory_margin), math.ceil(125 * old) / 100)
         limit = min(1.0 - self.settings.gpu_reserve_fraction, self.settings.max_gpu_fraction_per_user)
+        # Stopped at its budget, the job may have wanted more than it reached: at least double, up to the limit.
+        new = max(fraction_for(peak, total, allowance, self.settings.memory_margin), min(2 * old, limit))
         resized_before = any(e.event.get("event") == RESIZED_EVENT for e in self.db.events_since(self.job_id, 0))
         if resized_before or new > limit + 1e-9:
             why = "it was resized once already" if resized_before else f"more than a GPU's jobs may hold ({limit:g})"

@@ -87,8 +87,9 @@ def test_auto_sizes_the_budget_from_the_estimate_and_measured_peaks(
     client: FlaskClient, app: Flask, tokens: Tokens, beats: dict[str, dict[str, Any]], datasets: dict[str, str]
 ) -> None:
     register_two(app, beats)
+    # no mlp job has a measured peak yet: 'auto' stands for the quarter until one has
     first = post(client, tokens.alice, datasets["alice"], memory_fraction="auto").get_json()
-    assert first["memory_fraction_auto"] is True and first["spec"]["resources"]["memory_fraction"] == 0.01
+    assert first["memory_fraction_auto"] is True and first["spec"]["resources"]["memory_fraction"] == 0.25
     # the job ran and peaked at 2 GiB (the watchdog's reading): the next mlp job learns from it
     db = _db(app)
     assert db.take_lease(first["id"], "w", 60, gpu=first["gpu"])

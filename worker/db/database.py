@@ -915,14 +915,14 @@ class Database:
             )
 
     def recent_peaks(self, family: str, *, limit: int = 20) -> list[tuple[Job, dict[str, Any]]]:
-        """The latest finished jobs of an architecture ``family`` that recorded a GPU memory peak, each with
+        """The latest succeeded jobs of an architecture ``family`` that recorded a GPU memory peak, each with
         its data set's summary (automatic budgets learn from them)."""
         with self._begin() as s:
             rows = s.execute(
                 select(Job, Dataset.summary)
                 .join(Dataset, Dataset.id == Job.dataset_id)
                 .where(
-                    Job.state.in_(TERMINAL_STATES),
+                    Job.state == SUCCEEDED,  # a killed job's peak is where it was stopped, not what it needed
                     Job.peak_gpu_memory_bytes.is_not(None),
                     Job.spec["architecture"]["family"].as_string() == family,
                 )
