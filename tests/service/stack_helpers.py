@@ -19,9 +19,14 @@ REPO = Path(__file__).resolve().parents[2]
 GPUYARD = [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
 
 
+# The suite's own trainer settings (tests/conftest.py: checkpoint and probe after every epoch) survive.
+_SUITE_SETTINGS = ("GPUYARD_CHECKPOINT_SECONDS", "GPUYARD_DIAGNOSTICS_SHARE")
+
+
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without any GPUYARD_* setting of the caller's, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUYARD_")}
+    """The environment without any GPUYARD_* setting of the caller's (but the suite's trainer settings),
+    plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUYARD_") or k in _SUITE_SETTINGS}
     env.update(extra)
     return env
 
