@@ -34,6 +34,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,7 @@ def main() -> int:
     parser.add_argument("--overhead-epochs", type=int, default=None)
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-warm", action="store_true")
+    parser.add_argument("--skip-packing", action="store_true")
     parser.add_argument("--overhead-rounds", type=int, default=2)
     args = parser.parse_args()
     if args.fake:
@@ -90,10 +92,10 @@ def main() -> int:
     os.environ["GPUYARD_REDIS_URL"] = ""  # no Redis server here: events go to the job DB only
 
     from core.settings import Settings
-    from core.states import FAILED, SUCCEEDED
+    from core.states import FAILED, QUEUED, SUCCEEDED
     from worker.db import Database
     from worker.gpus import context_allowance_bytes, get_backend
-    from worker.outcome import MEMORY_BUDGET_EXCEEDED
+    from worker.outcome import MEMORY_BUDGET_EXCEEDED, RESIZED_EVENT
     from worker.storage import LocalStorage
 
     work = Path(tempfile.mkdtemp(prefix="gpuyard-gpucheck-"))
@@ -155,7 +157,7 @@ def main() -> int:
         stored = storage.put_dataset_stream(fh, max_bytes=4 * GiB)
     dataset, _ = db.add_dataset(user.id, stored.sha256, stored.size_bytes, {}, stored.key, name="cnn")
 
-    def make_job(fraction: float, **fake: Any) -> str:
+    def make_job(fraction: float, max_attempts: int = 1, **fake: Any) -> str:
         spec: dict[str, Any] = {
             "name": f"gpucheck-{fraction:g}",
             "architecture": {"family": "cnn", "filters": [32, 64], "kernel_size": 3, "dense_units": 128},
@@ -164,7 +166,7 @@ def main() -> int:
         }
         if args.fake:
             spec["fake"] = fake
-        return db.create_job(user.id, dataset.id, spec, max_active=100, max_attempts=1).id
+        return db.create_job(user.id, dataset.id, spec, max_active=100, max_attempts=max_attempts).id
 
     def supervise_in_thread(job_id: str, trainer_argv: list[str], outcomes: dict[str, Any]) -> threading.Thread:
         from worker.supervisor import supervise
@@ -183,7 +185,7 @@ def main() -> int:
         total = state["total"]
         trainer = [sys.executable, str(FAKE_TRAINER)] if args.fake else [sys.executable, "-m", "worker.trainer"]
         pair = [make_job(0.3, epochs=4, epoch_s=0.5, gpu_memory_bytes=int(0.28 * total)) for _ in range(2)]
-        hog = make_job(0.02, epochs=20, epoch_s=0.5, gpu_memory_bytes=int(0.2 * total))
+        hog = make_job(0.02, max_attempts=2, epochs=20, epoch_s=0.5, gpu_memory_bytes=int(0.2 * total))
         hog_trainer = trainer if args.fake else [*trainer, "--memory-fraction", "0.2"]
         outcomes: dict[str, Any] = {}
         threads = [supervise_in_thread(j, trainer, outcomes) for j in pair]
@@ -226,12 +228,22 @@ def main() -> int:
         hog_budget = int(0.02 * total) + allowance
         events = [e.event for e in db.events_since(hog, 0, limit=10_000)]
         ran_s = (h.finished_at - h.started_at).total_seconds() if h.finished_at and h.started_at else None
+        killed = [e for e in events if e.get("event") == "state" and e.get("reason") == MEMORY_BUDGET_EXCEEDED]
+        resized = [e for e in events if e.get("event") == RESIZED_EVENT]
         rows_out += [
             (
                 "over budget: killed by the watchdog",
-                f"{h.state} ({h.error_reason})",
-                "failed (memory_budget_exceeded)",
-                h.state == FAILED and h.error_reason == MEMORY_BUDGET_EXCEEDED,
+                f"{h.state} ({killed[-1]['state'] if killed else h.error_reason})",
+                "memory_budget_exceeded (requeued once at its peak, or failed)",
+                bool(killed) and h.state in (QUEUED, FAILED),
+            ),
+            (
+                "over budget: requeued at its measured peak + margin",
+                f"memory_fraction {resized[0]['memory_fraction_from']} → {resized[0]['memory_fraction']}"
+                if resized
+                else "not resized",
+                "≥ peak × margin (worker/supervisor.py _resize)",
+                bool(resized) and h.state == QUEUED,
             ),
             (
                 "over budget: peak recorded",
@@ -287,6 +299,58 @@ def main() -> int:
         ]
 
     checker.run("hygiene", hygiene)
+
+    # ── 4b. packing: four jobs at 0.25 on one GPU together against one alone (issue 11) ──
+    def packing() -> list[Row]:
+        if args.skip_packing:
+            return [("packing", "skipped", "", None)]
+        total = state["total"]
+        trainer = [sys.executable, str(FAKE_TRAINER)] if args.fake else [sys.executable, "-m", "worker.trainer"]
+
+        def rate(job_id: str) -> float:
+            """The job's training samples/s: the median of its epochs after the first (compile)."""
+            rates = [
+                e.event.get("samples_per_s")
+                for e in db.events_since(job_id, 0, limit=10_000)
+                if e.event.get("event") == "epoch_end" and isinstance(e.event.get("samples_per_s"), int | float)
+            ]
+            return statistics.median(rates[1:] or rates) if rates else 0.0
+
+        def run_together(count: int) -> list[Any]:
+            ids = [make_job(0.25, epochs=4, epoch_s=0.5, gpu_memory_bytes=int(0.2 * total)) for _ in range(count)]
+            outcomes: dict[str, Any] = {}
+            threads = [supervise_in_thread(j, trainer, outcomes) for j in ids]
+            for thread in threads:
+                thread.join(240)
+            return [db.get_job(j) for j in ids]
+
+        alone = run_together(1)
+        four = run_together(4)
+        budget = int(0.25 * total) + allowance
+        alone_rate = rate(alone[0].id)
+        together = sum(rate(j.id) for j in four)
+        starts = [j.started_at for j in four if j.started_at]
+        ends = [j.finished_at for j in four if j.finished_at]
+        overlap = len(starts) == len(ends) == 4 and max(starts) < min(ends)
+        ratio = together / alone_rate if alone_rate else None
+        return [
+            ("packing: all five succeeded", ", ".join(j.state for j in [*alone, *four]), "succeeded ×5",
+             all(j.state == SUCCEEDED for j in [*alone, *four])),
+            ("packing: the four ran at once on one GPU", f"{len({j.gpu for j in four})} GPU(s), overlap {overlap}",
+             "1 GPU, overlapping", overlap and len({j.gpu for j in four}) == 1),
+            ("packing: aggregate samples/s, four together ÷ one alone",
+             f"{ratio:.2f} ({together:,.0f} vs {alone_rate:,.0f})" if ratio else "no rate",
+             "≥ 2×", None if args.fake or ratio is None else ratio >= 2.0),
+            ("packing: each within its budget",
+             ", ".join(f"{(j.peak_gpu_memory_bytes or 0) / 2**20:.0f}" for j in four) + " MiB",
+             f"≤ {budget / 2**20:.0f} MiB (0.25 × total + allowance)",
+             all(j.peak_gpu_memory_bytes is not None and 0 < j.peak_gpu_memory_bytes <= budget for j in four)),
+            ("packing: suggested_memory_fraction recorded",
+             ", ".join(f"{j.suggested_memory_fraction}" for j in four), "peak × 1.25 ÷ total",
+             all(j.suggested_memory_fraction for j in four)),
+        ]
+
+    checker.run("packing: four at 0.25 on one GPU", packing)
 
     # ── 5. warm trainer: cap after import, submit → first step ──
     def warm_start() -> list[Row]:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of gpuyard in one run (a few minutes on an H100): inventory, two jobs at 0.3 on one GPU,
-# the watchdog killing an over-budget job, GPU hygiene, a warm trainer (cap set after the import still
+# four at 0.25 together against one alone (aggregate samples/s, each within its budget),
+# the watchdog killing an over-budget job (requeued once at its measured peak), GPU hygiene, a warm trainer (cap set after the import still
 # holds; submit -> first step warm vs cold), and the trainer's step rate and extra wall time against bare
 # Keras (interleaved, median of ratios).
 # Needs no TensorFlow, no Redis server, no network: JAX backend, the supervisor driven directly on SQLite.

@@ -304,8 +304,13 @@ class Supervisor:
         # Stopped at its budget, the job may have wanted more than it reached: at least double, up to the limit.
         new = max(fraction_for(peak, total, allowance, self.settings.memory_margin), min(2 * old, limit))
         resized_before = any(e.event.get("event") == RESIZED_EVENT for e in self.db.events_since(self.job_id, 0))
-        if resized_before or new > limit + 1e-9:
-            why = "it was resized once already" if resized_before else f"more than a GPU's jobs may hold ({limit:g})"
+        if resized_before or new > limit + 1e-9 or job.attempts >= job.max_attempts:
+            if resized_before:
+                why = "it was resized once already"
+            elif new > limit + 1e-9:
+                why = f"more than a GPU's jobs may hold ({limit:g})"
+            else:
+                why = f"it has no attempts left ({job.attempts} of {job.max_attempts})"
             return (
                 None,
                 f"{detail}; it needs memory_fraction ≥ {new:g}, {why}: ask for it, or make the model smaller",
