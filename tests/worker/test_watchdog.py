@@ -130,3 +130,15 @@ def test_the_real_trainer_on_a_fake_gpu_is_pinned_to_its_uuid(
     assert summary["env"]["environ"]["CUDA_VISIBLE_DEVICES"] == gpu
     job = db.get_job(job_id)
     assert job.gpu == gpu and 0 < job.peak_gpu_memory_bytes < 8 * GiB  # its RSS, within 0.5 × 16 GiB
+
+
+def test_a_job_with_no_attempts_left_is_not_resized(
+    fake_settings: Settings, db: Database, storage: LocalStorage, make_job: Callable[..., str]
+) -> None:
+    spec = fake_job(0.25, epochs=40, epoch_s=0.25, gpu_memory_bytes=GiB, grow_to_bytes=6 * GiB, grow_after_s=0.3)
+    hog = make_job(spec, max_attempts=1)
+    outcome = run(fake_settings, db, storage, hog)
+    assert outcome.state == FAILED and outcome.reason == "memory_budget_exceeded"
+    detail = db.get_job(hog).error_detail
+    assert "memory_fraction ≥ 0.5" in detail and "no attempts left (1 of 1)" in detail
+    assert events_of(db, hog, "resized") == []
