@@ -82,17 +82,22 @@ def inspect_file(
     keys = keys or DataKeys()
     limits = limits or get_settings()
     path = Path(path)
-    size_bytes = _check_file_level(path)
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise DataError([_open_problem(path, size_bytes, exc)]) from exc
+    handle, size_bytes = _open_checked(path)
     with handle:
         inspection = _Inspection(handle, keys, limits)
         inspection.run()
     if inspection.problems:
         raise DataError(inspection.problems)
     return inspection.summary(sha256=sha256 or file_sha256(path), size_bytes=size_bytes)
+
+
+def _open_checked(path: Path) -> tuple[h5py.File, int]:
+    """The file-level checks, then the file opened read-only (DataError naming why it cannot be)."""
+    size_bytes = _check_file_level(path)
+    try:
+        return h5py.File(path, "r"), size_bytes
+    except OSError as exc:
+        raise DataError([_open_problem(path, size_bytes, exc)]) from exc
 
 
 def inspect_inputs(path: str | os.PathLike[str], key: str = "X", *, limits: DataLimits | None = None) -> ArrayInfo:
@@ -106,11 +111,7 @@ def inspect_inputs(path: str | os.PathLike[str], key: str = "X", *, limits: Data
     """
     limits = limits or get_settings()
     path = Path(path)
-    size_bytes = _check_file_level(path)
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise DataError([_open_problem(path, size_bytes, exc)]) from exc
+    handle, _size = _open_checked(path)
     with handle:
         inspection = _Inspection(handle, DataKeys(x_train=key), limits)
         inspection._walk_links()
