@@ -93,7 +93,7 @@ def main() -> int:
 
     from core.settings import Settings
     from core.states import FAILED, QUEUED, SUCCEEDED
-    from worker.db import Database
+    from store import Database
     from worker.gpus import context_allowance_bytes, get_backend
     from worker.outcome import MEMORY_BUDGET_EXCEEDED, RESIZED_EVENT
     from worker.storage import LocalStorage

@@ -108,8 +108,8 @@ def main() -> int:
     from core.states import SUCCEEDED
     from models.data.digits import write_digits_h5
     from models.data.sandbox import check_file
+    from store import Database
     from worker import warm
-    from worker.db import Database
     from worker.storage import LocalStorage
     from worker.supervisor import supervise
 

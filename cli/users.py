@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.table import Table
 
 from core.settings import get_settings
-from worker.db import Database
-from worker.errors import UserExists
+from store import Database
+from store.errors import UserExists
 from worker.notify import url_problems
 
 

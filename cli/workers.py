@@ -12,8 +12,8 @@ import socket
 import click
 
 from core.settings import Settings, get_settings
+from store import Database
 from worker.celery_app import make_celery
-from worker.db import Database
 from worker.dispatch import Dispatcher
 from worker.fleet import WorkerPlan, plan_workers, run_fleet
 from worker.gpus import GpuBackend, get_backend

@@ -121,7 +121,7 @@ class Settings(DataLimits):
         "(the activations blow up); a 32-block SNN on digits stays within 1-6 while it learns.",
     )
 
-    # Job service: database, queue, storage (service/, worker/db/, worker/storage.py)
+    # Job service: database, queue, storage (service/, store/, worker/storage.py)
     database_url: str = Field(
         "",
         description="SQLAlchemy URL of the job database, e.g. postgresql+psycopg://user@host/gpuyard. "

@@ -70,8 +70,8 @@ def check_janitor(timeout_s: float = 5.0) -> str | None:
     import redis
 
     from core.settings import get_settings
-    from worker.db import Database
-    from worker.errors import DatabaseUnavailable
+    from store import Database
+    from store.errors import DatabaseUnavailable
 
     settings = get_settings()
     db = Database(settings.database_url)

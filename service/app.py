@@ -21,7 +21,7 @@ from service.sessions import init_sessions
 from service.streams import EventHub, StreamSlots
 from service.ui import bp as ui_bp
 from service.ui import root as ui_root
-from worker.db import Database
+from store import Database
 from worker.dispatch import GpuBoard
 from worker.queues import OPERATE_TASK, celery_sender
 from worker.relay import EventPublisher

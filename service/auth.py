@@ -9,7 +9,7 @@ from wtforms import ValidationError
 from service.errors import BadRequest, Unauthorized
 from service.extensions import services
 from service.sessions import CSRF_HEADER, SAFE_METHODS, session_user
-from worker.db import User
+from store import User
 
 _CHALLENGE = 'Bearer realm="gpuyard"'
 

@@ -32,15 +32,8 @@ from typing import Any
 
 from core.errors import DataError, GpuyardError, Problem, SpecError
 from core.settings import Settings
-from worker.errors import (
-    ActiveJobLimit,
-    DatabaseUnavailable,
-    DatasetInUse,
-    InvalidKey,
-    QueueUnavailable,
-    UnknownDataset,
-    UploadTooLarge,
-)
+from store.errors import ActiveJobLimit, DatabaseUnavailable, DatasetInUse, UnknownDataset
+from worker.errors import InvalidKey, QueueUnavailable, UploadTooLarge
 
 
 class ApiError(GpuyardError):

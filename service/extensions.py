@@ -13,7 +13,7 @@ from flask_wtf.csrf import CSRFProtect
 from core.settings import Settings
 from models.data.summary import DataKeys, DatasetSummary
 from service.streams import EventHub, StreamSlots
-from worker.db import Database
+from store import Database
 from worker.dispatch import HeartbeatSource
 from worker.queues import Sender
 from worker.storage import Storage

@@ -9,7 +9,7 @@ from models.spec import resources_of
 from service.errors import Forbidden, NotFound
 from service.extensions import services
 from service.schemas import GpuJobOut, GpuOut, GpuProcessOut
-from worker.db import Job, User
+from store import Job, User
 from worker.dispatch import GpuView, dispatch, gpu_views
 from worker.gpus import budget_bytes, context_allowance_bytes
 

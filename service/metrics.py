@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest, mul
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from core.states import JOB_STATES
-from worker.db import Database
+from store import Database
 from worker.dispatch import HeartbeatSource, gpu_views
 
 #: Seconds of history the wait and duration histograms summarise.

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from core.names import EXPORT_FORMATS
 from core.states import JOB_STATES, QUEUED
 from models.data.summary import DatasetSummary
-from worker.db import Dataset, Job, JobEvent, Operation
+from store import Dataset, Job, JobEvent, Operation
 
 JobState = Literal[JOB_STATES]  # type: ignore[valid-type]
 

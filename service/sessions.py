@@ -20,7 +20,7 @@ from flask.sessions import SecureCookieSessionInterface
 
 from core.settings import Settings
 from service.extensions import services
-from worker.db import User
+from store import User
 
 SECRET_KEY_FILE = "secret-key"
 SESSION_COOKIE = "gpuyard_session"

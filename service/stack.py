@@ -37,8 +37,8 @@ import requests
 
 from core.errors import GpuyardError
 from core.settings import Settings
-from worker.db import Database
-from worker.errors import UserExists
+from store import Database
+from store.errors import UserExists
 from worker.procs import set_parent_death_signal
 
 ADMIN_NAME = "admin"

@@ -23,7 +23,7 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_
         time.sleep(poll_s)
 
 
-# The columns each schema version after 2 adds (worker/db/migrations.py), newest last: what a test drops to
+# The columns each schema version after 2 adds (store/migrations.py), newest last: what a test drops to
 # make a fresh database look like an older one.
 _COLUMNS_ADDED = {
     3: [("users", "disabled")],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "models", "worker", "service", "cli")
+PACKAGES = ("core", "models", "store", "worker", "service", "cli")
 
 
 def _modules() -> dict[str, Path]:

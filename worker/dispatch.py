@@ -51,7 +51,7 @@ from core.errors import Problem
 from core.settings import Settings
 from core.states import QUEUED, SUCCEEDED
 from models.spec import resources_of
-from worker.db import Database, DispatchTxn, Gpu, Job, utcnow
+from store import Database, DispatchTxn, Gpu, Job, utcnow
 from worker.fairshare import FairPolicy, UsageSpan, decayed_usage, fair_order
 from worker.gpus import budget_bytes, context_allowance_bytes
 from worker.queues import Sender, cpu_queue, gpu_queue

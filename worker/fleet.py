@@ -39,9 +39,9 @@ import psutil
 import redis
 
 from core.settings import Settings
-from worker.db import Database
+from store import Database
+from store.errors import JobDBError
 from worker.dispatch import heartbeat_key
-from worker.errors import JobDBError
 from worker.gpus import GpuBackend, GpuInfo, get_backend, select_gpus
 from worker.procs import set_parent_death_signal
 from worker.queues import gpu_queue

@@ -22,9 +22,9 @@ import logging
 import threading
 
 from core.settings import Settings
-from worker.db import Database, JanitorReport
+from store import Database, JanitorReport
+from store.errors import JobDBError
 from worker.dispatch import Dispatcher
-from worker.errors import JobDBError
 from worker.notify import NotifySender, enqueue_notifications
 from worker.queues import Sender, celery_notify_sender, celery_sender
 from worker.storage import LocalStorage

@@ -9,8 +9,8 @@ import threading
 import time
 import uuid
 
-from worker.db import Database
-from worker.errors import JobDBError
+from store import Database
+from store.errors import JobDBError
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import requests
 
 from core.errors import Problem
 from core.settings import Settings
-from worker.db import Database, Job
+from store import Database, Job
 from worker.errors import QueueUnavailable
 
 log = logging.getLogger(__name__)

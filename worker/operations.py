@@ -29,9 +29,9 @@ from core.atomicio import atomic_write_json
 from core.names import MODEL_H5, OPERATIONS_DIR
 from core.settings import Settings
 from models.spec import JobSpec
+from store import Database, Operation
+from store.errors import JobDBError
 from worker import procs
-from worker.db import Database, Operation
-from worker.errors import JobDBError
 from worker.storage import Storage
 from worker.supervisor import trainer_memory_limit
 from worker.watchdog import HostMemoryWatchdog

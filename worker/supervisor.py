@@ -52,9 +52,9 @@ from core.names import CHECKPOINT_DIR, CHECKPOINT_STATE, DATASET_SUMMARY_FILE, P
 from core.settings import Settings, get_settings
 from core.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from models.spec import resources_of
+from store import Database, Job
+from store.errors import JobDBError
 from worker import procs, warm
-from worker.db import Database, Job
-from worker.errors import JobDBError
 from worker.gpus import (
     GpuBackend,
     budget_bytes,

@@ -11,7 +11,7 @@ from celery import Task, shared_task
 from celery.utils.time import get_exponential_backoff_interval
 
 from core.settings import get_settings
-from worker.db import Database
+from store import Database
 from worker.dispatch import Dispatcher
 from worker.notify import NotifyFailed, NotifyRefused, deliver, enqueue_notifications
 from worker.operations import run_operation

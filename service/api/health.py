@@ -8,7 +8,7 @@ from flask import Blueprint, Response
 from service.api import respond
 from service.extensions import services
 from service.schemas import HealthOut, ReadyOut
-from worker.errors import DatabaseUnavailable
+from store.errors import DatabaseUnavailable
 
 bp = Blueprint("health", __name__, url_prefix="/v1")
 

@@ -25,7 +25,7 @@ from service.errors import NotFound, ServiceUnavailable, TooManyRequests, Unproc
 from service.extensions import services
 from service.schemas import DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut, PlacementOut
 from service.streams import EventHub
-from worker.db import Database, Dataset, Job, JobEvent, utcnow
+from store import Database, Dataset, Job, JobEvent, utcnow
 from worker.dispatch import GpuView, decide_queue, dispatch, gpu_views, never_fits
 from worker.errors import QueueUnavailable
 from worker.notify import url_problems

@@ -41,7 +41,7 @@ from service.errors import (
 )
 from service.extensions import services
 from service.schemas import EvaluateIn, ExportIn, OperationOut, PredictIn
-from worker.db import Job, Operation
+from store import Job, Operation
 from worker.errors import QueueUnavailable
 from worker.operations import operation_dir
 from worker.queues import cpu_queue

@@ -9,7 +9,7 @@ from service.auth import authenticate, current_user
 from service.errors import Unprocessable
 from service.extensions import services
 from service.schemas import NotifyIn, UserOut, WebhookSecretOut
-from worker.db import User
+from store import User
 from worker.notify import SIGNATURE_HEADER, url_problems
 
 bp = Blueprint("users", __name__, url_prefix="/v1/users")

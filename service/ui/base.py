@@ -14,7 +14,7 @@ from core.states import ACTIVE_STATES, JOB_STATES, QUEUED, RUNNING, TERMINAL_STA
 from service.errors import to_api_error
 from service.extensions import csrf
 from service.sessions import session_user
-from worker.db import User
+from store import User
 
 bp = Blueprint(
     "ui",

@@ -16,7 +16,7 @@ from service.errors import NotFound, Unprocessable
 from service.extensions import services
 from service.schemas import JobOut
 from service.ui.base import bp, ui_owner_id
-from worker.db import Job
+from store import Job
 from worker.gpus import budget_bytes, context_allowance_bytes
 
 JOBS_SHOWN = 200

@@ -120,7 +120,7 @@ class Stack:
 
     def lease_host(self, job_id: str) -> str | None:
         """The host name (container) whose supervisor holds the job's lease, from the job database."""
-        from worker.db import Database  # the host's own gpuyard reads the stack's PostgreSQL database
+        from store import Database  # the host's own gpuyard reads the stack's PostgreSQL database
 
         db = Database(self.database_url)
         try:

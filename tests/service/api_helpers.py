@@ -11,7 +11,7 @@ from flask.testing import FlaskClient
 from support import free_port  # noqa: F401  (re-exported to the service tests)
 
 from service.extensions import Services
-from worker.db import Database
+from store import Database
 from worker.errors import QueueUnavailable
 from worker.gpus import GiB, fake_uuid
 

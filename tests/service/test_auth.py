@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cli.users import users
 from core.settings import get_settings
-from worker.db import Database
+from store import Database
 
 
 def test_health_needs_no_token(client) -> None:  # type: ignore[no-untyped-def]

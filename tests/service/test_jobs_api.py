@@ -17,7 +17,7 @@ from flask.testing import FlaskClient
 
 from core.settings import Settings
 from service.app import create_app
-from worker.db import Database
+from store import Database
 from worker.queues import TRAIN_TASK
 
 

@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.settings import Settings
-from worker.db import Database
+from store import Database
 from worker.gpus import fake_uuid
 
 SPEC = {"architecture": {"family": "mlp", "widths": [8]}, "resources": {"gpu": "cpu"}}

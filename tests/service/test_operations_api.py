@@ -33,7 +33,7 @@ from core.settings import Settings
 from core.states import QUEUED, SUCCEEDED
 from service.app import create_app
 from service.client import Client, ClientError
-from worker.db import Database
+from store import Database
 from worker.operations import run_operation
 from worker.storage import LocalStorage
 from worker.supervisor import supervise

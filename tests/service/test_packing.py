@@ -13,7 +13,7 @@ from stack_helpers import gpuyard_up
 
 from core.settings import Settings
 from core.states import SUCCEEDED
-from worker.db import Database
+from store import Database
 from worker.storage import LocalStorage
 
 FAKE_TRAINER = Path(__file__).resolve().parents[1] / "worker" / "fake_trainer.py"

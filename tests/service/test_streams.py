@@ -21,7 +21,7 @@ from flask.testing import FlaskClient
 from core.settings import Settings
 from service.stack import gunicorn_argv
 from service.streams import EventHub, StreamSlots
-from worker.db import Database
+from store import Database
 from worker.relay import EventPublisher, events_channel
 
 SPEC = {"architecture": {"family": "mlp", "widths": [8]}, "resources": {"gpu": "cpu"}}

@@ -18,7 +18,7 @@ from core.settings import Settings
 from service.app import create_app
 from service.sessions import SESSION_COOKIE, load_secret_key
 from service.ui.jobs import spec_differences
-from worker.db import Database
+from store import Database
 from worker.gpus import GiB, fake_uuid
 
 GPU0 = fake_uuid(0)

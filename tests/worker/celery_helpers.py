@@ -23,7 +23,7 @@ import pytest
 from support import free_port, wait_for  # noqa: F401  (re-exported to the worker tests)
 
 from core.settings import Settings
-from worker.db import Database
+from store import Database
 from worker.storage import LocalStorage
 
 REPO = Path(__file__).resolve().parents[2]

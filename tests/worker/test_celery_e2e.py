@@ -20,8 +20,8 @@ from celery_helpers import REPO, WorkerProcess, events_of, highway_spec, setting
 
 from core.settings import Settings
 from core.states import RUNNING, SUCCEEDED
+from store import Database
 from worker.celery_app import make_celery
-from worker.db import Database
 from worker.dispatch import Dispatcher
 from worker.janitor import janitor_pass
 from worker.queues import TRAIN_TASK, celery_sender

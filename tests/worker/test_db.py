@@ -18,10 +18,10 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
+import store as jobdb
 from core.states import CANCELLED, INTERRUPTED, QUEUED, RUNNING, SUCCEEDED
-from worker import db as jobdb
-from worker.db import Database
-from worker.errors import ActiveJobLimit, DatasetInUse, SchemaError, UnknownDataset, UserExists
+from store import Database
+from store.errors import ActiveJobLimit, DatasetInUse, SchemaError, UnknownDataset, UserExists
 
 POSTGRES_URL = os.environ.get("GPUYARD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SHA = "ab" * 32

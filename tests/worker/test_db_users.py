@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from support import rewind_schema
 
-from worker import db as jobdb
-from worker.db import Database
+import store as jobdb
+from store import Database
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from support import rewind_schema
 
 from core.settings import Settings
 from core.states import QUEUED
-from worker.db import Database, utcnow
+from store import Database, utcnow
 from worker.dispatch import (
     BEHIND_EARLIER_JOB,
     GPU_FULL,
@@ -248,7 +248,7 @@ def test_two_dispatchers_at_once_never_overcommit(
 
 
 def test_a_version_1_database_migrates_to_gpus(tmp_path: Path) -> None:
-    from worker.db import LATEST_VERSION
+    from store import LATEST_VERSION
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     db = Database(url)

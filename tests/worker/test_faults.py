@@ -29,7 +29,7 @@ from celery_helpers import WorkerProcess, events_of, free_port, wait_for
 
 from core.settings import Settings
 from core.states import RUNNING, SUCCEEDED
-from worker.db import Database
+from store import Database
 from worker.dispatch import Dispatcher
 from worker.janitor import run_janitor
 from worker.queues import celery_sender

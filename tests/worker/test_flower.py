@@ -17,8 +17,8 @@ import pytest
 from celery_helpers import REPO, WorkerProcess, settings_env, wait_for
 
 from core.settings import Settings
+from store import Database
 from worker.celery_app import make_celery
-from worker.db import Database
 from worker.queues import OPERATE_TASK, TRAIN_TASK, celery_sender
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ from celery_helpers import REPO, events_of, settings_env, wait_for
 
 from core.settings import Settings
 from core.states import SUCCEEDED, TERMINAL_STATES
-from worker.db import Database
+from store import Database
 from worker.dispatch import Dispatcher, heartbeat_key
 from worker.gpus import fake_uuid
 from worker.queues import celery_sender

@@ -17,7 +17,7 @@ from celery_helpers import events_of
 from core.exitcodes import ExitCode
 from core.settings import Settings
 from core.states import FAILED, SUCCEEDED
-from worker.db import Database
+from store import Database
 from worker.outcome import classify_exit
 from worker.storage import LocalStorage
 from worker.supervisor import supervise

@@ -12,7 +12,7 @@ from celery_helpers import wait_for
 
 from core.settings import Settings
 from core.states import CANCELLED, INTERRUPTED, QUEUED, RUNNING
-from worker.db import Database
+from store import Database
 from worker.dispatch import Dispatcher
 from worker.errors import QueueUnavailable
 from worker.janitor import janitor_pass, run_janitor

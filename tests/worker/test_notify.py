@@ -23,7 +23,7 @@ from celery_helpers import WorkerProcess, wait_for
 
 from core.settings import Settings
 from core.states import CANCELLED, INTERRUPTED, SUCCEEDED
-from worker.db import Database
+from store import Database
 from worker.dispatch import Dispatcher
 from worker.errors import QueueUnavailable
 from worker.janitor import janitor_pass

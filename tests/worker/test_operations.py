@@ -11,7 +11,7 @@ from celery_helpers import highway_spec
 from core.names import MODEL_H5
 from core.settings import Settings
 from core.states import FAILED, RUNNING
-from worker.db import Database
+from store import Database
 from worker.operations import OPERATION_LOG, operation_dir, run_operation
 from worker.storage import LocalStorage
 

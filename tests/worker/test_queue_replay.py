@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings
-from worker.db import Database, database
+from store import Database, database
 from worker.dispatch import GpuView, dispatch, gpu_views
 from worker.gpus import GiB, fake_uuid
 

@@ -24,8 +24,8 @@ from celery_helpers import events_of, highway_spec, wait_for
 from core.names import TRAINED_ARTIFACTS, TRAINER_LOG
 from core.settings import Settings
 from core.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
+from store import Database
 from worker import procs
-from worker.db import Database
 from worker.outcome import classify_exit
 from worker.relay import events_channel
 from worker.storage import LocalStorage

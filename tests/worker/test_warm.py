@@ -22,9 +22,9 @@ from trainer_helpers import ROOT, parse_events, trainer_env, write_spec
 from core.names import TRAINER_LOG
 from core.settings import Settings
 from core.states import CANCELLED, SUCCEEDED
+from store import Database
 from worker import procs, warm
 from worker.celery_app import make_celery
-from worker.db import Database
 from worker.queues import TRAIN_TASK
 from worker.storage import LocalStorage
 from worker.supervisor import supervise

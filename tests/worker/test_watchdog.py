@@ -15,7 +15,7 @@ from celery_helpers import events_of, highway_spec
 
 from core.settings import Settings
 from core.states import FAILED, QUEUED, SUCCEEDED
-from worker.db import Database
+from store import Database
 from worker.gpus import GiB, fake_uuid
 from worker.outcome import Outcome
 from worker.storage import LocalStorage

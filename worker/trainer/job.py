@@ -14,7 +14,7 @@ from worker.trainer.events import EventEmitter
 
 @dataclass
 class TrainingJob:
-    """One job as the trainer process runs it (not the job DB's row, ``worker.db.Job``).
+    """One job as the trainer process runs it (not the job DB's row, ``store.Job``).
 
     Attributes:
         spec: the validated job spec, with the command line's resource overrides applied.

@@ -163,7 +163,6 @@ class Job(Base):
         return self.state in TERMINAL_STATES
 
 
-
 class Gpu(Base):
     """A GPU some worker registered: what it is, and the admin's and hygiene's verdicts on it.
 
@@ -215,9 +214,7 @@ class Operation(Base):
     """
 
     __tablename__ = "operations"
-    __table_args__ = (
-        CheckConstraint("state IN ('" + "','".join(JOB_STATES) + "')", name="ck_operations_state"),
-    )
+    __table_args__ = (CheckConstraint("state IN ('" + "','".join(JOB_STATES) + "')", name="ck_operations_state"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)

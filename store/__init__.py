@@ -19,10 +19,19 @@ The refusals (``JobDBError`` and its kin) live in ``worker/errors.py``.
 
 from __future__ import annotations
 
-from worker.db.database import Database, DispatchTxn, JanitorReport, JobPage, MetricsSnapshot
-from worker.db.engine import make_engine
-from worker.db.migrations import LATEST_VERSION, MIGRATIONS
-from worker.db.tables import (
+from store.database import Database, DispatchTxn, JanitorReport, JobPage, MetricsSnapshot
+from store.engine import make_engine
+from store.errors import (
+    ActiveJobLimit,
+    DatabaseUnavailable,
+    DatasetInUse,
+    JobDBError,
+    SchemaError,
+    UnknownDataset,
+    UserExists,
+)
+from store.migrations import LATEST_VERSION, MIGRATIONS
+from store.tables import (
     Dataset,
     Gpu,
     Job,
@@ -33,15 +42,6 @@ from worker.db.tables import (
     hash_token,
     new_id,
     utcnow,
-)
-from worker.errors import (
-    ActiveJobLimit,
-    DatabaseUnavailable,
-    DatasetInUse,
-    JobDBError,
-    SchemaError,
-    UnknownDataset,
-    UserExists,
 )
 
 __all__ = [

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.engine import Connection
 
-from worker.db.tables import Base, DispatchLock, Gpu, Job, Operation, SchemaVersion, utcnow
-from worker.errors import SchemaError
+from store.errors import SchemaError
+from store.tables import Base, DispatchLock, Gpu, Job, Operation, SchemaVersion, utcnow
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ def _v4_sharing(conn: Connection) -> None:
     # Version 2 creates ``gpus`` from the current model, so a database migrated from 1 already has it.
     if "backends" not in {c["name"] for c in inspect(conn).get_columns("gpus")}:
         conn.execute(text("ALTER TABLE gpus ADD COLUMN backends JSON"))
+
+
 def _v5_notify(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE users ADD COLUMN webhook_secret VARCHAR(64)"))
     conn.execute(text("ALTER TABLE users ADD COLUMN notify JSON"))
