@@ -148,6 +148,13 @@ class Settings(DataLimits):
     max_active_jobs_per_user: int = Field(
         4, ge=1, description="Queued plus running jobs one user may have; more answer 429."
     )
+    max_parallel_trials: int = Field(
+        8,
+        ge=1,
+        description="The most queued plus running trials one study may have (its max_parallel is clipped to "
+        "this); a study's trials do not count against max_active_jobs_per_user (docs/studies.md).",
+    )
+    max_active_studies_per_user: int = Field(2, ge=1, description="Active studies one user may have; more answer 429.")
     lease_seconds: int = Field(
         60,
         gt=0,

@@ -18,10 +18,12 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
 INTERRUPTED = "interrupted"
+#: A study's trial stopped early by its pruner or a health finding (worker/studies.py): model and history kept.
+PRUNED = "pruned"
 
 #: Every state, in the order a job passes through them.
-JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED)
+JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED, PRUNED)
 #: States a job can still leave: it holds a place in the queue or on a GPU.
 ACTIVE_STATES = (QUEUED, RUNNING)
 #: States a job never leaves.
-TERMINAL_STATES = (SUCCEEDED, FAILED, CANCELLED, INTERRUPTED)
+TERMINAL_STATES = (SUCCEEDED, FAILED, CANCELLED, INTERRUPTED, PRUNED)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import delete, exists, select, text
+from sqlalchemy import delete, exists, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -15,8 +15,10 @@ from core.states import (
 from store.base import StoreBase
 from store.errors import DatasetInUse
 from store.tables import (
+    STUDY_ACTIVE,
     Dataset,
     Job,
+    Study,
     new_id,
     utcnow,
 )
@@ -115,7 +117,10 @@ class DatasetsStore(StoreBase):
         dataset = self.get_dataset(dataset_id, owner_id)
         if dataset is None:
             return None
-        active = exists().where(Job.dataset_id == dataset_id, Job.state.in_(ACTIVE_STATES))
+        active = or_(
+            exists().where(Job.dataset_id == dataset_id, Job.state.in_(ACTIVE_STATES)),
+            exists().where(Study.dataset_id == dataset_id, Study.state == STUDY_ACTIVE),
+        )
         with self._begin() as s:
             self._lock_content(s, dataset.sha256)
             # One statement decides, so a job submitted meanwhile either blocks this or fails its FK.
@@ -129,7 +134,9 @@ class DatasetsStore(StoreBase):
             return dataset
         if self.get_dataset(dataset_id, owner_id) is None:
             return None
-        raise DatasetInUse(f"data set {dataset_id} is used by a queued or running job; cancel it first")
+        raise DatasetInUse(
+            f"data set {dataset_id} is used by a queued or running job or an active study; cancel it first"
+        )
 
     def _lock_content(self, s: Session, sha256: str) -> None:
         """Serialize the row and file changes of one content address across processes until commit.

@@ -16,6 +16,7 @@ from core.states import (
     CANCELLED,
     INTERRUPTED,
     JOB_STATES,
+    PRUNED,
     QUEUED,
     RUNNING,
     TERMINAL_STATES,
@@ -61,11 +62,15 @@ class JobsStore(StoreBase):
         priority: int = 0,
         memory_fraction_auto: bool = False,
         notify: list[str] | None = None,
+        study_id: str | None = None,
+        trial_number: int | None = None,
         now: dt.datetime | None = None,
     ) -> Job:
         """Queue a job, unless the owner already has ``max_active`` queued or running jobs.
 
         ``notify``: the URLs told when the job ends (None: the owner's defaults; []: none).
+        ``study_id``, ``trial_number``: a study's trial (worker/studies.py). Trials neither count against
+        ``max_active`` nor are refused by it: a study bounds its own with ``max_parallel`` (docs/studies.md).
 
         Raises:
             ActiveJobLimit: the owner is at the cap.
@@ -79,9 +84,11 @@ class JobsStore(StoreBase):
                 s.execute(select(User.id).where(User.id == owner_id).with_for_update())
             s.execute(update(User).where(User.id == owner_id).values(is_admin=User.is_admin))
             active = s.scalar(
-                select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.state.in_(ACTIVE_STATES))
+                select(func.count())
+                .select_from(Job)
+                .where(Job.owner_id == owner_id, Job.state.in_(ACTIVE_STATES), Job.study_id.is_(None))
             )
-            if active >= max_active:
+            if active >= max_active and study_id is None:
                 raise ActiveJobLimit(
                     f"you have {active} queued or running jobs; the limit is {max_active}. "
                     "Wait for one to finish or cancel one."
@@ -102,6 +109,8 @@ class JobsStore(StoreBase):
                 cancel_requested=False,
                 last_event_seq=0,
                 notify=notify,
+                study_id=study_id,
+                trial_number=trial_number,
             )
             s.add(job)
             s.flush()
@@ -295,6 +304,11 @@ class JobsStore(StoreBase):
         if suggested_memory_fraction is not None:
             values["suggested_memory_fraction"] = suggested_memory_fraction
         with self._begin() as s:
+            if state == CANCELLED:  # a stop the study driver asked for ends pruned, with its reason
+                pruned = s.execute(select(Job.prune_reason, Job.prune_detail).where(Job.id == job_id)).first()
+                if pruned is not None and pruned[0] is not None:
+                    state, reason, detail = PRUNED, pruned[0], pruned[1]
+                    values.update(state=state, error_reason=reason, error_detail=detail)
             done = s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
@@ -432,7 +446,9 @@ class JobsStore(StoreBase):
         held = and_(held, Job.lease_owner == owner) if owner is not None else and_(held, Job.lease_expires_at < now)
         cleared = {"lease_owner": None, "lease_expires_at": None}
         undispatched = {"gpu": None, "dispatched_at": None, **_NOT_WAITING}  # the dispatcher places it anew
+        pruned = {"finished_at": now, "error_reason": Job.prune_reason, "error_detail": Job.prune_detail}
         steps = (
+            (PRUNED, and_(Job.cancel_requested.is_(True), Job.prune_reason.is_not(None)), pruned),
             (CANCELLED, Job.cancel_requested.is_(True), {"finished_at": now, "error_reason": _CANCELLED_REASON}),
             (QUEUED, Job.attempts < Job.max_attempts, undispatched),
             (INTERRUPTED, Job.attempts >= Job.max_attempts, {"finished_at": now, "error_reason": reason}),
@@ -446,6 +462,10 @@ class JobsStore(StoreBase):
             ).rowcount
             if changed == 1:
                 event_reason = reason if new_state != CANCELLED else _CANCELLED_REASON
+                if new_state == PRUNED:
+                    event_reason, detail = s.execute(
+                        select(Job.error_reason, Job.error_detail).where(Job.id == job_id)
+                    ).one()
                 self._append(s, job_id, _state_event(new_state, event_reason, detail, None), now)
                 return new_state
         return None

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.engine import Connection
 
+from core.states import JOB_STATES
 from store.errors import SchemaError
-from store.tables import Base, DispatchLock, Gpu, Job, Operation, SchemaVersion, utcnow
+from store.tables import Base, DispatchLock, Gpu, Job, Operation, SchemaVersion, Study, utcnow
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,39 @@ def _v6_operations(conn: Connection) -> None:
     Operation.__table__.create(conn)
 
 
+def _v7_studies(conn: Connection) -> None:
+    Study.__table__.create(conn)
+    conn.execute(
+        text("ALTER TABLE jobs ADD COLUMN study_id VARCHAR(32) REFERENCES tuning_studies(id) ON DELETE SET NULL")
+    )
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN trial_number INTEGER"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN prune_reason VARCHAR(64)"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN prune_detail TEXT"))
+    conn.execute(text("CREATE INDEX ix_jobs_study_id ON jobs (study_id)"))
+    conn.execute(text("CREATE UNIQUE INDEX uq_jobs_study_trial ON jobs (study_id, trial_number)"))
+    _widen_state_checks(conn)
+
+
+def _widen_state_checks(conn: Connection) -> None:
+    """The state CHECKs of jobs and operations admit every state of ``core.states`` (``pruned`` came in 7)."""
+    allowed = "state IN ('" + "','".join(JOB_STATES) + "')"
+    if conn.dialect.name == "postgresql":
+        for table, check in (("jobs", "ck_jobs_state"), ("operations", "ck_operations_state")):
+            conn.execute(text(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {check}"))
+            conn.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT {check} CHECK ({allowed})"))
+        return
+    # SQLite cannot alter a CHECK; its documented way to loosen one is to edit the stored CREATE TABLE
+    # (https://sqlite.org/lang_altertable.html#otheralter: no stored row changes meaning).
+    version = conn.exec_driver_sql("PRAGMA schema_version").scalar_one()
+    conn.exec_driver_sql("PRAGMA writable_schema=ON")
+    for table in ("jobs", "operations"):
+        sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type='table' AND name=?", (table,)).scalar_one()
+        widened = re.sub(r"state IN \('[^)]*'\)", allowed, sql)
+        conn.exec_driver_sql("UPDATE sqlite_master SET sql=? WHERE type='table' AND name=?", (widened, table))
+    conn.exec_driver_sql(f"PRAGMA schema_version={int(version) + 1}")
+    conn.exec_driver_sql("PRAGMA writable_schema=OFF")
+
+
 # Append only. A fresh database gets the models' current tables at once and is stamped with the last
 # version (so these steps must leave an old database exactly where create_all leaves a new one).
 MIGRATIONS: list[Migration] = [
@@ -68,6 +103,7 @@ MIGRATIONS: list[Migration] = [
     Migration(4, "fair sharing: users.max_priority; jobs queue info and memory sizing; gpus.backends", _v4_sharing),
     Migration(5, "users.webhook_secret, users.notify; jobs.notify, jobs.notify_pending", _v5_notify),
     Migration(6, "operations (evaluate, predict, export on a finished job)", _v6_operations),
+    Migration(7, "tuning_studies; jobs.study_id, trial_number, prune_reason, prune_detail; state pruned", _v7_studies),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 _PG_MIGRATION_LOCK = 0x67707964  # "gpyd": any constant shared by every process migrating this DB

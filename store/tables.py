@@ -117,6 +117,9 @@ class Job(Base):
         Index("ix_jobs_owner_state", "owner_id", "state"),
         Index("ix_jobs_state_lease", "state", "lease_expires_at"),
         Index("ix_jobs_queued_at_id", "queued_at", "id"),
+        # One job per trial of a study: a driver that crashed between Optuna's ask and the job's creation
+        # and tries again cannot make a second one (worker/studies.py).
+        Index("uq_jobs_study_trial", "study_id", "trial_number", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -155,12 +158,51 @@ class Job(Base):
     # in the same transaction, and cleared by whoever hands the notifications to the queue.
     notify: Mapped[list[str] | None] = mapped_column(JSON)
     notify_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("FALSE"))
+    # A study's trial (worker/studies.py): its study, its Optuna trial number, and why it is being pruned
+    # (set with cancel_requested; the stop then ends in ``pruned``, not ``cancelled``).
+    study_id: Mapped[str | None] = mapped_column(ForeignKey("tuning_studies.id", ondelete="SET NULL"), index=True)
+    trial_number: Mapped[int | None] = mapped_column(Integer)
+    prune_reason: Mapped[str | None] = mapped_column(String(64))
+    prune_detail: Mapped[str | None] = mapped_column(Text)
 
     owner: Mapped[User] = relationship(lazy="joined")
 
     @property
     def is_terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+
+#: A study's states: ``active`` while it asks or runs trials, then ``finished`` or ``cancelled``.
+STUDY_ACTIVE = "active"
+STUDY_FINISHED = "finished"
+STUDY_CANCELLED = "cancelled"
+STUDY_STATES = (STUDY_ACTIVE, STUDY_FINISHED, STUDY_CANCELLED)
+
+
+class Study(Base):
+    """A search: a base spec, a space and an objective, run as trial jobs (worker/studies.py).
+
+    ``request`` is the study as submitted and validated (service/schemas.py ``StudyCreate``); Optuna keeps
+    its own trials in its own tables of the same database, under the name ``id``. ``driver`` and
+    ``driver_until`` are a short lease: one process advances a study at a time.
+    """
+
+    # Not "studies": Optuna's own tables (studies, trials, ...) live in the same database under its names.
+    __tablename__ = "tuning_studies"
+    __table_args__ = (CheckConstraint("state IN ('" + "','".join(STUDY_STATES) + "')", name="ck_studies_state"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
+    state: Mapped[str] = mapped_column(String(16), default=STUDY_ACTIVE)
+    request: Mapped[dict[str, Any]]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None]
+    driver: Mapped[str | None] = mapped_column(String(255))
+    driver_until: Mapped[dt.datetime | None]
+
+    owner: Mapped[User] = relationship(lazy="joined")
 
 
 class Gpu(Base):

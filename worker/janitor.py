@@ -28,18 +28,20 @@ from worker.dispatch import Dispatcher
 from worker.notify import NotifySender, enqueue_notifications
 from worker.queues import Sender, celery_notify_sender, celery_sender
 from worker.storage import LocalStorage
+from worker.studies import advance_and_dispatch
 
 log = logging.getLogger(__name__)
 
 
 def janitor_pass(db: Database, dispatcher: Dispatcher, *, now: dt.datetime | None = None) -> JanitorReport:
-    """Release every lease expired before ``now``, then one dispatch pass: the requeued jobs, every other
-    waiting job and those whose dispatch went stale are placed again. A job whose task cannot be sent
-    stays queued for the next pass.
+    """Release every lease expired before ``now``, advance the studies (worker/studies.py: a trial whose job
+    ended is told, new trials asked), then one dispatch pass: the requeued jobs, every other waiting job
+    and those whose dispatch went stale are placed again. A job whose task cannot be sent stays queued for
+    the next pass.
     """
     report = db.requeue_expired(now)
     try:
-        dispatcher.run(recover=True)
+        advance_and_dispatch(dispatcher, recover=True)  # studies first: their new trials are placed too
     except JobDBError:
         raise
     except Exception:  # the broker or Redis is down: the next pass tries again

@@ -74,6 +74,7 @@ from worker.outcome import (
 )
 from worker.relay import EventPublisher, progress_of
 from worker.storage import LocalStorage, Storage
+from worker.studies import TRIAL_EVENTS, observe_trial_event
 from worker.trainer.events import FAILED_EVENT
 from worker.watchdog import HostMemoryWatchdog, MemoryWatchdog, hygiene_problem
 
@@ -124,6 +125,7 @@ class Supervisor:
         self.published_seq = 0
         self.failed_event: dict[str, Any] | None = None
         self.progress: dict[str, Any] = {}
+        self.trial: tuple[str, int] | None = None  # (study id, trial number) of a study's trial
         self.watchdog: MemoryWatchdog | None = None
         self.gpu_total_bytes: int | None = None
         self.host_memory: HostMemoryWatchdog | None = None
@@ -138,6 +140,8 @@ class Supervisor:
             log.info("job %s: not taken (leased elsewhere, finished or cancelled); nothing to do", self.job_id)
             return Outcome(self.job_id, ran=False)
         self.published_seq = job.last_event_seq  # the state event of the lease comes right after
+        if job.study_id is not None and job.trial_number is not None:
+            self.trial = (job.study_id, job.trial_number)
         self._publish_db_events()
         lease_seconds = self.settings.lease_seconds
         keeper = LeaseKeeper(self.db, self.job_id, self.owner, lease_seconds, lease_seconds / 3, taken_at=taken_at)
@@ -533,6 +537,8 @@ class Supervisor:
             log.warning("job %s: trainer wrote a non-event line to stdout: %.200s", self.job_id, text)
             return
         kind = event["event"]
+        if self.trial is not None and kind in TRIAL_EVENTS:
+            self._observe_trial(event)
         if kind == FAILED_EVENT:
             self.failed_event = event
         elif kind in ("batch", "epoch_end"):
@@ -549,6 +555,15 @@ class Supervisor:
             return
         self.published_seq = max(self.published_seq, seq)
         self.publisher.publish(self.job_id, {"seq": seq, **event})
+
+    def _observe_trial(self, event: dict[str, Any]) -> None:
+        """A study's trial: the epoch's objective to Optuna, a prune request when the pruner or a health
+        finding says so (worker/studies.py); the cancel poll then stops the trainer."""
+        assert self.trial is not None
+        try:
+            observe_trial_event(self.db, self.job_id, *self.trial, event)
+        except Exception:  # the trial goes on unpruned; the job itself must not suffer
+            log.exception("job %s: cannot report the trial's %s event to its study", self.job_id, event.get("event"))
 
     # ── endings ──
     def _finish(self, job: Job, state: str, reason: str | None, detail: str | None, exit_code: int | None) -> Outcome:

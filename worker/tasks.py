@@ -17,6 +17,7 @@ from worker.notify import NotifyFailed, NotifyRefused, deliver, enqueue_notifica
 from worker.operations import run_operation
 from worker.queues import NOTIFY_TASK, OPERATE_TASK, TRAIN_TASK, celery_notify_sender, celery_sender
 from worker.storage import LocalStorage
+from worker.studies import advance_and_dispatch
 from worker.supervisor import default_owner, supervise
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def train(self: Task, job_id: str) -> dict[str, Any]:
             settings,
             db=db,
             owner=default_owner(self.request.id),
-            dispatch=dispatcher.run,
+            dispatch=lambda: advance_and_dispatch(dispatcher),
         )
     finally:
         dispatcher.close()
