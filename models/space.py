@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.errors import Problem
+from core.errors import Problem, SpecError
 from models.health import HEALTH_KINDS, LOSS_NOT_FINITE, VANISHING_GRADIENT
 
 #: Most points a grid may have, and most corners a space may have (each one's spec is checked at submit).
@@ -79,12 +79,10 @@ class Dimension:
         raise ValueError(f"{self.path}: a grid enumerates choices and int ranges without log, not a {self.kind}")
 
 
-class SpaceError(ValueError):
-    """A space that cannot be searched; ``problems`` name every field and value."""
+class SpaceError(SpecError):
+    """A study's space (or its trial count) that cannot be searched; ``problems`` name every field and value."""
 
-    def __init__(self, problems: list[Problem]) -> None:
-        super().__init__("; ".join(p.detail for p in problems))
-        self.problems = problems
+    code = "space_invalid"
 
 
 def parse_space(space: Mapping[str, Any], *, grid: bool = False) -> list[Dimension]:

@@ -193,6 +193,8 @@ class JobOut(BaseModel):
         description="For a finished job: its measured GPU memory peak plus a margin, as a fraction of its GPU: "
         "what to ask for next time.",
     )
+    study: str | None = Field(None, description="The study this job is a trial of (null for a plain job).")
+    trial: int | None = Field(None, description="Its trial number in that study.")
     health: list[dict[str, Any]] = Field(
         default_factory=list,
         description="The trainer's current health findings (the last `health` event): each with kind "
@@ -229,6 +231,8 @@ class JobOut(BaseModel):
             estimated_start_at=job.estimated_start_at if waiting else None,
             memory_fraction_auto=bool(job.memory_fraction_auto),
             suggested_memory_fraction=job.suggested_memory_fraction,
+            study=job.study_id,
+            trial=job.trial_number,
             health=list((job.last_progress or {}).get("health") or []),
         )
 
@@ -391,3 +395,52 @@ class OperationOut(BaseModel):
             started_at=operation.started_at,
             finished_at=operation.finished_at,
         )
+
+
+# ── studies ──
+class TrialOut(BaseModel):
+    number: int = Field(description="Optuna's trial number, 0, 1, 2, ... in the order asked.")
+    state: str = Field(description="The trial's job state; 'asked' before its job exists; 'failed' when refused.")
+    params: dict[str, Any] = Field(description="The point it tries: every searched path and its value.")
+    value: float | None = Field(description="The objective: the final value once succeeded, else the latest epoch's.")
+    reason: str | None = Field(description="Why it ended as it did (pruner, loss_not_finite, out_of_memory, ...).")
+    detail: str | None
+    job: str | None = Field(description="Its job's id (GET /v1/jobs/<id>).")
+    optuna_state: str = Field(description="Optuna's state of the trial: RUNNING, COMPLETE, PRUNED or FAIL.")
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    intermediate: dict[int, float] = Field(description="The objective per epoch, as reported to Optuna.")
+
+
+class StudyOut(BaseModel):
+    id: str
+    name: str
+    owner: str
+    state: str = Field(description="active, finished (every trial ended) or cancelled.")
+    dataset: str | None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+    sampler: str
+    pruner: str
+    objective: dict[str, str]
+    trials_total: int = Field(description="How many trials the study runs.")
+    max_parallel: int = Field(description="Trials queued or running at once (clipped to GPUYARD_MAX_PARALLEL_TRIALS).")
+    prune_on: list[str]
+    counts: dict[str, int] = Field(description="Trials by state.")
+    best: TrialOut | None = Field(description="The succeeded trial with the best objective so far.")
+    trials: list[TrialOut] | None = Field(None, description="Every trial asked (GET /v1/studies/<id> only).")
+    request: dict[str, Any] | None = Field(None, description="The study as submitted (GET /v1/studies/<id> only).")
+
+
+class StudyListOut(BaseModel):
+    studies: list[StudyOut]
+
+
+class StudyDryRunOut(BaseModel):
+    trials: int = Field(description="How many trials the study would run.")
+    max_parallel: int
+    checked: int = Field(description="How many trial specs were checked: every grid point, or the space's corners.")
+    largest: dict[str, Any] | None = Field(
+        description="The largest checked trial: its params, parameters and estimated training bytes."
+    )
+    first: list[PlacementOut] = Field(description="Where the first max_parallel trials would start if submitted now.")

@@ -561,14 +561,16 @@ def decide_queue(
     now: dt.datetime,
     *,
     extra: Job | None = None,
+    extras: Sequence[Job] = (),
 ) -> QueuePass:
     """Order the waiting jobs (fair share), place what fits, and forecast the others' starts.
 
     Args:
         extra: a job not in the database, considered as if it had been submitted at ``now`` (a dry run).
+        extras: several such jobs (a study's first trials).
     """
     policy = FairPolicy(settings.fair_share_half_life_s, settings.queue_aging_s)
-    waiting = txn.waiting() + ([extra] if extra is not None else [])
+    waiting = txn.waiting() + ([extra] if extra is not None else []) + list(extras)
     placed = txn.placed()
     finished = txn.finished_since(now - dt.timedelta(seconds=5 * policy.half_life_s))
     by_id = {j.id: j for j in waiting}

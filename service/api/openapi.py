@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from core.names import ARTIFACT_MEDIA_TYPES, ARTIFACT_NAMES
+from models.space import StudyRequest
 from models.spec import JobSpec
 from service.schemas import (
     DatasetListOut,
@@ -30,6 +31,9 @@ from service.schemas import (
     OperationOut,
     PredictIn,
     ReadyOut,
+    StudyDryRunOut,
+    StudyListOut,
+    StudyOut,
     UserOut,
     WebhookSecretOut,
 )
@@ -86,6 +90,10 @@ def openapi_document() -> dict[str, Any]:
         (PredictIn, "validation"),
         (ExportIn, "validation"),
         (OperationOut, "serialization"),
+        (StudyRequest, "validation"),
+        (StudyOut, "serialization"),
+        (StudyListOut, "serialization"),
+        (StudyDryRunOut, "serialization"),
     ]
     _, top = models_json_schema(models, ref_template=REF)
     schemas = _openapi_safe(top.get("$defs", {}))
@@ -201,6 +209,33 @@ def openapi_document() -> dict[str, Any]:
                 "rotateWebhookSecret",
                 "Create a new webhook signing secret, shown this once (the old one stops signing at once)",
                 {"201": _json("WebhookSecretOut", "Created")},
+            ),
+        },
+        "/v1/studies": {
+            "get": _op("listStudies", "Your studies (an admin's: everyone's)", {"200": _json("StudyListOut")}),
+            "post": _op(
+                "submitStudy",
+                "Check a study (every grid point or corner) and queue its first trials; ?dry_run=1 queues nothing",
+                {"201": _json("StudyOut", "Accepted"), "200": _json("StudyDryRunOut", "Dry run")},
+                errors=("400", "401", "404", "422", "429"),
+                params=[_query("dry_run", "boolean", "Check only: trial count, largest trial, first placements")],
+                body={
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": REF.format(model="StudyRequest")}}},
+                },
+            ),
+        },
+        "/v1/studies/{study_id}": {
+            "parameters": [_path("study_id")],
+            "get": _op("getStudy", "One study with every trial", {"200": _json("StudyOut")}, errors=("401", "404")),
+        },
+        "/v1/studies/{study_id}/cancel": {
+            "parameters": [_path("study_id")],
+            "post": _op(
+                "cancelStudy",
+                "Cancel a study and its queued and running trials",
+                {"200": _json("StudyOut")},
+                errors=("401", "404"),
             ),
         },
         "/v1/jobs/{job_id}/cancel": {
