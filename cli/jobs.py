@@ -20,13 +20,13 @@ from rich.table import Column, Table
 from cli.render import health_text, queue_text, render_events, styled_state
 from core.names import ARTIFACT_NAMES, MODEL_H5
 from core.settings import get_settings
-from core.states import CANCELLED, FAILED, INTERRUPTED, JOB_STATES, SUCCEEDED, TERMINAL_STATES
+from core.states import CANCELLED, FAILED, INTERRUPTED, JOB_STATES, PRUNED, SUCCEEDED, TERMINAL_STATES
 from service.client import Client, ClientError, Event
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Exit codes of `gpuyard logs -f` and `gpuyard submit --follow`, by the job's final state.
-FOLLOW_EXIT_CODES = {SUCCEEDED: 0, FAILED: 1, INTERRUPTED: 3, CANCELLED: 4}
+FOLLOW_EXIT_CODES = {SUCCEEDED: 0, FAILED: 1, INTERRUPTED: 3, CANCELLED: 4, PRUNED: 5}
 assert set(FOLLOW_EXIT_CODES) == set(TERMINAL_STATES)
 
 

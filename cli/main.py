@@ -4,6 +4,7 @@
 
     cli/data.py      check-data
     cli/jobs.py      datasets, submit, status, logs, cancel, download   (talk to the API)
+    cli/studies.py   study create|status|best|cancel                    (studies: many trials as one unit)
     cli/modeluse.py  evaluate, predict, export                          (use a succeeded job's model)
     cli/serve.py     api, up                                            (run the API, the local stack)
     cli/workers.py   worker, janitor                                    (run the Celery side)
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import click
 
-from cli import compose, data, demo, jobs, modeluse, serve, smoke, tensorboard, users, workers
+from cli import compose, data, demo, jobs, modeluse, serve, smoke, studies, tensorboard, users, workers
 
 
 @click.group()
@@ -40,6 +41,7 @@ for command in (
     jobs.logs,
     jobs.cancel,
     jobs.download,
+    studies.study,
     tensorboard.tensorboard_command,
     modeluse.evaluate,
     modeluse.predict,

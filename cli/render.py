@@ -13,11 +13,11 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
-from core.states import FAILED, INTERRUPTED, RUNNING, SUCCEEDED, TERMINAL_STATES
+from core.states import FAILED, INTERRUPTED, PRUNED, RUNNING, SUCCEEDED, TERMINAL_STATES
 
 
 def styled_state(state: str) -> str:
-    colour = {SUCCEEDED: "green", FAILED: "red", INTERRUPTED: "yellow", RUNNING: "cyan"}.get(state)
+    colour = {SUCCEEDED: "green", FAILED: "red", INTERRUPTED: "yellow", RUNNING: "cyan", PRUNED: "magenta"}.get(state)
     return f"[{colour}]{state}[/]" if colour else state
 
 

@@ -28,6 +28,7 @@ import urllib3
 
 from core.atomicio import atomic_path
 from core.errors import GpuyardError, Problem
+from core.names import MODEL_H5
 from core.states import QUEUED, TERMINAL_STATES
 
 _CHUNK_BYTES = 1024 * 1024
@@ -329,6 +330,41 @@ class Client:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/jobs/{job_id}/cancel")
+
+    # ── studies ──
+    def create_study(self, study: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        """Submit a study (docs/studies.md): the study with its first trials queued, or with ``dry_run``
+        its trial count, largest trial and where the first trials would start."""
+        return self._json(
+            "POST",
+            "/v1/studies",
+            params={"dry_run": "1"} if dry_run else None,
+            json=study,
+            timeout=max(self.timeout_s, 120.0),
+        )
+
+    def study(self, study_id: str) -> dict[str, Any]:
+        """One study with every trial (params, state, objective, reason, job) and its best trial."""
+        return self._json("GET", f"/v1/studies/{study_id}")
+
+    def studies(self) -> list[dict[str, Any]]:
+        """Your studies (an admin's: everyone's), newest first."""
+        return list(self._json("GET", "/v1/studies")["studies"])
+
+    def cancel_study(self, study_id: str) -> dict[str, Any]:
+        """Cancel a study: no new trials; its queued and running trials are cancelled."""
+        return self._json("POST", f"/v1/studies/{study_id}/cancel")
+
+    def download_best(self, study_id: str, dest: str | os.PathLike[str], name: str = MODEL_H5) -> Path:
+        """Download an artifact (default ``model.h5``) of the study's best succeeded trial into ``dest``.
+
+        Raises:
+            ClientError: the study has no succeeded trial yet (code ``no_best_trial``).
+        """
+        best = self.study(study_id).get("best")
+        if not best or not best.get("job"):
+            raise ClientError("no_best_trial", f"study {study_id} has no succeeded trial yet", status_code=409)
+        return self.download(best["job"], name, dest)
 
     def logs(self, job_id: str) -> str:
         """The trainer's log (its stderr) so far."""

@@ -400,7 +400,9 @@ class OperationOut(BaseModel):
 # ── studies ──
 class TrialOut(BaseModel):
     number: int = Field(description="Optuna's trial number, 0, 1, 2, ... in the order asked.")
-    state: str = Field(description="The trial's job state; 'asked' before its job exists; 'failed' when refused.")
+    state: str = Field(
+        description="The trial's job state; asked before its job exists; failed if refused before it ran."
+    )
     params: dict[str, Any] = Field(description="The point it tries: every searched path and its value.")
     value: float | None = Field(description="The objective: the final value once succeeded, else the latest epoch's.")
     reason: str | None = Field(description="Why it ended as it did (pruner, loss_not_finite, out_of_memory, ...).")

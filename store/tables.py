@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from core.states import JOB_STATES, QUEUED, TERMINAL_STATES
+from core.states import CANCELLED, JOB_STATES, QUEUED, TERMINAL_STATES
 
 _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no 0/o/1/l: ids get read aloud and typed
 
@@ -175,7 +175,7 @@ class Job(Base):
 #: A study's states: ``active`` while it asks or runs trials, then ``finished`` or ``cancelled``.
 STUDY_ACTIVE = "active"
 STUDY_FINISHED = "finished"
-STUDY_CANCELLED = "cancelled"
+STUDY_CANCELLED = CANCELLED  # the word of the job state
 STUDY_STATES = (STUDY_ACTIVE, STUDY_FINISHED, STUDY_CANCELLED)
 
 

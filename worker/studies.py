@@ -79,13 +79,19 @@ class AdvanceReport:
 # ── Optuna ────────────────────────────────────────────────────────────────────────────────────────────────
 @lru_cache(maxsize=4)
 def optuna_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's storage in the job database (its own tables; one engine per process and URL)."""
+    """Optuna's storage in the job database (its own tables; one engine per process and URL).
+
+    Optuna records its schema revision in Alembic's default ``alembic_version`` table. In a database whose
+    ``alembic_version`` holds gpuyard's own revision Optuna would refuse to start ("no longer compatible"),
+    so its check is skipped: Optuna's tables are created by this Optuna (``create_all``), which is the
+    version that reads them; ``optuna storage upgrade`` is not used on this database.
+    """
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 30}}  # the file is in WAL mode already (store/engine.py)
     for attempt in range(3):  # two processes creating Optuna's tables at once: one of them loses, once
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_compatibility_check=True)
         except Exception:
             if attempt == 2:
                 raise

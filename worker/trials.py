@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 
-from core.states import PRUNED, SUCCEEDED
+from core.states import FAILED, PRUNED, SUCCEEDED
 from models.space import StudyRequest
 from store import Database, Job, Study
 from worker.studies import objective_value, optuna_storage, point_of
@@ -23,7 +23,7 @@ class TrialView:
     """One trial: its number, the point it tried, its job and how it stands."""
 
     number: int
-    state: str  # the job's state; "asked" before its job exists; "failed" for a trial refused before it ran
+    state: str  # the job's state; ASKED before its job exists; FAILED for a trial refused before it ran
     params: dict[str, Any]
     value: float | None
     reason: str | None
@@ -79,7 +79,7 @@ def _trial(frozen: optuna.trial.FrozenTrial, job: Job | None, dims: Any, request
         failed = frozen.state == optuna.trial.TrialState.FAIL
         return TrialView(
             frozen.number,
-            "failed" if failed else ASKED,
+            FAILED if failed else ASKED,
             point,
             None,
             "spec_invalid" if failed else None,
