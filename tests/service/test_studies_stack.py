@@ -1,0 +1,146 @@
+"""Studies for real: ``gpuyard up`` on two fake 16 GiB GPUs, the real trainer (Keras on the CPU).
+
+A grid study of examples/specs/highway.json over depth × width on digits finishes with four succeeded
+trials and ``gpuyard study best --download`` saves a model.h5 that plain Keras loads with test accuracy
+>= 0.9; a random study of 12 learning rates in [1e-4, 10] with the median pruner runs at least five trials
+at once, prunes at least one (its reason kept), and ends every trial once, each with exactly one job.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from api_helpers import free_port
+from stack_helpers import GPUYARD, REPO, RunningStack, clean_env, gpuyard_up
+
+from core.settings import Settings
+from service.client import Client
+from store import Database
+
+pytestmark = pytest.mark.slow
+HIGHWAY = json.loads((REPO / "examples/specs/highway.json").read_text())
+
+
+@dataclass
+class Lab:
+    stack: RunningStack
+    client: Client
+    token: str
+    dataset: str
+    db: Database
+
+
+@pytest.fixture
+def lab(tmp_path: Path, digits_h5: Path) -> Iterator[Lab]:
+    data_dir = tmp_path / "stack"
+    env = {"GPUYARD_FAKE_GPUS": "2x16GiB", "GPUYARD_JANITOR_INTERVAL_S": "1"}
+    with gpuyard_up(data_dir, free_port(), env=env) as stack:
+        db = Database(Settings(data_dir=data_dir).database_url)
+        _user, token = db.create_user("ada")
+        with Client(stack.url, token, timeout_s=60) as client:
+            dataset = client.upload_dataset(digits_h5, name="digits")["id"]
+            try:
+                yield Lab(stack, client, token, dataset, db)
+            finally:
+                db.dispose()
+
+
+def _wait_until_ended(lab: Lab, study_id: str, timeout_s: float, on_poll: Any = None) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = lab.client.study(study_id)
+        if on_poll is not None:
+            on_poll(found)
+        if found["finished_at"] is not None:
+            return found
+        assert time.monotonic() < deadline, (found, lab.stack.output()[-4000:])
+        time.sleep(1)
+
+
+def test_a_grid_study_finishes_and_its_best_model_loads_in_plain_keras(
+    lab: Lab, tmp_path: Path, digits_h5: Path
+) -> None:
+    study = lab.client.create_study(
+        {
+            "name": "highway depth x width",
+            "dataset": lab.dataset,
+            "spec": HIGHWAY,
+            "space": {"architecture.depth": {"choice": [2, 4]}, "architecture.width": {"choice": [32, 64]}},
+            "sampler": "grid",
+            "max_parallel": 4,
+        }
+    )
+    found = _wait_until_ended(lab, study["id"], 900)
+    assert found["state"] == "finished"
+    assert [t["state"] for t in found["trials"]] == ["succeeded"] * 4, found["trials"]
+    points = {(t["params"]["architecture.depth"], t["params"]["architecture.width"]) for t in found["trials"]}
+    assert points == {(2, 32), (2, 64), (4, 32), (4, 64)}
+
+    out_dir = tmp_path / "best"
+    cli = subprocess.run(
+        [*GPUYARD, "study", "best", study["id"], "--download", str(out_dir)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+        env=clean_env(GPUYARD_URL=lab.stack.url, GPUYARD_TOKEN=lab.token),
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    model = out_dir / "model.h5"
+    assert model.is_file() and str(model) in cli.stdout
+    evaluate = (
+        "import sys, h5py, numpy as np, keras\n"
+        "m = keras.models.load_model(sys.argv[1])\n"
+        "with h5py.File(sys.argv[2]) as f: x, y = f['X_test'][:], f['Y_test'][:]\n"
+        "print(float(np.mean(np.argmax(m.predict(x, verbose=0), axis=1) == y.ravel())))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", evaluate, str(model), str(digits_h5)],
+        capture_output=True, text=True, timeout=300, env=clean_env(TF_CPP_MIN_LOG_LEVEL="2"),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert float(run.stdout.strip().splitlines()[-1]) >= 0.9
+
+
+def test_a_random_study_runs_trials_side_by_side_and_prunes(lab: Lab) -> None:
+    spec = json.loads(json.dumps(HIGHWAY))
+    spec["training"].update(epochs=6, early_stopping=None)
+    study = lab.client.create_study(
+        {
+            "name": "learning rates",
+            "dataset": lab.dataset,
+            "spec": spec,
+            "space": {"training.optimizer.learning_rate": {"float": [1e-4, 10], "log": True}},
+            "sampler": "random",
+            "trials": 12,
+            "max_parallel": 8,
+            "pruner": "median",
+            "seed": 3,
+        }
+    )
+    most_running = 0
+
+    def watch(found: dict[str, Any]) -> None:
+        nonlocal most_running
+        most_running = max(most_running, sum(1 for t in found["trials"] if t["state"] == "running"))
+
+    found = _wait_until_ended(lab, study["id"], 1500, watch)
+    states = [t["state"] for t in found["trials"]]
+    assert len(states) == 12 and all(s in ("succeeded", "pruned", "failed") for s in states), found["trials"]
+    pruned = [t for t in found["trials"] if t["state"] == "pruned"]
+    assert pruned and all(t["reason"] and t["detail"] for t in pruned), found["trials"]
+    assert most_running >= 5, most_running
+    # No job orphaned or duplicated: one job per trial number, every one ended, Optuna agreeing.
+    jobs = lab.db.study_jobs(study["id"])
+    assert sorted(j.trial_number for j in jobs) == list(range(12))
+    assert all(j.is_terminal for j in jobs)
+    storage = optuna.storages.RDBStorage(lab.db.url, skip_compatibility_check=True)
+    trials = optuna.load_study(study_name=study["id"], storage=storage).get_trials(deepcopy=False)
+    expected = {"succeeded": "COMPLETE", "pruned": "PRUNED"}
+    assert {t.number: t.state.name for t in trials} == {j.trial_number: expected.get(j.state, "FAIL") for j in jobs}
