@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 from collections.abc import Iterator
@@ -282,3 +283,29 @@ def test_asks_allowed(max_parallel: int, cap: int, total: int, asked: int, activ
 def test_health_prune(kinds: list[str], findings: list[dict[str, Any]], expected: str | None) -> None:
     hit = health_prune(kinds, {"event": "health", "findings": findings})
     assert (hit[0] if hit else None) == expected
+
+
+def test_a_pruned_trial_whose_worker_died_ends_pruned_not_requeued(
+    db: Database, settings: Settings, owner_and_dataset: tuple[int, str]
+) -> None:
+    study_id = _study(db, owner_and_dataset, max_parallel=1)
+    advance_studies(db, settings, [])
+    job = db.study_jobs(study_id)[0]
+    assert db.take_lease(job.id, "test", 1) is not None
+    assert db.request_prune(job.id, "loss_not_finite", "loss_not_finite at epoch 1: the loss is nan")
+    # The worker was killed before it stopped the trainer: the janitor ends the job as its driver asked.
+    report = db.requeue_expired(now=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5))
+    assert report.requeued == []
+    ended = db.get_job(job.id)
+    assert ended is not None and (ended.state, ended.error_reason) == (PRUNED, "loss_not_finite")
+    events = [e.event for e in db.events_since(job.id)]
+    assert events[-1] == {
+        "event": "state",
+        "state": PRUNED,
+        "reason": "loss_not_finite",
+        "detail": "loss_not_finite at epoch 1: the loss is nan",
+        "time": events[-1]["time"],
+    }
+    advance_studies(db, settings, [])
+    assert _optuna_states(db, study_id)[0] == "PRUNED"
+    assert len(db.study_jobs(study_id)) == 2  # its slot went to the next trial in the same pass
