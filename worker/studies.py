@@ -46,6 +46,7 @@ from core.settings import Settings
 from core.states import ACTIVE_STATES, PRUNED, SUCCEEDED, TERMINAL_STATES
 from models.data.summary import DatasetSummary
 from models.fit import spec_data_problems
+from models.health import VANISHING_GRADIENT
 from models.size import size_problems
 from models.space import Dimension, SpaceError, StudyRequest, apply_params, distribution_key, value_of
 from models.spec import AUTO, parse_spec
@@ -192,12 +193,20 @@ def asks_allowed(request: StudyRequest, total: int, asked: int, active: int, max
     return max(0, min(parallel - active, total - asked))
 
 
-def health_prune(kinds: Sequence[str], event: Mapping[str, Any]) -> tuple[str, str] | None:
-    """The (reason, detail) to prune on for one ``health`` event, or None when none of ``kinds`` is in it."""
-    for finding in event.get("findings") or []:
-        if finding.get("kind") in kinds:
-            detail = f"{finding.get('kind')} at epoch {finding.get('epoch')}: {finding.get('detail') or ''}".strip()
-            return str(finding["kind"]), detail.rstrip(":")
+def health_prune(kinds: Sequence[str], findings: Sequence[Mapping[str, Any]], epoch: int) -> tuple[str, str] | None:
+    """The (reason, detail) to prune on, given the trial's current health findings after ``epoch`` epochs
+    (0: before training), or None.
+
+    A kind of ``kinds`` prunes at once, but ``vanishing_gradient`` only once it held at epochs 0 and 1: a
+    fresh net's first gradients may be small for one epoch and recover (the trainer reports a finding when
+    it is news, so a finding still current after epoch 1 held there too).
+    """
+    for finding in findings:
+        kind = finding.get("kind")
+        if kind not in kinds or (kind == VANISHING_GRADIENT and epoch < 1):
+            continue
+        detail = f"{kind} at epoch {finding.get('epoch')}: {finding.get('detail') or ''}".strip()
+        return str(kind), detail.rstrip(":")
     return None
 
 
@@ -416,13 +425,18 @@ def observe_trial_event(
     if request is None:
         return None
     kind = event.get("event")
+    kinds = request.prune_kinds()
     if kind == "health":
-        hit = health_prune(request.prune_kinds(), event)
-        if hit is not None and db.request_prune(job_id, *hit):
-            return hit[0]
-        return None
+        hit = health_prune(kinds, event.get("findings") or [], int(event.get("epoch") or 0))
+        return hit[0] if hit is not None and db.request_prune(job_id, *hit) else None
     if kind != "epoch_end":
         return None
+    if VANISHING_GRADIENT in kinds and event.get("epoch") == 1:  # the finding of epoch 0, if still current
+        job = db.get_job(job_id)
+        current = ((job.last_progress or {}).get("health") or []) if job is not None else []
+        hit = health_prune(kinds, current, 1)
+        if hit is not None and db.request_prune(job_id, *hit):
+            return hit[0]
     value = epoch_value(event, request.objective.metric)
     step = event.get("epoch")
     if value is None or not isinstance(step, int):

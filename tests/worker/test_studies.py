@@ -267,21 +267,24 @@ def test_asks_allowed(max_parallel: int, cap: int, total: int, asked: int, activ
 
 
 @pytest.mark.parametrize(
-    ("kinds", "findings", "expected"),
+    ("kinds", "findings", "epoch", "expected"),
     [
-        (["loss_not_finite"], [{"kind": "loss_not_finite", "epoch": 2}], "loss_not_finite"),
-        (["loss_not_finite"], [{"kind": "dead_units", "epoch": 2}], None),
-        ([], [{"kind": "vanishing_gradient", "epoch": 0}], None),
+        (["loss_not_finite"], [{"kind": "loss_not_finite", "epoch": 2}], 2, "loss_not_finite"),
+        (["loss_not_finite"], [{"kind": "loss_not_finite", "epoch": 0}], 0, "loss_not_finite"),  # at once
+        (["loss_not_finite"], [{"kind": "dead_units", "epoch": 2}], 2, None),
+        ([], [{"kind": "vanishing_gradient", "epoch": 0}], 1, None),  # a grid's default: nothing prunes
+        (["vanishing_gradient"], [{"kind": "vanishing_gradient", "epoch": 0}], 0, None),  # not yet: epoch 0 only
         (
             ["vanishing_gradient"],
             [{"kind": "dead_units"}, {"kind": "vanishing_gradient", "epoch": 0}],
-            "vanishing_gradient",
+            1,
+            "vanishing_gradient",  # still current after epoch 1
         ),
-        (["vanishing_gradient"], [], None),
+        (["vanishing_gradient"], [], 1, None),
     ],
 )
-def test_health_prune(kinds: list[str], findings: list[dict[str, Any]], expected: str | None) -> None:
-    hit = health_prune(kinds, {"event": "health", "findings": findings})
+def test_health_prune(kinds: list[str], findings: list[dict[str, Any]], epoch: int, expected: str | None) -> None:
+    hit = health_prune(kinds, findings, epoch)
     assert (hit[0] if hit else None) == expected
 
 
@@ -309,3 +312,20 @@ def test_a_pruned_trial_whose_worker_died_ends_pruned_not_requeued(
     advance_studies(db, settings, [])
     assert _optuna_states(db, study_id)[0] == "PRUNED"
     assert len(db.study_jobs(study_id)) == 2  # its slot went to the next trial in the same pass
+
+
+def test_a_vanishing_gradient_prunes_when_it_holds_after_the_first_epoch(
+    db: Database, settings: Settings, owner_and_dataset: tuple[int, str]
+) -> None:
+    study_id = _study(
+        db, owner_and_dataset, sampler="random", trials=1, max_parallel=1, space={"training.seed": {"int": [0, 9]}}
+    )
+    advance_studies(db, settings, [])
+    job = db.study_jobs(study_id)[0]
+    db.take_lease(job.id, "test", 30)
+    finding = {"kind": "vanishing_gradient", "epoch": 0, "detail": "ratio 1e-9"}
+    health = {"event": "health", "epoch": 0, "findings": [finding]}
+    assert observe_trial_event(db, job.id, study_id, 0, health) is None  # epoch 0 alone does not prune
+    db.record_progress(job.id, {"health": [finding]})  # what the supervisor keeps as current
+    epoch_end = {"event": "epoch_end", "epoch": 1, "loss": 2.3, "metrics": {"val_accuracy": 0.1}}
+    assert observe_trial_event(db, job.id, study_id, 0, epoch_end) == "vanishing_gradient"
