@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,34 @@ def test_active_studies_per_user_are_capped(
     for _ in range(settings.max_active_studies_per_user):
         assert _post(client, tokens.alice, _body(dataset_id)).status_code == 201
     assert_error_body(_post(client, tokens.alice, _body(dataset_id)), 429)
+
+
+def test_the_study_pages_show_trials_chart_and_pruned_reasons(
+    client: FlaskClient, tokens: Tokens, dataset_id: str, app: Flask
+) -> None:
+    study = _post(client, tokens.alice, _body(dataset_id)).get_json()
+    db: Database = app.extensions["gpuyard"].db
+    first, second = db.study_jobs(study["id"])
+    db.take_lease(first.id, "test", 30)
+    db.record_progress(first.id, {"loss": 0.2, "metrics": {"val_accuracy": 0.95}})
+    db.finish_job(first.id, "test", "succeeded")
+    db.take_lease(second.id, "test", 30)
+    db.request_prune(second.id, "loss_not_finite", "loss_not_finite at epoch 1: the loss is nan")
+    db.finish_job(second.id, "test", "cancelled")
+    page = client.get("/ui/login").get_data(as_text=True)
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page)
+    assert csrf is not None
+    client.post("/ui/login", data={"token": tokens.alice, "csrf_token": csrf.group(1)})
+    listing = client.get("/ui/studies").get_data(as_text=True)
+    assert study["id"] in listing and "depth x width" in listing
+    response = client.get(f"/ui/studies/{study['id']}")
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    assert 'id="trials-table"' in html and 'id="study-best"' in html
+    assert "loss_not_finite at epoch 1: the loss is nan" in html  # the pruned trial's reason, shown
+    assert f'href="/ui/jobs/{first.id}"' in html and "0.95" in html
+    chart = json.loads(
+        re.search(r'<script type="application/json" id="study-data">(.*?)</script>', html, re.S).group(1)
+    )  # type: ignore[union-attr]
+    assert chart["value"][0] == 0.95 and chart["best"][0] == 0.95 and chart["pruned"][0] is None
+    assert client.get("/ui/studies/study_nope").status_code == 404

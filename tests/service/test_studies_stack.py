@@ -28,6 +28,7 @@ from store import Database
 
 pytestmark = pytest.mark.slow
 HIGHWAY = json.loads((REPO / "examples/specs/highway.json").read_text())
+CHROMIUM = Path("/usr/bin/chromium")
 
 
 @dataclass
@@ -106,6 +107,33 @@ def test_a_grid_study_finishes_and_its_best_model_loads_in_plain_keras(
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert float(run.stdout.strip().splitlines()[-1]) >= 0.9
+    _study_page_in_chromium(lab, study["id"], tmp_path)
+
+
+def _study_page_in_chromium(lab: Lab, study_id: str, tmp_path: Path) -> None:
+    """/ui/studies/<id> in a real browser: the trials table, sortable, and the best-so-far chart drawn."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (make chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(lab.stack.url + "/ui/login")
+            page.get_by_label("Token").fill(lab.token)
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(lab.stack.url + "/ui/jobs")
+            page.goto(f"{lab.stack.url}/ui/studies/{study_id}")
+            sync_api.expect(page.locator("#trials-table tbody tr")).to_have_count(4)
+            sync_api.expect(page.locator("#study-best canvas")).to_have_count(1)
+            assert page.locator("#study-best").get_attribute("data-values") == "4"
+            header = page.locator("#trials-table th[data-sort='number']").last  # the objective's column
+            header.click()
+            header.click()  # descending: the best trial first
+            assert "★" in page.locator("#trials-table tbody tr").first.inner_text()
+            page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
+        finally:
+            browser.close()
 
 
 def test_a_random_study_runs_trials_side_by_side_and_prunes(lab: Lab) -> None:

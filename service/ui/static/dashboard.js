@@ -424,7 +424,52 @@
     table.appendChild(tbody); wrap.appendChild(table); box.appendChild(wrap);
   }
 
+  // ── one study: each trial's objective and the best so far by trial number; a sortable trials table ──
+  function studyChart(dataNode) {
+    var data = JSON.parse(dataNode.textContent || "{}");
+    var box = document.getElementById("study-best");
+    if (!box || !data.number || !data.number.length) return;
+    var series = [
+      { label: "trial" },
+      { label: data.metric, stroke: COLORS[0], width: 0, points: { show: true, size: 7 } },
+      { label: "best so far", stroke: COLORS[2], width: 2, spanGaps: true, points: { show: false } },
+      { label: "pruned", stroke: COLORS[1], width: 0, points: { show: true, size: 9, fill: COLORS[1] } },
+    ];
+    box.dataset.values = String(data.value.filter(function (v) { return v !== null; }).length);
+    var chart = new uPlot({
+      width: Math.max(260, box.clientWidth || 600), height: 260, series: series,
+      scales: { x: { time: false } }, axes: [{ label: "trial" }, {}], legend: { live: false },
+    }, [data.number, data.value, data.best, data.pruned], box);
+    charts.push(chart);
+  }
+
+  function sortableTable(table) {
+    var heads = table.querySelectorAll("th[data-sort]");
+    heads.forEach(function (th) {
+      th.addEventListener("click", function () {
+        var index = Array.prototype.indexOf.call(th.parentNode.children, th);
+        var ascending = th.getAttribute("aria-sort") !== "ascending";
+        heads.forEach(function (other) { other.removeAttribute("aria-sort"); });
+        th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+        var body = table.tBodies[0];
+        var rows = Array.prototype.slice.call(body.rows);
+        rows.sort(function (a, b) {
+          var x = a.cells[index].dataset.value || "", y = b.cells[index].dataset.value || "";
+          if (x === "" || y === "") return x === y ? 0 : (x === "" ? 1 : -1);  // empty cells last
+          var nx = parseFloat(x), ny = parseFloat(y);
+          var order = !isNaN(nx) && !isNaN(ny) ? nx - ny : x.localeCompare(y);
+          return ascending ? order : -order;
+        });
+        rows.forEach(function (row) { body.appendChild(row); });
+      });
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    var studyData = document.getElementById("study-data");
+    if (studyData) studyChart(studyData);
+    var trials = document.getElementById("trials-table");
+    if (trials) sortableTable(trials);
     var curves = document.getElementById("curves");
     if (curves) jobCurves(curves);
     var compareData = document.getElementById("compare-data");
