@@ -293,7 +293,7 @@ def advance_studies(db: Database, settings: Settings, gpus: Sequence[GpuView]) -
             continue
         try:
             _advance_one(db, settings, gpus, study_id, report)
-        except (JobDBError, SpaceError):
+        except JobDBError:
             raise
         except Exception:  # one broken study must not stop the others, nor the dispatch pass after it
             log.exception("study %s: driver pass failed", study_id)
@@ -318,7 +318,10 @@ def _advance_one(
             continue
         job = jobs.get(frozen.number)
         if job is None:  # asked, never submitted (the driver died in between): submit it now
-            job = _submit_or_fail(db, settings, gpus, row, study, frozen.number, point_of(frozen.params, dims), report)
+            # Suggesting again returns what was stored and samples only what a killed driver never reached.
+            study.sampler = sampler_for(request, dims, frozen.number)
+            point = suggest(optuna.trial.Trial(study, frozen._trial_id), dims)
+            job = _submit_or_fail(db, settings, gpus, row, study, frozen.number, point, report)
             if job is None:
                 continue
             jobs[frozen.number] = job

@@ -8,6 +8,7 @@ at once, prunes at least one (its reason kept), and ends every trial once, each 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 import pytest
 from api_helpers import free_port
 from stack_helpers import GPUYARD, REPO, RunningStack, clean_env, gpuyard_up
@@ -172,3 +174,60 @@ def test_a_random_study_runs_trials_side_by_side_and_prunes(lab: Lab) -> None:
     trials = optuna.load_study(study_name=study["id"], storage=storage).get_trials(deepcopy=False)
     expected = {"succeeded": "COMPLETE", "pruned": "PRUNED"}
     assert {t.number: t.state.name for t in trials} == {j.trial_number: expected.get(j.state, "FAIL") for j in jobs}
+
+
+def test_kill_9_of_every_process_mid_study_loses_no_trial_and_runs_none_twice(tmp_path: Path, digits_h5: Path) -> None:
+    data_dir = tmp_path / "stack"
+    env = {"GPUYARD_FAKE_GPUS": "1x16GiB", "GPUYARD_JANITOR_INTERVAL_S": "1", "GPUYARD_LEASE_SECONDS": "6"}
+    spec = json.loads(json.dumps(HIGHWAY))
+    spec["training"].update(epochs=12, early_stopping=None)
+    with gpuyard_up(data_dir, free_port(), env=env) as stack:
+        db = Database(Settings(data_dir=data_dir).database_url)
+        _user, token = db.create_user("ada")
+        try:
+            with Client(stack.url, token, timeout_s=60) as client:
+                dataset = client.upload_dataset(digits_h5, name="digits")["id"]
+                study = client.create_study(
+                    {
+                        "name": "survives kill -9",
+                        "dataset": dataset,
+                        "spec": spec,
+                        "space": {"training.optimizer.learning_rate": {"float": [1e-4, 1e-2], "log": True}},
+                        "sampler": "tpe",
+                        "trials": 5,
+                        "max_parallel": 3,
+                        "pruner": "none",
+                    }
+                )
+                deadline = time.monotonic() + 600
+                while sum(1 for j in db.study_jobs(study["id"]) if (j.last_progress or {}).get("epoch")) < 2:
+                    assert time.monotonic() < deadline, stack.output()[-4000:]
+                    time.sleep(0.5)
+                victims = [
+                    p
+                    for p in stack.descendants()
+                    if any(
+                        word in " ".join(p.cmdline())
+                        for word in (" worker", "worker.trainer", " janitor", "gunicorn", "redis-server")
+                    )
+                ]
+                assert len(victims) >= 5
+                for proc in victims:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        proc.kill()
+                deadline = time.monotonic() + 1200
+                while True:  # `gpuyard up` restarts its children; the janitor requeues the trials, they resume
+                    row = db.get_study(study["id"])
+                    if row is not None and row.finished_at is not None:
+                        break
+                    assert time.monotonic() < deadline, stack.output()[-4000:]
+                    time.sleep(1)
+            jobs = db.study_jobs(study["id"])
+            storage = optuna.storages.RDBStorage(db.url, skip_compatibility_check=True)
+            trials = optuna.load_study(study_name=study["id"], storage=storage).get_trials(deepcopy=False)
+        finally:
+            db.dispose()
+    assert sorted(j.trial_number for j in jobs) == list(range(5))  # one job per trial, none lost
+    assert [j.state for j in jobs] == ["succeeded"] * 5, [(j.state, j.error_reason, j.error_detail) for j in jobs]
+    assert any(j.attempts > 1 for j in jobs)  # the killed ones resumed (a new attempt of the same job)
+    assert {t.number: t.state.name for t in trials} == {n: "COMPLETE" for n in range(5)}

@@ -122,11 +122,12 @@ def test_a_trial_asked_but_never_submitted_is_submitted_once(
     # A driver killed between Optuna's ask and the job's creation left a RUNNING trial without a job.
     study = load_study(db, row)
     trial = study.ask()
-    trial.suggest_categorical("architecture.depth", [2, 4])
-    trial.suggest_categorical("architecture.width", [32, 64])
+    depth = trial.suggest_categorical("architecture.depth", [2, 4])  # killed before it suggested the width
     report = advance_studies(db, settings, [])
     assert len(report.submitted) == 1  # that trial's job; no new ask (max_parallel 1)
-    assert [j.trial_number for j in db.study_jobs(study_id)] == [0]
+    jobs = db.study_jobs(study_id)
+    assert [j.trial_number for j in jobs] == [0]
+    assert jobs[0].spec["architecture"]["depth"] == depth and jobs[0].spec["architecture"]["width"] in (32, 64)
     advance_studies(db, settings, [])
     assert len(db.study_jobs(study_id)) == 1  # and never a second one
 
