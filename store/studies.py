@@ -38,8 +38,13 @@ class StudiesStore(StoreBase):
             if self.is_postgres:
                 s.execute(select(User.id).where(User.id == owner_id).with_for_update())
             s.execute(update(User).where(User.id == owner_id).values(is_admin=User.is_admin))  # the write lock
-            active = s.scalar(
-                select(func.count()).select_from(Study).where(Study.owner_id == owner_id, Study.state == STUDY_ACTIVE)
+            active = (
+                s.scalar(
+                    select(func.count())
+                    .select_from(Study)
+                    .where(Study.owner_id == owner_id, Study.state == STUDY_ACTIVE)
+                )
+                or 0
             )
             if active >= max_active:
                 raise ActiveJobLimit(
