@@ -18,8 +18,6 @@ from cli.render import styled_state
 from core.names import MODEL_H5
 from service.client import Client
 
-_ENDED = ("finished", "cancelled")
-
 
 @click.group("study")
 def study() -> None:
@@ -91,7 +89,7 @@ def status(client: Client, study_id: str | None, watch: bool, as_json: bool) -> 
         Console().print(study_table(found))
         return
     with Live(study_table(found), refresh_per_second=1) as live:
-        while found["state"] not in _ENDED or any(t["state"] in ("queued", "running") for t in found["trials"]):
+        while found["finished_at"] is None:
             time.sleep(2)
             found = client.study(study_id)
             live.update(study_table(found))

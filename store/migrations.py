@@ -62,15 +62,19 @@ def _v6_operations(conn: Connection) -> None:
 
 
 def _v7_studies(conn: Connection) -> None:
-    Study.__table__.create(conn)
-    conn.execute(
-        text("ALTER TABLE jobs ADD COLUMN study_id VARCHAR(32) REFERENCES tuning_studies(id) ON DELETE SET NULL")
-    )
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN trial_number INTEGER"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN prune_reason VARCHAR(64)"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN prune_detail TEXT"))
-    conn.execute(text("CREATE INDEX ix_jobs_study_id ON jobs (study_id)"))
-    conn.execute(text("CREATE UNIQUE INDEX uq_jobs_study_trial ON jobs (study_id, trial_number)"))
+    # Version 1 creates every table from the current models, so a database migrated from 1 already has
+    # these; from 2 to 6 it has none of them.
+    Study.__table__.create(conn, checkfirst=True)
+    columns = {c["name"] for c in inspect(conn).get_columns("jobs")}
+    if "study_id" not in columns:
+        conn.execute(
+            text("ALTER TABLE jobs ADD COLUMN study_id VARCHAR(32) REFERENCES tuning_studies(id) ON DELETE SET NULL")
+        )
+        conn.execute(text("ALTER TABLE jobs ADD COLUMN trial_number INTEGER"))
+        conn.execute(text("ALTER TABLE jobs ADD COLUMN prune_reason VARCHAR(64)"))
+        conn.execute(text("ALTER TABLE jobs ADD COLUMN prune_detail TEXT"))
+        conn.execute(text("CREATE INDEX ix_jobs_study_id ON jobs (study_id)"))
+        conn.execute(text("CREATE UNIQUE INDEX uq_jobs_study_trial ON jobs (study_id, trial_number)"))
     _widen_state_checks(conn)
 
 
