@@ -70,6 +70,12 @@ class Dimension:
             high = low + (high - low) // self.step * self.step
         return [low] if low == high else [low, high]
 
+    def grid_size(self) -> int:
+        """How many values :meth:`grid_values` has, without listing them (a range may be astronomically long)."""
+        if self.kind == "choice":
+            return len(self.choices)
+        return (int(self.high) - int(self.low)) // self.step + 1
+
     def grid_values(self) -> list[Any]:
         """Every value a grid takes on this dimension (a float range has none: refused for a grid)."""
         if self.kind == "choice":
@@ -136,7 +142,7 @@ def parse_space(space: Mapping[str, Any], *, grid: bool = False) -> list[Dimensi
                     _bad(dim.path, space[dim.path], f"its parent {parent} is a range, not a choice of objects")
                 )
     if grid and not problems:
-        count = math.prod(len(d.grid_values()) for d in dims)
+        count = math.prod(d.grid_size() for d in dims)
         if count > MAX_GRID_POINTS:
             problems.append(
                 Problem("space_too_large", f"the grid has {count} points; at most {MAX_GRID_POINTS}", "space")
@@ -354,7 +360,7 @@ class StudyRequest(BaseModel):
             SpaceError: no ``trials`` for a random or TPE study.
         """
         if self.sampler == "grid":
-            points = math.prod(len(d.grid_values()) for d in dims)
+            points = math.prod(d.grid_size() for d in dims)
             return min(points, self.trials or points)
         if self.trials is None:
             raise SpaceError(

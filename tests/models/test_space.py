@@ -58,6 +58,7 @@ def test_parse_space(space: dict[str, Any], grid: bool, expected: list[Dimension
         ({"a": {"float": [0.1, 1]}}, True, "space.a", "no grid"),
         ({"a": {"int": [1, 8], "log": True}}, True, "space.a", "without log"),
         ({"a": {"int": [0, 2000]}}, True, "space", "2001 points"),
+        ({"a": {"int": [0, 10**18]}, "b": {"choice": [1, 2]}}, True, "space", "2000000000000000002 points"),
         ({"a": {"int": [1, 4]}, "a.b": {"choice": [1]}}, False, "space.a.b", "is a range"),
     ],
 )
