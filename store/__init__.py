@@ -3,7 +3,7 @@
 SQLite (WAL, foreign keys, busy timeout) by default, PostgreSQL by URL (``postgresql+psycopg://``).
 Every access goes through :class:`Database` (``database.py``); the rest of the package is its parts::
 
-    tables.py       the ORM tables (User, Dataset, Job, JobEvent, Gpu, DispatchLock, Operation, SchemaVersion)
+    tables.py       the ORM tables (User, Dataset, Job, JobEvent, Gpu, DispatchLock, Operation, Study, SchemaVersion)
     migrations.py   append-only schema steps and ``migrate``
     engine.py       ``make_engine``: SQLite pragmas, PostgreSQL search path
     database.py     ``Database``: one short transaction per method, guarded UPDATEs for every race

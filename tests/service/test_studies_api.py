@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from api_helpers import FakeQueue, Tokens, assert_error_body, bearer, upload
+from click.testing import CliRunner
 from flask import Flask
 from flask.testing import FlaskClient
 
+from cli.main import main
 from store import Database
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,3 +169,35 @@ def test_the_study_pages_show_trials_chart_and_pruned_reasons(
     )  # type: ignore[union-attr]
     assert chart["value"][0] == 0.95 and chart["best"][0] == 0.95 and chart["pruned"][0] is None
     assert client.get("/ui/studies/study_nope").status_code == 404
+
+
+def test_the_study_cli_creates_shows_and_downloads_the_best_model(
+    server_url: str, tokens: Tokens, dataset_id: str, app: Flask, tmp_path: Path
+) -> None:
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(
+        yaml.safe_dump({**_body(dataset_id), "space": {"architecture.depth": {"choice": [2, 4]}}, "max_parallel": 1})
+    )
+    auth = ["--url", server_url, "--token", tokens.alice]
+    dry = CliRunner().invoke(main, ["study", "create", str(study_file), "--dry-run", *auth])
+    assert dry.exit_code == 0, dry.output
+    assert "2 trials, 1 at a time; 2 trial specs checked" in dry.output
+    created = CliRunner().invoke(main, ["study", "create", str(study_file), *auth])
+    assert created.exit_code == 0, created.output
+    study_id = created.output.strip()
+    no_best = CliRunner().invoke(main, ["study", "best", study_id, *auth])
+    assert no_best.exit_code == 1 and "no succeeded trial yet" in no_best.output
+    svc = app.extensions["gpuyard"]
+    job = svc.db.study_jobs(study_id)[0]
+    svc.db.take_lease(job.id, "test", 30)
+    svc.db.record_progress(job.id, {"loss": 0.2, "metrics": {"val_accuracy": 0.97}})
+    svc.db.finish_job(job.id, "test", "succeeded")
+    folder = svc.storage.local_path(svc.storage.job_key(job.id))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.h5").write_bytes(b"the best model")
+    status = CliRunner().invoke(main, ["study", "status", study_id, *auth])
+    assert status.exit_code == 0 and "0.97" in status.output and "succeeded" in status.output, status.output
+    best = CliRunner().invoke(main, ["study", "best", study_id, "--download", str(tmp_path / "best"), *auth])
+    assert best.exit_code == 0, best.output
+    assert "val_accuracy 0.97" in best.output
+    assert (tmp_path / "best" / "model.h5").read_bytes() == b"the best model"
