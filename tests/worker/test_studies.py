@@ -5,12 +5,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from core.settings import Settings
 from core.states import CANCELLED, FAILED, PRUNED, QUEUED, RUNNING, SUCCEEDED
@@ -33,11 +38,37 @@ REPO = Path(__file__).resolve().parents[2]
 HIGHWAY = json.loads((REPO / "examples/specs/highway.json").read_text())
 
 
+POSTGRES_URL = os.environ.get("GPUYARD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """SQLite in the test's folder, or a fresh PostgreSQL database (Optuna's tables go beside gpuyard's in
+    the database's default schema, so a schema per test would not hold them)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{(tmp_path / 'jobs.db').as_posix()}"
+        return
+    name = f"gpuyard_studies_{secrets.token_hex(6)}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        admin.dispose()
+        pytest.skip(f"PostgreSQL unreachable at {POSTGRES_URL} (set GPUYARD_TEST_POSTGRES_URL): {exc.orig}")
+    try:
+        yield str(make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False))
+    finally:
+        with admin.connect() as conn:  # FORCE: Optuna's pooled connections to it are ended too
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, database_url: str) -> Settings:
     return Settings(
         data_dir=tmp_path / "data",
-        database_url=f"sqlite:///{(tmp_path / 'jobs.db').as_posix()}",
+        database_url=database_url,
         storage_dir=tmp_path / "storage",
         redis_url="",
         lease_seconds=30,
