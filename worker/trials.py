@@ -72,6 +72,17 @@ def study_view(db: Database, row: Study) -> StudyView:
     return StudyView(row, request, request.trial_count(dims), trials, best)
 
 
+def param_importances(db: Database, row: Study) -> dict[str, float]:
+    """Optuna's parameter importances of the study's completed trials (PED-ANOVA: milliseconds, where the
+    default fANOVA forest takes seconds); empty until there are enough completed trials to say."""
+    try:
+        study = optuna.load_study(study_name=row.id, storage=optuna_storage(db.url))
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+    except (KeyError, ValueError, RuntimeError):  # no such study yet, too few trials, or nothing varies
+        return {}
+
+
 def _trial(frozen: optuna.trial.FrozenTrial, job: Job | None, dims: Any, request: StudyRequest) -> TrialView:
     attrs = frozen.user_attrs
     point = attrs.get("point") or point_of(frozen.params, dims)

@@ -10,7 +10,7 @@ from core.states import PRUNED, SUCCEEDED
 from service.errors import NotFound
 from service.extensions import services
 from service.ui.base import bp, ui_owner_id
-from worker.trials import StudyView, study_view
+from worker.trials import StudyView, param_importances, study_view
 
 
 @bp.get("/studies")
@@ -30,7 +30,11 @@ def study(study_id: str) -> str:
         raise NotFound(f"no study {study_id!r}")
     view = study_view(db, row)
     return render_template(
-        "ui/study.html", view=view, paths=[d.path for d in view.request.dimensions()], chart=_chart(view)
+        "ui/study.html",
+        view=view,
+        paths=[d.path for d in view.request.dimensions()],
+        chart=_chart(view),
+        importances=param_importances(db, row),
     )
 
 

@@ -162,6 +162,7 @@ def test_the_study_pages_show_trials_chart_and_pruned_reasons(
     assert response.status_code == 200
     html = response.get_data(as_text=True)
     assert 'id="trials-table"' in html and 'id="study-best"' in html
+    assert "Not enough completed trials yet" in html  # importances need more than one
     assert "loss_not_finite at epoch 1: the loss is nan" in html  # the pruned trial's reason, shown
     assert f'href="/ui/jobs/{first.id}"' in html and "0.95" in html
     chart = json.loads(

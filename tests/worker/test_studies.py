@@ -33,6 +33,7 @@ from worker.studies import (
     optuna_storage,
     tell_decision,
 )
+from worker.trials import param_importances
 
 REPO = Path(__file__).resolve().parents[2]
 HIGHWAY = json.loads((REPO / "examples/specs/highway.json").read_text())
@@ -142,6 +143,9 @@ def test_a_grid_study_runs_max_parallel_trials_at_a_time_and_settles(
     assert row is not None and row.state == STUDY_FINISHED and row.finished_at is not None
     best = optuna.load_study(study_name=study_id, storage=optuna_storage(db.url)).best_trial
     assert best.number == 3 and best.value == pytest.approx(0.8)
+    importances = param_importances(db, row)
+    assert set(importances) == {"architecture.depth", "architecture.width"}
+    assert sum(importances.values()) == pytest.approx(1.0)
 
 
 def test_a_trial_asked_but_never_submitted_is_submitted_once(
