@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,8 @@ from worker.studies import objective_value, optuna_storage, point_of
 
 #: A trial Optuna asked whose job does not exist (yet): shown with this state.
 ASKED = "asked"
+#: Completed trials before parameter importances mean anything.
+MIN_TRIALS_FOR_IMPORTANCE = 4
 
 
 @dataclass
@@ -74,12 +77,18 @@ def study_view(db: Database, row: Study) -> StudyView:
 
 def param_importances(db: Database, row: Study) -> dict[str, float]:
     """Optuna's parameter importances of the study's completed trials (PED-ANOVA: milliseconds, where the
-    default fANOVA forest takes seconds); empty until there are enough completed trials to say."""
+    default fANOVA forest takes seconds); empty until :data:`MIN_TRIALS_FOR_IMPORTANCE` have completed
+    (with fewer, Optuna can only call every parameter equally important)."""
     try:
         study = optuna.load_study(study_name=row.id, storage=optuna_storage(db.url))
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if len(done) < MIN_TRIALS_FOR_IMPORTANCE:
+            return {}
         evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
-    except (KeyError, ValueError, RuntimeError):  # no such study yet, too few trials, or nothing varies
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "too few trials": the count above already says so
+            return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+    except (KeyError, ValueError, RuntimeError):  # no such study yet, or nothing varies
         return {}
 
 
