@@ -7,12 +7,16 @@ breast-cancer sets, trained with plain SGD. Usage (from the repository root)::
     python examples/course/run.py specs              # (re)write examples/course/specs/*.json
     python examples/course/run.py run                # train every job, then write the report
     python examples/course/run.py run --service http://127.0.0.1:8000 --token TOKEN
+    python examples/course/run.py run --service http://127.0.0.1:8000 --token TOKEN --study  # a grid study each
     python examples/course/run.py report             # rewrite docs/course/report.md from the runs
 
 Without ``--service`` each job runs in the trainer process gpuyard's workers start
 (``python -m worker.trainer --gpu cpu``), one after the other; with it, the jobs go through the service's
 Python client (``service.client.Client``) to a running ``gpuyard up``, and their artifacts are downloaded.
-Either way a job's folder under ``--work`` holds its ``events.jsonl``, ``history.json``,
+With ``--study`` the family × depth grid of each data set is one grid study (docs/studies.md): the space is
+``architecture``, a choice of the 18 architectures, no pruning (the course studies the vanishing nets), and
+each trial's artifacts are downloaded once the study has ended. Either way a job's folder under ``--work``
+holds its ``events.jsonl``, ``history.json``,
 ``diagnostics.json`` and ``summary.json``; the report reads only those.
 """
 
@@ -187,6 +191,45 @@ def run_service(client: Any, dataset_id: str, spec: dict[str, Any], out: Path) -
     return str(final["state"])
 
 
+def run_study(client: Any, dataset: str, dataset_id: str, specs: dict[str, dict[str, Any]], work: Path) -> None:
+    """The data set's family × depth grid as one grid study; each trial's events and artifacts saved under
+    the name of the spec whose architecture it tried."""
+    names_by_arch = {json.dumps(spec["architecture"], sort_keys=True): name for name, spec in specs.items()}
+    base = {k: v for k, v in next(iter(specs.values())).items() if k != "architecture"}
+    body = {
+        "name": f"course {dataset}",
+        "dataset": dataset_id,
+        "spec": {**base, "name": f"course {dataset}"},
+        "space": {"architecture": {"choice": [spec["architecture"] for spec in specs.values()]}},
+        "sampler": "grid",
+        "pruner": "none",
+        "prune_on": [],
+        "max_parallel": 4,
+    }
+    study = client.create_study(body)
+    print(f"{dataset:>13} study {study['id']}: {study['trials_total']} trials", flush=True)
+    while (found := client.study(study["id"]))["finished_at"] is None:
+        time.sleep(5)
+    for trial in found["trials"]:
+        name = names_by_arch[json.dumps(trial["params"]["architecture"], sort_keys=True)]
+        out = work / "runs" / dataset / name
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "events.jsonl", "w") as events:
+            for event in client.events(trial["job"]):  # replayed from the job DB, ends at its final state
+                data = event.json()
+                if isinstance(data, dict) and "event" in data:
+                    events.write(json.dumps(data) + "\n")
+                if event.is_terminal:
+                    break
+        (out / "job.json").write_text(json.dumps(client.job(trial["job"]), indent=2, default=str))
+        for artifact in (names.HISTORY, names.DIAGNOSTICS, names.SUMMARY):
+            try:
+                client.download(trial["job"], artifact, out / artifact)
+            except Exception as exc:  # a failed trial has no artifacts; the report says so
+                print(f"  {name} {artifact}: {exc}", file=sys.stderr)
+        print(f"{dataset:>13} {name:<22} {trial['state']:<10}", flush=True)
+
+
 def run_all(args: argparse.Namespace) -> None:
     work: Path = args.work
     datasets = write_datasets(work)
@@ -202,6 +245,14 @@ def run_all(args: argparse.Namespace) -> None:
         for name, path in datasets.items():
             dataset_ids[name] = client.upload_dataset(path, name=f"course {name}")["id"]
     started = time.monotonic()
+    if args.study:
+        if client is None:
+            raise SystemExit("--study needs --service (a running gpuyard)")
+        for dataset in DATASETS:
+            run_study(client, dataset, dataset_ids[dataset], specs, work)
+        print(f"all studies: {time.monotonic() - started:.0f} s")
+        write_report(work, mode="study")
+        return
     for dataset in DATASETS:
         for name, spec in specs.items():
             out = work / "runs" / dataset / name
@@ -396,6 +447,13 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return format(value, spec) if isinstance(value, int | float) else "–"
 
 
+_MODES = {
+    "service": "jobs submitted through the service",
+    "study": "one grid study per data set through the service, docs/studies.md",
+    "trainer": "each job in the trainer process, python -m worker.trainer --gpu cpu",
+}
+
+
 def write_report(work: Path, *, mode: str, report_dir: Path = REPORT_DIR) -> Path:
     """``report.md`` and its PNGs in ``report_dir`` (default docs/course/) from the runs under ``work``."""
     import matplotlib
@@ -413,7 +471,7 @@ def write_report(work: Path, *, mode: str, report_dir: Path = REPORT_DIR) -> Pat
         "# The course's deep-network experiments, reproduced with gpuyard jobs",
         "",
         "Made by `python examples/course/run.py run` "
-        f"({'jobs submitted through the service' if mode == 'service' else 'each job in the trainer process, python -m worker.trainer --gpu cpu'}); "  # noqa: E501
+        f"({_MODES.get(mode, mode)}); "
         "the specs are in `examples/course/specs/`. Every job: "
         f"{WIDTH} units per hidden layer, plain SGD (learning rate {TRAINING['optimizer']['learning_rate']}, "
         f"no momentum), batch {TRAINING['batch_size']}, {TRAINING['epochs']} epochs, "
@@ -555,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service", help="the API's URL; default: run the trainer directly")
     parser.add_argument("--token", default=os.environ.get("GPUYARD_TOKEN"), help="API token (or GPUYARD_TOKEN)")
     parser.add_argument("--only", nargs="*", help="run only the specs whose names start with these")
+    parser.add_argument("--study", action="store_true", help="with --service: each data set's grid as one study")
     args = parser.parse_args(argv)
     if args.command == "specs":
         write_specs()
