@@ -20,7 +20,6 @@ def services(app: Flask) -> Services:
     """The app's long-lived parts (DB, storage, queue, ...)."""
     return app.extensions["gpuyard"]
 
-
 GOOD_SPEC: dict[str, Any] = {"architecture": {"family": "mlp", "widths": [16]}, "training": {"epochs": 1}}
 
 
@@ -88,6 +87,8 @@ GPU0, GPU1 = fake_uuid(0), fake_uuid(1)
 MLP = {"architecture": {"family": "mlp", "widths": [16]}, "training": {"epochs": 1}}
 
 
+
+
 def _db(app: Flask) -> Database:
     return app.extensions["gpuyard"].db
 
@@ -112,3 +113,5 @@ def register_two(app: Flask, beats: dict[str, dict[str, Any]], *, online: tuple[
 def submit(client: FlaskClient, token: str, dataset_id: str, **resources: Any) -> Any:
     spec = {**MLP, "resources": resources}
     return client.post("/v1/jobs", json={"dataset": dataset_id, "spec": spec}, headers=bearer(token))
+
+

@@ -82,6 +82,8 @@ def tokens(app: Flask) -> Tokens:
     )
 
 
+
+
 @pytest.fixture
 def server_url(app: Flask) -> Iterator[str]:
     """The app served over HTTP on a free loopback port (werkzeug, threaded), for the Python client."""

@@ -54,7 +54,9 @@ def test_users_see_only_their_own_rows_and_admins_see_all(  # type: ignore[no-un
     assert client.get(f"/v1/datasets/{dataset_id}", headers=bearer(tokens.admin)).status_code == 200
 
 
-def test_users_cli_creates_a_user_and_prints_the_token_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_users_cli_creates_a_user_and_prints_the_token_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("GPUYARD_DATA_DIR", str(tmp_path))
     get_settings.cache_clear()
     try:

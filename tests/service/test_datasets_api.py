@@ -73,7 +73,9 @@ def test_not_hdf5_is_refused(client, tokens: Tokens, tmp_path: Path) -> None:  #
 
 def test_oversize_upload_is_413_json(client, tokens: Tokens, settings) -> None:  # type: ignore[no-untyped-def]
     data = b"\0" * (settings.max_upload_bytes + 1)
-    response = client.post("/v1/datasets", data=data, content_type="application/x-hdf5", headers=bearer(tokens.alice))
+    response = client.post(
+        "/v1/datasets", data=data, content_type="application/x-hdf5", headers=bearer(tokens.alice)
+    )
     assert_error_body(response, 413, "payload_too_large")
 
 
@@ -91,7 +93,9 @@ def test_oversize_stream_without_length_is_413(client, tokens: Tokens, settings)
 
 
 def test_empty_upload_is_400(client, tokens: Tokens) -> None:  # type: ignore[no-untyped-def]
-    response = client.post("/v1/datasets", data=b"", content_type="application/x-hdf5", headers=bearer(tokens.alice))
+    response = client.post(
+        "/v1/datasets", data=b"", content_type="application/x-hdf5", headers=bearer(tokens.alice)
+    )
     assert "empty" in assert_error_body(response, 400)["detail"]
 
 

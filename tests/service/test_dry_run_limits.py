@@ -89,5 +89,7 @@ def test_an_example_dry_run_passes_under_the_default_memory_limit(  # type: igno
     digits_h5: Path, digits_summary: DatasetSummary, settings
 ) -> None:
     spec = {"architecture": {"family": "highway", "depth": 2, "width": 64}}
-    result = trainer_dry_run(spec, digits_h5, digits_summary, timeout_s=120, memory_bytes=settings.dry_run_memory_bytes)
+    result = trainer_dry_run(
+        spec, digits_h5, digits_summary, timeout_s=120, memory_bytes=settings.dry_run_memory_bytes
+    )
     assert result["report"]["ok"] is True and result["report"]["parameters"]["total"] > 0

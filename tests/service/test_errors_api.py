@@ -14,7 +14,9 @@ def test_404_405_413_are_json(client, tokens: Tokens) -> None:  # type: ignore[n
     assert_error_body(response, 405, "method_not_allowed")
     assert "GET" in response.headers["Allow"]
     big = b"{" + b" " * (2 * 1024 * 1024) + b"}"
-    response = client.post("/v1/jobs", data=big, content_type="application/json", headers=bearer(tokens.alice))
+    response = client.post(
+        "/v1/jobs", data=big, content_type="application/json", headers=bearer(tokens.alice)
+    )
     assert_error_body(response, 413, "payload_too_large")
 
 

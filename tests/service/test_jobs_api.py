@@ -123,7 +123,9 @@ def test_a_failed_dry_run_is_422_with_its_errors(  # type: ignore[no-untyped-def
         "ok": False,
         "errors": [{"code": "shape_mismatch", "detail": "too wide", "field": "output"}],
     }
-    body = assert_error_body(_submit(client, tokens.alice, dataset_id, query="?dry_run=1"), 422, "spec_invalid")
+    body = assert_error_body(
+        _submit(client, tokens.alice, dataset_id, query="?dry_run=1"), 422, "spec_invalid"
+    )
     assert body["problems"] == [{"code": "shape_mismatch", "detail": "too wide", "field": "spec.output"}]
     assert queue.sent == []
 
@@ -148,7 +150,9 @@ def test_list_filters_and_pages(client, app, tokens: Tokens, dataset_id: str) ->
     client.post(f"/v1/jobs/{first}/cancel", headers=bearer(tokens.alice))
     page = client.get("/v1/jobs?limit=1", headers=bearer(tokens.alice)).get_json()
     assert [j["id"] for j in page["jobs"]] == [second] and page["next_cursor"]
-    page = client.get(f"/v1/jobs?limit=1&cursor={page['next_cursor']}", headers=bearer(tokens.alice)).get_json()
+    page = client.get(
+        f"/v1/jobs?limit=1&cursor={page['next_cursor']}", headers=bearer(tokens.alice)
+    ).get_json()
     assert [j["id"] for j in page["jobs"]] == [first] and page["next_cursor"] is None
     queued = client.get("/v1/jobs?state=queued", headers=bearer(tokens.alice)).get_json()["jobs"]
     assert [j["id"] for j in queued] == [second]
@@ -183,7 +187,9 @@ def test_artifact_download_with_etag_and_range(client, app, tokens: Tokens, data
     partial = client.get(url, headers={**bearer(tokens.alice), "Range": "bytes=10-19"})
     assert partial.status_code == 206 and partial.data == content[10:20]
     assert partial.headers["Content-Range"] == f"bytes 10-19/{len(content)}"
-    assert_error_body(client.get(f"/v1/jobs/{job_id}/artifacts/history.json", headers=bearer(tokens.alice)), 404)
+    assert_error_body(
+        client.get(f"/v1/jobs/{job_id}/artifacts/history.json", headers=bearer(tokens.alice)), 404
+    )
     assert_error_body(client.get(f"/v1/jobs/{job_id}/artifacts/..%2Fx", headers=bearer(tokens.alice)), 404)
     assert_error_body(client.get(f"/v1/jobs/{job_id}/artifacts/model.h5", headers=bearer(tokens.bob)), 404)
 
@@ -208,7 +214,9 @@ def _parse_sse(text: str) -> list[dict[str, Any]]:
             if name in ("id", "event", "data"):
                 fields[name] = value
         if "data" in fields:
-            events.append({"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])})
+            events.append(
+                {"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])}
+            )
     return events
 
 
@@ -233,11 +241,15 @@ def test_events_replay_and_resume(client, app, tokens: Tokens, dataset_id: str) 
     assert [e["id"] for e in events] == sorted(e["id"] for e in events)
     assert events[-1]["data"]["state"] == "succeeded"
     resumed = _parse_sse(
-        client.get(url, headers={**bearer(tokens.alice), "Last-Event-ID": str(events[2]["id"])}).get_data(as_text=True)
+        client.get(url, headers={**bearer(tokens.alice), "Last-Event-ID": str(events[2]["id"])}).get_data(
+            as_text=True
+        )
     )
     assert [e["id"] for e in resumed] == [e["id"] for e in events[3:]]
     by_query = _parse_sse(
-        client.get(f"{url}?last_event_id={events[-1]['id']}", headers=bearer(tokens.alice)).get_data(as_text=True)
+        client.get(f"{url}?last_event_id={events[-1]['id']}", headers=bearer(tokens.alice)).get_data(
+            as_text=True
+        )
     )
     assert by_query == []  # resumed past the terminal event: the stream ends at once
     for bad in ("x", "²", "99999999999999999999999"):  # not digits, a digit that is no number, past int64
@@ -289,4 +301,8 @@ def test_ready_is_503_without_redis(client) -> None:  # type: ignore[no-untyped-
     response = client.get("/v1/ready")
     assert response.status_code == 503
     body = response.get_json()
-    assert body["status"] == "unavailable" and body["checks"]["database"] == "ok" and body["checks"]["redis"] != "ok"
+    assert (
+        body["status"] == "unavailable"
+        and body["checks"]["database"] == "ok"
+        and body["checks"]["redis"] != "ok"
+    )

@@ -25,8 +25,6 @@ EXAMPLES_PER_OPERATION = 20
 def settings(settings: Settings, redis_url: str) -> Settings:
     """The service tests' settings with the private Redis, so /v1/ready is honestly ready (200, not 503)."""
     return settings.model_copy(update={"redis_url": redis_url})
-
-
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 

@@ -80,7 +80,9 @@ def test_without_redis_a_stream_polls(tmp_path: Path) -> None:
 
 
 # ── the endpoint ──────────────────────────────────────────────────────────────────────────────────────
-def test_the_21st_stream_of_a_user_is_refused_with_retry_after(client: FlaskClient, tokens: Tokens, app: Any) -> None:
+def test_the_21st_stream_of_a_user_is_refused_with_retry_after(
+    client: FlaskClient, tokens: Tokens, app: Any
+) -> None:
     db: Database = app.extensions["gpuyard"].db
     alice = db.user_for_token(tokens.alice)
     dataset, _ = db.add_dataset(alice.id, "a" * 64, 1, SUMMARY, "datasets/aa/x.h5")
@@ -252,6 +254,7 @@ def test_slow_header_clients_are_cut_off_and_do_not_block_health(
     finally:
         for sock in slow:
             sock.close()
+
 
 
 def test_a_stream_names_no_server_path(client: FlaskClient, tokens: Tokens, app: Any) -> None:

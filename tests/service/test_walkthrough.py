@@ -30,7 +30,9 @@ def test_curl_walkthrough_trains_and_the_model_loads_in_bare_keras(tmp_path: Pat
     # The model is loaded by an interpreter that cannot import gpuyard at all: no site processing (so
     # the editable install's .pth is not read), only the venv's site-packages on its path.
     bare_python = tmp_path / "bare-python"
-    bare_python.write_text(f'#!/bin/sh\nexec env PYTHONPATH={site.getsitepackages()[0]} {sys.executable} -S "$@"\n')
+    bare_python.write_text(
+        f"#!/bin/sh\nexec env PYTHONPATH={site.getsitepackages()[0]} {sys.executable} -S \"$@\"\n"
+    )
     bare_python.chmod(0o755)
     with gpuyard_up(data_dir, free_port()) as stack:
         env = clean_env(
