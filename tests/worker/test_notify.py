@@ -110,7 +110,7 @@ PUBLIC = "93.184.215.14"  # what the fake DNS answers for a "public" name
 
 
 @pytest.fixture
-def fake_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+def fake_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """An in-process resolver: names in the returned table resolve to its addresses (a callable's answer,
     for one that changes), IP literals to themselves, anything else fails as an unknown name."""
     table: dict[str, Any] = {}
