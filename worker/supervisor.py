@@ -53,7 +53,7 @@ from core.settings import Settings, get_settings
 from core.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from models.spec import resources_of
 from store import Database, Job
-from store.errors import JobDBError
+from store.errors import DatabaseUnavailable, JobDBError
 from worker import procs, warm
 from worker.gpus import (
     GpuBackend,
@@ -129,6 +129,7 @@ class Supervisor:
         self.host_memory: HostMemoryWatchdog | None = None
         self.peak_rss_bytes = 0
         self.rewarm_backend: str | None = None  # the slot's next warm trainer, started after the first step
+        self.keeper: LeaseKeeper | None = None
 
     # ── top level ──
     def run(self) -> Outcome:
@@ -142,6 +143,7 @@ class Supervisor:
         lease_seconds = self.settings.lease_seconds
         keeper = LeaseKeeper(self.db, self.job_id, self.owner, lease_seconds, lease_seconds / 3, taken_at=taken_at)
         keeper.start()
+        self.keeper = keeper
         try:
             return self._attempt(job, keeper)
         except Exception as exc:
@@ -557,15 +559,17 @@ class Supervisor:
         if peak and self.gpu_total_bytes:
             allowance = context_allowance_bytes(self.settings)
             suggested = min(1.0, fraction_for(peak, self.gpu_total_bytes, allowance, self.settings.memory_margin))
-        if not self.db.finish_job(
-            self.job_id,
-            self.owner,
-            state,
-            reason,
-            detail,
-            exit_code,
-            peak_gpu_memory_bytes=peak,
-            suggested_memory_fraction=suggested,
+        if not self._while_leased(
+            lambda: self.db.finish_job(
+                self.job_id,
+                self.owner,
+                state,
+                reason,
+                detail,
+                exit_code,
+                peak_gpu_memory_bytes=peak,
+                suggested_memory_fraction=suggested,
+            )
         ):
             log.warning("job %s: lease lost before the result could be recorded", self.job_id)
             return Outcome(self.job_id, ran=True, reason="lease_lost", attempt=job.attempts, exit_code=exit_code)
@@ -579,6 +583,23 @@ class Supervisor:
             exit_code=exit_code,
             attempt=job.attempts,
         )
+
+    def _while_leased(self, record: Callable[[], bool]) -> bool:
+        """``record()``, tried again each second while the database is unavailable and the lease may still
+        hold: a trainer's result must outlive a database blip, or the janitor would run the job again.
+        ``finish_job`` is conditional on the lease, so a late retry changes nothing that is not ours.
+
+        Raises:
+            DatabaseUnavailable: still unavailable when the lease ran out.
+        """
+        while True:
+            try:
+                return record()
+            except DatabaseUnavailable as exc:
+                if self.keeper is None or self.keeper.expired():
+                    raise
+                log.warning("job %s: cannot record the result yet (%s); trying again", self.job_id, exc)
+                time.sleep(1.0)
 
     def _hand_back(
         self, base: dict[str, Any], reason: str, detail: str | None, *, spec: dict[str, Any] | None = None
