@@ -14,7 +14,7 @@ from core.settings import Settings
 from models.data.summary import DataKeys, DatasetSummary
 from service.streams import EventHub, StreamSlots
 from store import Database
-from worker.dispatch import HeartbeatSource
+from worker.heartbeat import HeartbeatSource
 from worker.queues import Sender
 from worker.storage import Storage
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import Engine, func, inspect, select, text
+from sqlalchemy import Engine, Table, func, inspect, select, text
 from sqlalchemy.engine import Connection
 
 from store.errors import SchemaError
 from store.tables import Base, DispatchLock, Gpu, Job, Operation, SchemaVersion, utcnow
+
+
+def _table(model: type[Base]) -> Table:
+    """A mapped class's table (typed: ``__table__`` is a FromClause to the type checker)."""
+    return cast(Table, model.__table__)
 
 
 @dataclass(frozen=True)
@@ -28,8 +34,8 @@ def _v1_initial(conn: Connection) -> None:
 def _v2_gpus(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE jobs ADD COLUMN dispatched_at TIMESTAMP"))
     conn.execute(text("ALTER TABLE jobs ADD COLUMN dispatch_note VARCHAR(300)"))
-    Gpu.__table__.create(conn)
-    DispatchLock.__table__.create(conn)
+    _table(Gpu).create(conn)
+    _table(DispatchLock).create(conn)
 
 
 def _v3_users_disabled(conn: Connection) -> None:
@@ -56,7 +62,7 @@ def _v5_notify(conn: Connection) -> None:
 
 
 def _v6_operations(conn: Connection) -> None:
-    Operation.__table__.create(conn)
+    _table(Operation).create(conn)
 
 
 # Append only. A fresh database gets the models' current tables at once and is stamped with the last
@@ -96,14 +102,14 @@ def migrate(engine: Engine) -> int:
         else:
             # pysqlite opens transactions lazily; take the write lock now so a second process waits.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
-        SchemaVersion.__table__.create(conn, checkfirst=True)
+        _table(SchemaVersion).create(conn, checkfirst=True)
         current = conn.scalar(select(func.max(SchemaVersion.version)))
         if current is None:
             if inspect(conn).has_table(Job.__tablename__):
                 raise SchemaError("the database has gpuyard tables but no schema_version row")
             Base.metadata.create_all(conn)
             conn.execute(
-                SchemaVersion.__table__.insert().values(
+                _table(SchemaVersion).insert().values(
                     version=LATEST_VERSION, description="created at this version", applied_at=utcnow()
                 )
             )
@@ -114,7 +120,7 @@ def migrate(engine: Engine) -> int:
                 if migration.version > current:
                     migration.apply(conn)
                     conn.execute(
-                        SchemaVersion.__table__.insert().values(
+                        _table(SchemaVersion).insert().values(
                             version=migration.version, description=migration.description, applied_at=utcnow()
                         )
                     )

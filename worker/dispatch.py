@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import socket
 import statistics
@@ -45,8 +44,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from core.errors import Problem
 from core.settings import Settings
 from core.states import QUEUED, SUCCEEDED
@@ -54,12 +51,12 @@ from models.spec import resources_of
 from store import Database, DispatchTxn, Gpu, Job, utcnow
 from worker.fairshare import FairPolicy, UsageSpan, decayed_usage, fair_order
 from worker.gpus import budget_bytes, context_allowance_bytes
+from worker.heartbeat import GpuBoard, HeartbeatSource
 from worker.queues import Sender, cpu_queue, gpu_queue
 from worker.relay import EventPublisher
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_PREFIX = "gpuyard:gpu:"
 _EPS = 1e-9
 
 # Why a job waits (``waiting_reason``); each comes with a sentence (``dispatch_note``) naming the numbers.
@@ -81,11 +78,6 @@ WAITING_REASONS: dict[str, str] = {
     NO_WORKER_FOR_BACKEND: "no online worker can run its resources.backend",
     QUEUE_UNREACHABLE: "its task could not be sent to the job queue; the next pass tries again",
 }
-
-
-def heartbeat_key(gpu_uuid: str) -> str:
-    """The Redis key holding a GPU's latest heartbeat (JSON, with a TTL)."""
-    return HEARTBEAT_PREFIX + gpu_uuid
 
 
 # ── what the dispatcher sees ──────────────────────────────────────────────────────────────────────────
@@ -367,44 +359,6 @@ def never_fits(spec: dict[str, Any], gpus: Sequence[GpuView], settings: Settings
     return problems
 
 
-# ── heartbeats (Redis) ────────────────────────────────────────────────────────────────────────────────
-class GpuBoard:
-    """Reads the workers' GPU heartbeats from Redis; an unreachable Redis reads as every GPU offline."""
-
-    def __init__(self, redis_url: str | None) -> None:
-        self._client = (
-            redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2) if redis_url else None
-        )
-        self._warned = False
-
-    def heartbeats(self, uuids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        if self._client is None or not uuids:
-            return {}
-        try:
-            raw = self._client.mget([heartbeat_key(u) for u in uuids])
-        except redis.RedisError as exc:
-            if not self._warned:
-                log.warning("GPU heartbeats unreadable (%s): every GPU counts as offline", exc)
-                self._warned = True
-            return {}
-        self._warned = False
-        found = {}
-        for uuid, value in zip(uuids, raw, strict=True):
-            if value:
-                try:
-                    found[uuid] = json.loads(value)
-                except ValueError:
-                    continue
-        return found
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-
-
-HeartbeatSource = Callable[[Sequence[str]], dict[str, dict[str, Any]]]
-
-
 def gpu_views(db: Database, heartbeats: HeartbeatSource) -> list[GpuView]:
     """Every registered GPU with its latest heartbeat (offline when it has none)."""
     rows = db.list_gpus()
@@ -682,8 +636,9 @@ def dispatch(
                 if event is not None:
                     recorded.append(ticket.id)
     report = DispatchReport(waiting=plan.notes, starts=decided.starts)
-    for job_id in recorded if wake is not None else ():
-        wake(job_id)
+    if wake is not None:
+        for job_id in recorded:
+            wake(job_id)
     for placement in marked:
         try:
             send(placement.job_id, placement.queue)
@@ -730,8 +685,11 @@ class Dispatcher:
         self, settings: Settings, db: Database, send: Sender, heartbeats: HeartbeatSource | None = None
     ) -> None:
         self.settings, self.db, self.send = settings, db, send
-        self._board = None if heartbeats is not None else GpuBoard(settings.redis_url or None)
-        self.heartbeats: HeartbeatSource = heartbeats or self._board.heartbeats  # type: ignore[union-attr]
+        self._board: GpuBoard | None = None
+        if heartbeats is None:
+            self._board = GpuBoard(settings.redis_url or None)
+            heartbeats = self._board.heartbeats
+        self.heartbeats: HeartbeatSource = heartbeats
         self._events = EventPublisher(settings.redis_url or None)
 
     def gpus(self) -> list[GpuView]:

@@ -172,7 +172,7 @@ def check_address(url: str, settings: Settings) -> None:
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
     except socket.gaierror as exc:
         raise NotifyFailed(f"cannot resolve {host!r}: {exc}") from exc
     allowed = _allowed_networks(settings)

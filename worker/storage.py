@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol
 
 from core.atomicio import atomic_write_bytes, fsync_dir
 from worker.errors import InvalidKey, UploadTooLarge
@@ -51,7 +51,7 @@ class StoredDataset:
 class Storage(Protocol):
     """What the API and the workers need from storage. Keys are ``/``-separated relative paths."""
 
-    def stage_stream(self, fileobj: BinaryIO, max_bytes: int) -> StagedUpload:
+    def stage_stream(self, fileobj: IO[bytes], max_bytes: int) -> StagedUpload:
         """Copy ``fileobj`` into a staging file while hashing it; raise UploadTooLarge past ``max_bytes``."""
         ...
 
@@ -123,7 +123,7 @@ class LocalStorage:
         return path
 
     # ── uploads ──
-    def stage_stream(self, fileobj: BinaryIO, max_bytes: int) -> StagedUpload:
+    def stage_stream(self, fileobj: IO[bytes], max_bytes: int) -> StagedUpload:
         digest = hashlib.sha256()
         size = 0
         fd, tmp_name = tempfile.mkstemp(prefix="upload.", suffix=".h5", dir=self.root / "tmp")

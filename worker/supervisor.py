@@ -171,8 +171,8 @@ class Supervisor:
             return self._finish(job, CANCELLED, CANCELLED_REASON, "cancelled before the trainer started", None)
         data_path = self._stage_dataset(job, job_dir)
         if data_path is None:
-            detail = "the job's data set was deleted or its file is missing from storage"
-            return self._finish(job, FAILED, ExitCode.DATASET_INVALID.reason, detail, None)
+            missing = "the job's data set was deleted or its file is missing from storage"
+            return self._finish(job, FAILED, ExitCode.DATASET_INVALID.reason, missing, None)
         atomic_write_json(job_dir / SPEC_FILE, job.spec)
         resume = job.attempts > 1 and (job_dir / CHECKPOINT_DIR / CHECKPOINT_STATE).is_file()
         # A trainer orphaned by a dead worker on this host may still be writing its checkpoint.
@@ -232,7 +232,7 @@ class Supervisor:
             stop_reason = HOST_MEMORY_EXCEEDED
         self._check_hygiene(unaccounted_before)
 
-        base = {
+        base: dict[str, Any] = {
             "job_id": self.job_id,
             "ran": True,
             "attempt": job.attempts,
@@ -639,6 +639,7 @@ def supervise(
     settings = settings or get_settings()
     own_db = db is None
     db = db or Database(settings.database_url)
+    assert settings.storage_dir is not None  # filled in by Settings
     storage = storage or LocalStorage(settings.storage_dir)
     publisher = EventPublisher(settings.redis_url)
     gpu = gpu or settings.worker_gpu

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -639,15 +639,16 @@ class _Inspection:
                     f"num_classes={self.keys.num_classes}; expected as many columns as classes",
                     self.keys.y_train,
                 )
-            sums = sum(
-                (self.y_stats[r].column_sums for r in y_roles if self.y_stats[r].column_sums is not None),
-                np.zeros(columns, np.int64),
-            )
+            sums = np.zeros(columns, np.int64)
+            for role in y_roles:
+                column_sums = self.y_stats[role].column_sums
+                if column_sums is not None:
+                    sums = sums + column_sums
             self.classes = [int(i) for i in np.flatnonzero(sums)][:MAX_LISTED_CLASSES]
             return
         self.target, self.output_dim = "regression", columns
 
-    def _check_labels(self, y_roles: list[str]) -> None:
+    def _check_labels(self, y_roles: Sequence[str]) -> None:
         declared = self.keys.num_classes
         for role in y_roles:
             stats = self.y_stats[role]
