@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, BinaryIO, Protocol
 
 from core.atomicio import atomic_write_bytes, fsync_dir
+from core.names import OPERATIONS_DIR
 from worker.errors import InvalidKey, UploadTooLarge
 
 CHUNK_BYTES = 1024 * 1024
@@ -197,3 +198,9 @@ class LocalStorage:
             except FileNotFoundError:  # another process swept or committed it meanwhile
                 continue
         return removed
+
+
+def operation_dir(storage: Storage, job_id: str, operation_id: str) -> Path:
+    """``jobs/<job_id>/operations/<op_id>/``: a model operation's input, request and log (the API writes the
+    input there, the worker's operation reads it)."""
+    return storage.local_path(storage.job_key(job_id)) / OPERATIONS_DIR / operation_id

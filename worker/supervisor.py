@@ -37,7 +37,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +50,7 @@ from core.exitcodes import ExitCode
 from core.names import CHECKPOINT_DIR, CHECKPOINT_STATE, DATASET_SUMMARY_FILE, PID_FILE, SPEC_FILE, TRAINER_LOG
 from core.settings import Settings, get_settings
 from core.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
+from core.trainer import FAILED_EVENT, trainer_argv, trainer_command
 from models.spec import resources_of
 from store import Database, Job
 from store.errors import JobDBError
@@ -74,7 +74,6 @@ from worker.outcome import (
 )
 from worker.relay import EventPublisher, progress_of
 from worker.storage import LocalStorage, Storage
-from worker.trainer.events import FAILED_EVENT
 from worker.watchdog import HostMemoryWatchdog, MemoryWatchdog, hygiene_problem
 
 CANCELLED_REASON = ExitCode.CANCELLED.reason
@@ -115,7 +114,7 @@ class Supervisor:
         self.job_id, self.settings, self.db, self.storage = job_id, settings, db, storage
         self.owner, self.gpu, self.publisher, self.requeue = owner, gpu, publisher, requeue
         self.trainer_argv = list(
-            trainer_argv or shlex.split(settings.trainer_command) or [sys.executable, "-m", "worker.trainer"]
+            trainer_argv or shlex.split(settings.trainer_command) or trainer_command()
         )
         substituted = trainer_argv is not None or bool(settings.trainer_command)
         wanted = warm.slot_uses_warm_trainers(settings, gpu, substituted=substituted)
@@ -180,21 +179,15 @@ class Supervisor:
         if stale is not None:
             log.warning("job %s: stopped trainer %d left by an earlier attempt", self.job_id, stale)
 
-        argv = [
-            *self.trainer_argv,
-            "--spec",
-            str(job_dir / SPEC_FILE),
-            "--data",
-            str(data_path),
-            "--summary",
-            str(job_dir / DATASET_SUMMARY_FILE),
-            "--out",
-            str(job_dir),
-            "--gpu",
-            self.gpu,
-        ]
-        if resume:
-            argv.append("--resume")
+        argv = trainer_argv(
+            spec=job_dir / SPEC_FILE,
+            data=data_path,
+            summary=job_dir / DATASET_SUMMARY_FILE,
+            out=job_dir,
+            gpu=self.gpu,
+            resume=resume,
+            command=self.trainer_argv,
+        )
         proc = self._start_trainer(argv, job, job_dir, resume)
         procs.write_pid_file(job_dir / PID_FILE, proc.pid)
         unaccounted_before = self._start_watchdog(job, proc.pid)

@@ -43,8 +43,8 @@ from service.extensions import services
 from service.schemas import EvaluateIn, ExportIn, OperationOut, PredictIn
 from store import Job, Operation
 from worker.errors import QueueUnavailable
-from worker.operations import operation_dir
 from worker.queues import cpu_queue
+from worker.storage import operation_dir
 
 bp = Blueprint("operations", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
