@@ -42,7 +42,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from core.errors import Problem
 from core.settings import Settings
@@ -146,6 +146,26 @@ class GpuView:
         return view
 
 
+class QueuedJob(Protocol):
+    """What placement and the forecast read of a waiting job: a stored Job, or a job not submitted yet
+    (``worker.submit.Proposal``, a dry run's: no row is written)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def owner_id(self) -> int: ...
+    @property
+    def dataset_id(self) -> str | None: ...
+    @property
+    def spec(self) -> dict[str, Any]: ...
+    @property
+    def gpu(self) -> str | None: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def queued_at(self) -> dt.datetime: ...
+
+
 @dataclass(frozen=True)
 class Ticket:
     """What placement needs to know of a job."""
@@ -160,7 +180,7 @@ class Ticket:
     queued_at: dt.datetime = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
     @classmethod
-    def of(cls, job: Job) -> Ticket:
+    def of(cls, job: QueuedJob) -> Ticket:
         resources = resources_of(job.spec)
         return cls(
             job.id,
@@ -431,7 +451,7 @@ def forecast_starts(
     return starts
 
 
-def job_kind(job: Job) -> tuple[int, str | None, str, int]:
+def job_kind(job: QueuedJob) -> tuple[int, str | None, str, int]:
     """What makes two jobs alike in run time: owner, data set, architecture family and epochs."""
     spec = job.spec or {}
     arch = spec.get("architecture") or {}
@@ -460,7 +480,7 @@ class Durations:
             self._owner[job.owner_id].append(seconds)
             self._all.append(seconds)
 
-    def of(self, job: Job) -> float:
+    def of(self, job: QueuedJob) -> float:
         kind = job_kind(job)
         samples = (self._kind.get(kind), self._shape.get(kind[2:]), self._owner.get(job.owner_id), self._all)
         for sample in samples:
@@ -514,7 +534,7 @@ def decide_queue(
     gpus: Sequence[GpuView],
     now: dt.datetime,
     *,
-    extra: Job | None = None,
+    extra: QueuedJob | None = None,
 ) -> QueuePass:
     """Order the waiting jobs (fair share), place what fits, and forecast the others' starts.
 
@@ -522,7 +542,7 @@ def decide_queue(
         extra: a job not in the database, considered as if it had been submitted at ``now`` (a dry run).
     """
     policy = FairPolicy(settings.fair_share_half_life_s, settings.queue_aging_s)
-    waiting = txn.waiting() + ([extra] if extra is not None else [])
+    waiting: list[QueuedJob] = [*txn.waiting(), *([extra] if extra is not None else [])]
     placed = txn.placed()
     finished = txn.finished_since(now - dt.timedelta(seconds=5 * policy.half_life_s))
     by_id = {j.id: j for j in waiting}
