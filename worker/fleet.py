@@ -12,7 +12,7 @@ dispatcher sends jobs with ``resources.gpu: cpu``) whose trainers see no GPU:
     CUDA_VISIBLE_DEVICES=""  GPUYARD_WORKER_GPU=cpu  -Q <train_queue>  -n <train_queue>@<host>  -c <slots>
 
 while this process (which never touches CUDA: NVML only reads the driver's bookkeeping) publishes every
-``gpu_heartbeat_s`` each GPU's readings to Redis under ``gpuyard:gpu:<uuid>`` with a TTL of
+``gpu_heartbeat_s`` each GPU's readings to Redis (worker/heartbeat.py keys and writes them) with a TTL of
 ``gpu_heartbeat_ttl_s``: memory, utilization, and its processes, each marked gpuyard's (a descendant of
 that GPU's worker) or foreign. No heartbeat → the GPU is offline and gets no new jobs. A child that
 exits stops the fleet (its supervisor — ``gpuyard up``, compose, systemd — restarts the whole).
