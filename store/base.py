@@ -73,15 +73,20 @@ class StoreBase:
         except SQLAlchemyError as exc:
             raise DatabaseUnavailable(f"job database unreachable: {exc}") from exc
 
-    # ── schema ──
-    def schema_version(self) -> int | None:
-        """The applied schema version, or None on a database never migrated."""
-        return migrations.schema_version(self.engine)
+    # ── schema (store/migrations.py) ──
+    def schema_state(self) -> migrations.SchemaState:
+        """Where the schema stands: an Alembic revision, a pre-Alembic version, or empty."""
+        return migrations.schema_state(self.engine)
 
-    def migrate(self) -> int:
-        """Bring the schema to the latest version; safe when several processes start at once (see
-        :func:`store.migrations.migrate`)."""
-        return migrations.migrate(self.engine)
+    def migrate(self) -> str:
+        """Bring the schema to head from any earlier gpuyard's (``gpuyard db upgrade``); safe when several
+        processes run it at once. Returns the head revision."""
+        return migrations.upgrade(self.engine)
+
+    def ensure_schema(self) -> str:
+        """What every process does on start: create an empty database at head, accept one at head, refuse one
+        behind with :class:`store.errors.SchemaBehind` (naming ``gpuyard db upgrade``)."""
+        return migrations.ensure_schema(self.engine)
 
     # ── events ──
     def append_event(self, job_id: str, event_data: dict[str, Any], *, now: dt.datetime | None = None) -> int:

@@ -226,7 +226,7 @@ def run_fleet(
     stop = stop or threading.Event()
     db = Database(settings.database_url)
     try:
-        db.migrate()
+        db.ensure_schema()  # SchemaBehind (a JobDBError): refuse, naming `gpuyard db upgrade`
         register(db, workers)
     except JobDBError as exc:
         log.error("cannot register the GPUs in the job DB: %s", exc)
