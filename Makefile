@@ -66,6 +66,7 @@ test: unit-test
 unit-test: install redis-server chromium
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 # The stack in containers, end to end (tests/deploy/test_compose_stack.py). Where Docker cannot run it

@@ -22,7 +22,7 @@ from service.streams import EventHub, StreamSlots
 from service.ui import bp as ui_bp
 from service.ui import root as ui_root
 from store import Database
-from worker.dispatch import GpuBoard
+from worker.heartbeat import GpuBoard
 from worker.queues import OPERATE_TASK, celery_sender
 from worker.relay import EventPublisher
 from worker.storage import LocalStorage

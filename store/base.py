@@ -6,9 +6,9 @@ import contextlib
 import datetime as dt
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, text, update
+from sqlalchemy import CursorResult, Result, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -101,15 +101,16 @@ class StoreBase:
 
     def _append(self, s: Session, job_id: str, event_data: dict[str, Any], now: dt.datetime) -> int:
         # The counter on the job row is bumped first: that write serialises appenders for this job.
-        bumped = s.execute(
+        bumped = rowcount(s.execute(
             update(Job)
             .where(Job.id == job_id)
             .values(last_event_seq=Job.last_event_seq + 1)
             .execution_options(synchronize_session=False)
-        ).rowcount
+        ))
         if bumped != 1:
             raise KeyError(f"job {job_id} does not exist")
         seq = s.scalar(select(Job.last_event_seq).where(Job.id == job_id))
+        assert seq is not None  # the row was just bumped in this transaction
         if event_data.get("event") == "state" and event_data.get("state") in TERMINAL_STATES:
             # Every terminal transition passes here, in its own transaction: the notification outbox.
             s.execute(
@@ -135,6 +136,11 @@ class StoreBase:
                     .limit(limit)
                 )
             )
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched (its result is a cursor result; the session's stub says Result)."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def _state_event(state: str, reason: str | None, detail: str | None, exit_code: int | None) -> dict[str, Any]:

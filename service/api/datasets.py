@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import BinaryIO
+from typing import IO
 
 from flask import Blueprint, Response, request, url_for
 
@@ -39,10 +39,10 @@ def upload() -> Response:
         upload_file = request.files.get("file")
         if upload_file is None:
             raise BadRequest("expected the HDF5 file in the multipart field 'file'", field="file")
-        stream: BinaryIO = upload_file.stream  # type: ignore[assignment]
+        stream: IO[bytes] = upload_file.stream
         name = query.name or upload_file.filename or None
     elif request.mimetype in RAW_TYPES:
-        stream = request.stream  # type: ignore[assignment]
+        stream = request.stream
         name = query.name
     else:
         raise UnsupportedMediaType(

@@ -43,8 +43,8 @@ from service.extensions import services
 from service.schemas import EvaluateIn, ExportIn, OperationOut, PredictIn
 from store import Job, Operation
 from worker.errors import QueueUnavailable
-from worker.operations import operation_dir
 from worker.queues import cpu_queue
+from worker.storage import operation_dir
 
 bp = Blueprint("operations", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
@@ -120,7 +120,7 @@ def predict(job_id: str) -> Response:
             'expected JSON {"inputs": [[...], ...]} (Content-Type: application/json) or an HDF5 file with an '
             f"X dataset (Content-Type: application/x-hdf5). Received: {request.mimetype or 'no Content-Type'}"
         )
-    staged = svc.storage.stage_stream(request.stream, max_bytes)  # type: ignore[arg-type]
+    staged = svc.storage.stage_stream(request.stream, max_bytes)
     try:
         array = check_inputs(staged.path, PREDICT_KEY, limits=svc.settings)  # DataError: 422, every reason
         _check_rows(array.shape[1:], array.shape[0], expected, PREDICT_KEY)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Response, redirect, render_template, url_for
+from flask import redirect, render_template, url_for
+from werkzeug.wrappers import Response
 
 from service.api.datasets import delete_dataset
 from service.extensions import services
@@ -25,7 +26,7 @@ def datasets() -> str:
 def delete(dataset_id: str) -> Response:
     """Delete, as DELETE /v1/datasets/<id> does (409 while a queued or running job uses it)."""
     delete_dataset(dataset_id, ui_owner_id())
-    return redirect(url_for("ui.datasets"))  # type: ignore[return-value]
+    return redirect(url_for("ui.datasets"))
 
 
 @bp.get("/submit")
