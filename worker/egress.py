@@ -117,7 +117,7 @@ def host_problem(host: str, port: int | None, allowed: Sequence[Network]) -> str
     elif is_localhost_name(host):
         addresses = [ipaddress.ip_address("127.0.0.1")]
     else:
-        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)})
+        addresses = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)})
     for address in addresses:
         problem = address_problem(address, allowed)
         if problem is not None:
