@@ -6,6 +6,7 @@ from pathlib import Path
 
 from flask import Response, redirect, render_template, url_for
 
+from models.spec import JobSpec
 from service.api.datasets import delete_dataset
 from service.extensions import services
 from service.schemas import DatasetOut
@@ -30,9 +31,12 @@ def delete(dataset_id: str) -> Response:
 
 @bp.get("/submit")
 def submit() -> str:
-    """Choose a data set, start from an example spec or paste JSON, dry-run it, then queue it."""
+    """Choose a data set, build the spec in a form generated from its JSON Schema (or as JSON, or from an
+    example), dry-run it as it changes, then queue it."""
     rows = [DatasetOut.of(d) for d in services().db.list_datasets(ui_owner_id())]
-    return render_template("ui/submit.html", datasets=rows, examples=example_specs())
+    return render_template(
+        "ui/submit.html", datasets=rows, examples=example_specs(), spec_schema=JobSpec.model_json_schema()
+    )
 
 
 def example_specs() -> dict[str, str]:
