@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from flask import Response, redirect, render_template, url_for
+from markupsafe import Markup
 
 from models.spec import JobSpec
 from service.api.datasets import delete_dataset
@@ -35,8 +37,15 @@ def submit() -> str:
     example), dry-run it as it changes, then queue it."""
     rows = [DatasetOut.of(d) for d in services().db.list_datasets(ui_owner_id())]
     return render_template(
-        "ui/submit.html", datasets=rows, examples=example_specs(), spec_schema=JobSpec.model_json_schema()
+        "ui/submit.html", datasets=rows, examples=example_specs(), spec_schema=_script_json(JobSpec.model_json_schema())
     )
+
+
+def _script_json(value: object) -> Markup:
+    """JSON for a <script type="application/json"> element, in the spec's own field order (Jinja's
+    ``tojson`` sorts keys, and the form shows fields in the order the spec declares them)."""
+    text = json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return Markup(text)  # escaped above: nothing in it can close the script element
 
 
 def example_specs() -> dict[str, str]:

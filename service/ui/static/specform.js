@@ -61,7 +61,7 @@
 
     function help(node, extra) {
       var parts = [];
-      if (node.description) parts.push(node.description);
+      if (node.description) parts.push(node.description.replace(/``/g, ""));
       var range = [];
       if (node.minimum !== undefined) range.push("≥ " + node.minimum);
       if (node.exclusiveMinimum !== undefined) range.push("> " + node.exclusiveMinimum);
@@ -196,9 +196,13 @@
       return group;
     }
 
+    // Required fields first (depth, width, ...), then the rest in the spec's own order.
     function objectFields(container, node, path) {
       var required = node.required || [];
-      Object.keys(node.properties || {}).forEach(function (name) {
+      var names = Object.keys(node.properties || {});
+      names = names.filter(function (n) { return required.indexOf(n) >= 0; })
+        .concat(names.filter(function (n) { return required.indexOf(n) < 0; }));
+      names.forEach(function (name) {
         var child = field(name, node.properties[name], path.concat([name]), required.indexOf(name) >= 0);
         if (child) container.appendChild(child);
       });
@@ -207,7 +211,7 @@
     function group(name, node, path, label, description) {
       var set_ = el("fieldset", { "class": "spec-group", "data-field": name });
       set_.appendChild(el("legend", null, label));
-      if (description) set_.appendChild(el("p", { "class": "hint" }, description));
+      if (description) set_.appendChild(el("p", { "class": "hint" }, description.replace(/``/g, "")));
       objectFields(set_, node, path);
       return set_;
     }
