@@ -85,7 +85,7 @@
       wrap.appendChild(lab);
       wrap.appendChild(control);
       if (text) {
-        var hint = el("small", { "class": "hint", id: id + "-help" }, text);
+        var hint = el("small", { "class": "hint", id: id + "-help" }, text.replace(/``/g, ""));
         control.setAttribute("aria-describedby", id + "-help");
         wrap.appendChild(hint);
       }
