@@ -41,7 +41,7 @@ _ALWAYS_DOCUMENTED: list[tuple[type[BaseModel], JsonSchemaMode]] = [
 )
 def openapi_json() -> Response:
     """The OpenAPI 3.1 document."""
-    app: Flask = current_app  # type: ignore[assignment]  # the proxy is the app
+    app: Flask = current_app
     if _CACHE_KEY not in app.extensions:
         app.extensions[_CACHE_KEY] = json.dumps(openapi_document(app), indent=1)
     return app.response_class(app.extensions[_CACHE_KEY], mimetype="application/json")
