@@ -1,6 +1,6 @@
 """Render ``.env.example`` from :class:`core.settings.Settings`: ``python deploy/envdoc.py > .env.example``.
 
-``python deploy/envdoc.py --markdown`` renders the README's configuration table instead.
+``python deploy/envdoc.py --markdown`` renders the configuration table of docs/configuration.md instead.
 
 Every ``GPUYARD_*`` setting appears with its description and default, commented out (a default needs no
 line); a test checks the file in the repository is what this renders.

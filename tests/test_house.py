@@ -208,7 +208,6 @@ KNOWN_LONG = {
     "worker/supervisor.py::Supervisor._attempt": "function",
     "worker/trainer/run.py::_train": "function",
     "models/data/reader.py::open_training_data": "function",
-    "service/api/openapi.py::openapi_document": "function",
     "tests/service/test_dashboard_browser.py::_scenario": "function",
     "tests/worker/test_queue_replay.py::test_a_lab_day_is_packed_fair_bounded_and_forecast": "function",
 }

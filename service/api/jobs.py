@@ -16,6 +16,7 @@ from core.names import ARTIFACT_MEDIA_TYPES, ARTIFACT_NAMES, TRAINER_LOG
 from core.states import TERMINAL_STATES
 from models.spec import parse_spec
 from service.api import json_body, query_args, respond
+from service.api.declare import TEXT, documented, query_param
 from service.auth import authenticate, current_user, visible_owner_id
 from service.errors import NotFound, TooManyRequests, Unprocessable, scrub_paths, server_roots
 from service.extensions import services
@@ -34,6 +35,14 @@ _FALSE = ("0", "false", "no", "")
 
 
 @bp.post("")
+@documented(
+    "submitJob",
+    summary="Queue a job; with ?dry_run=1 report what it would build and queue nothing",
+    body=JobCreate,
+    params=(query_param("dry_run", {"type": "boolean"}, "Check and build only; queue nothing"),),
+    responses={201: (JobOut, "Queued"), 200: (DryRunOut, "Dry run")},
+    errors=(400, 401, 404, 422, 429, 503),
+)
 def submit() -> Response:
     """Validate and queue a job (201), or with ``?dry_run=1`` report what it would build (200).
 
@@ -85,6 +94,9 @@ def submit() -> Response:
 
 
 @bp.get("")
+@documented(
+    "listJobs", summary="Your jobs, newest first", query=JobListQuery, responses={200: JobListOut}, errors=(401, 422)
+)
 def index() -> Response:
     """The caller's jobs (an admin's: everyone's), newest first; ``?state=``, ``?limit=``, ``?cursor=``."""
     query = query_args(JobListQuery)
@@ -97,6 +109,7 @@ def index() -> Response:
 
 
 @bp.get("/<job_id>")
+@documented("getJob", summary="One job", responses={200: JobOut}, errors=(401, 404))
 def show(job_id: str) -> Response:
     """One job: state, attempts, progress, error; while it waits for a GPU, its place in the queue."""
     return respond(job_out(visible_job(job_id)))
@@ -112,6 +125,7 @@ def job_out(job: Job) -> JobOut:
 
 
 @bp.post("/<job_id>/cancel")
+@documented("cancelJob", summary="Cancel a job", responses={200: JobOut}, errors=(401, 404))
 def cancel(job_id: str) -> Response:
     """Cancel a job: a queued one at once; a running one is stopped by its worker; a finished one stays."""
     visible_job(job_id)
@@ -122,6 +136,21 @@ def cancel(job_id: str) -> Response:
 
 
 @bp.get("/<job_id>/events")
+@documented(
+    "jobEvents",
+    summary="Server-Sent Events, replayed then live; `id:` is the sequence number, resume with Last-Event-ID",
+    params=(
+        {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "integer"}},
+        query_param("last_event_id", {"type": "integer"}, "Same as the Last-Event-ID header"),
+    ),
+    responses={
+        200: {
+            "description": "text/event-stream; each `data:` is a JobEventOut.event object",
+            "content": {"text/event-stream": TEXT},
+        }
+    },
+    errors=(401, 404, 422),
+)
 def events(job_id: str) -> Response:
     """Server-Sent Events: past events from the job DB, then new ones as they are stored.
 
@@ -239,6 +268,12 @@ def _last_event_id() -> int:
 
 
 @bp.get("/<job_id>/logs")
+@documented(
+    "jobLogs",
+    summary="The trainer's log (stderr); supports Range",
+    responses={200: {"description": "Log text", "content": {"text/plain": TEXT}}},
+    errors=(401, 404),
+)
 def logs(job_id: str) -> Response:
     """The trainer's log (its stderr) as text; Range requests let a client follow its tail."""
     job = visible_job(job_id)
@@ -250,6 +285,21 @@ def logs(job_id: str) -> Response:
 
 
 @bp.get("/<job_id>/artifacts/<name>")
+@documented(
+    "jobArtifact",
+    summary="Download an artifact; ETag is its SHA-256; supports If-None-Match and Range",
+    path={"name": {"enum": list(ARTIFACT_NAMES)}},
+    responses={
+        200: {
+            "description": "The file: "
+            + ", ".join(f"{name} as {media}" for name, media in ARTIFACT_MEDIA_TYPES.items()),
+            "content": {media: {"schema": {}} for media in sorted(set(ARTIFACT_MEDIA_TYPES.values()))},
+        },
+        206: {"description": "Partial content (Range)"},
+        304: {"description": "Not modified (If-None-Match)"},
+    },
+    errors=(401, 404),
+)
 def artifact(job_id: str, name: str) -> Response:
     """Download one artifact (model.h5, model.keras, history.json, diagnostics.json, summary.json).
 

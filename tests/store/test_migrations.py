@@ -180,3 +180,22 @@ def test_gpuyard_db_upgrade_current_and_history(tmp_path: Path) -> None:
     assert history.exit_code == 0 and f"{BASE_REVISION}" in history.output and "(head)" in history.output
     users = runner.invoke(main, ["users", "list"], env={"GPUYARD_DATA_DIR": str(data_dir)})
     assert users.exit_code == 0, users.output
+
+
+@pytest.mark.parametrize("command", [["janitor", "--once"], ["worker", "--queue", "gpuyard.test"], ["users", "list"]])
+def test_workers_janitor_and_admin_commands_refuse_a_database_behind(tmp_path: Path, command: list[str]) -> None:
+    from core.settings import get_settings
+
+    data_dir = tmp_path / "data"
+    old = Database(Settings(data_dir=data_dir).database_url)
+    upgrade(old.engine, BASE_REVISION)
+    with old.engine.begin() as conn:
+        rewind_schema(conn.exec_driver_sql, 3)
+    old.dispose()
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(main, command, env={"GPUYARD_DATA_DIR": str(data_dir), "GPUYARD_REDIS_URL": ""})
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1, result.output
+    assert "home-made schema version 3" in result.output and "`gpuyard db upgrade`" in result.output
