@@ -54,6 +54,13 @@ class Settings(DataLimits):
     data_dir: Path = Field(Path(".gpuyard"), description="Where the local stack keeps its DB, storage and logs.")
 
     # Trainer
+    trainer_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Niceness added to trainer processes (warm trainers and operation children too) so that the "
+        "API, Redis and the janitor stay responsive while training saturates the CPUs. 0: same priority.",
+    )
     progress_interval_s: float = Field(0.5, gt=0, description="Minimum seconds between two batch progress events.")
     probe_batch_size: int = Field(64, gt=0, description="Rows in the fixed batch used for per-layer diagnostics.")
     tensorboard_histogram_every: int = Field(
@@ -139,6 +146,12 @@ class Settings(DataLimits):
         None, description="Root of local storage (data sets, job artifacts). Empty: <data_dir>/storage."
     )
     max_upload_bytes: int = Field(2 * 2**30, gt=0, description="Largest data set upload accepted, in bytes.")
+    upload_read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="An upload that sends no bytes for this many seconds is cut off (408) and its staging file "
+        "removed at once.",
+    )
     tmp_max_age_s: float = Field(
         3600.0,
         gt=0,
@@ -215,6 +228,18 @@ class Settings(DataLimits):
     )
     sse_keepalive_s: float = Field(
         15.0, gt=0, description="Seconds of silence after which an SSE stream sends a keep-alive comment."
+    )
+    principal_recheck_s: float = Field(
+        3.0,
+        gt=0,
+        description="Seconds between two checks, in an open event stream, that its user may still act (exists, "
+        "not disabled, token not rotated); a stream whose user may not ends.",
+    )
+    sse_batch_interval_s: float = Field(
+        0.5,
+        ge=0,
+        description="Least seconds between two reads of the job DB by one event stream while its job publishes "
+        "batch progress: the batch events of that time are coalesced to the latest. 0: every event.",
     )
 
     # Celery workers, supervisor and janitor (worker/celery_app.py, worker/supervisor.py, worker/janitor.py)

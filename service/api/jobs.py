@@ -6,6 +6,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -20,9 +21,10 @@ from models.fit import spec_data_problems
 from models.size import size_problems
 from models.spec import AUTO, JobSpec, parse_spec
 from service.api import json_body, query_args, respond
-from service.auth import authenticate, current_user, visible_owner_id
+from service.auth import authenticate, current_principal, current_user, visible_owner_id
 from service.errors import NotFound, ServiceUnavailable, TooManyRequests, Unprocessable, scrub_paths, server_roots
 from service.extensions import services
+from service.principal import acting_user
 from service.schemas import DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut, PlacementOut
 from service.streams import EventHub
 from store import Database, Dataset, Job, JobEvent, utcnow
@@ -222,7 +224,8 @@ def events(job_id: str) -> Response:
     visible_job(job_id)
     after = _last_event_id()
     svc = services()
-    user_id = current_user().id
+    settings = svc.settings
+    user_id, principal = current_user().id, current_principal()
     slot = svc.stream_slots.acquire(user_id)
     if slot is None:
         cap = svc.settings.max_streams_per_user
@@ -232,7 +235,15 @@ def events(job_id: str) -> Response:
             headers={"Retry-After": str(max(1, round(svc.settings.sse_keepalive_s)))},
         )
     stream = _EventStream(
-        _event_stream(svc.db, svc.hub, job_id, after, svc.settings.sse_keepalive_s, server_roots(svc.settings)),
+        _event_stream(
+            svc.db,
+            svc.hub,
+            job_id,
+            after,
+            _StreamPacing(settings.sse_keepalive_s, settings.sse_batch_interval_s, settings.principal_recheck_s),
+            server_roots(settings),
+            may_act=lambda: acting_user(svc.db, principal) is not None,
+        ),
         on_close=lambda: svc.stream_slots.release(user_id, slot),
         on_keepalive=lambda: svc.stream_slots.refresh(user_id, slot),
     )
@@ -269,23 +280,53 @@ class _EventStream:
 _KEEPALIVE = ": keep-alive\n\n"
 
 
+@dataclass(frozen=True)
+class _StreamPacing:
+    """How an event stream paces itself: keep-alives, batch coalescing, and re-checking its principal."""
+
+    keepalive_s: float
+    batch_interval_s: float
+    recheck_s: float
+
+
 def _event_stream(
-    db: Database, hub: EventHub, job_id: str, after: int, keepalive_s: float, roots: list[str]
+    db: Database,
+    hub: EventHub,
+    job_id: str,
+    after: int,
+    pacing: _StreamPacing,
+    roots: list[str],
+    may_act: Callable[[], bool],
 ) -> Iterator[str]:
-    """The SSE body. Takes its parts as arguments: the generator runs after the request context is gone."""
+    """The SSE body. Takes its parts as arguments: the generator runs after the request context is gone.
+
+    Every ``pacing.recheck_s`` it asks ``may_act`` whether its principal may still act (the user was not
+    disabled and their token not rotated meanwhile) and ends when not. It reads the DB at most once per
+    ``pacing.batch_interval_s`` and sends only the latest of the batch events read at once (the others are
+    progress already superseded); every other event is sent.
+    """
     last = after
     yield "retry: 2000\n\n"
     with hub.watch(job_id) as published:
-        quiet_since = time.monotonic()
+        quiet_since = checked_at = time.monotonic()
+        read_at = 0.0
         while True:
+            now = time.monotonic()
+            if now - checked_at >= pacing.recheck_s:
+                if not may_act():
+                    return
+                checked_at = now
+            if now - read_at < pacing.batch_interval_s:
+                time.sleep(pacing.batch_interval_s - (now - read_at))
+            read_at = time.monotonic()
             published.clear()  # before reading: an event stored after this read wakes the wait below
             batch = db.events_since(job_id, last)
-            for job_event in batch:
-                last = job_event.seq
+            for job_event in _coalesce_batches(batch):
                 yield _sse(job_event, roots)
                 if _is_terminal(job_event):
                     return
             if batch:
+                last = batch[-1].seq
                 quiet_since = time.monotonic()
                 continue
             job = db.get_job(job_id)
@@ -297,11 +338,18 @@ def _event_stream(
                     yield _sse(job_event, roots)
                 return
             quiet = time.monotonic() - quiet_since
-            if quiet >= keepalive_s:
+            if quiet >= pacing.keepalive_s:
                 quiet_since = time.monotonic()
                 yield _KEEPALIVE
                 continue
-            hub.wait(published, keepalive_s - quiet)
+            until_check = pacing.recheck_s - (time.monotonic() - checked_at)
+            hub.wait(published, max(0.0, min(pacing.keepalive_s - quiet, until_check)))
+
+
+def _coalesce_batches(batch: list[JobEvent]) -> list[JobEvent]:
+    """The events of one read with every ``batch`` progress event but the last dropped (order kept)."""
+    last_batch = max((i for i, e in enumerate(batch) if e.event.get("event") == "batch"), default=-1)
+    return [e for i, e in enumerate(batch) if i == last_batch or e.event.get("event") != "batch"]
 
 
 def _sse(job_event: JobEvent, roots: list[str]) -> str:
