@@ -213,8 +213,9 @@ class Settings(DataLimits):
     )
     metrics_token: str = Field(
         "",
-        description="Bearer token a Prometheus scraper on another host sends to read GET /metrics; empty: only "
-        "scrapers on this host (loopback) may read it.",
+        description="Bearer token a Prometheus scraper sends to read GET /metrics from another host, and to see "
+        "the per-job series (an admin's token does too); without a token only scrapers on this host (loopback) "
+        "read it, and only the aggregate series.",
     )
     max_streams_per_user: int = Field(
         20,
