@@ -134,3 +134,27 @@ def test_an_open_stream_ends_within_seconds_once_its_user_may_not_act(
     assert ended[0] - changed_at < 10
     db.append_event(job_id, {"event": "epoch_end", "epoch": 1})
     assert not any("epoch_end" in c for c in chunks)
+
+
+def test_a_stream_coalesces_batch_events_and_sends_every_other_event(
+    client: FlaskClient, app: Flask, tokens: Tokens, job_id: str
+) -> None:
+    db = _db(app)
+    response = client.get(f"/v1/jobs/{job_id}/events", headers=bearer(tokens.alice), buffered=False)
+    thread, chunks, ended = _follow(response)
+    started = time.monotonic()
+    for step in range(100):  # 50 a second, far faster than a dashboard needs
+        db.append_event(job_id, {"event": "batch", "epoch": 1, "step": step, "steps": 100})
+        if step % 25 == 0:
+            db.append_event(job_id, {"event": "health", "findings": [], "step": step})
+        time.sleep(0.02)
+    db.append_event(job_id, {"event": "epoch_end", "epoch": 1})
+    db.request_cancel(job_id)  # queued: cancelled at once, the stream's terminal event
+    thread.join(30)
+    assert ended, "the stream did not end with its job"
+    elapsed = time.monotonic() - started
+    body = "".join(chunks)
+    sent_batches = body.count("event: batch")
+    assert 1 <= sent_batches <= elapsed / app.extensions["gpuyard"].settings.sse_batch_interval_s + 2, sent_batches
+    assert '"step":99' in body  # the latest progress always arrives
+    assert body.count("event: health") == 4 and "event: epoch_end" in body and '"state":"cancelled"' in body
