@@ -326,17 +326,19 @@ def _event_stream(
                 if _is_terminal(job_event):
                     return
             if batch:
+                # Straight to the wait: anything stored since the read was published after the clear above
+                # and set the flag, so one query per wake-up is enough.
                 last = batch[-1].seq
                 quiet_since = time.monotonic()
-                continue
-            job = db.get_job(job_id)
-            if job is None:
-                return
-            if job.is_terminal:
-                # Ended without a terminal event after ours (or a resume past it): flush what is left, stop.
-                for job_event in db.events_since(job_id, last):
-                    yield _sse(job_event, roots)
-                return
+            else:
+                job = db.get_job(job_id)
+                if job is None:
+                    return
+                if job.is_terminal:
+                    # Ended without a terminal event after ours (or a resume past it): flush what is left, stop.
+                    for job_event in db.events_since(job_id, last):
+                        yield _sse(job_event, roots)
+                    return
             quiet = time.monotonic() - quiet_since
             if quiet >= pacing.keepalive_s:
                 quiet_since = time.monotonic()
