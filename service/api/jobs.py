@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -26,8 +26,8 @@ from service.errors import NotFound, ServiceUnavailable, TooManyRequests, Unproc
 from service.extensions import services
 from service.principal import acting_user
 from service.schemas import DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut, PlacementOut
-from service.streams import EventHub
-from store import Database, Dataset, Job, JobEvent, utcnow
+from service.streams import EventHub, StreamedEvent
+from store import Database, Dataset, Job, utcnow
 from worker.dispatch import GpuView, decide_queue, dispatch, gpu_views, never_fits
 from worker.errors import QueueUnavailable
 from worker.notify import url_problems
@@ -320,7 +320,7 @@ def _event_stream(
                 time.sleep(pacing.batch_interval_s - (now - read_at))
             read_at = time.monotonic()
             published.clear()  # before reading: an event stored after this read wakes the wait below
-            batch = db.events_since(job_id, last)
+            batch: Sequence[StreamedEvent] = hub.recent_after(job_id, last) or db.events_since(job_id, last)
             for job_event in _coalesce_batches(batch):
                 yield _sse(job_event, roots)
                 if _is_terminal(job_event):
@@ -348,20 +348,20 @@ def _event_stream(
             hub.wait(published, max(0.0, min(pacing.keepalive_s - quiet, until_check)))
 
 
-def _coalesce_batches(batch: list[JobEvent]) -> list[JobEvent]:
+def _coalesce_batches(batch: Sequence[StreamedEvent]) -> list[StreamedEvent]:
     """The events of one read with every ``batch`` progress event but the last dropped (order kept)."""
     last_batch = max((i for i, e in enumerate(batch) if e.event.get("event") == "batch"), default=-1)
     return [e for i, e in enumerate(batch) if i == last_batch or e.event.get("event") != "batch"]
 
 
-def _sse(job_event: JobEvent, roots: list[str]) -> str:
+def _sse(job_event: StreamedEvent, roots: list[str]) -> str:
     """One event as SSE; server paths in it (a trainer's detail, its artifact paths) cut to file names."""
     name = str(job_event.event.get("event", "message")).replace("\n", " ")
     data = scrub_paths(json.dumps(job_event.event, separators=(",", ":")), roots)
     return f"id: {job_event.seq}\nevent: {name}\ndata: {data}\n\n"
 
 
-def _is_terminal(job_event: JobEvent) -> bool:
+def _is_terminal(job_event: StreamedEvent) -> bool:
     return job_event.event.get("event") == "state" and job_event.event.get("state") in TERMINAL_STATES
 
 

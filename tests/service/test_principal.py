@@ -17,7 +17,9 @@ from flask.testing import FlaskClient
 
 from core.names import HISTORY
 from service.principal import Principal, acting_user, may_act
+from service.streams import EventHub
 from store import Database
+from worker.relay import EventPublisher
 
 
 def _db(app: Flask) -> Database:
@@ -136,10 +138,32 @@ def test_an_open_stream_ends_within_seconds_once_its_user_may_not_act(
     assert not any("epoch_end" in c for c in chunks)
 
 
+@pytest.mark.parametrize("pubsub", [False, True], ids=["polling", "published"])
 def test_a_stream_coalesces_batch_events_and_sends_every_other_event(
-    client: FlaskClient, app: Flask, tokens: Tokens, job_id: str
+    client: FlaskClient, app: Flask, tokens: Tokens, job_id: str, pubsub: bool, request: pytest.FixtureRequest
 ) -> None:
     db = _db(app)
+    publisher = None
+    if pubsub:  # as a supervisor does: store each event, then publish it with its seq
+        redis_url = request.getfixturevalue("redis_url")
+        app.extensions["gpuyard"].hub = EventHub(redis_url, poll_s=0.05)
+        publisher = EventPublisher(redis_url)
+        real_append = db.append_event
+
+        def append_event(job: str, event: dict[str, Any], **kwargs: Any) -> int:
+            seq = real_append(job, event, **kwargs)
+            publisher.publish(job, {"seq": seq, **event})  # type: ignore[union-attr]
+            return seq
+
+        db.append_event = append_event  # type: ignore[method-assign]
+    reads: list[int] = []
+    real_events_since = db.events_since
+
+    def events_since(job: str, after: int = 0, **kwargs: Any) -> Any:
+        reads.append(after)
+        return real_events_since(job, after, **kwargs)
+
+    db.events_since = events_since  # type: ignore[method-assign]
     response = client.get(f"/v1/jobs/{job_id}/events", headers=bearer(tokens.alice), buffered=False)
     thread, chunks, ended = _follow(response)
     started = time.monotonic()
@@ -158,3 +182,7 @@ def test_a_stream_coalesces_batch_events_and_sends_every_other_event(
     assert 1 <= sent_batches <= elapsed / app.extensions["gpuyard"].settings.sse_batch_interval_s + 2, sent_batches
     assert '"step":99' in body  # the latest progress always arrives
     assert body.count("event: health") == 4 and "event: epoch_end" in body and '"state":"cancelled"' in body
+    if publisher is not None:  # the published events came from the hub, not from a DB read per wake-up
+        assert len(reads) <= 6, reads
+        publisher.close()
+        app.extensions["gpuyard"].hub.close()
