@@ -55,30 +55,36 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def health_latencies_ms(url: str, seconds: float, rate: float) -> list[float]:
-    """Sequential ``GET /v1/health`` probes, ``rate`` per second for ``seconds``; their latencies (a probe
-    that fails or takes over 10 s counts as 10 s)."""
-    latencies = []
+def health_latencies_ms(url: str, seconds: float, rate: float) -> tuple[list[float], list[str]]:
+    """Sequential ``GET /v1/health`` probes, ``rate`` per second for ``seconds``: their latencies (a probe
+    that fails counts as 10 s), and what each failure was."""
+    latencies, failures = [], []
     period = 1.0 / rate
     with requests.Session() as session:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             started = time.perf_counter()
             try:
-                ok = session.get(url + "/v1/health", timeout=10).status_code == 200
-            except requests.RequestException:
-                ok = False
+                status = session.get(url + "/v1/health", timeout=10).status_code
+                failure = None if status == 200 else f"HTTP {status}"
+            except requests.RequestException as exc:
+                failure = type(exc).__name__
             elapsed = time.perf_counter() - started
-            latencies.append(elapsed * 1000 if ok else 10_000.0)
+            latencies.append(elapsed * 1000 if failure is None else 10_000.0)
+            if failure is not None:
+                failures.append(f"{failure} after {elapsed:.1f} s")
             time.sleep(max(0.0, period - elapsed))
-    return latencies
+    return latencies, failures
 
 
-def summary(latencies: list[float]) -> dict[str, float]:
+def summary(measured: tuple[list[float], list[str]]) -> dict[str, Any]:
+    latencies, failures = measured
     ordered = sorted(latencies)
     return {
+        "failures": failures,
         "probes": len(ordered),
         "p50_ms": round(statistics.median(ordered), 1),
+        "p90_ms": round(ordered[min(len(ordered) - 1, int(0.90 * len(ordered)))], 1),
         "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
         "max_ms": round(ordered[-1], 1),
     }
@@ -214,16 +220,17 @@ def main(argv: list[str] | None = None) -> int:
         figures["trainer_niceness_seen"] = trainer_niceness(work)
         figures["api_niceness"] = os.nice(0)
         say(f"opening {args.streams} event streams")
-        drain = StreamDrain(port, token, job_ids, args.streams)
+        drain = StreamDrain(port, token, job_ids, args.streams) if args.streams else None
         time.sleep(2)
         say(f"loaded: {args.duration:.0f} s of health probes")
         psutil.cpu_percent()
-        events_before = drain.events
+        events_before = drain.events if drain is not None else 0
         figures["loaded"] = summary(health_latencies_ms(url, args.duration, args.rate))
         figures["cpu_percent_during"] = psutil.cpu_percent()
         figures["load_avg_after"] = os.getloadavg()
-        figures["stream_events_per_s"] = round((drain.events - events_before) / args.duration, 1)
-        figures["streams_closed"] = drain.closed
+        if drain is not None:
+            figures["stream_events_per_s"] = round((drain.events - events_before) / args.duration, 1)
+            figures["streams_closed"] = drain.closed
         figures["p99_ratio_loaded_to_idle"] = round(figures["loaded"]["p99_ms"] / figures["idle"]["p99_ms"], 2)
         print(json.dumps(figures, indent=2))
         if args.json:
