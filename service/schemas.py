@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from core.names import EXPORT_FORMATS
 from core.states import JOB_STATES, QUEUED
@@ -20,6 +20,16 @@ SpecObject = Annotated[dict[str, Any], WithJsonSchema({"allOf": [{"$ref": "#/com
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+NOTIFY_URL_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://"
+NotifyUrl = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=2048, pattern=NOTIFY_URL_PATTERN),
+    Field(description="A webhook (http(s)://) or apprise URL (scheme://...)."),
+]
+"""One notify URL as the API documents it: what no scheme can accept (empty, no ``scheme://``) is refused by
+the schema itself, so the published document says so; worker/notify.py checks the rest."""
 
 
 # ── errors ──
@@ -101,7 +111,7 @@ class UserOut(BaseModel):
 class NotifyIn(_Body):
     """PUT /v1/users/me/notify: the default notify URLs of your jobs ([] for none)."""
 
-    notify: list[str]
+    notify: list[NotifyUrl]
 
 
 class WebhookSecretOut(BaseModel):
@@ -124,7 +134,7 @@ class JobCreate(_Body):
         description="Higher goes first; at most your max_priority (an admin sets it; default 0). "
         "Within a priority the queue is ordered by fair share (see README).",
     )
-    notify: list[str] | None = Field(
+    notify: list[NotifyUrl] | None = Field(
         None,
         description="URLs told when the job ends (succeeded, failed, cancelled, interrupted): http(s):// webhooks "
         "(a signed JSON POST) or apprise URLs (slack://, mailto://, ...). Absent: your default list "

@@ -383,12 +383,19 @@ def _check_fits_dataset(spec: JobSpec, dataset: Dataset) -> DatasetSummary:
 
 
 def _last_event_id() -> int:
-    raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
-    if not re.fullmatch(r"[0-9]{1,18}", raw.strip()):
-        raise Unprocessable(
-            f"Expected Last-Event-ID (or ?last_event_id=) to be an event sequence number. Received: {raw!r}",
-            field="last_event_id",
-        )
+    """Where the stream resumes: the ``Last-Event-ID`` header, else ``?last_event_id=``; each one sent must be
+    a sequence number (a bad query value is refused even when the header wins)."""
+    sent = {
+        "Last-Event-ID": request.headers.get("Last-Event-ID"),
+        "last_event_id": request.args.get("last_event_id"),
+    }
+    for name, raw in sent.items():
+        if raw is not None and not re.fullmatch(r"[0-9]{1,18}", raw.strip()):
+            raise Unprocessable(
+                f"Expected {name} to be an event sequence number (0 or more). Received: {raw!r}",
+                field="last_event_id",
+            )
+    raw = sent["Last-Event-ID"] or sent["last_event_id"] or "0"
     return int(raw)
 
 

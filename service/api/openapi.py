@@ -25,6 +25,7 @@ from service.schemas import (
     JobCreate,
     JobEventOut,
     JobListOut,
+    JobListQuery,
     JobOut,
     NotifyIn,
     OperationOut,
@@ -117,9 +118,17 @@ def openapi_document() -> dict[str, Any]:
                         "multipart/form-data": {
                             "schema": {
                                 "type": "object",
-                                "properties": {"file": {"type": "string", "contentMediaType": "application/x-hdf5"}},
+                                "properties": {
+                                    # a file part (with a filename), not a text field
+                                    "file": {
+                                        "type": "string",
+                                        "format": "binary",
+                                        "contentMediaType": "application/x-hdf5",
+                                    }
+                                },
                                 "required": ["file"],
-                            }
+                            },
+                            "encoding": {"file": {"contentType": "application/x-hdf5, application/octet-stream"}},
                         },
                     },
                 },
@@ -143,7 +152,10 @@ def openapi_document() -> dict[str, Any]:
                 errors=("401", "422"),
                 params=[
                     _query("state", "string", "Only jobs in this state"),
-                    _query("limit", "integer", "Jobs per page (1-200, default 50)"),
+                    {
+                        **_query("limit", "integer", "Jobs per page (1-200, default 50)"),
+                        "schema": _field(JobListQuery, "limit"),
+                    },
                     _query("cursor", "string", "The previous page's next_cursor"),
                 ],
             ),
@@ -218,7 +230,7 @@ def openapi_document() -> dict[str, Any]:
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     }
                 },
-                errors=("401", "404", "422"),
+                errors=("401", "404", "422", "429"),
                 params=[
                     {
                         "name": "Last-Event-ID",
@@ -389,6 +401,13 @@ def _query(name: str, type_: str, description: str) -> dict[str, Any]:
         "description": description,
         "schema": {"type": type_},
     }
+
+
+def _field(model: type[BaseModel], name: str) -> dict[str, Any]:
+    """The JSON schema of one field of a model (a query parameter's, with its bounds)."""
+    schema = dict(model.model_json_schema()["properties"][name])
+    schema.pop("title", None)
+    return schema
 
 
 def _path(name: str) -> dict[str, Any]:
