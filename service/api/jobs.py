@@ -320,16 +320,19 @@ def _event_stream(
                 time.sleep(pacing.batch_interval_s - (now - read_at))
             read_at = time.monotonic()
             published.clear()  # before reading: an event stored after this read wakes the wait below
-            batch: Sequence[StreamedEvent] = hub.recent_after(job_id, last) or db.events_since(job_id, last)
+            published_run = hub.recent_after(job_id, last)
+            batch: Sequence[StreamedEvent] = published_run or db.events_since(job_id, last)
             for job_event in _coalesce_batches(batch):
                 yield _sse(job_event, roots)
                 if _is_terminal(job_event):
                     return
             if batch:
-                # Straight to the wait: anything stored since the read was published after the clear above
-                # and set the flag, so one query per wake-up is enough.
                 last = batch[-1].seq
                 quiet_since = time.monotonic()
+                if not published_run:
+                    continue  # read from the DB: it may hold more (a long history comes in pages)
+                # From the hub: straight to the wait, since anything published after the clear above set the
+                # flag; a busy job's streams read no DB at all.
             else:
                 job = db.get_job(job_id)
                 if job is None:

@@ -186,3 +186,16 @@ def test_a_stream_coalesces_batch_events_and_sends_every_other_event(
         assert len(reads) <= 6, reads
         publisher.close()
         app.extensions["gpuyard"].hub.close()
+
+
+def test_a_long_history_is_replayed_page_after_page(
+    client: FlaskClient, app: Flask, tokens: Tokens, job_id: str
+) -> None:
+    db = _db(app)
+    for epoch in range(1, 1201):  # more than one page of the job DB (500)
+        db.append_event(job_id, {"event": "epoch_end", "epoch": epoch})
+    db.request_cancel(job_id)
+    started = time.monotonic()
+    body = client.get(f"/v1/jobs/{job_id}/events", headers=bearer(tokens.alice)).get_data(as_text=True)
+    assert body.count("event: epoch_end") == 1200 and '"state":"cancelled"' in body
+    assert time.monotonic() - started < 10  # pages follow each other, not one per keep-alive
