@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from core.names import EXPORT_FORMATS
 from core.states import JOB_STATES, QUEUED
@@ -23,9 +24,21 @@ class _Body(BaseModel):
 
 
 NOTIFY_URL_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://"
+
+
+def _splits_as_url(url: str) -> str:
+    """``url`` if ``urllib`` can take it apart (``a://[`` cannot: an unclosed IPv6 bracket)."""
+    try:
+        urlsplit(url).hostname  # noqa: B018 (parsing is the check)
+    except ValueError as exc:
+        raise ValueError(f"Expected a URL that parses. Received: {url!r:.80} ({exc})") from exc
+    return url
+
+
 NotifyUrl = Annotated[
     str,
     StringConstraints(min_length=1, max_length=2048, pattern=NOTIFY_URL_PATTERN),
+    AfterValidator(_splits_as_url),
     Field(description="A webhook (http(s)://) or apprise URL (scheme://...)."),
 ]
 """One notify URL as the API documents it: what no scheme can accept (empty, no ``scheme://``) is refused by

@@ -55,7 +55,7 @@ def test_an_empty_notify_url_is_refused_by_the_documented_schema(client, tokens)
     item = schemas["NotifyIn"]["properties"]["notify"]["items"]
     assert item["minLength"] == 1 and "pattern" in item
     headers = {"Authorization": f"Bearer {tokens.alice}"}
-    for bad in ("", "no-scheme"):
+    for bad in ("", "no-scheme", "A://["):  # the last once answered 500 (urlsplit: Invalid IPv6 URL)
         response = client.put("/v1/users/me/notify", json={"notify": [bad]}, headers=headers)
         assert response.status_code == 422, response.get_json()
         assert "notify" in response.get_data(as_text=True)
