@@ -360,8 +360,14 @@ def _coalesce_batches(batch: Sequence[StreamedEvent]) -> list[StreamedEvent]:
 def _sse(job_event: StreamedEvent, roots: list[str]) -> str:
     """One event as SSE; server paths in it (a trainer's detail, its artifact paths) cut to file names."""
     name = str(job_event.event.get("event", "message")).replace("\n", " ")
-    data = scrub_paths(json.dumps(job_event.event, separators=(",", ":")), roots)
+    data = _scrubbed(json.dumps(job_event.event, separators=(",", ":")), tuple(roots))
     return f"id: {job_event.seq}\nevent: {name}\ndata: {data}\n\n"
+
+
+@lru_cache(maxsize=4096)
+def _scrubbed(data: str, roots: tuple[str, ...]) -> str:
+    """:func:`scrub_paths`, once per event text in this process: every stream of a job sends the same events."""
+    return scrub_paths(data, roots)
 
 
 def _is_terminal(job_event: StreamedEvent) -> bool:
