@@ -89,6 +89,12 @@ class LimitsSettings(DataLimits):
 
     # Per user and per request
     max_upload_bytes: int = Field(2 * 2**30, gt=0, description="Largest data set upload accepted, in bytes.")
+    upload_read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="An upload that sends no bytes for this many seconds is cut off (408) and its staging file "
+        "removed at once.",
+    )
     max_active_jobs_per_user: int = Field(
         4, ge=1, description="Queued plus running jobs one user may have; more answer 429."
     )
@@ -168,10 +174,23 @@ class ServerSettings(_GpuyardSettings):
     sse_keepalive_s: float = Field(
         15.0, gt=0, description="Seconds of silence after which an SSE stream sends a keep-alive comment."
     )
+    principal_recheck_s: float = Field(
+        3.0,
+        gt=0,
+        description="Seconds between two checks, in an open event stream, that its user may still act (exists, "
+        "not disabled, token not rotated); a stream whose user may not ends.",
+    )
+    sse_batch_interval_s: float = Field(
+        0.5,
+        ge=0,
+        description="Least seconds between two reads of the job DB by one event stream while its job publishes "
+        "batch progress: the batch events of that time are coalesced to the latest. 0: every event.",
+    )
     metrics_token: str = Field(
         "",
-        description="Bearer token a Prometheus scraper on another host sends to read GET /metrics; empty: only "
-        "scrapers on this host (loopback) may read it.",
+        description="Bearer token a Prometheus scraper sends to read GET /metrics from another host, and to see "
+        "the per-job series (an admin's token does too); without a token only scrapers on this host (loopback) "
+        "read it, and only the aggregate series.",
     )
     secret_key: str = Field(
         "",
@@ -184,6 +203,13 @@ class WorkerSettings(_GpuyardSettings):
     """What the Celery workers, the supervisor, the janitor, the dispatcher and the trainer read."""
 
     # Trainer (worker/trainer/)
+    trainer_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Niceness added to trainer processes (warm trainers and operation children too) so that the "
+        "API, Redis and the janitor stay responsive while training saturates the CPUs. 0: same priority.",
+    )
     progress_interval_s: float = Field(0.5, gt=0, description="Minimum seconds between two batch progress events.")
     probe_batch_size: int = Field(64, gt=0, description="Rows in the fixed batch used for per-layer diagnostics.")
     tensorboard_histogram_every: int = Field(

@@ -96,6 +96,11 @@ class NotFound(ApiError):
     code = "not_found"
 
 
+class RequestTimeout(ApiError):
+    status_code = 408
+    code = "request_timeout"
+
+
 class Conflict(ApiError):
     status_code = 409
     code = "conflict"

@@ -4,8 +4,8 @@ Two sources, one registry per scrape:
 
 * :class:`StateCollector` reads the job DB and the workers' heartbeats when Prometheus scrapes, so every
   API process answers the same figures: jobs by state, the queue, queue waits and job durations (the last
-  ``WINDOW_S``), samples/s of running jobs, and per GPU its memory, utilisation, jobs and whether it is
-  online.
+  ``WINDOW_S``), samples/s of running jobs (in all; per job only for a privileged scrape, since job ids
+  belong to users), and per GPU its memory, utilisation, jobs and whether it is online.
 * ``gpuyard_http_request_duration_seconds`` (by route, method and status) is observed in each process.
   Under gunicorn several processes answer: with ``PROMETHEUS_MULTIPROC_DIR`` set (``gpuyard up`` and the
   container set it), prometheus-client's multiprocess mode sums them; without it, a scrape sees only the
@@ -57,8 +57,8 @@ def _histogram(name: str, documentation: str, values: dict[str, list[float]], la
 class StateCollector:
     """Prometheus collector of gpuyard's state, read from the job DB and the heartbeats at each scrape."""
 
-    def __init__(self, db: Database, heartbeats: HeartbeatSource) -> None:
-        self.db, self.heartbeats = db, heartbeats
+    def __init__(self, db: Database, heartbeats: HeartbeatSource, *, per_job: bool = False) -> None:
+        self.db, self.heartbeats, self.per_job = db, heartbeats, per_job
 
     def collect(self) -> Iterator[Metric]:
         now = dt.datetime.now(dt.UTC)
@@ -82,12 +82,18 @@ class StateCollector:
             "outcome",
             DURATION_BUCKETS,
         )
-        rate = GaugeMetricFamily(
-            "gpuyard_job_samples_per_second", "Training throughput of running jobs.", labels=["job"]
+        yield GaugeMetricFamily(
+            "gpuyard_samples_per_second",
+            "Training throughput of all running jobs together.",
+            value=sum(snapshot.samples_per_s.values()),
         )
-        for job_id, samples in snapshot.samples_per_s.items():
-            rate.add_metric([job_id], samples)
-        yield rate
+        if self.per_job:  # job ids are users' data: only for the metrics token or an admin
+            rate = GaugeMetricFamily(
+                "gpuyard_job_samples_per_second", "Training throughput of each running job.", labels=["job"]
+            )
+            for job_id, samples in snapshot.samples_per_s.items():
+                rate.add_metric([job_id], samples)
+            yield rate
         labels = ["uuid", "index", "host"]
         families = {
             "online": GaugeMetricFamily("gpuyard_gpu_online", "1 while its worker sends heartbeats.", labels=labels),
@@ -108,10 +114,10 @@ class StateCollector:
         yield from families.values()
 
 
-def scrape(db: Database, heartbeats: HeartbeatSource) -> bytes:
-    """The text exposition of every metric, for one scrape."""
+def scrape(db: Database, heartbeats: HeartbeatSource, *, per_job: bool = False) -> bytes:
+    """The text exposition of every metric, for one scrape; series labelled by job only with ``per_job``."""
     registry = CollectorRegistry()
-    registry.register(StateCollector(db, heartbeats))
+    registry.register(StateCollector(db, heartbeats, per_job=per_job))
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)
     else:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from core.names import EXPORT_FORMATS
 from core.states import QUEUED, JobState
@@ -18,6 +19,28 @@ SpecObject = Annotated[dict[str, Any], WithJsonSchema({"allOf": [{"$ref": "#/com
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+NOTIFY_URL_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://"
+
+
+def _splits_as_url(url: str) -> str:
+    """``url`` if ``urllib`` can take it apart (``a://[`` cannot: an unclosed IPv6 bracket)."""
+    try:
+        urlsplit(url).hostname  # noqa: B018 (parsing is the check)
+    except ValueError as exc:
+        raise ValueError(f"Expected a URL that parses. Received: {url!r:.80} ({exc})") from exc
+    return url
+
+
+NotifyUrl = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=2048, pattern=NOTIFY_URL_PATTERN),
+    AfterValidator(_splits_as_url),
+    Field(description="A webhook (http(s)://) or apprise URL (scheme://...)."),
+]
+"""One notify URL as the API documents it: what no scheme can accept (empty, no ``scheme://``) is refused by
+the schema itself, so the published document says so; worker/notify.py checks the rest."""
 
 
 # ── errors ──
@@ -99,7 +122,7 @@ class UserOut(BaseModel):
 class NotifyIn(_Body):
     """PUT /v1/users/me/notify: the default notify URLs of your jobs ([] for none)."""
 
-    notify: list[str]
+    notify: list[NotifyUrl]
 
 
 class WebhookSecretOut(BaseModel):
@@ -122,7 +145,7 @@ class JobCreate(_Body):
         description="Higher goes first; at most your max_priority (an admin sets it; default 0). "
         "Within a priority the queue is ordered by fair share (see README).",
     )
-    notify: list[str] | None = Field(
+    notify: list[NotifyUrl] | None = Field(
         None,
         description="URLs told when the job ends (succeeded, failed, cancelled, interrupted): http(s):// webhooks "
         "(a signed JSON POST) or apprise URLs (slack://, mailto://, ...). Absent: your default list "

@@ -15,7 +15,9 @@ while this process (which never touches CUDA: NVML only reads the driver's bookk
 ``gpu_heartbeat_s`` each GPU's readings to Redis (worker/heartbeat.py keys and writes them) with a TTL of
 ``gpu_heartbeat_ttl_s``: memory, utilization, and its processes, each marked gpuyard's (a descendant of
 that GPU's worker) or foreign. No heartbeat → the GPU is offline and gets no new jobs. A child that
-exits stops the fleet (its supervisor — ``gpuyard up``, compose, systemd — restarts the whole).
+exits is started again alone, the others keep their jobs; one that exits ``MAX_RESTARTS`` times within
+``RESTART_WINDOW_S`` stops the fleet (its supervisor — ``gpuyard up``, compose, systemd — restarts the
+whole).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ from worker.procs import set_parent_death_signal
 from worker.queues import gpu_queue
 
 log = logging.getLogger(__name__)
+
+#: A worker that exits this many times within ``RESTART_WINDOW_S`` seconds stops the fleet (a crash loop).
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
 
 
 @dataclass
@@ -219,9 +225,9 @@ def run_fleet(
     backend: GpuBackend | None = None,
     stop: threading.Event | None = None,
 ) -> int:
-    """Start one Celery worker per GPU (and the CPU worker, when planned), publish heartbeats, and wait
-    until a worker exits or a signal (SIGTERM/SIGINT) or ``stop`` ends the fleet; then stop every worker.
-    Returns the exit status."""
+    """Start one Celery worker per GPU (and the CPU worker, when planned), publish heartbeats, start again a
+    worker that exits (alone), and wait until a signal (SIGTERM/SIGINT), ``stop`` or a worker's crash loop
+    ends the fleet; then stop every worker. Returns the exit status (1 after a crash loop)."""
     backend = backend or get_backend(settings)
     stop = stop or threading.Event()
     db = Database(settings.database_url)
@@ -238,32 +244,39 @@ def run_fleet(
             signal.signal(signum, lambda *_: stop.set())
     base_env = dict(os.environ)
     for worker in workers:
-        worker.proc = subprocess.Popen(
-            worker.argv(loglevel), env=worker.env(base_env), preexec_fn=set_parent_death_signal
-        )
-        log.info(
-            "%s: worker %s on queue %s, %d slot(s)",
-            worker.describe(),
-            worker.name,
-            worker.queue,
-            worker.slots,
-        )
+        _start_worker(worker, loglevel, base_env)
     beats = Heartbeats(settings, backend, workers)
     beats.start()
     status = 0
+    exits: dict[str, list[float]] = {w.name: [] for w in workers}
     try:
-        while not stop.wait(0.5):
-            ended = [w for w in workers if w.proc is not None and w.proc.poll() is not None]
-            if ended:
-                for worker in ended:
-                    code = worker.proc.returncode if worker.proc is not None else None
-                    log.error("worker %s exited with %s; stopping the fleet", worker.name, code)
-                status = 1
-                break
+        while not stop.wait(0.5) and status == 0:
+            for worker in workers:
+                if worker.proc is None or worker.proc.poll() is None:
+                    continue
+                now = time.monotonic()
+                recent = [t for t in exits[worker.name] if now - t < RESTART_WINDOW_S] + [now]
+                exits[worker.name] = recent
+                if len(recent) > MAX_RESTARTS:
+                    log.error(
+                        "worker %s exited %d times within %.0f s (last: %s); stopping the fleet",
+                        worker.name, len(recent), RESTART_WINDOW_S, worker.proc.returncode,
+                    )  # fmt: skip
+                    status = 1
+                    break
+                # Only this one: the other workers' jobs keep running (its own jobs' leases lapse and the
+                # janitor hands them back; their orphaned trainers were sent SIGTERM and checkpoint).
+                log.warning("worker %s exited with %s; starting it again", worker.name, worker.proc.returncode)
+                _start_worker(worker, loglevel, base_env)
     finally:
         beats.stop()
         _stop_workers(workers)
     return status
+
+
+def _start_worker(worker: WorkerPlan, loglevel: str, base_env: dict[str, str]) -> None:
+    worker.proc = subprocess.Popen(worker.argv(loglevel), env=worker.env(base_env), preexec_fn=set_parent_death_signal)
+    log.info("%s: worker %s on queue %s, %d slot(s)", worker.describe(), worker.name, worker.queue, worker.slots)
 
 
 def _stop_workers(workers: Sequence[WorkerPlan], grace_s: float = 30.0) -> None:

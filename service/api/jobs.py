@@ -6,7 +6,8 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 from flask import Blueprint, Response, request, send_file, url_for
@@ -17,12 +18,13 @@ from core.states import TERMINAL_STATES
 from models.spec import parse_spec
 from service.api import json_body, query_args, respond
 from service.api.declare import TEXT, documented, query_param
-from service.auth import authenticate, current_user, visible_owner_id
+from service.auth import authenticate, current_principal, current_user, visible_owner_id
 from service.errors import NotFound, TooManyRequests, Unprocessable, scrub_paths, server_roots
 from service.extensions import services
+from service.principal import acting_user
 from service.schemas import DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut, PlacementOut
-from service.streams import EventHub
-from store import Database, Job, JobEvent
+from service.streams import EventHub, StreamedEvent
+from store import Database, Job
 from worker.dispatch import gpu_views
 from worker.notify import url_problems
 from worker.submit import check_submission, dry_run_report, submit_job, would_start
@@ -149,7 +151,7 @@ def cancel(job_id: str) -> Response:
             "content": {"text/event-stream": TEXT},
         }
     },
-    errors=(401, 404, 422),
+    errors=(401, 404, 422, 429),
 )
 def events(job_id: str) -> Response:
     """Server-Sent Events: past events from the job DB, then new ones as they are stored.
@@ -164,7 +166,8 @@ def events(job_id: str) -> Response:
     visible_job(job_id)
     after = _last_event_id()
     svc = services()
-    user_id = current_user().id
+    settings = svc.settings
+    user_id, principal = current_user().id, current_principal()
     slot = svc.stream_slots.acquire(user_id)
     if slot is None:
         cap = svc.settings.max_streams_per_user
@@ -174,7 +177,15 @@ def events(job_id: str) -> Response:
             headers={"Retry-After": str(max(1, round(svc.settings.sse_keepalive_s)))},
         )
     stream = _EventStream(
-        _event_stream(svc.db, svc.hub, job_id, after, svc.settings.sse_keepalive_s, server_roots(svc.settings)),
+        _event_stream(
+            svc.db,
+            svc.hub,
+            job_id,
+            after,
+            _StreamPacing(settings.sse_keepalive_s, settings.sse_batch_interval_s, settings.principal_recheck_s),
+            server_roots(settings),
+            may_act=lambda: acting_user(svc.db, principal) is not None,
+        ),
         on_close=lambda: svc.stream_slots.release(user_id, slot),
         on_keepalive=lambda: svc.stream_slots.refresh(user_id, slot),
     )
@@ -211,59 +222,114 @@ class _EventStream:
 _KEEPALIVE = ": keep-alive\n\n"
 
 
+@dataclass(frozen=True)
+class _StreamPacing:
+    """How an event stream paces itself: keep-alives, batch coalescing, and re-checking its principal."""
+
+    keepalive_s: float
+    batch_interval_s: float
+    recheck_s: float
+
+
 def _event_stream(
-    db: Database, hub: EventHub, job_id: str, after: int, keepalive_s: float, roots: list[str]
+    db: Database,
+    hub: EventHub,
+    job_id: str,
+    after: int,
+    pacing: _StreamPacing,
+    roots: list[str],
+    may_act: Callable[[], bool],
 ) -> Iterator[str]:
-    """The SSE body. Takes its parts as arguments: the generator runs after the request context is gone."""
+    """The SSE body. Takes its parts as arguments: the generator runs after the request context is gone.
+
+    Every ``pacing.recheck_s`` it asks ``may_act`` whether its principal may still act (the user was not
+    disabled and their token not rotated meanwhile) and ends when not. It reads the DB at most once per
+    ``pacing.batch_interval_s`` and sends only the latest of the batch events read at once (the others are
+    progress already superseded); every other event is sent.
+    """
     last = after
     yield "retry: 2000\n\n"
     with hub.watch(job_id) as published:
-        quiet_since = time.monotonic()
+        quiet_since = checked_at = time.monotonic()
+        read_at = 0.0
         while True:
+            now = time.monotonic()
+            if now - checked_at >= pacing.recheck_s:
+                if not may_act():
+                    return
+                checked_at = now
+            if now - read_at < pacing.batch_interval_s:
+                time.sleep(pacing.batch_interval_s - (now - read_at))
+            read_at = time.monotonic()
             published.clear()  # before reading: an event stored after this read wakes the wait below
-            batch = db.events_since(job_id, last)
-            for job_event in batch:
-                last = job_event.seq
+            published_run = hub.recent_after(job_id, last)
+            batch: Sequence[StreamedEvent] = published_run or db.events_since(job_id, last)
+            for job_event in _coalesce_batches(batch):
                 yield _sse(job_event, roots)
                 if _is_terminal(job_event):
                     return
             if batch:
+                last = batch[-1].seq
                 quiet_since = time.monotonic()
-                continue
-            job = db.get_job(job_id)
-            if job is None:
-                return
-            if job.is_terminal:
-                # Ended without a terminal event after ours (or a resume past it): flush what is left, stop.
-                for job_event in db.events_since(job_id, last):
-                    yield _sse(job_event, roots)
-                return
+                if not published_run:
+                    continue  # read from the DB: it may hold more (a long history comes in pages)
+                # From the hub: straight to the wait, since anything published after the clear above set the
+                # flag; a busy job's streams read no DB at all.
+            else:
+                job = db.get_job(job_id)
+                if job is None:
+                    return
+                if job.is_terminal:
+                    # Ended without a terminal event after ours (or a resume past it): flush what is left, stop.
+                    for job_event in db.events_since(job_id, last):
+                        yield _sse(job_event, roots)
+                    return
             quiet = time.monotonic() - quiet_since
-            if quiet >= keepalive_s:
+            if quiet >= pacing.keepalive_s:
                 quiet_since = time.monotonic()
                 yield _KEEPALIVE
                 continue
-            hub.wait(published, keepalive_s - quiet)
+            until_check = pacing.recheck_s - (time.monotonic() - checked_at)
+            hub.wait(published, max(0.0, min(pacing.keepalive_s - quiet, until_check)))
 
 
-def _sse(job_event: JobEvent, roots: list[str]) -> str:
+def _coalesce_batches(batch: Sequence[StreamedEvent]) -> list[StreamedEvent]:
+    """The events of one read with every ``batch`` progress event but the last dropped (order kept)."""
+    last_batch = max((i for i, e in enumerate(batch) if e.event.get("event") == "batch"), default=-1)
+    return [e for i, e in enumerate(batch) if i == last_batch or e.event.get("event") != "batch"]
+
+
+def _sse(job_event: StreamedEvent, roots: list[str]) -> str:
     """One event as SSE; server paths in it (a trainer's detail, its artifact paths) cut to file names."""
     name = str(job_event.event.get("event", "message")).replace("\n", " ")
-    data = scrub_paths(json.dumps(job_event.event, separators=(",", ":")), roots)
+    data = _scrubbed(json.dumps(job_event.event, separators=(",", ":")), tuple(roots))
     return f"id: {job_event.seq}\nevent: {name}\ndata: {data}\n\n"
 
 
-def _is_terminal(job_event: JobEvent) -> bool:
+@lru_cache(maxsize=4096)
+def _scrubbed(data: str, roots: tuple[str, ...]) -> str:
+    """:func:`scrub_paths`, once per event text in this process: every stream of a job sends the same events."""
+    return scrub_paths(data, roots)
+
+
+def _is_terminal(job_event: StreamedEvent) -> bool:
     return job_event.event.get("event") == "state" and job_event.event.get("state") in TERMINAL_STATES
 
 
 def _last_event_id() -> int:
-    raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
-    if not re.fullmatch(r"[0-9]{1,18}", raw.strip()):
-        raise Unprocessable(
-            f"Expected Last-Event-ID (or ?last_event_id=) to be an event sequence number. Received: {raw!r}",
-            field="last_event_id",
-        )
+    """Where the stream resumes: the ``Last-Event-ID`` header, else ``?last_event_id=``; each one sent must be
+    a sequence number (a bad query value is refused even when the header wins)."""
+    sent = {
+        "Last-Event-ID": request.headers.get("Last-Event-ID"),
+        "last_event_id": request.args.get("last_event_id"),
+    }
+    for name, raw in sent.items():
+        if raw is not None and not re.fullmatch(r"[0-9]{1,18}", raw.strip()):
+            raise Unprocessable(
+                f"Expected {name} to be an event sequence number (0 or more). Received: {raw!r}",
+                field="last_event_id",
+            )
+    raw = sent["Last-Event-ID"] or sent["last_event_id"] or "0"
     return int(raw)
 
 

@@ -79,3 +79,56 @@ def test_query_parameters_come_from_the_query_model(client) -> None:  # type: ig
         document = client.get("/openapi.json").get_json()
         schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
     assert "queued" in schema["enum"]
+
+
+# ── the document and the behaviour agree (what schemathesis found) ──────────────────────────────────
+def test_the_documented_bounds_of_limit_are_the_enforced_ones(client, tokens) -> None:  # type: ignore[no-untyped-def]
+    spec = client.get("/openapi.json").get_json()
+    limit = next(p for p in spec["paths"]["/v1/jobs"]["get"]["parameters"] if p["name"] == "limit")
+    assert (limit["schema"]["minimum"], limit["schema"]["maximum"]) == (1, 200)
+    headers = {"Authorization": f"Bearer {tokens.alice}"}
+    assert client.get("/v1/jobs?limit=0", headers=headers).status_code == 422
+    assert client.get("/v1/jobs?limit=1", headers=headers).status_code == 200
+    assert client.get("/v1/jobs?limit=200", headers=headers).status_code == 200
+    assert client.get("/v1/jobs?limit=201", headers=headers).status_code == 422
+
+
+def test_an_empty_notify_url_is_refused_by_the_documented_schema(client, tokens) -> None:  # type: ignore[no-untyped-def]
+    spec = client.get("/openapi.json").get_json()
+    schemas = spec["components"]["schemas"]
+    item = schemas["NotifyIn"]["properties"]["notify"]["items"]
+    assert item["minLength"] == 1 and "pattern" in item
+    headers = {"Authorization": f"Bearer {tokens.alice}"}
+    for bad in ("", "no-scheme", "A://["):  # the last once answered 500 (urlsplit: Invalid IPv6 URL)
+        response = client.put("/v1/users/me/notify", json={"notify": [bad]}, headers=headers)
+        assert response.status_code == 422, response.get_json()
+        assert "notify" in response.get_data(as_text=True)
+    ok = client.put("/v1/users/me/notify", json={"notify": ["https://hooks.example.com/x"]}, headers=headers)
+    assert ok.status_code == 200, ok.get_json()
+
+
+def test_the_upload_documents_a_file_part_and_events_their_429(client) -> None:  # type: ignore[no-untyped-def]
+    spec = client.get("/openapi.json").get_json()
+    multipart = spec["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert multipart["schema"]["properties"]["file"]["format"] == "binary"
+    assert "429" in spec["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]
+
+
+@pytest.mark.parametrize(
+    ("header", "query"), [("3", "x"), ("x", "3"), ("-1", None), (None, "1e3")]
+)
+def test_a_bad_last_event_id_is_refused_even_beside_a_good_one(  # type: ignore[no-untyped-def]
+    client, app, tokens, header: str | None, query: str | None
+) -> None:
+    db = app.extensions["gpuyard"].db
+    alice = db.user_for_token(tokens.alice)
+    dataset, _ = db.add_dataset(alice.id, "e" * 64, 1, {}, "datasets/ee/x.h5")
+    job = db.create_job(alice.id, dataset.id, {"architecture": {"family": "mlp", "widths": [8]}}, max_active=10,
+                        max_attempts=1)  # fmt: skip
+    headers = {"Authorization": f"Bearer {tokens.alice}"}
+    if header is not None:
+        headers["Last-Event-ID"] = header
+    path = f"/v1/jobs/{job.id}/events" + (f"?last_event_id={query}" if query is not None else "")
+    response = client.get(path, headers=headers)
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert "last_event_id" in response.get_data(as_text=True)

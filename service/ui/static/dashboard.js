@@ -201,6 +201,18 @@
     return "rgb(" + [0, 1, 2].map(function (k) { return Math.round(a[k] + (b[k] - a[k]) * f); }).join(",") + ")";
   }
 
+  // Where each sampled epoch's column sits: at its true epoch on a linear axis from the first to the last
+  // epoch, as wide as the gap to the next sample (epochs 0, 1, 17, 28 are not four equal steps).
+  function heatmapColumns(epochs, left, width) {
+    if (!epochs.length) return [];
+    var first = epochs[0], span = epochs[epochs.length - 1] - first + 1;
+    var unit = width / Math.max(1, span);
+    return epochs.map(function (e, i) {
+      var next = i + 1 < epochs.length ? epochs[i + 1] : e + 1;
+      return { x: left + (e - first) * unit, w: Math.max(1, next - e) * unit, unit: unit };
+    });
+  }
+
   function drawHeatmap(canvas, legend, blocks, records, norm) {
     if (!canvas) return;
     var ratio = window.devicePixelRatio || 1;
@@ -218,7 +230,7 @@
     var lo = Math.min.apply(null, logs), hi = Math.max.apply(null, logs);
     if (!isFinite(lo)) { lo = 0; hi = 1; }
     if (hi - lo < 1e-9) hi = lo + 1;
-    var cellWidth = (cssWidth - labelWidth) / Math.max(1, records.length);
+    var columns = heatmapColumns(records.map(function (r) { return r.epoch; }), labelWidth, cssWidth - labelWidth);
     ctx.font = "11px system-ui, sans-serif";
     ctx.textBaseline = "middle";
     blocks.forEach(function (b, row) {
@@ -229,16 +241,20 @@
       records.forEach(function (r, col) {
         var v = norm(r, b);
         ctx.fillStyle = v ? rampColor((Math.log10(v) - lo) / (hi - lo)) : "#ddd";
-        ctx.fillRect(labelWidth + col * cellWidth, row * rowHeight, Math.ceil(cellWidth), rowHeight - 1);
+        ctx.fillRect(columns[col].x, row * rowHeight, Math.ceil(columns[col].w), rowHeight - 1);
       });
     });
     ctx.fillStyle = "#222";
     ctx.textAlign = "center";
-    var step = Math.max(1, Math.ceil(records.length / 12));
+    var lastLabel = -Infinity;
     records.forEach(function (r, col) {
-      if (col % step === 0) ctx.fillText(String(r.epoch), labelWidth + (col + 0.5) * cellWidth, blocks.length * rowHeight + axisHeight / 2);
+      var at = columns[col].x + Math.min(columns[col].w, columns[col].unit) / 2;
+      if (at - lastLabel < 28) return;  // no overlapping labels
+      ctx.fillText(String(r.epoch), at, blocks.length * rowHeight + axisHeight / 2);
+      lastLabel = at;
     });
     canvas.dataset.cells = String(blocks.length * records.length);
+    canvas.dataset.columns = JSON.stringify(columns.map(function (c) { return Math.round(c.x); }));
     if (legend) legend.textContent = "colour: log10(gradient norm) from " + lo.toFixed(2) + " (dark) to " + hi.toFixed(2) + " (yellow); x: epoch, y: block (input side on top)";
   }
 
@@ -483,4 +499,6 @@
     var submitForm = document.getElementById("submit-form");
     if (submitForm) submitPage(submitForm);
   });
+
+  if (typeof module === "object" && module.exports) module.exports.heatmapColumns = heatmapColumns;  // tests (node)
 })();
