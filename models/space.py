@@ -322,7 +322,7 @@ class StudyRequest(BaseModel):
     dataset: str = Field(min_length=1, max_length=64)
     spec: dict[str, Any]
     space: dict[str, Any]
-    objective: Objective = Field(default_factory=Objective)  # type: ignore[arg-type]
+    objective: Objective = Field(default_factory=Objective)
     sampler: Literal["grid", "random", "tpe"] = "tpe"
     trials: int | None = Field(None, ge=1, le=MAX_TRIALS, description="Default: every point of a grid.")
     max_parallel: int = Field(4, ge=1, le=64)

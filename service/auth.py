@@ -1,4 +1,8 @@
-"""Bearer-token authentication: who is calling, and which rows they may see."""
+"""Bearer-token authentication: who is calling, and which rows they may see.
+
+Token and session cookie both end in the one check of service/principal.py (user exists, is not disabled,
+still holds the credential).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from wtforms import ValidationError
 
 from service.errors import BadRequest, Unauthorized
 from service.extensions import services
+from service.principal import Principal, may_act
 from service.sessions import CSRF_HEADER, SAFE_METHODS, session_user
 from store import User
 
@@ -48,18 +53,27 @@ def authenticate() -> None:
             "create a token with 'gpuyard users create NAME'",
             headers={"WWW-Authenticate": _CHALLENGE},
         )
-    user = services().db.user_for_token(token)
-    if user is None:
+    found = services().db.user_for_token(token)
+    principal = Principal.of_token(found.id, token) if found is not None else None
+    user = found if principal is not None and may_act(found, principal) else None
+    if user is None or principal is None:
         raise Unauthorized(
             "the bearer token is not valid",
             headers={"WWW-Authenticate": f'{_CHALLENGE}, error="invalid_token"'},
         )
     g.user = user
+    g.principal = principal
 
 
 def current_user() -> User:
     """The authenticated caller (set by :func:`authenticate`)."""
     return g.user
+
+
+def current_principal() -> Principal:
+    """Who is acting and with which credential (set by :func:`authenticate`): what a long request, an
+    event stream, checks again with :func:`service.principal.acting_user` while it runs."""
+    return g.principal
 
 
 def visible_owner_id() -> int | None:

@@ -4,8 +4,8 @@ Two sources, one registry per scrape:
 
 * :class:`StateCollector` reads the job DB and the workers' heartbeats when Prometheus scrapes, so every
   API process answers the same figures: jobs by state, the queue, queue waits and job durations (the last
-  ``WINDOW_S``), samples/s of running jobs, and per GPU its memory, utilisation, jobs and whether it is
-  online.
+  ``WINDOW_S``), samples/s of running jobs (in all; per job only for a privileged scrape, since job ids
+  belong to users), and per GPU its memory, utilisation, jobs and whether it is online.
 * ``gpuyard_http_request_duration_seconds`` (by route, method and status) is observed in each process.
   Under gunicorn several processes answer: with ``PROMETHEUS_MULTIPROC_DIR`` set (``gpuyard up`` and the
   container set it), prometheus-client's multiprocess mode sums them; without it, a scrape sees only the
@@ -19,13 +19,14 @@ import os
 import time
 from collections.abc import Iterator
 
-from flask import Flask, g, request
+from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from core.states import JOB_STATES
 from store import Database
-from worker.dispatch import HeartbeatSource, gpu_views
+from worker.dispatch import gpu_views
+from worker.heartbeat import HeartbeatSource
 
 #: Seconds of history the wait and duration histograms summarise.
 WINDOW_S = 24 * 3600
@@ -56,8 +57,8 @@ def _histogram(name: str, documentation: str, values: dict[str, list[float]], la
 class StateCollector:
     """Prometheus collector of gpuyard's state, read from the job DB and the heartbeats at each scrape."""
 
-    def __init__(self, db: Database, heartbeats: HeartbeatSource) -> None:
-        self.db, self.heartbeats = db, heartbeats
+    def __init__(self, db: Database, heartbeats: HeartbeatSource, *, per_job: bool = False) -> None:
+        self.db, self.heartbeats, self.per_job = db, heartbeats, per_job
 
     def collect(self) -> Iterator[Metric]:
         now = dt.datetime.now(dt.UTC)
@@ -81,12 +82,18 @@ class StateCollector:
             "outcome",
             DURATION_BUCKETS,
         )
-        rate = GaugeMetricFamily(
-            "gpuyard_job_samples_per_second", "Training throughput of running jobs.", labels=["job"]
+        yield GaugeMetricFamily(
+            "gpuyard_samples_per_second",
+            "Training throughput of all running jobs together.",
+            value=sum(snapshot.samples_per_s.values()),
         )
-        for job_id, samples in snapshot.samples_per_s.items():
-            rate.add_metric([job_id], samples)
-        yield rate
+        if self.per_job:  # job ids are users' data: only for the metrics token or an admin
+            rate = GaugeMetricFamily(
+                "gpuyard_job_samples_per_second", "Training throughput of each running job.", labels=["job"]
+            )
+            for job_id, samples in snapshot.samples_per_s.items():
+                rate.add_metric([job_id], samples)
+            yield rate
         labels = ["uuid", "index", "host"]
         families = {
             "online": GaugeMetricFamily("gpuyard_gpu_online", "1 while its worker sends heartbeats.", labels=labels),
@@ -107,10 +114,10 @@ class StateCollector:
         yield from families.values()
 
 
-def scrape(db: Database, heartbeats: HeartbeatSource) -> bytes:
-    """The text exposition of every metric, for one scrape."""
+def scrape(db: Database, heartbeats: HeartbeatSource, *, per_job: bool = False) -> bytes:
+    """The text exposition of every metric, for one scrape; series labelled by job only with ``per_job``."""
     registry = CollectorRegistry()
-    registry.register(StateCollector(db, heartbeats))  # type: ignore[arg-type]
+    registry.register(StateCollector(db, heartbeats, per_job=per_job))
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)
     else:
@@ -126,7 +133,7 @@ def observe_requests(app: Flask) -> None:
         g.request_started = time.perf_counter()
 
     @app.after_request
-    def _observe(response):  # type: ignore[no-untyped-def]
+    def _observe(response: Response) -> Response:
         started = g.pop("request_started", None)
         if started is not None:
             route = request.url_rule.rule if request.url_rule is not None else "unmatched"

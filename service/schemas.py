@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from core.names import EXPORT_FORMATS
-from core.states import JOB_STATES, QUEUED
+from core.states import QUEUED, JobState
 from models.data.summary import DatasetSummary
 from store import Dataset, Job, JobEvent, Operation
-
-JobState = Literal[JOB_STATES]  # type: ignore[valid-type]
 
 # allOf: a bare $ref beside a description would make pydantic resolve the ref, which lives elsewhere.
 SpecObject = Annotated[dict[str, Any], WithJsonSchema({"allOf": [{"$ref": "#/components/schemas/JobSpec"}]})]
@@ -20,6 +19,28 @@ SpecObject = Annotated[dict[str, Any], WithJsonSchema({"allOf": [{"$ref": "#/com
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+NOTIFY_URL_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://"
+
+
+def _splits_as_url(url: str) -> str:
+    """``url`` if ``urllib`` can take it apart (``a://[`` cannot: an unclosed IPv6 bracket)."""
+    try:
+        urlsplit(url).hostname  # noqa: B018 (parsing is the check)
+    except ValueError as exc:
+        raise ValueError(f"Expected a URL that parses. Received: {url!r:.80} ({exc})") from exc
+    return url
+
+
+NotifyUrl = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=2048, pattern=NOTIFY_URL_PATTERN),
+    AfterValidator(_splits_as_url),
+    Field(description="A webhook (http(s)://) or apprise URL (scheme://...)."),
+]
+"""One notify URL as the API documents it: what no scheme can accept (empty, no ``scheme://``) is refused by
+the schema itself, so the published document says so; worker/notify.py checks the rest."""
 
 
 # ── errors ──
@@ -101,7 +122,7 @@ class UserOut(BaseModel):
 class NotifyIn(_Body):
     """PUT /v1/users/me/notify: the default notify URLs of your jobs ([] for none)."""
 
-    notify: list[str]
+    notify: list[NotifyUrl]
 
 
 class WebhookSecretOut(BaseModel):
@@ -124,7 +145,7 @@ class JobCreate(_Body):
         description="Higher goes first; at most your max_priority (an admin sets it; default 0). "
         "Within a priority the queue is ordered by fair share (see README).",
     )
-    notify: list[str] | None = Field(
+    notify: list[NotifyUrl] | None = Field(
         None,
         description="URLs told when the job ends (succeeded, failed, cancelled, interrupted): http(s):// webhooks "
         "(a signed JSON POST) or apprise URLs (slack://, mailto://, ...). Absent: your default list "
@@ -208,7 +229,7 @@ class JobOut(BaseModel):
         return cls(
             id=job.id,
             owner=job.owner.name,
-            state=job.state,  # type: ignore[arg-type]
+            state=job.state,
             spec=job.spec,
             dataset=job.dataset_id,
             priority=job.priority,
@@ -336,7 +357,7 @@ class JobEventOut(BaseModel):
 # ── model operations (evaluate, predict, export a finished job's model) ──
 OperationKind = Literal["evaluate", "predict", "export"]
 Split = Literal["test", "val", "train"]
-ExportFormat = Literal[EXPORT_FORMATS]  # type: ignore[valid-type]
+ExportFormat = Literal[EXPORT_FORMATS]  # type: ignore[valid-type]  # a Literal of a constant tuple: pydantic reads it
 
 
 class EvaluateIn(_Body):
@@ -385,8 +406,8 @@ class OperationOut(BaseModel):
         return cls(
             id=operation.id,
             job=operation.job_id,
-            kind=operation.kind,  # type: ignore[arg-type]
-            state=operation.state,  # type: ignore[arg-type]
+            kind=operation.kind,
+            state=operation.state,
             request={k: v for k, v in operation.request.items() if k != "input_file"},
             result=operation.result,
             error_reason=operation.error_reason,

@@ -1,7 +1,9 @@
 """The dashboard's sign-in: a signed session cookie holding the user's id and a check of their token's hash.
 
-The raw token never goes into the cookie. The check (the first characters of the token's stored SHA-256)
-makes a session end when its user's token changes. The key that signs cookies and CSRF tokens is the
+The raw token never goes into the cookie. The cookie names a :class:`~service.principal.Principal` (the user's
+id and the first characters of the token's stored SHA-256), checked at every request by the same
+:func:`~service.principal.acting_user` as bearer tokens: a session ends when its user is disabled or their
+token changes. The key that signs cookies and CSRF tokens is the
 ``secret_key`` setting or, when it is empty, a random key kept in ``<data_dir>/secret-key`` so that every
 API process of the stack shares it.
 """
@@ -9,17 +11,17 @@ API process of the stack shares it.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import os
 import secrets
 import tempfile
 from pathlib import Path
 
-from flask import Flask, request, session
+from flask import Flask, g, request, session
 from flask.sessions import SecureCookieSessionInterface
 
 from core.settings import Settings
 from service.extensions import services
+from service.principal import Principal, acting_user
 from store import User
 
 SECRET_KEY_FILE = "secret-key"
@@ -28,7 +30,6 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSRF_HEADER = "X-CSRFToken"
 _USER_ID = "user_id"
 _TOKEN_CHECK = "token_check"
-_TOKEN_CHECK_CHARS = 16
 
 
 class _SessionInterface(SecureCookieSessionInterface):
@@ -80,7 +81,7 @@ def sign_in(user: User) -> None:
     """Start a fresh session for ``user`` (a new session, so a planted one cannot be kept)."""
     session.clear()
     session[_USER_ID] = user.id
-    session[_TOKEN_CHECK] = user.token_hash[:_TOKEN_CHECK_CHARS]
+    session[_TOKEN_CHECK] = Principal.of(user).credential_check
 
 
 def sign_out() -> None:
@@ -88,12 +89,14 @@ def sign_out() -> None:
 
 
 def session_user() -> User | None:
-    """The signed-in user of this request's session cookie, or None."""
+    """The signed-in user of this request's session cookie if they may act now (else None); the session's
+    principal is kept in ``g.principal`` for checks later in the request (an event stream's)."""
     user_id = session.get(_USER_ID)
     check = session.get(_TOKEN_CHECK)
     if not isinstance(user_id, int) or not isinstance(check, str):
         return None
-    user = services().db.get_user(user_id)
-    if user is None or not hmac.compare_digest(user.token_hash[:_TOKEN_CHECK_CHARS], check):
-        return None
+    principal = Principal(user_id, check)
+    user = acting_user(services().db, principal)
+    if user is not None:
+        g.principal = principal
     return user

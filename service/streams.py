@@ -2,9 +2,12 @@
 
 Each open stream registers with its process's :class:`EventHub` and sleeps. The hub's single listener
 (a greenlet under gunicorn's gevent worker, a thread elsewhere) is subscribed to the supervisors' Redis
-pub/sub channels (``worker.relay.EVENTS_PATTERN``); a message for a job wakes that job's streams, which
-then read the new events from the job DB — the DB stays the record, pub/sub only says "look now". While
-Redis is unreachable the streams poll the DB every ``sse_poll_interval_s`` instead.
+pub/sub channels (``worker.relay.EVENTS_PATTERN``); a message for a job wakes that job's streams. The
+supervisors publish each event after storing it, with its sequence number: the hub keeps the last few of
+every watched job (:meth:`EventHub.recent_after`), so the streams of a busy job send what was published
+without each asking the DB; a stream that finds a gap (a message it never saw, an event stored by someone
+who only said "look now") reads the job DB, which stays the record. While Redis is unreachable the
+streams poll the DB every ``sse_poll_interval_s`` instead.
 
 :class:`StreamSlots` counts each user's open streams across every API process (a Redis sorted set per
 user whose members expire unless refreshed, so a killed process's streams age out); past the cap a new
@@ -14,12 +17,14 @@ stream is refused with 429 and ``Retry-After``. Without Redis it counts in this 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator
+from typing import Any, NamedTuple, Protocol
 
 import redis
 
@@ -28,6 +33,24 @@ from worker.relay import EVENTS_PATTERN, job_of_channel
 log = logging.getLogger(__name__)
 
 _RETRY_S = 1.0
+_RECENT_PER_JOB = 64
+
+
+class StreamedEvent(Protocol):
+    """What a stream sends: a stored job event (``store.JobEvent``) or a published one (:class:`RecentEvent`)."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def event(self) -> dict[str, Any]: ...
+
+
+class RecentEvent(NamedTuple):
+    """A job event as its supervisor published it (already stored in the job DB under ``seq``)."""
+
+    seq: int
+    event: dict[str, Any]
 
 
 class EventHub:
@@ -44,6 +67,7 @@ class EventHub:
         self.live = threading.Event()
         self._lock = threading.Lock()
         self._watchers: dict[str, set[threading.Event]] = defaultdict(set)
+        self._recent: dict[str, deque[RecentEvent]] = {}
         self._listener: threading.Thread | None = None
         self._closing = threading.Event()
 
@@ -61,10 +85,26 @@ class EventHub:
                 self._watchers[job_id].discard(flag)
                 if not self._watchers[job_id]:
                     del self._watchers[job_id]
+                    self._recent.pop(job_id, None)
 
     def wait(self, flag: threading.Event, timeout_s: float) -> bool:
         """Sleep until ``flag`` is set or ``timeout_s`` passes (``poll_s`` at most while Redis is down)."""
         return flag.wait(timeout_s if self.live.is_set() else min(timeout_s, self.poll_s))
+
+    def recent_after(self, job_id: str, after_seq: int) -> list[RecentEvent] | None:
+        """The published events of ``job_id`` from ``after_seq + 1`` on, without a gap; None when the hub
+        does not hold ``after_seq + 1`` (read the job DB then)."""
+        with self._lock:
+            recent = list(self._recent.get(job_id, ()))
+        start = next((i for i, e in enumerate(recent) if e.seq == after_seq + 1), None)
+        if start is None:
+            return None
+        run = [recent[start]]
+        for event in recent[start + 1 :]:
+            if event.seq != run[-1].seq + 1:
+                break
+            run.append(event)
+        return run
 
     def watching(self) -> int:
         """How many streams wait on this hub now."""
@@ -83,6 +123,7 @@ class EventHub:
                 self._listener.start()
 
     def _listen(self) -> None:
+        assert self.redis_url is not None  # started only with a broker (listen_for)
         warned = False
         while not self._closing.is_set():
             client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, health_check_interval=30)
@@ -99,7 +140,7 @@ class EventHub:
                 while not self._closing.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "pmessage":
-                        self._wake(job_of_channel(message["channel"]))
+                        self._wake(job_of_channel(message["channel"]), message.get("data"))
             except (redis.RedisError, OSError) as exc:
                 if not warned:
                     log.warning("event hub: Redis unreachable (%s); streams poll the job DB until it is back", exc)
@@ -111,19 +152,41 @@ class EventHub:
                     client.close()
             self._closing.wait(_RETRY_S)
 
-    def _wake(self, job_id: str | None) -> None:
+    def _wake(self, job_id: str | None, data: bytes | str | None = None) -> None:
         if job_id is None:
             return
+        published = _published_event(data)
         with self._lock:
             flags = list(self._watchers.get(job_id, ()))
+            if flags and published is not None:
+                recent = self._recent.setdefault(job_id, deque(maxlen=_RECENT_PER_JOB))
+                if not recent or published.seq > recent[-1].seq:  # a republished older one is in the DB
+                    recent.append(published)
         for flag in flags:
             flag.set()
 
     def _wake_all(self) -> None:
         with self._lock:
             flags = [flag for group in self._watchers.values() for flag in group]
+            self._recent.clear()  # messages were missed: every stream reads the DB once
         for flag in flags:
             flag.set()
+
+
+def _published_event(data: bytes | str | None) -> RecentEvent | None:
+    """The stored event a message carries (``{"seq": N, ...event}``), or None (a bare "look now")."""
+    if not data:
+        return None
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(payload, dict):
+        return None
+    seq = payload.pop("seq", None)
+    if not isinstance(seq, int) or isinstance(seq, bool) or "event" not in payload:
+        return None
+    return RecentEvent(seq, payload)
 
 
 # Atomic across API processes: drop expired members, refuse past the cap, else add this stream.

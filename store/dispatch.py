@@ -17,7 +17,7 @@ from core.states import (
     SUCCEEDED,
     TERMINAL_STATES,
 )
-from store.base import _NOT_WAITING, StoreBase
+from store.base import _NOT_WAITING, StoreBase, rowcount
 from store.tables import (
     Dataset,
     DispatchLock,
@@ -67,12 +67,12 @@ class DispatchTxn:
     def mark_dispatched(self, job_id: str, gpu: str, now: dt.datetime) -> bool:
         """Place a waiting job on ``gpu`` (a UUID or ``cpu``); False when it is no longer waiting."""
         return (
-            self.session.execute(
+            rowcount(self.session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == QUEUED, Job.dispatched_at.is_(None))
                 .values(gpu=gpu, dispatched_at=now, **_NOT_WAITING)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             == 1
         )
 
@@ -88,7 +88,7 @@ class DispatchTxn:
         now: dt.datetime,
     ) -> None:
         """Say where a queued job stands (shown by GET /v1/jobs/<id>), recording ``event`` when given."""
-        changed = self.session.execute(
+        changed = rowcount(self.session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == QUEUED, Job.dispatched_at.is_(None))
             .values(
@@ -98,7 +98,7 @@ class DispatchTxn:
                 estimated_start_at=estimated_start_at,
             )
             .execution_options(synchronize_session=False)
-        ).rowcount
+        ))
         if changed == 1 and event is not None:
             self.append(self.session, job_id, event, now)
 
@@ -119,12 +119,12 @@ class DispatchStore(StoreBase):
         with self._begin() as s:
             if self.is_postgres:
                 s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_DISPATCH_LOCK})
-            held = s.execute(
+            held = rowcount(s.execute(
                 update(DispatchLock)
                 .where(DispatchLock.id == 1)
                 .values(held_by=holder, held_at=now)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if held != 1:
                 s.add(DispatchLock(id=1, held_by=holder, held_at=now))
                 s.flush()
@@ -141,12 +141,12 @@ class DispatchStore(StoreBase):
         dispatch pass places the job again."""
         with self._begin() as s:
             return (
-                s.execute(
+                rowcount(s.execute(
                     update(Job)
                     .where(Job.id == job_id, Job.state == QUEUED, Job.dispatched_at == dispatched_at)
                     .values(gpu=None, dispatched_at=None, dispatch_note=note, waiting_reason=reason)
                     .execution_options(synchronize_session=False)
-                ).rowcount
+                ))
                 == 1
             )
 

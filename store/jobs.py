@@ -21,7 +21,7 @@ from core.states import (
     RUNNING,
     TERMINAL_STATES,
 )
-from store.base import _CANCELLED_REASON, _NOT_WAITING, StoreBase, _state_event
+from store.base import _CANCELLED_REASON, _NOT_WAITING, StoreBase, _state_event, rowcount
 from store.errors import ActiveJobLimit, UnknownDataset
 from store.tables import (
     Dataset,
@@ -87,7 +87,7 @@ class JobsStore(StoreBase):
                 select(func.count())
                 .select_from(Job)
                 .where(Job.owner_id == owner_id, Job.state.in_(ACTIVE_STATES), Job.study_id.is_(None))
-            )
+            ) or 0
             if active >= max_active and study_id is None:
                 raise ActiveJobLimit(
                     f"you have {active} queued or running jobs; the limit is {max_active}. "
@@ -206,9 +206,9 @@ class JobsStore(StoreBase):
         with self._begin() as s:
             if self.is_postgres:
                 s.execute(select(Job.id).where(Job.id == job_id).with_for_update())
-            claimed = s.execute(
+            claimed = rowcount(s.execute(
                 update(Job).where(runnable).values(**values).execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if claimed != 1:
                 return None
             job = s.get(Job, job_id, populate_existing=True)
@@ -226,12 +226,12 @@ class JobsStore(StoreBase):
         now = now or utcnow()
         with self._begin() as s:
             return (
-                s.execute(
+                rowcount(s.execute(
                     update(Job)
                     .where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
                     .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
                     .execution_options(synchronize_session=False)
-                ).rowcount
+                ))
                 == 1
             )
 
@@ -251,12 +251,12 @@ class JobsStore(StoreBase):
             condition = and_(condition, Job.lease_owner == owner)
         with self._begin() as s:
             return (
-                s.execute(
+                rowcount(s.execute(
                     update(Job)
                     .where(condition)
                     .values(last_progress=progress)
                     .execution_options(synchronize_session=False)
-                ).rowcount
+                ))
                 == 1
             )
 
@@ -309,12 +309,12 @@ class JobsStore(StoreBase):
                 if pruned is not None and pruned[0] is not None:
                     state, reason, detail = PRUNED, pruned[0], pruned[1]
                     values.update(state=state, error_reason=reason, error_detail=detail)
-            done = s.execute(
+            done = rowcount(s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
                 .values(**values)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if done != 1:
                 return False
             self._append(s, job_id, _state_event(state, reason, detail, exit_code), now)
@@ -365,12 +365,12 @@ class JobsStore(StoreBase):
         """
         now = now or utcnow()
         with self._begin() as s:
-            changed = s.execute(
+            changed = rowcount(s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == QUEUED)
                 .values(state=INTERRUPTED, finished_at=now, error_reason=reason, error_detail=detail)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if changed == 1:
                 self._append(s, job_id, _state_event(INTERRUPTED, reason, detail, None), now)
             return changed == 1
@@ -391,12 +391,12 @@ class JobsStore(StoreBase):
                 .execution_options(synchronize_session=False)
             )
             detail = "cancelled before it started"
-            cancelled = s.execute(
+            cancelled = rowcount(s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == QUEUED)
                 .values(state=CANCELLED, finished_at=now, error_reason=_CANCELLED_REASON, error_detail=detail)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if cancelled == 1:
                 self._append(s, job_id, _state_event(CANCELLED, _CANCELLED_REASON, detail, None), now)
             return s.get(Job, job_id, populate_existing=True)
@@ -457,15 +457,16 @@ class JobsStore(StoreBase):
             values = {"state": new_state, **cleared, **extra}
             if new_state == INTERRUPTED:
                 values["error_detail"] = f"{detail or reason}; no attempts left"
-            changed = s.execute(
+            changed = rowcount(s.execute(
                 update(Job).where(held, condition).values(**values).execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if changed == 1:
                 event_reason = reason if new_state != CANCELLED else _CANCELLED_REASON
-                if new_state == PRUNED:
-                    event_reason, detail = s.execute(
+                if new_state == PRUNED:  # the reason and detail the study driver gave (copied above)
+                    pruned_reason, detail = s.execute(
                         select(Job.error_reason, Job.error_detail).where(Job.id == job_id)
                     ).one()
+                    event_reason = pruned_reason or reason
                 self._append(s, job_id, _state_event(new_state, event_reason, detail, None), now)
                 return new_state
         return None

@@ -1,162 +1,253 @@
-"""Schema versions of the job database: append-only steps, applied under a lock by :func:`migrate`."""
+"""The job database's schema, owned by Alembic: upgrade, inspect, and refuse a database that is behind.
+
+Revisions live in store/alembic/versions/ (one per schema change; ``0006`` is the base, the schema gpuyard
+had when it moved to Alembic). A database made before that has a home-made ``schema_version`` table:
+:func:`upgrade` brings it to version 6 once (store/legacy.py), stamps it at the base and goes on to head.
+
+Who migrates: only ``gpuyard db upgrade`` (:func:`upgrade`). Every other process (``gpuyard up``, the API,
+the workers, the janitor, ``gpuyard users``) calls :func:`ensure_schema`: an empty database is created at
+head (nothing to lose), one at head is used, and one behind is refused with :class:`SchemaBehind`, whose
+message names the command. Migrating data is an operator's deliberate step, done once, not a race
+between processes starting.
+
+gpuyard's revision lives in its own table, ``gpuyard_alembic_version``: Optuna (worker/studies.py) keeps its
+tables in the same database and its schema revision in Alembic's default ``alembic_version``. A database
+made before the rename (gpuyard's revision in ``alembic_version``) is still recognised, and :func:`upgrade`
+moves the revision over once.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, func, inspect, select, text
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, inspect, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.types import TypeEngine
 
-from core.states import JOB_STATES
-from store.errors import SchemaError
-from store.tables import Base, DispatchLock, Gpu, Job, Operation, SchemaVersion, Study, utcnow
+from store import legacy
+from store.errors import SchemaBehind, SchemaError
+from store.tables import Job
 
-
-@dataclass(frozen=True)
-class Migration:
-    """One schema step. ``apply`` runs inside the migration transaction, holding the migration lock."""
-
-    version: int
-    description: str
-    apply: Callable[[Connection], None]
-
-
-def _v1_initial(conn: Connection) -> None:
-    Base.metadata.create_all(conn)
-
-
-def _v2_gpus(conn: Connection) -> None:
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN dispatched_at TIMESTAMP"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN dispatch_note VARCHAR(300)"))
-    Gpu.__table__.create(conn)
-    DispatchLock.__table__.create(conn)
-
-
-def _v3_users_disabled(conn: Connection) -> None:
-    conn.execute(text("ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE"))
-
-
-def _v4_sharing(conn: Connection) -> None:
-    conn.execute(text("ALTER TABLE users ADD COLUMN max_priority INTEGER NOT NULL DEFAULT 0"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN queue_position INTEGER"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN waiting_reason VARCHAR(32)"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN estimated_start_at TIMESTAMP"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN memory_fraction_auto BOOLEAN NOT NULL DEFAULT FALSE"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN suggested_memory_fraction FLOAT"))
-    # Version 2 creates ``gpus`` from the current model, so a database migrated from 1 already has it.
-    if "backends" not in {c["name"] for c in inspect(conn).get_columns("gpus")}:
-        conn.execute(text("ALTER TABLE gpus ADD COLUMN backends JSON"))
-
-
-def _v5_notify(conn: Connection) -> None:
-    conn.execute(text("ALTER TABLE users ADD COLUMN webhook_secret VARCHAR(64)"))
-    conn.execute(text("ALTER TABLE users ADD COLUMN notify JSON"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN notify JSON"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN notify_pending BOOLEAN NOT NULL DEFAULT FALSE"))
-
-
-def _v6_operations(conn: Connection) -> None:
-    Operation.__table__.create(conn)
-
-
-def _v7_studies(conn: Connection) -> None:
-    # Version 1 creates every table from the current models, so a database migrated from 1 already has
-    # these; from 2 to 6 it has none of them.
-    Study.__table__.create(conn, checkfirst=True)
-    columns = {c["name"] for c in inspect(conn).get_columns("jobs")}
-    if "study_id" not in columns:
-        conn.execute(
-            text("ALTER TABLE jobs ADD COLUMN study_id VARCHAR(32) REFERENCES tuning_studies(id) ON DELETE SET NULL")
-        )
-        conn.execute(text("ALTER TABLE jobs ADD COLUMN trial_number INTEGER"))
-        conn.execute(text("ALTER TABLE jobs ADD COLUMN prune_reason VARCHAR(64)"))
-        conn.execute(text("ALTER TABLE jobs ADD COLUMN prune_detail TEXT"))
-        conn.execute(text("CREATE INDEX ix_jobs_study_id ON jobs (study_id)"))
-        conn.execute(text("CREATE UNIQUE INDEX uq_jobs_study_trial ON jobs (study_id, trial_number)"))
-    _widen_state_checks(conn)
-
-
-def _widen_state_checks(conn: Connection) -> None:
-    """The state CHECKs of jobs and operations admit every state of ``core.states`` (``pruned`` came in 7)."""
-    allowed = "state IN ('" + "','".join(JOB_STATES) + "')"
-    if conn.dialect.name == "postgresql":
-        for table, check in (("jobs", "ck_jobs_state"), ("operations", "ck_operations_state")):
-            conn.execute(text(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {check}"))
-            conn.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT {check} CHECK ({allowed})"))
-        return
-    # SQLite cannot alter a CHECK; its documented way to loosen one is to edit the stored CREATE TABLE
-    # (https://sqlite.org/lang_altertable.html#otheralter: no stored row changes meaning).
-    version = conn.exec_driver_sql("PRAGMA schema_version").scalar_one()
-    conn.exec_driver_sql("PRAGMA writable_schema=ON")
-    for table in ("jobs", "operations"):
-        sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type='table' AND name=?", (table,)).scalar_one()
-        widened = re.sub(r"state IN \('[^)]*'\)", allowed, sql)
-        conn.exec_driver_sql("UPDATE sqlite_master SET sql=? WHERE type='table' AND name=?", (widened, table))
-    conn.exec_driver_sql(f"PRAGMA schema_version={int(version) + 1}")
-    conn.exec_driver_sql("PRAGMA writable_schema=OFF")
-
-
-# Append only. A fresh database gets the models' current tables at once and is stamped with the last
-# version (so these steps must leave an old database exactly where create_all leaves a new one).
-MIGRATIONS: list[Migration] = [
-    Migration(1, "users, datasets, jobs, job_events", _v1_initial),
-    Migration(2, "gpus, dispatch_lock; jobs.dispatched_at, jobs.dispatch_note", _v2_gpus),
-    Migration(3, "users.disabled", _v3_users_disabled),
-    Migration(4, "fair sharing: users.max_priority; jobs queue info and memory sizing; gpus.backends", _v4_sharing),
-    Migration(5, "users.webhook_secret, users.notify; jobs.notify, jobs.notify_pending", _v5_notify),
-    Migration(6, "operations (evaluate, predict, export on a finished job)", _v6_operations),
-    Migration(7, "tuning_studies; jobs.study_id, trial_number, prune_reason, prune_detail; state pruned", _v7_studies),
-]
-LATEST_VERSION = MIGRATIONS[-1].version
+SCRIPT_LOCATION = Path(__file__).parent / "alembic"
+BASE_REVISION = "0006"
+UPGRADE_COMMAND = "gpuyard db upgrade"
+#: Where gpuyard's Alembic keeps its revision (not Alembic's default ``alembic_version``: Optuna's).
+VERSION_TABLE = "gpuyard_alembic_version"
+#: The version table gpuyard used before the rename; Optuna's once gpuyard has moved out.
+OLD_VERSION_TABLE = "alembic_version"
+_GPUYARD_REVISION = re.compile(r"\d{4}")  # `alembic revision --rev-id 0007`; Optuna's are "v3.2.0.a" and such
+# Optuna's own tables in the job database (optuna/storages/_rdb/models.py): not gpuyard's schema.
+_OPTUNA_TABLES = re.compile(r"studies|trials|version_info|alembic_version|study_\w+|trial_\w+")
 _PG_MIGRATION_LOCK = 0x67707964  # "gpyd": any constant shared by every process migrating this DB
 
 
-def schema_version(engine: Engine) -> int | None:
-    """The applied schema version, or None on a database never migrated."""
+def compare_type(
+    context: MigrationContext,
+    inspected_column: Any,
+    metadata_column: Any,
+    inspected_type: TypeEngine[Any],
+    metadata_type: TypeEngine[Any],
+) -> bool | None:
+    """Autogenerate's type comparison, knowing one harmless difference: the pre-Alembic steps added some
+    timestamps as ``TIMESTAMP``, which SQLite keeps by name where a new table says ``DATETIME`` (the same
+    storage; SQLAlchemy's DateTime reads both)."""
+    if isinstance(metadata_type, sa.TypeDecorator):
+        metadata_type = metadata_type.impl_instance
+    if isinstance(inspected_type, sa.DateTime) and isinstance(metadata_type, sa.DateTime):
+        return False
+    return None  # the default comparison
+
+
+def is_gpuyard_object(name: str | None, type_: str, parent_names: Any) -> bool:
+    """Autogenerate's ``include_name``: compare gpuyard's tables, never Optuna's (which live beside them)."""
+    return not (type_ == "table" and name is not None and _OPTUNA_TABLES.fullmatch(name) is not None)
+
+
+def migration_context(conn: Connection) -> MigrationContext:
+    """A migration context on ``conn`` reading gpuyard's version table."""
+    return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+
+
+def _old_table_revision(conn: Connection) -> str | None:
+    """gpuyard's revision in the old version table, if it holds one (and not Optuna's)."""
+    if not inspect(conn).has_table(OLD_VERSION_TABLE):
+        return None
+    heads = MigrationContext.configure(conn).get_current_heads()
+    if len(heads) == 1 and _GPUYARD_REVISION.fullmatch(heads[0]):
+        return heads[0]
+    return None
+
+
+def _current_revision(conn: Connection) -> str | None:
+    if inspect(conn).has_table(VERSION_TABLE):
+        return migration_context(conn).get_current_revision()
+    return _old_table_revision(conn)
+
+
+def _move_version_table(conn: Connection) -> None:
+    """Move gpuyard's revision out of ``alembic_version`` (where gpuyard kept it before) into its own table."""
+    if inspect(conn).has_table(VERSION_TABLE):
+        return
+    revision = _old_table_revision(conn)
+    if revision is None:
+        return
+    command.stamp(alembic_config(conn), revision)  # creates gpuyard_alembic_version (env.py names it)
+    conn.execute(text(f"DROP TABLE {OLD_VERSION_TABLE}"))
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic's configuration for the store, built in code (no alembic.ini needed, installed or not).
+
+    Args:
+        connection: run the migrations on this connection, inside its transaction (env.py reads it).
+    """
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPT_LOCATION))
+    # `alembic revision --rev-id 0007 -m studies` writes versions/v0007_studies.py
+    config.set_main_option("file_template", "v%%(rev)s_%%(slug)s")
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def script_directory() -> ScriptDirectory:
+    """The revisions this code knows."""
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    """The newest revision this code knows."""
+    head = script_directory().get_current_head()
+    assert head is not None  # the base revision always exists
+    return head
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """Where a database stands: ``revision`` (Alembic), ``legacy_version`` (pre-Alembic) or neither (empty)."""
+
+    revision: str | None
+    legacy_version: int | None
+    has_tables: bool
+
+    @property
+    def is_empty(self) -> bool:
+        return self.revision is None and self.legacy_version is None and not self.has_tables
+
+    def describe(self) -> str:
+        if self.revision is not None:
+            return f"revision {self.revision}"
+        if self.legacy_version is not None:
+            return f"home-made schema version {self.legacy_version} (before Alembic)"
+        return "gpuyard tables without a schema revision" if self.has_tables else "empty"
+
+
+def _state(conn: Connection) -> SchemaState:
+    return SchemaState(
+        revision=_current_revision(conn),
+        legacy_version=legacy.legacy_version(conn),
+        has_tables=inspect(conn).has_table(Job.__tablename__),
+    )
+
+
+def schema_state(engine: Engine) -> SchemaState:
+    """Where the database at ``engine`` stands (reads only)."""
     with engine.connect() as conn:
-        if not inspect(conn).has_table(SchemaVersion.__tablename__):
-            return None
-        return conn.scalar(select(func.max(SchemaVersion.version)))
+        return _state(conn)
 
 
-def migrate(engine: Engine) -> int:
-    """Bring the schema to :data:`LATEST_VERSION`; safe when several processes start at once.
+@contextlib.contextmanager
+def _locked(engine: Engine) -> Iterator[Connection]:
+    """One transaction holding the migration lock, committed on success: processes migrate one at a time."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+            yield conn
+            conn.commit()
+            return
+        # SQLite changes a foreign key or a CHECK by copying the table (batch mode); with foreign keys on,
+        # dropping the old jobs table would cascade to job_events and operations. So they are off while
+        # migrating (a pragma that only takes effect outside a transaction), and checked before the commit
+        # (https://sqlite.org/lang_altertable.html#otheralter).
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        try:
+            # pysqlite opens transactions lazily; take the write lock now so a second process waits.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield conn
+            broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise SchemaError(f"the migration left rows whose foreign keys point nowhere: {broken[:5]}")
+            conn.commit()
+        finally:
+            conn.rollback()
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+
+
+def _check_known(state: SchemaState) -> None:
+    if state.revision is not None and state.revision not in {s.revision for s in script_directory().walk_revisions()}:
+        raise SchemaError(
+            f"the database is at revision {state.revision}, which this code does not know (head {head_revision()}): "
+            "it was migrated by a newer gpuyard"
+        )
+    if state.revision is None and state.legacy_version is None and state.has_tables:
+        raise SchemaError(
+            f"the database has gpuyard tables but neither a {VERSION_TABLE} nor a schema_version table"
+        )
+
+
+def upgrade(engine: Engine, revision: str = "head") -> str:
+    """Bring the database to ``revision`` (default: head), from any earlier gpuyard's schema or from empty.
 
     Returns:
-        The schema version now applied.
+        The revision now applied.
 
     Raises:
         SchemaError: the database is newer than this code, or holds our tables without a version.
     """
-    with engine.connect() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
-        else:
-            # pysqlite opens transactions lazily; take the write lock now so a second process waits.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        SchemaVersion.__table__.create(conn, checkfirst=True)
-        current = conn.scalar(select(func.max(SchemaVersion.version)))
-        if current is None:
-            if inspect(conn).has_table(Job.__tablename__):
-                raise SchemaError("the database has gpuyard tables but no schema_version row")
-            Base.metadata.create_all(conn)
-            conn.execute(
-                SchemaVersion.__table__.insert().values(
-                    version=LATEST_VERSION, description="created at this version", applied_at=utcnow()
-                )
-            )
-        elif current > LATEST_VERSION:
-            raise SchemaError(f"the database is at schema version {current}; this code knows {LATEST_VERSION}")
-        else:
-            for migration in MIGRATIONS:
-                if migration.version > current:
-                    migration.apply(conn)
-                    conn.execute(
-                        SchemaVersion.__table__.insert().values(
-                            version=migration.version, description=migration.description, applied_at=utcnow()
-                        )
-                    )
-        conn.commit()
-    return LATEST_VERSION
+    with _locked(engine) as conn:
+        _move_version_table(conn)
+        state = _state(conn)
+        _check_known(state)
+        if legacy.upgrade_legacy(conn) is not None:
+            command.stamp(alembic_config(conn), BASE_REVISION)
+        command.upgrade(alembic_config(conn), revision)
+        now = migration_context(conn).get_current_revision()
+    assert now is not None
+    return now
+
+
+def ensure_schema(engine: Engine) -> str:
+    """Create an empty database at head; accept one at head; refuse any other.
+
+    Returns:
+        The head revision.
+
+    Raises:
+        SchemaBehind: the database is at an older revision or a pre-Alembic version (the message names
+            ``gpuyard db upgrade``).
+        SchemaError: the database is newer than this code, or holds our tables without a version.
+    """
+    head = head_revision()
+    state = schema_state(engine)
+    if state.revision == head:
+        return head
+    if state.is_empty:
+        with _locked(engine) as conn:  # several processes may start on one empty database at once
+            if _state(conn).is_empty:
+                command.upgrade(alembic_config(conn), "head")
+        return ensure_schema(engine)
+    _check_known(state)
+    raise SchemaBehind(
+        f"the job database is at {state.describe()}; this gpuyard needs revision {head}. "
+        f"Back it up, then run `{UPGRADE_COMMAND}` (with the same GPUYARD_DATABASE_URL or GPUYARD_DATA_DIR)"
+    )

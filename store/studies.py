@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import and_, case, func, or_, select, update
 
 from core.states import ACTIVE_STATES, RUNNING
-from store.base import StoreBase
+from store.base import StoreBase, rowcount
 from store.errors import ActiveJobLimit, UnknownDataset
 from store.tables import STUDY_ACTIVE, STUDY_CANCELLED, STUDY_FINISHED, Dataset, Job, Study, User, new_id, utcnow
 
@@ -105,7 +105,7 @@ class StudiesStore(StoreBase):
         now = now or utcnow()
         with self._begin() as s:
             return (
-                s.execute(
+                rowcount(s.execute(
                     update(Study)
                     .where(
                         Study.id == study_id,
@@ -114,7 +114,7 @@ class StudiesStore(StoreBase):
                     )
                     .values(driver=driver, driver_until=now + dt.timedelta(seconds=seconds))
                     .execution_options(synchronize_session=False)
-                ).rowcount
+                ))
                 == 1
             )
 
@@ -133,12 +133,12 @@ class StudiesStore(StoreBase):
         driver settles it once Optuna knows how they ended). Returns False if it was not active."""
         with self._begin() as s:
             return (
-                s.execute(
+                rowcount(s.execute(
                     update(Study)
                     .where(Study.id == study_id, Study.state == STUDY_ACTIVE)
                     .values(state=STUDY_CANCELLED)
                     .execution_options(synchronize_session=False)
-                ).rowcount
+                ))
                 == 1
             )
 
@@ -148,7 +148,7 @@ class StudiesStore(StoreBase):
         now = now or utcnow()
         with self._begin() as s:
             return (
-                s.execute(
+                rowcount(s.execute(
                     update(Study)
                     .where(Study.id == study_id, Study.finished_at.is_(None))
                     .values(
@@ -158,7 +158,7 @@ class StudiesStore(StoreBase):
                         driver_until=None,
                     )
                     .execution_options(synchronize_session=False)
-                ).rowcount
+                ))
                 == 1
             )
 
@@ -177,11 +177,11 @@ class StudiesStore(StoreBase):
         """
         with self._begin() as s:
             return (
-                s.execute(
+                rowcount(s.execute(
                     update(Job)
                     .where(and_(Job.id == job_id, Job.state == RUNNING, Job.prune_reason.is_(None)))
                     .values(cancel_requested=True, prune_reason=reason, prune_detail=detail)
                     .execution_options(synchronize_session=False)
-                ).rowcount
+                ))
                 == 1
             )

@@ -12,17 +12,18 @@ dispatcher sends jobs with ``resources.gpu: cpu``) whose trainers see no GPU:
     CUDA_VISIBLE_DEVICES=""  GPUYARD_WORKER_GPU=cpu  -Q <train_queue>  -n <train_queue>@<host>  -c <slots>
 
 while this process (which never touches CUDA: NVML only reads the driver's bookkeeping) publishes every
-``gpu_heartbeat_s`` each GPU's readings to Redis under ``gpuyard:gpu:<uuid>`` with a TTL of
+``gpu_heartbeat_s`` each GPU's readings to Redis (worker/heartbeat.py keys and writes them) with a TTL of
 ``gpu_heartbeat_ttl_s``: memory, utilization, and its processes, each marked gpuyard's (a descendant of
 that GPU's worker) or foreign. No heartbeat → the GPU is offline and gets no new jobs. A child that
-exits stops the fleet (its supervisor — ``gpuyard up``, compose, systemd — restarts the whole).
+exits is started again alone, the others keep their jobs; one that exits ``MAX_RESTARTS`` times within
+``RESTART_WINDOW_S`` stops the fleet (its supervisor — ``gpuyard up``, compose, systemd — restarts the
+whole).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import os
 import signal
@@ -33,7 +34,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import psutil
 import redis
@@ -41,12 +41,16 @@ import redis
 from core.settings import Settings
 from store import Database
 from store.errors import JobDBError
-from worker.dispatch import heartbeat_key
 from worker.gpus import GpuBackend, GpuInfo, get_backend, select_gpus
+from worker.heartbeat import heartbeat, publish, withdraw
 from worker.procs import set_parent_death_signal
 from worker.queues import gpu_queue
 
 log = logging.getLogger(__name__)
+
+#: A worker that exits this many times within ``RESTART_WINDOW_S`` seconds stops the fleet (a crash loop).
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
 
 
 @dataclass
@@ -142,43 +146,6 @@ def installed_backends() -> list[str]:
     return sorted(name for name, module in modules.items() if importlib.util.find_spec(module) is not None)
 
 
-def heartbeat(
-    info: GpuInfo, *, host: str, worker: str, slots: int, ours: set[int], backends: Sequence[str] = ()
-) -> dict[str, Any]:
-    """One GPU's heartbeat: its readings, with each process marked gpuyard's (in ``ours``) or foreign, and
-    the backends its trainers can run."""
-    processes = [
-        {"pid": p.pid, "pgid": _pgid(p.pid), "memory_bytes": p.memory_bytes, "gpuyard": p.pid in ours}
-        for p in info.processes
-    ]
-    gpuyard_bytes = sum(p["memory_bytes"] for p in processes if p["gpuyard"])
-    return {
-        "uuid": info.uuid,
-        "index": info.index,
-        "name": info.name,
-        "pci_bus_id": info.pci_bus_id,
-        "host": host,
-        "worker": worker,
-        "slots": slots,
-        "backends": list(backends),
-        "memory_total_bytes": info.memory_total_bytes,
-        "memory_used_bytes": info.memory_used_bytes,
-        "memory_free_bytes": info.memory_free_bytes,
-        "utilization_percent": info.utilization_percent,
-        "processes": processes,
-        "gpuyard_bytes": gpuyard_bytes,
-        "foreign_bytes": sum(p["memory_bytes"] for p in processes if not p["gpuyard"]),
-        "time": time.time(),
-    }
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
-
-
 class Heartbeats(threading.Thread):
     """Publishes each worker's GPU heartbeat to Redis every ``gpu_heartbeat_s``, with a TTL."""
 
@@ -193,7 +160,6 @@ class Heartbeats(threading.Thread):
         self._warned = False
 
     def beat(self) -> None:
-        ttl_ms = max(1, int(self.settings.gpu_heartbeat_ttl_s * 1000))
         pipe = self._client.pipeline(transaction=False)
         for worker in self.workers:
             assert worker.gpu is not None
@@ -208,7 +174,7 @@ class Heartbeats(threading.Thread):
                 ours=descendants(worker.proc.pid),
                 backends=self.backends,
             )
-            pipe.set(heartbeat_key(worker.gpu.uuid), json.dumps(record), px=ttl_ms)
+            publish(pipe, record, self.settings.gpu_heartbeat_ttl_s)
         try:
             pipe.execute()
             self._warned = False
@@ -230,7 +196,7 @@ class Heartbeats(threading.Thread):
         if self.is_alive():
             self.join(timeout=5)
         with contextlib.suppress(redis.RedisError):  # go offline now rather than at the TTL
-            self._client.delete(*[heartbeat_key(w.gpu.uuid) for w in self.workers if w.gpu is not None])
+            withdraw(self._client, [w.gpu.uuid for w in self.workers if w.gpu is not None])
         self._client.close()
 
 
@@ -259,14 +225,14 @@ def run_fleet(
     backend: GpuBackend | None = None,
     stop: threading.Event | None = None,
 ) -> int:
-    """Start one Celery worker per GPU (and the CPU worker, when planned), publish heartbeats, and wait
-    until a worker exits or a signal (SIGTERM/SIGINT) or ``stop`` ends the fleet; then stop every worker.
-    Returns the exit status."""
+    """Start one Celery worker per GPU (and the CPU worker, when planned), publish heartbeats, start again a
+    worker that exits (alone), and wait until a signal (SIGTERM/SIGINT), ``stop`` or a worker's crash loop
+    ends the fleet; then stop every worker. Returns the exit status (1 after a crash loop)."""
     backend = backend or get_backend(settings)
     stop = stop or threading.Event()
     db = Database(settings.database_url)
     try:
-        db.migrate()
+        db.ensure_schema()  # SchemaBehind (a JobDBError): refuse, naming `gpuyard db upgrade`
         register(db, workers)
     except JobDBError as exc:
         log.error("cannot register the GPUs in the job DB: %s", exc)
@@ -278,31 +244,39 @@ def run_fleet(
             signal.signal(signum, lambda *_: stop.set())
     base_env = dict(os.environ)
     for worker in workers:
-        worker.proc = subprocess.Popen(
-            worker.argv(loglevel), env=worker.env(base_env), preexec_fn=set_parent_death_signal
-        )
-        log.info(
-            "%s: worker %s on queue %s, %d slot(s)",
-            worker.describe(),
-            worker.name,
-            worker.queue,
-            worker.slots,
-        )
+        _start_worker(worker, loglevel, base_env)
     beats = Heartbeats(settings, backend, workers)
     beats.start()
     status = 0
+    exits: dict[str, list[float]] = {w.name: [] for w in workers}
     try:
-        while not stop.wait(0.5):
-            ended = [w for w in workers if w.proc is not None and w.proc.poll() is not None]
-            if ended:
-                for worker in ended:
-                    log.error("worker %s exited with %s; stopping the fleet", worker.name, worker.proc.returncode)  # type: ignore[union-attr]
-                status = 1
-                break
+        while not stop.wait(0.5) and status == 0:
+            for worker in workers:
+                if worker.proc is None or worker.proc.poll() is None:
+                    continue
+                now = time.monotonic()
+                recent = [t for t in exits[worker.name] if now - t < RESTART_WINDOW_S] + [now]
+                exits[worker.name] = recent
+                if len(recent) > MAX_RESTARTS:
+                    log.error(
+                        "worker %s exited %d times within %.0f s (last: %s); stopping the fleet",
+                        worker.name, len(recent), RESTART_WINDOW_S, worker.proc.returncode,
+                    )  # fmt: skip
+                    status = 1
+                    break
+                # Only this one: the other workers' jobs keep running (its own jobs' leases lapse and the
+                # janitor hands them back; their orphaned trainers were sent SIGTERM and checkpoint).
+                log.warning("worker %s exited with %s; starting it again", worker.name, worker.proc.returncode)
+                _start_worker(worker, loglevel, base_env)
     finally:
         beats.stop()
         _stop_workers(workers)
     return status
+
+
+def _start_worker(worker: WorkerPlan, loglevel: str, base_env: dict[str, str]) -> None:
+    worker.proc = subprocess.Popen(worker.argv(loglevel), env=worker.env(base_env), preexec_fn=set_parent_death_signal)
+    log.info("%s: worker %s on queue %s, %d slot(s)", worker.describe(), worker.name, worker.queue, worker.slots)
 
 
 def _stop_workers(workers: Sequence[WorkerPlan], grace_s: float = 30.0) -> None:

@@ -5,7 +5,9 @@ front of the trainer: it asks Linux to send the trainer SIGTERM when the supervi
 (``PR_SET_PDEATHSIG``, kept across ``exec``), so a worker killed with ``kill -9`` does not leave an
 orphaned trainer holding a GPU while the janitor hands the job to another worker. SIGTERM, not SIGKILL,
 so the orphan checkpoints before it exits; the next supervisor on the same host waits for it (see
-``stop_stale_trainer``).
+``stop_stale_trainer``). It also lowers the trainer's CPU priority by ``trainer_nice`` (read from the
+``GPUYARD_TRAINER_NICE`` that :func:`trainer_env` puts in every trainer's environment), so that training
+that saturates the CPUs leaves the API, Redis and the janitor responsive.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import psutil
 from core.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
+#: Where the launcher finds how much to lower the trainer's priority (``Settings.trainer_nice``).
+NICE_ENV = "GPUYARD_TRAINER_NICE"
 
 
 def launcher_argv(argv: Sequence[str], parent_pid: int | None = None) -> list[str]:
@@ -44,6 +48,12 @@ def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     return libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+
+
+def lower_priority(increment: int) -> int:
+    """Add ``increment`` to this process's niceness (kept across ``exec`` and by its children); the new
+    niceness. Unprivileged processes may only lower their priority, which is all this does."""
+    return os.nice(max(0, increment))
 
 
 def group_alive(pgid: int) -> bool:
@@ -146,7 +156,8 @@ EOF = object()
 
 def trainer_env(settings: Settings) -> dict[str, str]:
     """The trainer's environment: ours, plus the settings as ``GPUYARD_*`` so both read the same values
-    (less the DB and Redis URLs: a trainer reports through stdout only)."""
+    (less the DB and Redis URLs: a trainer reports through stdout only). The launcher reads
+    ``GPUYARD_TRAINER_NICE`` from it to lower the trainer's CPU priority."""
     env = dict(os.environ)
     for name, value in settings.model_dump(mode="json").items():
         if value is not None and not isinstance(value, dict | list):
@@ -215,6 +226,7 @@ def _launch(args: list[str]) -> int:
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         return 1
+    lower_priority(int(os.environ.get(NICE_ENV) or 0))
     argv = args[3:]
     os.execvp(argv[0], argv)
     return 1  # not reached

@@ -64,7 +64,10 @@ DRIVER_LEASE_S = 60.0
 #: The events of a trial job the driver reads as they are relayed.
 TRIAL_EVENTS = ("epoch_end", "health")
 PRUNER_REASON = "pruner"
-_STATE_OF = {SUCCEEDED: optuna.trial.TrialState.COMPLETE, PRUNED: optuna.trial.TrialState.PRUNED}
+_STATE_OF: dict[str, optuna.trial.TrialState] = {
+    SUCCEEDED: optuna.trial.TrialState.COMPLETE,
+    PRUNED: optuna.trial.TrialState.PRUNED,
+}
 
 
 @dataclass
@@ -82,17 +85,15 @@ class AdvanceReport:
 def optuna_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna's storage in the job database (its own tables; one engine per process and URL).
 
-    Optuna records its schema revision in Alembic's default ``alembic_version`` table. In a database whose
-    ``alembic_version`` holds gpuyard's own revision Optuna would refuse to start ("no longer compatible"),
-    so its check is skipped: Optuna's tables are created by this Optuna (``create_all``), which is the
-    version that reads them; ``optuna storage upgrade`` is not used on this database.
+    Optuna records its schema revision in Alembic's default ``alembic_version`` table; gpuyard keeps its own
+    in ``gpuyard_alembic_version`` (store/migrations.py), so the two never read each other's.
     """
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 30}}  # the file is in WAL mode already (store/engine.py)
     for attempt in range(3):  # two processes creating Optuna's tables at once: one of them loses, once
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_compatibility_check=True)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
         except Exception:
             if attempt == 2:
                 raise

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import BinaryIO
+import contextlib
+import socket
+from collections.abc import Iterator
+from typing import IO
 
 from flask import Blueprint, Response, request, url_for
+from werkzeug.exceptions import ClientDisconnected
 
 from models.data.summary import DataKeys
 from service.api import query_args, respond
+from service.api.declare import HDF5, documented
 from service.auth import authenticate, current_user, visible_owner_id
-from service.errors import BadRequest, NotFound, UnsupportedMediaType
+from service.errors import BadRequest, NotFound, RequestTimeout, UnsupportedMediaType
 from service.extensions import services
-from service.schemas import DatasetListOut, DatasetOut, DatasetUploadQuery
+from service.schemas import DatasetListOut, DatasetOut, DatasetUploadQuery, ErrorOut
 
 bp = Blueprint("datasets", __name__, url_prefix="/v1/datasets")
 bp.before_request(authenticate)
@@ -21,13 +26,40 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the f
 
 
 @bp.post("")
+@documented(
+    "uploadDataset",
+    summary="Upload an HDF5 data set (raw body or multipart field `file`); 200 when you already have it",
+    query=DatasetUploadQuery,
+    body_media={
+        "application/x-hdf5": HDF5,
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                # a file part (with a filename), not a text field
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "contentMediaType": "application/x-hdf5"}
+                },
+                "required": ["file"],
+            },
+            "encoding": {"file": {"contentType": "application/x-hdf5, application/octet-stream"}},
+        },
+    },
+    responses={201: (DatasetOut, "Stored"), 200: (DatasetOut, "Already yours")},
+    errors=(400, 401, 408, 413, 415, 422),
+)
 def upload() -> Response:
     """Upload an HDF5 file as the raw body or as multipart field ``file``.
 
     The body is streamed to a staging file in 1 MiB chunks while hashed, checked in the sandboxed
     validator, then moved to its content address. 201 when new, 200 when the caller already had
-    these exact bytes, 413 past ``max_upload_bytes``, 422 listing every reason the file is refused.
+    these exact bytes, 413 past ``max_upload_bytes``, 422 listing every reason the file is refused, 408
+    (and the staging file removed at once) when the client sends nothing for ``upload_read_timeout_s``.
     """
+    with _read_timeout(services().settings.upload_read_timeout_s):
+        return _receive()
+
+
+def _receive() -> Response:
     svc = services()
     max_bytes = svc.settings.max_upload_bytes
     # Per request: the app-wide limit is small (JSON bodies); only this endpoint takes large bodies.
@@ -39,10 +71,10 @@ def upload() -> Response:
         upload_file = request.files.get("file")
         if upload_file is None:
             raise BadRequest("expected the HDF5 file in the multipart field 'file'", field="file")
-        stream: BinaryIO = upload_file.stream  # type: ignore[assignment]
+        stream: IO[bytes] = upload_file.stream
         name = query.name or upload_file.filename or None
     elif request.mimetype in RAW_TYPES:
-        stream = request.stream  # type: ignore[assignment]
+        stream = request.stream
         name = query.name
     else:
         raise UnsupportedMediaType(
@@ -78,7 +110,35 @@ def upload() -> Response:
     return respond(DatasetOut.of(dataset), 201 if created else 200, {"Location": location})
 
 
+@contextlib.contextmanager
+def _read_timeout(seconds: float) -> Iterator[None]:
+    """Reads of this request's body that wait ``seconds`` for a byte fail: 408, connection closed.
+
+    The timeout is set on the connection's socket (gunicorn and werkzeug put it in the WSGI environ), so a
+    stalled client is cut off by the read that waits, and the staging file goes with the exception.
+    """
+    sock: socket.socket | None = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+    if sock is None:
+        yield
+        return
+    previous = sock.gettimeout()
+    sock.settimeout(seconds)
+    try:
+        yield
+    except (TimeoutError, ClientDisconnected) as exc:
+        if not isinstance(exc, TimeoutError) and not isinstance(exc.__cause__ or exc.__context__, TimeoutError):
+            raise
+        raise RequestTimeout(
+            f"the upload sent nothing for {seconds:g} s (upload_read_timeout_s); it was cut off, send it again",
+            headers={"Connection": "close"},
+        ) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(previous)
+
+
 @bp.get("")
+@documented("listDatasets", summary="Your data sets (an admin's: everyone's)", responses={200: DatasetListOut})
 def index() -> Response:
     """The caller's data sets (an admin's: everyone's), newest first."""
     datasets = services().db.list_datasets(visible_owner_id())
@@ -86,6 +146,7 @@ def index() -> Response:
 
 
 @bp.get("/<dataset_id>")
+@documented("getDataset", summary="One data set", responses={200: DatasetOut}, errors=(401, 404))
 def show(dataset_id: str) -> Response:
     """One data set and its summary; 404 if it is not the caller's."""
     dataset = services().db.get_dataset(dataset_id, visible_owner_id())
@@ -95,6 +156,12 @@ def show(dataset_id: str) -> Response:
 
 
 @bp.delete("/<dataset_id>")
+@documented(
+    "deleteDataset",
+    summary="Delete a data set (409 while a queued or running job uses it)",
+    responses={204: {"description": "Deleted"}, 409: (ErrorOut, "In use")},
+    errors=(401, 404),
+)
 def remove(dataset_id: str) -> Response:
     """Delete a data set (409 while a queued or running job uses it); the file goes with its last user."""
     delete_dataset(dataset_id, visible_owner_id())

@@ -20,6 +20,7 @@ from models.size import estimated_training_bytes, model_size, size_problems
 from models.space import SpaceError, StudyRequest, apply_params, corner_points, grid_points, point_label
 from models.spec import AUTO, JobSpec, parse_spec
 from service.api import json_body, respond
+from service.api.declare import documented, query_param
 from service.auth import authenticate, current_user, visible_owner_id
 from service.errors import NotFound, Unprocessable
 from service.extensions import services
@@ -34,6 +35,14 @@ bp.before_request(authenticate)
 
 
 @bp.post("")
+@documented(
+    "submitStudy",
+    summary="Check a study (every grid point or corner) and queue its first trials; ?dry_run=1 queues nothing",
+    body=StudyRequest,
+    params=(query_param("dry_run", {"type": "boolean"}, "Check only: trial count, largest trial, first placements"),),
+    responses={201: (StudyOut, "Accepted"), 200: (StudyDryRunOut, "Dry run")},
+    errors=(400, 401, 404, 422, 429),
+)
 def submit() -> Response:
     """Check and record a study (201), then queue its first trials; ``?dry_run=1`` answers the trial count,
     the largest trial's estimate and where the first ``max_parallel`` trials would start (200).
@@ -189,6 +198,7 @@ def _would_start(
 
 
 @bp.get("")
+@documented("listStudies", summary="Your studies (an admin's: everyone's)", responses={200: StudyListOut})
 def index() -> Response:
     """The caller's studies (an admin's: everyone's), newest first, with their counts and best trial."""
     svc = services()
@@ -197,12 +207,19 @@ def index() -> Response:
 
 
 @bp.get("/<study_id>")
+@documented("getStudy", summary="One study with every trial", responses={200: StudyOut}, errors=(401, 404))
 def show(study_id: str) -> Response:
     """One study: its request, every trial (params, state, objective, reason, job) and the best one."""
     return respond(study_out(study_view(services().db, visible_study(study_id)), full=True))
 
 
 @bp.post("/<study_id>/cancel")
+@documented(
+    "cancelStudy",
+    summary="Cancel a study and its queued and running trials",
+    responses={200: StudyOut},
+    errors=(401, 404),
+)
 def cancel(study_id: str) -> Response:
     """Cancel a study: no new trial is asked; its queued trials are cancelled at once, its running ones
     stopped by their workers (checkpoint, exit). Optuna hears each end on the driver's next pass."""

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from flask import Response, redirect, render_template, request, url_for
+from flask import redirect, render_template, request, url_for
+from werkzeug.wrappers import Response
 
 from core.names import ARTIFACT_NAMES, DIAGNOSTICS, HISTORY, TRAINER_LOG
 from core.states import JOB_STATES, QUEUED, RUNNING
 from models.data.summary import DatasetSummary
 from models.spec import resources_of
 from service.api.jobs import job_out
-from service.errors import NotFound, Unprocessable
+from service.errors import NotFound, Unprocessable, scrub_paths, server_roots
 from service.extensions import services
 from service.schemas import JobOut
 from service.ui.base import bp, ui_owner_id
@@ -23,6 +25,19 @@ JOBS_SHOWN = 200
 LOG_TAIL_BYTES = 16 * 1024
 LOG_TAIL_LINES = 60
 MIN_COMPARED, MAX_COMPARED = 2, 8
+
+# What the frameworks print that tells a user nothing they can act on: absl's C++ info/warning lines
+# (oneDNN, CPU instructions, cuDNN factories), Python warnings of the deprecation kind and the source line
+# that follows each, Keras' notice that gpuyard's own .h5 checkpoint is a legacy format.
+_NOISE = re.compile(
+    r"^(?:"
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|[IW]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\]"
+    r"|(?:WARNING:py\.warnings:)?\S+:\d+: (?:Deprecation|PendingDeprecation|Future|User)Warning: "
+    r"|WARNING:absl:You are saving your model as an HDF5 file"
+    r"|This TensorFlow binary is optimized|To enable the following instructions"
+    r")"
+)
 
 
 @bp.get("/jobs")
@@ -109,13 +124,13 @@ def cancel(job_id: str) -> Response:
     _visible(job_id)
     services().db.request_cancel(job_id)
     target = request.form.get("back") == "list"
-    return redirect(url_for("ui.jobs") if target else url_for("ui.job", job_id=job_id))  # type: ignore[return-value]
+    return redirect(url_for("ui.jobs") if target else url_for("ui.job", job_id=job_id))
 
 
 def _memory(job: Job) -> dict[str, Any]:
     """GPU, memory fraction, budget (fraction × total + context allowance) and measured peak."""
     svc = services()
-    fraction = resources_of(job.spec).memory_fraction
+    fraction = resources_of(job.spec).fraction
     gpu = svc.db.get_gpu(job.gpu) if job.gpu and job.gpu != "cpu" else None
     budget = None
     if gpu is not None:
@@ -136,6 +151,7 @@ def _artifacts(job: Job) -> list[str]:
 
 
 def _log_tail(job: Job) -> str | None:
+    """The last lines of the job's trainer log as the dashboard shows them (see :func:`readable_log`)."""
     storage = services().storage
     key = storage.job_key(job.id, TRAINER_LOG)
     if not storage.exists(key):
@@ -145,7 +161,23 @@ def _log_tail(job: Job) -> str | None:
         size = fh.tell()
         fh.seek(max(0, size - LOG_TAIL_BYTES))
         text = fh.read().decode("utf-8", errors="replace")
-    return "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
+    return "\n".join(readable_log(text, server_roots(services().settings)).splitlines()[-LOG_TAIL_LINES:])
+
+
+def readable_log(text: str, roots: list[str]) -> str:
+    """A trainer log without the frameworks' noise (:data:`_NOISE`, and the indented source line a
+    warning prints after itself), and with server paths cut to file names (as job errors are)."""
+    kept: list[str] = []
+    dropping_source = False
+    for line in text.splitlines():
+        if _NOISE.match(line):
+            dropping_source = True
+            continue
+        if dropping_source and line.startswith("  "):  # the warning's source line
+            continue
+        dropping_source = False
+        kept.append(line)
+    return scrub_paths("\n".join(kept), roots)
 
 
 # ── compare ──

@@ -41,9 +41,10 @@ def test_jobs_queue_and_durations_follow_the_job_db(client: FlaskClient, tokens:
     assert queued[("gpuyard_jobs", (("state", "queued"),))] == 1 and queued[("gpuyard_queue_length", ())] == 1
     db.take_lease(job.id, "test-worker", 60, gpu="cpu")
     db.record_progress(job.id, {"samples_per_s": 1234.5})
-    running = samples(client)
+    running = samples(client, headers={"Authorization": f"Bearer {tokens.admin}"})
     assert running[("gpuyard_jobs", (("state", "running"),))] == 1
     assert running[("gpuyard_job_samples_per_second", (("job", job.id),))] == 1234.5
+    assert running[("gpuyard_samples_per_second", ())] == 1234.5
     assert running[("gpuyard_queue_wait_seconds_count", ())] == 1
     db.finish_job(job.id, "test-worker", "succeeded")
     done = samples(client)
@@ -77,6 +78,31 @@ def test_other_hosts_need_the_metrics_token(app: Flask, settings: Settings) -> N
     services(app).settings = settings.model_copy(update={"metrics_token": "s3cret"})
     assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}, **far).status_code == 200
     assert client.get("/metrics", headers={"Authorization": "Bearer nope"}, **far).status_code == 403
+
+
+def test_an_anonymous_scrape_gets_no_job_ids_and_a_privileged_one_does(
+    app: Flask, settings: Settings, tokens: Tokens
+) -> None:
+    db: Database = services(app).db
+    alice = db.user_for_token(tokens.alice)
+    dataset, _ = db.add_dataset(alice.id, "d" * 64, 1, {}, "datasets/dd/x.h5")
+    job = db.create_job(alice.id, dataset.id, SPEC, max_active=10, max_attempts=1)
+    db.take_lease(job.id, "test-worker", 60, gpu="cpu")
+    db.record_progress(job.id, {"samples_per_s": 100.0})
+    client = app.test_client()
+    anonymous = client.get("/metrics").get_data(as_text=True)
+    assert job.id not in anonymous and "gpuyard_job_samples_per_second" not in anonymous
+    assert 'job="' not in anonymous and "alice" not in anonymous
+    assert samples(client)[("gpuyard_samples_per_second", ())] == 100.0
+    services(app).settings = settings.model_copy(update={"metrics_token": "s3cret"})
+    far = {"environ_base": {"REMOTE_ADDR": "203.0.113.7"}}
+    for token in ("s3cret", tokens.admin):
+        privileged = client.get("/metrics", headers={"Authorization": f"Bearer {token}"}, **far)
+        assert privileged.status_code == 200 and f'job="{job.id}"' in privileged.get_data(as_text=True)
+    for token in (tokens.alice, "nope"):  # a user's token is no key to everyone's jobs, even from loopback
+        assert client.get("/metrics", headers={"Authorization": f"Bearer {token}"}).status_code == 403
+    db.set_user_disabled("root", True)
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {tokens.admin}"}, **far).status_code == 403
 
 
 def test_the_grafana_dashboard_plots_only_series_gpuyard_exports(client: FlaskClient) -> None:

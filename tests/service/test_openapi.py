@@ -35,3 +35,100 @@ def test_openapi_covers_every_route_and_model(client, app) -> None:  # type: ign
 def test_public_endpoints_need_no_security(client, path: str) -> None:  # type: ignore[no-untyped-def]
     document = client.get("/openapi.json").get_json()
     assert document["paths"][path]["get"]["security"] == []
+
+
+def test_a_new_route_is_documented_by_its_own_declaration(app) -> None:  # type: ignore[no-untyped-def]
+    from flask import Blueprint
+    from pydantic import BaseModel
+
+    from service.api.declare import documented
+    from service.api.openapi import openapi_document
+
+    class PingIn(BaseModel):
+        message: str
+
+    class PingOut(BaseModel):
+        echoed: str
+
+    extra = Blueprint("extra_for_test", __name__, url_prefix="/v1/ping")
+
+    @extra.post("/<ping_id>")
+    @documented("ping", body=PingIn, responses={200: PingOut}, errors=(401, 422))
+    def ping(ping_id: str) -> str:
+        """Echo a message back."""
+        return ping_id
+
+    app.register_blueprint(extra)
+    operation = openapi_document(app)["paths"]["/v1/ping/{ping_id}"]["post"]
+    assert operation["operationId"] == "ping" and operation["summary"] == "Echo a message back"
+    path_param = {"name": "ping_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    assert operation["parameters"] == [path_param]
+    assert operation["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/PingIn"}
+    assert set(operation["responses"]) == {"200", "401", "422", "431"}
+    assert operation["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
+
+
+def test_query_parameters_come_from_the_query_model(client) -> None:  # type: ignore[no-untyped-def]
+    operation = client.get("/openapi.json").get_json()["paths"]["/v1/jobs"]["get"]
+    limit = next(p for p in operation["parameters"] if p["name"] == "limit")
+    assert limit["schema"] == {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}
+    state = next(p for p in operation["parameters"] if p["name"] == "state")
+    assert "null" not in str(state["schema"])
+    schema = state["schema"]
+    if "$ref" in schema:  # the job states are one named component (core.states.JobState)
+        document = client.get("/openapi.json").get_json()
+        schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    assert "queued" in schema["enum"]
+
+
+# ── the document and the behaviour agree (what schemathesis found) ──────────────────────────────────
+def test_the_documented_bounds_of_limit_are_the_enforced_ones(client, tokens) -> None:  # type: ignore[no-untyped-def]
+    spec = client.get("/openapi.json").get_json()
+    limit = next(p for p in spec["paths"]["/v1/jobs"]["get"]["parameters"] if p["name"] == "limit")
+    assert (limit["schema"]["minimum"], limit["schema"]["maximum"]) == (1, 200)
+    headers = {"Authorization": f"Bearer {tokens.alice}"}
+    assert client.get("/v1/jobs?limit=0", headers=headers).status_code == 422
+    assert client.get("/v1/jobs?limit=1", headers=headers).status_code == 200
+    assert client.get("/v1/jobs?limit=200", headers=headers).status_code == 200
+    assert client.get("/v1/jobs?limit=201", headers=headers).status_code == 422
+
+
+def test_an_empty_notify_url_is_refused_by_the_documented_schema(client, tokens) -> None:  # type: ignore[no-untyped-def]
+    spec = client.get("/openapi.json").get_json()
+    schemas = spec["components"]["schemas"]
+    item = schemas["NotifyIn"]["properties"]["notify"]["items"]
+    assert item["minLength"] == 1 and "pattern" in item
+    headers = {"Authorization": f"Bearer {tokens.alice}"}
+    for bad in ("", "no-scheme", "A://["):  # the last once answered 500 (urlsplit: Invalid IPv6 URL)
+        response = client.put("/v1/users/me/notify", json={"notify": [bad]}, headers=headers)
+        assert response.status_code == 422, response.get_json()
+        assert "notify" in response.get_data(as_text=True)
+    ok = client.put("/v1/users/me/notify", json={"notify": ["https://hooks.example.com/x"]}, headers=headers)
+    assert ok.status_code == 200, ok.get_json()
+
+
+def test_the_upload_documents_a_file_part_and_events_their_429(client) -> None:  # type: ignore[no-untyped-def]
+    spec = client.get("/openapi.json").get_json()
+    multipart = spec["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert multipart["schema"]["properties"]["file"]["format"] == "binary"
+    assert "429" in spec["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]
+
+
+@pytest.mark.parametrize(
+    ("header", "query"), [("3", "x"), ("x", "3"), ("-1", None), (None, "1e3")]
+)
+def test_a_bad_last_event_id_is_refused_even_beside_a_good_one(  # type: ignore[no-untyped-def]
+    client, app, tokens, header: str | None, query: str | None
+) -> None:
+    db = app.extensions["gpuyard"].db
+    alice = db.user_for_token(tokens.alice)
+    dataset, _ = db.add_dataset(alice.id, "e" * 64, 1, {}, "datasets/ee/x.h5")
+    job = db.create_job(alice.id, dataset.id, {"architecture": {"family": "mlp", "widths": [8]}}, max_active=10,
+                        max_attempts=1)  # fmt: skip
+    headers = {"Authorization": f"Bearer {tokens.alice}"}
+    if header is not None:
+        headers["Last-Event-ID"] = header
+    path = f"/v1/jobs/{job.id}/events" + (f"?last_event_id={query}" if query is not None else "")
+    response = client.get(path, headers=headers)
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert "last_event_id" in response.get_data(as_text=True)

@@ -271,3 +271,31 @@ def test_a_stream_names_no_server_path(client: FlaskClient, tokens: Tokens, app:
     )
     assert "cannot read model-0001.keras" in body
     assert str(svc.settings.storage_dir) not in body
+
+
+def test_the_hub_holds_the_published_events_of_watched_jobs_without_gaps(redis_url: str) -> None:
+    hub = EventHub(redis_url, poll_s=30)
+    publisher = EventPublisher(redis_url)
+    try:
+        with hub.watch("job_recent") as flag:
+            assert hub.live.wait(5), "the hub did not subscribe"
+            for seq in (1, 2, 3):
+                publisher.publish("job_recent", {"seq": seq, "event": "batch", "step": seq})
+            publisher.publish("job_recent", {"event": "wake"})  # "look now": something the hub cannot hold
+            publisher.publish("job_recent", {"seq": 5, "event": "epoch_end", "epoch": 1})
+            publisher.publish("job_unwatched", {"seq": 1, "event": "batch"})
+            deadline = time.monotonic() + 5
+            while hub.recent_after("job_recent", 4) is None:
+                assert time.monotonic() < deadline, "the hub did not keep the published events"
+                hub.wait(flag, 0.1)
+            run = hub.recent_after("job_recent", 0)
+            assert run is not None and [e.seq for e in run] == [1, 2, 3]
+            assert run[0].event == {"event": "batch", "step": 1}
+            assert hub.recent_after("job_recent", 3) is None  # seq 4 was never published: read the DB
+            assert [e.seq for e in hub.recent_after("job_recent", 4) or []] == [5]
+            assert hub.recent_after("job_recent", 5) is None
+            assert hub.recent_after("job_unwatched", 0) is None  # nobody watches it: nothing kept
+        assert hub.recent_after("job_recent", 0) is None  # the last stream left: forgotten
+    finally:
+        hub.close()
+        publisher.close()

@@ -170,7 +170,7 @@ def test_a_random_study_runs_trials_side_by_side_and_prunes(lab: Lab) -> None:
     jobs = lab.db.study_jobs(study["id"])
     assert sorted(j.trial_number for j in jobs) == list(range(12))
     assert all(j.is_terminal for j in jobs)
-    storage = optuna.storages.RDBStorage(lab.db.url, skip_compatibility_check=True)
+    storage = optuna.storages.RDBStorage(lab.db.url)
     trials = optuna.load_study(study_name=study["id"], storage=storage).get_trials(deepcopy=False)
     expected = {"succeeded": "COMPLETE", "pruned": "PRUNED"}
     assert {t.number: t.state.name for t in trials} == {j.trial_number: expected.get(j.state, "FAIL") for j in jobs}
@@ -223,7 +223,7 @@ def test_kill_9_of_every_process_mid_study_loses_no_trial_and_runs_none_twice(tm
                     assert time.monotonic() < deadline, stack.output()[-4000:]
                     time.sleep(1)
             jobs = db.study_jobs(study["id"])
-            storage = optuna.storages.RDBStorage(db.url, skip_compatibility_check=True)
+            storage = optuna.storages.RDBStorage(db.url)
             trials = optuna.load_study(study_name=study["id"], storage=storage).get_trials(deepcopy=False)
         finally:
             db.dispose()

@@ -298,3 +298,41 @@ def test_the_secret_key_is_made_once_0600_and_shared(tmp_path: Path) -> None:
     app = create_app({"TESTING": True, "GPUYARD_SETTINGS": settings, "GPUYARD_JOB_QUEUE": FakeQueue()})
     assert app.secret_key == "s3" and not (tmp_path / "other" / "secret-key").exists()
     app.extensions["gpuyard"].db.dispose()
+
+
+def test_the_log_tail_shows_no_server_path_nor_framework_noise(
+    client: FlaskClient, app: Flask, tokens: Tokens, dataset_id: str
+) -> None:
+    job_id = _alice_job(client, tokens, dataset_id)
+    svc = app.extensions["gpuyard"]
+    storage = svc.storage
+    install = str(Path(__file__).resolve().parents[2])
+    log = "\n".join(
+        [
+            "=== gpuyard attempt 1 on vm, cold start ===",
+            "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+            "I0000 00:00:1796404271.688010   21131 port.cc:153] oneDNN custom operations are on.",
+            "W0000 00:00:1796404271.700000   21131 cuda_blas.cc:1418] Unable to register cuBLAS factory",
+            f"WARNING:py.warnings:{install}/.venv/lib/python3.11/site-packages/keras/src/core.py:172: "
+            "DeprecationWarning: __array__ implementation doesn't accept a copy keyword",
+            "  return np.array(x)",
+            f"{install}/.venv/lib/python3.11/site-packages/keras/src/layers/core/input_layer.py:27: UserWarning: "
+            "Argument `input_shape` is deprecated.",
+            "  warnings.warn(",
+            "WARNING:absl:You are saving your model as an HDF5 file via `model.save()`.",
+            "epoch 1/3 loss 0.52",
+            f'  File "{install}/worker/trainer/run.py", line 12, in main',
+            f"cannot read {svc.settings.storage_dir}/jobs/{job_id}/checkpoint/model-0001.keras",
+            "E0000 00:00:1796404271.9 21131 cuda_executor.cc:1] failed call to cuInit: no CUDA-capable device",
+        ]
+    )
+    storage.write_bytes(storage.job_key(job_id, TRAINER_LOG), log.encode())
+    _sign_in(client, tokens.alice)
+    page = client.get(f"/ui/jobs/{job_id}").get_data(as_text=True)
+    assert "epoch 1/3 loss 0.52" in page and "cannot read model-0001.keras" in page
+    assert "File &#34;run.py&#34;, line 12" in page
+    assert "failed call to cuInit" in page  # errors stay
+    assert install not in page and str(svc.settings.storage_dir) not in page
+    for noise in ("absl::InitializeLog", "oneDNN", "cuBLAS factory", "DeprecationWarning", "np.array(x)",
+                  "UserWarning", "warnings.warn(", "HDF5 file via"):  # fmt: skip
+        assert noise not in page, noise

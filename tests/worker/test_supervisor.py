@@ -155,6 +155,9 @@ def test_real_trainer_past_max_runtime_fails_with_time_limit(
     settings: Settings, db: Database, storage: LocalStorage, make_job: Callable[..., str]
 ) -> None:
     job_id = make_job(highway_spec(epochs=500, batch_size=32, max_runtime_s=8))
+    # A lease far longer than the run: on a loaded box a real trainer's start (TensorFlow's import) can
+    # starve the renewal thread past the fixture's 3 s lease, and this test is about the time limit.
+    settings = settings.model_copy(update={"lease_seconds": 60})
     outcome = supervise(job_id, settings, db=db, storage=storage)
     job = db.get_job(job_id)
     assert (outcome.state, outcome.reason) == (FAILED, "time_limit")

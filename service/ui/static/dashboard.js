@@ -201,6 +201,18 @@
     return "rgb(" + [0, 1, 2].map(function (k) { return Math.round(a[k] + (b[k] - a[k]) * f); }).join(",") + ")";
   }
 
+  // Where each sampled epoch's column sits: at its true epoch on a linear axis from the first to the last
+  // epoch, as wide as the gap to the next sample (epochs 0, 1, 17, 28 are not four equal steps).
+  function heatmapColumns(epochs, left, width) {
+    if (!epochs.length) return [];
+    var first = epochs[0], span = epochs[epochs.length - 1] - first + 1;
+    var unit = width / Math.max(1, span);
+    return epochs.map(function (e, i) {
+      var next = i + 1 < epochs.length ? epochs[i + 1] : e + 1;
+      return { x: left + (e - first) * unit, w: Math.max(1, next - e) * unit, unit: unit };
+    });
+  }
+
   function drawHeatmap(canvas, legend, blocks, records, norm) {
     if (!canvas) return;
     var ratio = window.devicePixelRatio || 1;
@@ -218,7 +230,7 @@
     var lo = Math.min.apply(null, logs), hi = Math.max.apply(null, logs);
     if (!isFinite(lo)) { lo = 0; hi = 1; }
     if (hi - lo < 1e-9) hi = lo + 1;
-    var cellWidth = (cssWidth - labelWidth) / Math.max(1, records.length);
+    var columns = heatmapColumns(records.map(function (r) { return r.epoch; }), labelWidth, cssWidth - labelWidth);
     ctx.font = "11px system-ui, sans-serif";
     ctx.textBaseline = "middle";
     blocks.forEach(function (b, row) {
@@ -229,16 +241,20 @@
       records.forEach(function (r, col) {
         var v = norm(r, b);
         ctx.fillStyle = v ? rampColor((Math.log10(v) - lo) / (hi - lo)) : "#ddd";
-        ctx.fillRect(labelWidth + col * cellWidth, row * rowHeight, Math.ceil(cellWidth), rowHeight - 1);
+        ctx.fillRect(columns[col].x, row * rowHeight, Math.ceil(columns[col].w), rowHeight - 1);
       });
     });
     ctx.fillStyle = "#222";
     ctx.textAlign = "center";
-    var step = Math.max(1, Math.ceil(records.length / 12));
+    var lastLabel = -Infinity;
     records.forEach(function (r, col) {
-      if (col % step === 0) ctx.fillText(String(r.epoch), labelWidth + (col + 0.5) * cellWidth, blocks.length * rowHeight + axisHeight / 2);
+      var at = columns[col].x + Math.min(columns[col].w, columns[col].unit) / 2;
+      if (at - lastLabel < 28) return;  // no overlapping labels
+      ctx.fillText(String(r.epoch), at, blocks.length * rowHeight + axisHeight / 2);
+      lastLabel = at;
     });
     canvas.dataset.cells = String(blocks.length * records.length);
+    canvas.dataset.columns = JSON.stringify(columns.map(function (c) { return Math.round(c.x); }));
     if (legend) legend.textContent = "colour: log10(gradient norm) from " + lo.toFixed(2) + " (dark) to " + hi.toFixed(2) + " (yellow); x: epoch, y: block (input side on top)";
   }
 
@@ -324,22 +340,59 @@
     });
   }
 
-  // ── submit: dry run, then queue ──
+  // ── submit: the spec as a form (specform.js) or as JSON, kept in sync; the dry run reruns as it changes ──
   function submitPage(form) {
     var examples = parseJson(document.getElementById("example-specs").textContent) || {};
+    var schema = parseJson(document.getElementById("spec-schema").textContent) || {};
     var dataset = document.getElementById("submit-dataset");
     var example = document.getElementById("submit-example");
     var specBox = document.getElementById("submit-spec");
     var dryButton = document.getElementById("dry-run-button");
     var submitButton = document.getElementById("submit-button");
     var report = document.getElementById("dry-run-report");
+    var formView = document.getElementById("spec-form");
+    var jsonView = document.getElementById("spec-json");
     var passed = null;
+    var running = false, again = false;
+    var timer = null;
 
     var signature = function () { return dataset.value + "\u0000" + specBox.value; };
     var invalidate = function () { if (passed !== signature()) submitButton.disabled = true; };
-    example.addEventListener("change", function () { if (examples[example.value]) { specBox.value = examples[example.value]; invalidate(); } });
-    specBox.addEventListener("input", invalidate);
-    dataset.addEventListener("change", invalidate);
+    var specForm = window.GpuyardSpecForm(formView, schema, function (value) {
+      specBox.value = JSON.stringify(value, null, 2);
+      changed();
+    });
+    specForm.render(parseJson(specBox.value) || {});
+
+    function changed() {
+      invalidate();
+      clearTimeout(timer);
+      var spec = parseJson(specBox.value);
+      if (dataset.value && spec && typeof spec === "object" && spec.architecture) timer = setTimeout(dryRun, 600);
+    }
+
+    function show(view) {
+      var json = view === "json";
+      jsonView.hidden = !json;
+      formView.hidden = json;
+      document.getElementById("view-json").setAttribute("aria-pressed", String(json));
+      document.getElementById("view-form").setAttribute("aria-pressed", String(!json));
+    }
+    document.getElementById("view-form").addEventListener("click", function () { show("form"); });
+    document.getElementById("view-json").addEventListener("click", function () { show("json"); });
+
+    example.addEventListener("change", function () {
+      if (!examples[example.value]) return;
+      specBox.value = examples[example.value];
+      specForm.render(parseJson(specBox.value) || {});
+      changed();
+    });
+    specBox.addEventListener("input", function () {
+      var spec = parseJson(specBox.value);
+      if (spec && typeof spec === "object" && !Array.isArray(spec)) specForm.render(spec);
+      changed();
+    });
+    dataset.addEventListener("change", changed);
 
     function body() {
       var spec = parseJson(specBox.value);
@@ -361,19 +414,25 @@
       });
     }
 
-    dryButton.addEventListener("click", function () {
+    // One dry run at a time (the API caps them): a change while one runs asks for one more after it.
+    function dryRun() {
+      clearTimeout(timer);
+      if (running) { again = true; return; }
       var payload = body();
       if (!payload) return;
       var sig = signature();
-      clear(report);
+      running = true;
       report.appendChild(el("p", "Dry run…", "hint"));
       post(form.getAttribute("data-jobs-url") + "?dry_run=1", payload).then(function (answer) {
+        running = false;
+        if (again || sig !== signature()) { again = false; dryRun(); return; }
         if (answer.status !== 200) { showProblems(report, answer.body, answer.status); return; }
-        showReport(report, answer.body.report || {});
+        showReport(report, answer.body.report || {}, answer.body.placement);
         passed = sig;
         submitButton.disabled = signature() !== passed;
       });
-    });
+    }
+    dryButton.addEventListener("click", dryRun);
 
     form.addEventListener("submit", function (event) {
       event.preventDefault();
@@ -387,11 +446,17 @@
     });
   }
 
-  function showReport(box, r) {
+  function showReport(box, r, placement) {
     clear(box);
     box.appendChild(el("h2", "Dry run"));
     var facts = el("dl", null, "facts");
     var add = function (k, v) { facts.appendChild(el("dt", k)); facts.appendChild(el("dd", v)); };
+    if (placement) {
+      add("Would start", placement.gpu ? "now, on " + placement.gpu
+        : "later" + (placement.queue_position ? ", place " + placement.queue_position + " in the queue" : "")
+          + (placement.waiting_reason ? " (" + placement.waiting_reason.replace(/_/g, " ") + ")" : "")
+          + (placement.estimated_start_at ? ", estimated " + placement.estimated_start_at : ""));
+    }
     var params = r.parameters || {};
     add("Parameters", fmt(params.total) + " (trainable " + fmt(params.trainable) + ", non-trainable " + fmt(params.non_trainable) + ")");
     var memory = r.memory_estimate_bytes;
@@ -479,4 +544,6 @@
     var submitForm = document.getElementById("submit-form");
     if (submitForm) submitPage(submitForm);
   });
+
+  if (typeof module === "object" && module.exports) module.exports.heatmapColumns = heatmapColumns;  // tests (node)
 })();
