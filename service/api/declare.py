@@ -32,6 +32,7 @@ ERRORS = {
     "401": "Missing or invalid bearer token",
     "403": "Admins only",
     "404": "No such resource, or not yours",
+    "408": "The request body stalled (nothing sent for upload_read_timeout_s); the connection is closed",
     "409": "Conflict with the resource's state (e.g. the job has not succeeded)",
     "413": "Upload larger than max_upload_bytes",
     "415": "Unsupported Content-Type",
