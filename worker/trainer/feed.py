@@ -52,28 +52,36 @@ def tensor_batches(batches: Any) -> Any:
     """A ``tf.data.Dataset`` of ``batches``' in-memory rows in its current epoch's order, prefetched.
 
     Each iteration (Keras opens one per epoch, after ``on_epoch_begin``) asks ``batches`` for the order of
-    the epoch it was last set to, once, then gathers each batch's rows from tensors in graph.
+    the epoch it was last set to, once, then gathers each batch's rows from tensors in graph. The pipeline
+    is the one Keras builds for a bare script's NumPy arrays (``ArrayDataAdapter``): the epoch's indices
+    reshaped into full batches plus the partial one, a parallel gather, and tf.data's default graph
+    rewrites off (they cost more than they save on a pipeline this small).
     """
     import tensorflow as tf  # only on the TensorFlow backend, where Keras has imported it already
 
     x, y = batches.split.arrays
     rows, batch_size, steps = int(batches.split.rows), int(batches.batch_size), len(batches)
-    x_all, y_all = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+    full = rows // batch_size
+    arrays = (tf.convert_to_tensor(x), tf.convert_to_tensor(y))
 
     def epoch_order() -> np.ndarray:
         return np.asarray(batches.order(batches.epoch), dtype=np.int64)
 
-    def one_epoch(_: Any) -> Any:
-        order = tf.numpy_function(epoch_order, [], tf.int64, stateful=True)
-        order = tf.ensure_shape(order, [rows])
-        return tf.data.Dataset.range(steps).map(
-            lambda i: order[i * batch_size : tf.minimum((i + 1) * batch_size, rows)]
-        )
+    def batch_indices(_: Any) -> Any:
+        order = tf.ensure_shape(tf.numpy_function(epoch_order, [], tf.int64, stateful=True), [rows])
+        indices = tf.data.Dataset.from_tensor_slices(tf.reshape(order[: full * batch_size], [full, batch_size]))
+        if rows > full * batch_size:
+            indices = indices.concatenate(tf.data.Dataset.from_tensors(order[full * batch_size :]))
+        return indices
 
-    def gather(indices: Any) -> tuple[Any, Any]:
-        return tf.gather(x_all, indices), tf.gather(y_all, indices)
+    def gather(indices: Any, data: tuple[Any, Any]) -> tuple[Any, Any]:
+        return tf.gather(data[0], indices), tf.gather(data[1], indices)
 
-    dataset = tf.data.Dataset.range(1).flat_map(one_epoch)
-    dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
+    dataset = tf.data.Dataset.range(1).flat_map(batch_indices)
+    dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.from_tensors(arrays).repeat()))
+    dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    dataset = dataset.with_options(options).apply(tf.data.experimental.assert_cardinality(steps))
     return dataset.prefetch(tf.data.AUTOTUNE)
