@@ -147,8 +147,12 @@ def _run_checks(run: SmokeRun, spec_file: Path, data_path: Path, rows: int, epoc
         return
     if gpus is not None and not _placement(run, spec, summary, gpus):
         return
-    with tempfile.TemporaryDirectory(prefix="gpuyard-smoke-") as tmp:
-        _train_and_load(run, raw, summary, data_path, Path(tmp), rows, epochs)
+    checker = PlainKerasCheck()  # imports Keras while the trainer trains: the two overlap on two cores
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpuyard-smoke-") as tmp:
+            _train_and_load(run, raw, summary, data_path, Path(tmp), rows, epochs, checker)
+    finally:
+        checker.close()
 
 
 def _placement(run: SmokeRun, spec: JobSpec, summary: DatasetSummary, gpus_path: Path) -> bool:
@@ -201,7 +205,14 @@ def _subsample(data_path: Path, summary: DatasetSummary, out: Path, rows: int) -
 
 
 def _train_and_load(
-    run: SmokeRun, raw: dict[str, Any], summary: DatasetSummary, data_path: Path, tmp: Path, rows: int, epochs: int
+    run: SmokeRun,
+    raw: dict[str, Any],
+    summary: DatasetSummary,
+    data_path: Path,
+    tmp: Path,
+    rows: int,
+    epochs: int,
+    checker: PlainKerasCheck,
 ) -> None:
     started = time.monotonic()
     sample = _subsample(data_path, summary, tmp / "sample.h5", rows)
@@ -212,24 +223,7 @@ def _train_and_load(
     out = tmp / "out"
     command = [sys.executable, "-m", "worker.trainer", "--spec", str(spec_path), "--data", str(sample),
                "--out", str(out), "--gpu", "cpu"]  # fmt: skip
-    checker = PlainKerasCheck()  # imports Keras while the trainer trains: the two overlap on two cores
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        _judge_training(run, done, out, sample, summary, rows, started, checker)
-    finally:
-        checker.close()
-
-
-def _judge_training(
-    run: SmokeRun,
-    done: subprocess.CompletedProcess[str],
-    out: Path,
-    sample: Path,
-    summary: DatasetSummary,
-    rows: int,
-    started: float,
-    checker: PlainKerasCheck,
-) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     losses = [e.get("loss") for e in events if e.get("event") == "epoch_end"]
     failed = next((e for e in events if e.get("event") == FAILED_EVENT), None)
