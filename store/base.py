@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import select, text, update
-from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -60,15 +59,6 @@ class StoreBase:
         except SQLAlchemyError as exc:
             if isinstance(exc, IntegrityError):
                 raise
-            raise DatabaseUnavailable(f"job database error: {type(exc).__name__}: {exc}") from exc
-
-    @contextlib.contextmanager
-    def _reading(self) -> Iterator[Connection]:
-        """A pooled connection for one read-only Core statement (no ORM session), errors translated."""
-        try:
-            with self.engine.connect() as conn:
-                yield conn
-        except SQLAlchemyError as exc:
             raise DatabaseUnavailable(f"job database error: {type(exc).__name__}: {exc}") from exc
 
     def dispose(self) -> None:

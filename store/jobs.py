@@ -22,6 +22,7 @@ from core.states import (
     TERMINAL_STATES,
 )
 from store.base import _CANCELLED_REASON, _NOT_WAITING, StoreBase, _state_event
+from store.engine import reading
 from store.errors import ActiveJobLimit, UnknownDataset
 from store.tables import (
     Dataset,
@@ -122,7 +123,7 @@ class JobsStore(StoreBase):
         """``get_job`` for a reader that only looks (``GET /v1/jobs/<id>``): one prepared Core ``SELECT``
         joined to the owner's name, with no session and no identity map (the ORM load costs twice as much
         on SQLite), the row as a detached ``Job`` whose ``owner`` carries the id and name only."""
-        with self._reading() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(_read_job_query(owner_id is not None), {"job_id": job_id, "owner_id": owner_id}).first()
         if row is None:
             return None

@@ -9,6 +9,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from store.base import StoreBase
+from store.engine import reading
 from store.errors import UserExists
 from store.tables import (
     User,
@@ -51,7 +52,7 @@ class UsersStore(StoreBase):
         Every API request asks this: one prepared Core ``SELECT`` without an ORM session (a third of the
         ORM load's cost on SQLite); the user comes back detached, its columns loaded.
         """
-        with self._reading() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(_USER_FOR_TOKEN, {"token_hash": hash_token(token)}).first()
         return None if row is None else User(**row._asdict())
 
