@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,26 +39,25 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 from trainer_overhead import FAMILIES, write_data  # noqa: E402  (the same synthetic data and models)
 
 
-class EpochTimer:
-    """Seconds of the last epoch, from ``on_epoch_begin`` to ``on_epoch_end``: the steps and the input,
-    not ``fit``'s own set-up (a bare script converts its arrays once per ``fit``, not per epoch)."""
+def epoch_timer() -> Any:
+    """A Keras callback holding the seconds (wall and CPU of this process) of the last epoch, from
+    ``on_epoch_begin`` to ``on_epoch_end``: the steps and the input, not ``fit``'s own set-up (a bare
+    script converts its arrays once per ``fit``, not per epoch)."""
+    import keras
 
-    def __new__(cls) -> EpochTimer:
-        import keras
+    class EpochTimer(keras.callbacks.Callback):
+        seconds = 0.0
+        cpu_seconds = 0.0
 
-        class _Timer(keras.callbacks.Callback):
-            seconds = 0.0
-            cpu_seconds = 0.0
+        def on_epoch_begin(self, epoch: int, logs: object = None) -> None:
+            self.began = time.perf_counter()
+            self.cpu_began = time.process_time()
 
-            def on_epoch_begin(self, epoch: int, logs: object = None) -> None:
-                self.began = time.perf_counter()
-                self.cpu_began = time.process_time()
+        def on_epoch_end(self, epoch: int, logs: object = None) -> None:
+            self.seconds = time.perf_counter() - self.began
+            self.cpu_seconds = time.process_time() - self.cpu_began
 
-            def on_epoch_end(self, epoch: int, logs: object = None) -> None:
-                self.seconds = time.perf_counter() - self.began
-                self.cpu_seconds = time.process_time() - self.cpu_began
-
-        return _Timer()  # type: ignore[return-value]
+    return EpochTimer()
 
 
 def main() -> int:
@@ -97,7 +97,7 @@ def main() -> int:
         keras.utils.set_random_seed(0)
         model = build_model(spec, summary)
         tensors = tensor_batches(memory.train)
-        timer = EpochTimer()
+        timer = epoch_timer()
         fit = {"shuffle": False, "verbose": 0, "callbacks": [timer]}
         paths = {
             "bare": lambda: model.fit(x, y, batch_size=args.batch_size, verbose=0, callbacks=[timer]),

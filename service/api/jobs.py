@@ -200,7 +200,8 @@ def conditional(response: Response) -> Response:
     """``response`` with a strong ``ETag`` (SHA-1 of the body), or ``304 Not Modified`` when the request's
     ``If-None-Match`` names it: the body is what the client already has, so any change to the job shows."""
     response.add_etag()
-    return response.make_conditional(request)
+    response.make_conditional(request)  # turns it into the 304 in place when If-None-Match names the ETag
+    return response
 
 
 def job_out(job: Job) -> JobOut:
