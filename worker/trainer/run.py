@@ -27,6 +27,7 @@ from worker.trainer import callbacks as cbs
 from worker.trainer.diagnostics import Diagnostics
 from worker.trainer.env import TrainingStopped
 from worker.trainer.events import jsonable
+from worker.trainer.feed import fit_input, input_path
 from worker.trainer.job import TrainingJob
 from worker.trainer.modelops import evaluate_split, export_model
 from worker.trainer.tensorboard import TensorBoardLogger
@@ -118,6 +119,7 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
         env=job.env.to_dict(),
         rows=data.rows,
         train_rows=train_rows,
+        input=input_path(data.train),
         steps=steps,
         epochs=training.epochs,
         batch_size=training.batch_size,
@@ -188,12 +190,12 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
         stop.check()
         if initial_epoch < training.epochs and not stopped_early:
             model.fit(
-                data.train,
+                fit_input(data.train),
                 validation_data=data.validation,
                 epochs=training.epochs,
                 initial_epoch=initial_epoch,
                 callbacks=callbacks,
-                shuffle=False,  # the PyDataset shuffles, as a function of (seed, epoch)
+                shuffle=False,  # the reader orders the batches, as a function of (seed, epoch)
                 verbose=0,
             )
     except TrainingStopped as stopped:
