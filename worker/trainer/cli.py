@@ -291,8 +291,8 @@ def warm_up_step() -> None:
     job's memory cap is set. ``clear_session`` then resets Keras' layer names and graph state, so the job's
     model is built exactly as in a cold trainer.
     """
-    import keras
-    import numpy as np
+    import keras  # late: the trainer imports Keras only once its environment (backend, device) is set
+    import numpy as np  # late: with Keras, only where a step is trained
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(2)])
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
