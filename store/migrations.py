@@ -9,7 +9,7 @@ from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.engine import Connection
 
 from store.errors import SchemaError
-from store.tables import Base, DispatchLock, Gpu, Job, Operation, SchemaVersion, utcnow
+from store.tables import Base, DispatchLock, Gpu, Job, JobAttempt, Operation, SchemaVersion, utcnow
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,18 @@ def _v6_operations(conn: Connection) -> None:
     Operation.__table__.create(conn)
 
 
+def _v8_preemption(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE users ADD COLUMN may_pin BOOLEAN NOT NULL DEFAULT FALSE"))
+    conn.execute(text("ALTER TABLE users ADD COLUMN quota_gpu_hours FLOAT"))
+    conn.execute(text("ALTER TABLE users ADD COLUMN quota_period VARCHAR(8)"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN preemptions INTEGER NOT NULL DEFAULT 0"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN preempted_by VARCHAR(32)"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN preempted_at TIMESTAMP"))
+    if conn.dialect.name == "postgresql":  # "preempting <job>, <job>" (SQLite does not enforce lengths)
+        conn.execute(text("ALTER TABLE jobs ALTER COLUMN waiting_reason TYPE VARCHAR(120)"))
+    JobAttempt.__table__.create(conn)
+
+
 # Append only. A fresh database gets the models' current tables at once and is stamped with the last
 # version (so these steps must leave an old database exactly where create_all leaves a new one).
 MIGRATIONS: list[Migration] = [
@@ -68,6 +80,12 @@ MIGRATIONS: list[Migration] = [
     Migration(4, "fair sharing: users.max_priority; jobs queue info and memory sizing; gpus.backends", _v4_sharing),
     Migration(5, "users.webhook_secret, users.notify; jobs.notify, jobs.notify_pending", _v5_notify),
     Migration(6, "operations (evaluate, predict, export on a finished job)", _v6_operations),
+    # 7 is the studies' (another branch); the lead renumbers these as Alembic revisions at merge.
+    Migration(
+        8,
+        "preemption, quotas, usage: users.may_pin, quota; jobs.preemptions, preempted_*; job_attempts",
+        _v8_preemption,
+    ),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 _PG_MIGRATION_LOCK = 0x67707964  # "gpyd": any constant shared by every process migrating this DB

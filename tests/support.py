@@ -37,8 +37,17 @@ _COLUMNS_ADDED = {
     ],
     5: [("users", "webhook_secret"), ("users", "notify"), ("jobs", "notify"), ("jobs", "notify_pending")],
     6: [],
+    7: [],  # the studies' version (another branch)
+    8: [
+        ("users", "may_pin"),
+        ("users", "quota_gpu_hours"),
+        ("users", "quota_period"),
+        ("jobs", "preemptions"),
+        ("jobs", "preempted_by"),
+        ("jobs", "preempted_at"),
+    ],
 }
-_TABLES_ADDED = {6: ["operations"]}
+_TABLES_ADDED = {6: ["operations"], 8: ["job_attempts"]}
 
 
 def rewind_schema(execute: Callable[[str], object], version: int) -> None:

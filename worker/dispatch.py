@@ -49,11 +49,12 @@ import redis
 
 from core.errors import Problem
 from core.settings import Settings
-from core.states import QUEUED, SUCCEEDED
+from core.states import QUEUED, RUNNING, SUCCEEDED
 from models.spec import resources_of
 from store import Database, DispatchTxn, Gpu, Job, utcnow
 from worker.fairshare import FairPolicy, UsageSpan, decayed_usage, fair_order
 from worker.gpus import budget_bytes, context_allowance_bytes
+from worker.preemption import Claimant, Holder, Preemption, PreemptPolicy, plan_preemption
 from worker.queues import Sender, cpu_queue, gpu_queue
 from worker.relay import EventPublisher
 
@@ -71,6 +72,10 @@ GPU_OFFLINE = "gpu_offline"
 UNKNOWN_GPU = "unknown_gpu"
 NO_WORKER_FOR_BACKEND = "no_worker_for_backend"
 QUEUE_UNREACHABLE = "queue_unreachable"
+OVER_QUOTA = "over_quota"
+# These two are followed by job ids in ``waiting_reason``: "preempting job_a, job_b", "preempted_by job_c".
+PREEMPTING = "preempting"
+PREEMPTED_BY = "preempted_by"
 WAITING_REASONS: dict[str, str] = {
     GPU_FULL: "every GPU it may use is online but has no room (memory fraction, free memory or slots) now",
     BEHIND_EARLIER_JOB: "an earlier job waits for the same GPUs and is not overtaken there",
@@ -80,6 +85,9 @@ WAITING_REASONS: dict[str, str] = {
     UNKNOWN_GPU: "the GPU it names is not registered by any worker",
     NO_WORKER_FOR_BACKEND: "no online worker can run its resources.backend",
     QUEUE_UNREACHABLE: "its task could not be sent to the job queue; the next pass tries again",
+    OVER_QUOTA: "its owner used their GPU-hour quota: it runs only on room nobody else is waiting for",
+    PREEMPTING: "lower-priority jobs are stopping (checkpointing) to make room for it; it starts next",
+    PREEMPTED_BY: "it was stopped (checkpointed) for a higher-priority job and resumes when room frees",
 }
 
 
@@ -552,6 +560,8 @@ class QueuePass:
     plan: Plan
     starts: dict[str, dt.datetime | None]
     durations: Durations
+    placed: list[Job] = field(default_factory=list)  # the jobs holding room when the pass began
+    rule: dict[str, Any] = field(default_factory=dict)  # plan_dispatch's keyword arguments
 
 
 def decide_queue(
@@ -561,11 +571,14 @@ def decide_queue(
     now: dt.datetime,
     *,
     extra: Job | None = None,
+    over_quota: frozenset[int] = frozenset(),
 ) -> QueuePass:
     """Order the waiting jobs (fair share), place what fits, and forecast the others' starts.
 
     Args:
         extra: a job not in the database, considered as if it had been submitted at ``now`` (a dry run).
+        over_quota: the users over their GPU-hour quota: their jobs go after everyone else's, so they run
+            only on room nobody else waits for.
     """
     policy = FairPolicy(settings.fair_share_half_life_s, settings.queue_aging_s)
     waiting = txn.waiting() + ([extra] if extra is not None else [])
@@ -579,6 +592,7 @@ def decide_queue(
             held[ticket.owner_id] += ticket.fraction
     usage = decayed_usage(_usage_spans(finished, placed), now, policy.half_life_s)
     order = fair_order([Ticket.of(j) for j in waiting], held=held, usage=usage, now=now, policy=policy)
+    order = [t for t in order if t.owner_id not in over_quota] + [t for t in order if t.owner_id in over_quota]
     rule: dict[str, Any] = {
         "cpu_queue": cpu_queue(settings),
         "reserve": settings.gpu_reserve_fraction,
@@ -586,6 +600,7 @@ def decide_queue(
         "user_cap": settings.max_gpu_fraction_per_user,
     }
     plan = plan_dispatch(order, active, gpus, **rule)
+    _explain_quota_and_preemption(plan, order, by_id, placed, over_quota)
     durations = Durations(finished, settings.queue_default_job_s)
     going = {p.job_id: p.gpu for p in plan.placements}
     holding = [Holding(Ticket.of(j), now + dt.timedelta(seconds=durations.remaining(j, now))) for j in placed]
@@ -603,7 +618,97 @@ def decide_queue(
         duration_s=lambda t: durations.of(by_id[t.id]),
         **rule,
     )
-    return QueuePass(order, plan, starts, durations)
+    return QueuePass(order, plan, starts, durations, placed, rule)
+
+
+def _explain_quota_and_preemption(
+    plan: Plan, order: Sequence[Ticket], waiting: dict[str, Job], placed: Sequence[Job], over_quota: frozenset[int]
+) -> None:
+    """Name the waiting reasons the placement rule does not know: a preemption under way for the job
+    (``preempting``), the job preempted and back in line (``preempted_by``), its owner over quota while
+    others wait (``over_quota``)."""
+    stopping: dict[str, list[str]] = defaultdict(list)
+    for job in placed:
+        if job.state == RUNNING and job.preempted_by:
+            stopping[job.preempted_by].append(job.id)
+    others_wait = any(t.owner_id not in over_quota for t in order if t.id in plan.reasons)
+    for ticket in order:
+        if ticket.id not in plan.reasons or plan.reasons[ticket.id] not in (GPU_FULL, BEHIND_EARLIER_JOB):
+            continue
+        job = waiting[ticket.id]
+        if ticket.id in stopping:
+            victims = ", ".join(sorted(stopping[ticket.id]))
+            plan.wait(
+                ticket.id, f"{PREEMPTING} {victims}", f"waiting: {victims} checkpoint to make room; it starts next"
+            )
+        elif ticket.owner_id in over_quota and others_wait:
+            plan.wait(
+                ticket.id,
+                OVER_QUOTA,
+                "waiting: your GPU-hour quota is used up; your jobs run only on room nobody else is waiting for",
+            )
+        elif job.preempted_by:
+            plan.wait(
+                ticket.id,
+                f"{PREEMPTED_BY} {job.preempted_by}",
+                f"waiting: preempted by {job.preempted_by}; it resumes from its checkpoint when room frees",
+            )
+
+
+def choose_preemption(
+    decided: QueuePass, gpus: Sequence[GpuView], settings: Settings, now: dt.datetime, over_quota: frozenset[int]
+) -> Preemption | None:
+    """The pass's preemption (:func:`worker.preemption.plan_preemption`) over what :func:`decide_queue` saw."""
+    policy = PreemptPolicy(settings.preemption, settings.preempt_after_s, settings.preempt_min_run_s)
+    if not policy.enabled:
+        return None
+    by_uuid = {g.uuid: g for g in gpus}
+    tickets = {t.id: t for t in decided.order}
+    claimants = [
+        Claimant(
+            t.id,
+            t.priority,
+            t.queued_at,
+            tuple(g.uuid for g in gpus if t.request in ("any", g.uuid) and g.placeable and g.runs(t.backend)),
+            t.owner_id in over_quota,
+        )
+        for t in decided.order
+        if decided.plan.reasons.get(t.id) == GPU_FULL
+    ]
+    if not claimants:
+        return None
+    holders = [
+        Holder(
+            j.id,
+            j.gpu,
+            j.priority,
+            j.started_at if j.state == RUNNING else None,
+            resources_of(j.spec).preemptible,
+            j.preempted_at,
+            j.state == RUNNING and j.preempted_by is not None,
+            float((j.last_progress or {}).get("step") or 0),
+            j.owner_id in over_quota,
+        )
+        for j in decided.placed
+        if j.gpu not in (None, "cpu")
+    ]
+    going = {p.job_id: p.gpu for p in decided.plan.placements}
+    holding = [Ticket.of(j) for j in decided.placed]
+    holding += [dataclasses.replace(tickets[i], gpu=g) for i, g in going.items() if i in tickets]
+    rule = decided.rule
+
+    def fits(claimant: Claimant, gpu: str, without: frozenset[str]) -> bool:
+        load = _Load()
+        for ticket in holding:
+            if ticket.gpu == gpu and ticket.id not in without:
+                load.fraction += ticket.fraction
+                load.need += budget_bytes(ticket.fraction, by_uuid[gpu].memory_total_bytes, rule["allowance"])
+                load.jobs += 1
+        # What gpuyard's jobs hold now is read from NVML; the stopped victims' share of it will be released.
+        board = dataclasses.replace(by_uuid[gpu], gpuyard_bytes=0)
+        return _fits(board, load, tickets[claimant.id], rule["reserve"], rule["allowance"])
+
+    return plan_preemption(claimants, holders, fits=fits, now=now, policy=policy)
 
 
 def _material(job: Job, position: int, reason: str, start: dt.datetime | None, now: dt.datetime) -> bool:
@@ -653,13 +758,17 @@ def dispatch(
     now = now or utcnow()
     holder = holder or f"{socket.gethostname()}"
     recorded: list[str] = []
+    over_quota = frozenset(db.over_quota_users(now))  # read before the lock: it reads the attempts
     with db.dispatch_lock(holder, now) as txn:
         queued_jobs = {j.id: j for j in txn.waiting()}
         if not queued_jobs:
             return DispatchReport()
-        decided = decide_queue(txn, settings, gpus, now)
+        decided = decide_queue(txn, settings, gpus, now, over_quota=over_quota)
         plan = decided.plan
         marked = [p for p in plan.placements if txn.mark_dispatched(p.job_id, p.gpu, now)]
+        preemption = choose_preemption(decided, gpus, settings, now, over_quota)
+        if preemption is not None:
+            _apply_preemption(txn, preemption, plan, now)
         position = 0
         for ticket in decided.order:
             if ticket.id not in plan.notes:
@@ -701,6 +810,20 @@ def dispatch(
     if report.sent:
         log.info("dispatch: %s", ", ".join(f"{p.job_id}→{p.queue}" for p in report.sent))
     return report
+
+
+def _apply_preemption(txn: DispatchTxn, preemption: Preemption, plan: Plan, now: dt.datetime) -> None:
+    """Ask the victims' supervisors to stop them (``preempted_by``); the preemptor says it is preempting."""
+    victims = [v for v in preemption.victims if txn.request_preemption(v, preemption.preemptor, now)]
+    if not victims:
+        return
+    names = ", ".join(sorted(victims))
+    log.info("dispatch: %s preempts %s on GPU %s", preemption.preemptor, names, preemption.gpu)
+    plan.wait(
+        preemption.preemptor,
+        f"{PREEMPTING} {names}",
+        f"waiting: {names} checkpoint to make room on GPU {preemption.gpu}; it starts next",
+    )
 
 
 def recover_stale(
