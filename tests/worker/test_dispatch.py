@@ -266,7 +266,7 @@ def test_a_version_1_database_migrates_to_gpus(tmp_path: Path) -> None:
     db = Database(url)
     try:
         assert db.schema_version() == 1
-        assert db.migrate() == LATEST_VERSION == 8  # 2 gpus, 3 disabled, 4 sharing, 5 notify, 6 operations, 8 preemption
+        assert db.migrate() == LATEST_VERSION == 8  # 2 gpus, 3 disabled, 4 sharing, 5 notify, 6 operations, 8 usage
         db.register_gpu(fake_uuid(0), host="h", index=0, name="fake", memory_total_bytes=GiB)
         assert [g.uuid for g in db.list_gpus()] == [fake_uuid(0)]
     finally:
