@@ -73,6 +73,13 @@ def submit() -> Response:
             field="priority",
             code="priority_too_high",
         )
+    if not spec.resources.preemptible and not user.may_pin:
+        raise Unprocessable(
+            "resources.preemptible false: you may not pin jobs against preemption; ask an admin "
+            "(gpuyard users set-priority NAME N --may-pin) or leave it true",
+            field="spec.resources.preemptible",
+            code="pin_not_allowed",
+        )
     spec_json = spec.model_dump(mode="json")
     if spec_json["resources"]["max_runtime_s"] is None and svc.settings.default_max_runtime_s:
         spec_json["resources"]["max_runtime_s"] = svc.settings.default_max_runtime_s
