@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import click
 
-from cli import compose, data, demo, jobs, modeluse, serve, smoke, tensorboard, users, workers
+from cli import compose, data, demo, jobs, modeluse, serve, smoke, tensorboard, usage, users, workers
 
 
 @click.group()
@@ -31,6 +31,7 @@ def main() -> None:
 for command in (
     data.check_data,
     users.users,
+    usage.usage_command,
     workers.worker_command,
     workers.janitor_command,
     demo.demo_command,

@@ -5,7 +5,7 @@ Two sources, one registry per scrape:
 * :class:`StateCollector` reads the job DB and the workers' heartbeats when Prometheus scrapes, so every
   API process answers the same figures: jobs by state, the queue, queue waits and job durations (the last
   ``WINDOW_S``), samples/s of running jobs, and per GPU its memory, utilisation, jobs and whether it is
-  online.
+  online; GPU-seconds per user and preemptions (``gpuyard_gpu_seconds_total``, ``gpuyard_preemptions_total``).
 * ``gpuyard_http_request_duration_seconds`` (by route, method and status) is observed in each process.
   Under gunicorn several processes answer: with ``PROMETHEUS_MULTIPROC_DIR`` set (``gpuyard up`` and the
   container set it), prometheus-client's multiprocess mode sums them; without it, a scrape sees only the
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 from flask import Flask, g, request
 from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from core.states import JOB_STATES
 from store import Database
@@ -105,6 +105,17 @@ class StateCollector:
                 families["util"].add_metric(key, view.utilization_percent)
             families["jobs"].add_metric(key, snapshot.running_by_gpu.get(view.uuid, 0))
         yield from families.values()
+        used = CounterMetricFamily(
+            "gpuyard_gpu_seconds",
+            "GPU time used (memory fraction × seconds), from the jobs' attempts.",
+            labels=["user"],
+        )
+        for user, seconds in sorted(self.db.gpu_seconds_by_user(now).items()):
+            used.add_metric([user], seconds)
+        yield used
+        yield CounterMetricFamily(
+            "gpuyard_preemptions", "Jobs stopped for a higher-priority job.", value=self.db.preemptions_total()
+        )
 
 
 def scrape(db: Database, heartbeats: HeartbeatSource) -> bytes:
@@ -134,4 +145,3 @@ def observe_requests(app: Flask) -> None:
                 time.perf_counter() - started
             )
         return response
-

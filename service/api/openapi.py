@@ -29,7 +29,10 @@ from service.schemas import (
     NotifyIn,
     OperationOut,
     PredictIn,
+    QuotaOut,
     ReadyOut,
+    UsageOut,
+    UsageRowOut,
     UserOut,
     WebhookSecretOut,
 )
@@ -81,6 +84,9 @@ def openapi_document() -> dict[str, Any]:
         (GpuListOut, "serialization"),
         (NotifyIn, "validation"),
         (UserOut, "serialization"),
+        (QuotaOut, "serialization"),
+        (UsageOut, "serialization"),
+        (UsageRowOut, "serialization"),
         (WebhookSecretOut, "serialization"),
         (EvaluateIn, "validation"),
         (PredictIn, "validation"),
@@ -183,6 +189,21 @@ def openapi_document() -> dict[str, Any]:
             "get": _op(
                 "getMe", "Your account: default notify URLs, whether a webhook secret exists", {"200": _json("UserOut")}
             ),
+        },
+        "/v1/usage": {
+            "get": {
+                **_op(
+                    "getUsage",
+                    "GPU time (memory fraction × seconds) from the jobs' attempts; admins see everyone's",
+                    {"200": _json("UsageOut")},
+                    errors=("400", "401"),
+                ),
+                "parameters": [
+                    _query("from", "string", "Start, ISO 8601 (default: 30 days before `to`)."),
+                    _query("to", "string", "End, ISO 8601 (default: now)."),
+                    _query("group_by", "string", "user, day or gpu (default user)."),
+                ],
+            },
         },
         "/v1/users/me/notify": {
             "put": _op(
