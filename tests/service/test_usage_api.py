@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +133,32 @@ def test_an_over_quota_users_job_waits_behind_everyone_and_says_over_quota(
     assert theirs["waiting_reason"] == "gpu_full" and theirs["queue_position"] == 1 and mine["queue_position"] == 2
     me = client.get("/v1/users/me", headers=bearer(tokens.alice)).get_json()["quota"]
     assert me["over_quota"] and me["gpu_hours"] == 0.001 and me["period"] == "week"
+
+
+def _sign_in(app: Flask, token: str) -> FlaskClient:
+    client = app.test_client()
+    page = client.get("/ui/login").get_data(as_text=True)
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page)
+    assert csrf, page
+    assert client.post("/ui/login", data={"token": token, "csrf_token": csrf.group(1)}).status_code == 302
+    return client
+
+
+def test_the_usage_page_charts_and_tables_users_by_day(
+    client: FlaskClient, app: Flask, tokens: Tokens, beats: dict[str, dict[str, Any]], datasets: dict[str, str]
+) -> None:
+    register_two(app, beats)
+    db = _db(app)
+    yesterday = dt.datetime.now(dt.UTC).replace(hour=1, minute=0, second=0, microsecond=0) - dt.timedelta(days=1)
+    ran(db, post(client, tokens.alice, datasets["alice"], 0.5), yesterday, 2)  # 1 GPU-hour
+    ran(db, post(client, tokens.bob, datasets["bob"], 1.0), yesterday, 0.5)  # 0.5 GPU-hours
+    admin = _sign_in(app, tokens.admin).get("/ui/usage?days=7").get_data(as_text=True)
+    data = json.loads(
+        re.search(r'<script type="application/json" id="usage-data">(.*?)</script>', admin, re.S).group(1)
+    )
+    assert data["users"] == ["alice", "bob"] and len(data["days"]) == 7
+    day = data["days"].index(yesterday.date().isoformat())
+    assert [series[day] for series in data["hours"]] == [1.0, 0.5]
+    assert "1.000" in admin and "0.500" in admin and 'id="usage-chart"' in admin
+    mine = _sign_in(app, tokens.alice).get("/ui/usage").get_data(as_text=True)
+    assert '"users": ["alice"]' in mine and "(yours)" in mine
