@@ -162,3 +162,37 @@ def test_the_usage_page_charts_and_tables_users_by_day(
     assert "1.000" in admin and "0.500" in admin and 'id="usage-chart"' in admin
     mine = _sign_in(app, tokens.alice).get("/ui/usage").get_data(as_text=True)
     assert '"users": ["alice"]' in mine and "(yours)" in mine
+
+
+@pytest.mark.slow
+def test_the_usage_chart_draws_in_chromium(
+    client: FlaskClient,
+    app: Flask,
+    server_url: str,
+    tokens: Tokens,
+    beats: dict[str, dict[str, Any]],
+    datasets: dict[str, str],
+) -> None:
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("chromium is not installed (make chromium)")
+    from playwright.sync_api import sync_playwright
+
+    register_two(app, beats)
+    yesterday = dt.datetime.now(dt.UTC).replace(hour=1, minute=0, second=0, microsecond=0) - dt.timedelta(days=1)
+    ran(_db(app), post(client, tokens.alice, datasets["alice"], 0.5), yesterday, 2)
+    ran(_db(app), post(client, tokens.bob, datasets["bob"], 1.0), yesterday, 0.5)
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server_url + "/ui/login?next=/ui/usage")
+        page.get_by_label("Token").fill(tokens.admin)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url("**/ui/usage")
+        page.wait_for_selector("#usage-chart canvas", timeout=15_000)
+        assert page.get_attribute("#usage-chart", "data-users") == "2"
+        assert page.locator("#usage-chart .u-legend").inner_text().count("alice") == 1
+        browser.close()
+    assert errors == []
