@@ -680,7 +680,7 @@ def choose_preemption(
     holders = [
         Holder(
             j.id,
-            j.gpu,
+            j.gpu or "",
             j.priority,
             j.started_at if j.state == RUNNING else None,
             resources_of(j.spec).preemptible,

@@ -235,6 +235,13 @@ class Replayed:
     retrained_batches: list[int] = field(default_factory=list)  # per preemption, the trainer's resume
 
 
+def _submit(lab: Lab, sub: Submission, when: dt.datetime) -> str:
+    spec = {"resources": {"gpu": "any", "memory_fraction": sub.fraction}, "training": {"epochs": sub.kind + 1}}
+    spec["architecture"] = {"family": "mlp"}
+    user, dataset = lab.users[sub.user], lab.datasets[sub.user, sub.kind]
+    return lab.db.create_job(user, dataset, spec, max_active=1000, max_attempts=3, priority=sub.priority, now=when).id
+
+
 def replay(lab: Lab, trace: list[Submission], settings: Settings) -> Replayed:
     """Replay ``trace`` through the real dispatcher; a victim's supervisor stops it at once (SIGTERM →
     checkpoint → requeued), and its resume continues from the weights it reached."""
@@ -299,21 +306,11 @@ def replay(lab: Lab, trace: list[Submission], settings: Settings) -> Replayed:
         clock = now
         while pending and pending[0].at == now:
             sub = pending.pop(0)
-            spec = {"resources": {"gpu": "any", "memory_fraction": sub.fraction}, "training": {"epochs": sub.kind + 1}}
-            spec["architecture"] = {"family": "mlp"}
-            job = lab.db.create_job(
-                lab.users[sub.user],
-                lab.datasets[sub.user, sub.kind],
-                spec,
-                max_active=1000,
-                max_attempts=3,
-                priority=sub.priority,
-                now=at(now),
-            )
-            info[job.id] = {"user": sub.user, "submit": now, "fraction": sub.fraction, "seconds": sub.seconds}
-            info[job.id].update(left=sub.seconds, epochs=sub.kind + 1)
+            job_id = _submit(lab, sub, at(now))
+            info[job_id] = {"user": sub.user, "submit": now, "fraction": sub.fraction, "seconds": sub.seconds}
+            info[job_id].update(left=sub.seconds, epochs=sub.kind + 1)
             if sub.user == URGENT_USER:
-                out.urgent.add(job.id)
+                out.urgent.add(job_id)
         while ends and ends[0][0] == now:
             _, job_id = heapq.heappop(ends)
             i = info[job_id]
