@@ -196,3 +196,18 @@ def test_the_usage_chart_draws_in_chromium(
         assert page.locator("#usage-chart .u-legend").inner_text().count("alice") == 1
         browser.close()
     assert errors == []
+
+
+def test_a_job_being_preempted_says_so_in_the_api_and_on_its_page(
+    client: FlaskClient, app: Flask, tokens: Tokens, beats: dict[str, dict[str, Any]], datasets: dict[str, str]
+) -> None:
+    register_two(app, beats)
+    db = _db(app)
+    job = post(client, tokens.alice, datasets["alice"], 0.5)
+    assert db.take_lease(job["id"], "w", 60, gpu=job["gpu"]) is not None
+    with db.dispatch_lock("test") as txn:
+        assert txn.request_preemption(job["id"], "job_urgent", dt.datetime.now(dt.UTC))
+    shown = client.get(f"/v1/jobs/{job['id']}", headers=bearer(tokens.alice)).get_json()
+    assert (shown["state"], shown["waiting_reason"], shown["preemptions"]) == ("running", "preempted_by job_urgent", 0)
+    page = _sign_in(app, tokens.alice).get(f"/ui/jobs/{job['id']}").get_data(as_text=True)
+    assert "stopping: preempted by job_urgent" in page
