@@ -18,6 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from cli.main import main
+from core.settings import Settings, get_settings
 from store import Database
 
 T0 = dt.datetime(2026, 11, 30, 23, 0, tzinfo=dt.UTC)  # an hour before midnight: usage by day splits
@@ -211,3 +212,41 @@ def test_a_job_being_preempted_says_so_in_the_api_and_on_its_page(
     assert (shown["state"], shown["waiting_reason"], shown["preemptions"]) == ("running", "preempted_by job_urgent", 0)
     page = _sign_in(app, tokens.alice).get(f"/ui/jobs/{job['id']}").get_data(as_text=True)
     assert "stopping: preempted by job_urgent" in page
+
+
+def test_pinning_needs_may_pin_and_quotas_are_set_by_the_admin_cli(
+    client: FlaskClient,
+    app: Flask,
+    tokens: Tokens,
+    beats: dict[str, dict[str, Any]],
+    datasets: dict[str, str],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    register_two(app, beats)
+    body = {"dataset": datasets["alice"], "spec": {**MLP, "resources": {"preemptible": False}}}
+    refused = assert_error_body(
+        client.post("/v1/jobs", json=body, headers=bearer(tokens.alice)), 422, "pin_not_allowed"
+    )
+    assert refused["field"] == "spec.resources.preemptible" and "--may-pin" in refused["detail"]
+    monkeypatch.setenv("GPUYARD_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("GPUYARD_DATABASE_URL", settings.database_url)
+    get_settings.cache_clear()  # the admin commands read the process's settings once
+    request.addfinalizer(get_settings.cache_clear)
+    runner = CliRunner()
+    pinned = runner.invoke(main, ["users", "set-priority", "alice", "1", "--may-pin"])
+    assert pinned.exit_code == 0 and "pin jobs" in pinned.output
+    assert client.post("/v1/jobs", json=body, headers=bearer(tokens.alice)).status_code == 201
+    quota = runner.invoke(main, ["users", "set-quota", "alice", "--gpu-hours", "2.5", "--per", "week"])
+    assert quota.exit_code == 0 and "2.5 GPU-hours per week" in quota.output
+    me = client.get("/v1/users/me", headers=bearer(tokens.alice)).get_json()
+    assert (me["max_priority"], me["may_pin"], me["quota"]["gpu_hours"], me["quota"]["period"]) == (
+        1,
+        True,
+        2.5,
+        "week",
+    )
+    assert runner.invoke(main, ["users", "set-quota", "alice"]).exit_code == 0
+    assert client.get("/v1/users/me", headers=bearer(tokens.alice)).get_json()["quota"]["gpu_hours"] is None
+    assert runner.invoke(main, ["users", "set-quota", "nobody", "--gpu-hours", "1"]).exit_code == 1
