@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from celery_helpers import events_of
+from celery_helpers import events_of, highway_spec
 
 from core.settings import Settings
 from core.states import QUEUED, RUNNING, SUCCEEDED
@@ -252,3 +253,39 @@ def test_a_preempted_job_requeues_without_losing_an_attempt_and_resumes(
     assert sorted(trained) == list(range(1, 7)) and len(trained) == 6  # no epoch trained twice
     attempts = db.usage(NOW - dt.timedelta(days=3650), utcnow() + dt.timedelta(seconds=1), "user")
     assert attempts == []  # CPU attempts are no GPU usage
+
+
+@pytest.mark.slow
+def test_the_real_trainer_preempted_mid_epoch_resumes_from_its_checkpoint(
+    settings: Settings, db: Database, storage: LocalStorage, make_job: Callable[..., str]
+) -> None:
+
+    settings = settings.model_copy(update={"redis_url": "", "cancel_poll_s": 0.1})
+    job_id = make_job(highway_spec(epochs=4, batch_size=16), max_attempts=1)
+
+    def preempt_in_the_second_epoch() -> None:
+        import threading
+        import time
+
+        def watch() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not events_of(db, job_id, "epoch_end"):
+                time.sleep(0.05)
+            with db.dispatch_lock("test") as txn:
+                assert txn.request_preemption(job_id, "job_hi", utcnow())
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    preempt_in_the_second_epoch()
+    first = supervise(job_id, settings, db=db, storage=storage)
+    assert (first.state, first.reason) == (QUEUED, "preempted"), first
+    job = db.get_job(job_id)
+    assert (job.attempts, job.preemptions) == (0, 1)
+    stopped_at = [e for e in events_of(db, job_id, "checkpoint")][-1]
+    again = supervise(job_id, settings, db=db, storage=storage)
+    assert again.state == SUCCEEDED and again.resumed, again
+    resumed = events_of(db, job_id, "started")[-1]["resumed_from_epoch"]
+    assert resumed == stopped_at["epoch"] >= 1  # from the checkpoint the stop wrote, not from scratch
+    ends = [e["epoch"] for e in events_of(db, job_id, "epoch_end")]
+    assert set(ends) == {1, 2, 3, 4} and db.get_job(job_id).attempts == 1
+    print(f"stopped with checkpoint {stopped_at}; epochs ended: {ends}")
