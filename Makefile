@@ -8,7 +8,7 @@ DOCKER ?= $(if $(wildcard /usr/bin/docker),/usr/bin/docker,docker)
 IMAGE  ?= gpuyard-cpu:dev
 COMPOSE_TEST_IMAGE ?= gpuyard-cpu:compose-test
 
-.PHONY: install redis-server chromium docker-engine image up demo test unit-test compose-test lint bench clean
+.PHONY: install redis-server chromium docker-engine image up demo docs test unit-test compose-test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ up: install redis-server
 demo: install
 	$(VENV)/bin/gpuyard demo
 
+# The documentation site (mkdocs.yml, docs/), served with live reload; the suite builds it with --strict.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve -a 127.0.0.1:8001
+
 # The whole of it: the suite, then the stack in containers (compose-test). `make unit-test` is the first half.
 test: unit-test
 	$(MAKE) compose-test
@@ -66,6 +70,7 @@ test: unit-test
 unit-test: install redis-server chromium
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 # The stack in containers, end to end (tests/deploy/test_compose_stack.py). Where Docker cannot run it

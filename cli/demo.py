@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from cli.render import render_events
 from core.exitcodes import ExitCode
 from core.names import MODEL_H5
 from core.settings import get_settings
+from core.trainer import trainer_argv
 from models.data.digits import write_digits_h5
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "specs"
@@ -56,21 +56,7 @@ def demo_command(spec_path: Path, out_dir: Path | None, backend: str | None) -> 
     data_path = write_digits_h5(demo_dir / "digits.h5")
     out_dir = out_dir or demo_dir / "run"
     console.print(f"data: {data_path}\nspec: {spec_path}\nout:  {out_dir}")
-    command = [
-        sys.executable,
-        "-m",
-        "worker.trainer",
-        "--spec",
-        str(spec_path),
-        "--data",
-        str(data_path),
-        "--out",
-        str(out_dir),
-        "--gpu",
-        "cpu",
-    ]
-    if backend:
-        command += ["--backend", backend]
+    command = trainer_argv(spec=spec_path, data=data_path, out=out_dir, gpu="cpu", backend=backend or None)
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None
         last = render_events(_json_lines(proc.stdout), console).last

@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 from rich.console import Console
@@ -26,7 +26,7 @@ from service.client import Client, ClientError, Event
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Exit codes of `gpuyard logs -f` and `gpuyard submit --follow`, by the job's final state.
-FOLLOW_EXIT_CODES = {SUCCEEDED: 0, FAILED: 1, INTERRUPTED: 3, CANCELLED: 4}
+FOLLOW_EXIT_CODES: dict[str, int] = {SUCCEEDED: 0, FAILED: 1, INTERRUPTED: 3, CANCELLED: 4}
 assert set(FOLLOW_EXIT_CODES) == set(TERMINAL_STATES)
 
 
@@ -60,7 +60,7 @@ def client_options(command: F) -> F:
         with api_errors(), Client(url or settings.url, token or settings.token or None) as client:
             return command(*args, client=client, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)
 
 
 def _console() -> Console:
@@ -188,7 +188,7 @@ def _print_dry_run(result: dict[str, Any]) -> None:
 
 @click.command("status")
 @click.argument("job", required=False)
-@click.option("--state", type=click.Choice(JOB_STATES), help="Only jobs in this state.")
+@click.option("--state", type=click.Choice([state.value for state in JOB_STATES]), help="Only jobs in this state.")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON instead of a table.")
 @client_options
 def status(client: Client, job: str | None, state: str | None, as_json: bool) -> None:

@@ -8,6 +8,7 @@
     cli/serve.py     api, up                                            (run the API, the local stack)
     cli/workers.py   worker, janitor                                    (run the Celery side)
     cli/users.py     users                                              (accounts and tokens)
+    cli/db.py        db                                                 (the job DB's schema: upgrade, current)
     cli/compose.py   compose                                            (docker compose for this host's GPUs)
     cli/tensorboard.py tensorboard                                      (download jobs' TensorBoard logs, open them)
     cli/demo.py      demo                                               (the Highway example, no service)
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import click
 
-from cli import compose, data, demo, jobs, modeluse, serve, smoke, tensorboard, usage, users, workers
+from cli import compose, data, db, demo, jobs, modeluse, serve, smoke, tensorboard, usage, users, workers
 
 
 @click.group()
@@ -32,6 +33,7 @@ for command in (
     data.check_data,
     users.users,
     usage.usage_command,
+    db.db,
     workers.worker_command,
     workers.janitor_command,
     demo.demo_command,

@@ -17,7 +17,8 @@ from core.states import FAILED, INTERRUPTED, RUNNING, SUCCEEDED, TERMINAL_STATES
 
 
 def styled_state(state: str) -> str:
-    colour = {SUCCEEDED: "green", FAILED: "red", INTERRUPTED: "yellow", RUNNING: "cyan"}.get(state)
+    colours: dict[str, str] = {SUCCEEDED: "green", FAILED: "red", INTERRUPTED: "yellow", RUNNING: "cyan"}
+    colour = colours.get(state)
     return f"[{colour}]{state}[/]" if colour else state
 
 
@@ -41,7 +42,7 @@ class EventRenderer:
         if handler is not None:
             handler(data)
 
-    def _fields(self, data: dict[str, Any]) -> dict[str, str]:
+    def _fields(self, data: dict[str, Any]) -> dict[str, Any]:
         loss = data.get("loss")
         rate = data.get("samples_per_s")
         eta = data.get("eta_s")

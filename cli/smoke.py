@@ -34,14 +34,15 @@ import click
 import h5py
 
 from core.errors import DataError, SpecError
-from core.names import MODEL_H5, MODEL_KERAS
+from core.names import MODEL_H5, MODEL_KERAS, SPEC_FILE
 from core.settings import get_settings
+from core.trainer import FAILED_EVENT, trainer_argv
 from models.data.sandbox import check_file
 from models.data.summary import DatasetSummary
 from models.fit import spec_data_problems
 from models.size import estimated_training_bytes, model_size
 from models.spec import AUTO, JobSpec, parse_spec
-from worker.trainer.events import FAILED_EVENT
+from worker.gpus import budget_bytes, fraction_for
 
 EXIT_CODES = {
     "spec_valid": 10,
@@ -173,7 +174,9 @@ def _placement(run: SmokeRun, spec: JobSpec, summary: DatasetSummary, gpus_path:
     # 'auto' is sized at submit to fit the model: it fits when a whole GPU does.
     fraction = 1.0 if spec.resources.memory_fraction == AUTO else spec.resources.fraction
     candidates = {u: t for u, t in gpus.items() if wanted in ("any", u)}
-    budgets = {u: int(fraction * t) for u, t in candidates.items()}
+    # The share the trainer's framework is capped at: the budget formula without the watchdog's allowance
+    # (that covers the CUDA context, not the model).
+    budgets = {u: budget_bytes(fraction, t, allowance_bytes=0) for u, t in candidates.items()}
     fitting = [u for u, b in budgets.items() if b >= need]
     best = max(budgets.values(), default=0)
     detail = (
@@ -182,7 +185,7 @@ def _placement(run: SmokeRun, spec: JobSpec, summary: DatasetSummary, gpus_path:
     )
     if not fitting and candidates:
         biggest = max(candidates.values())
-        detail += f"; ask for memory_fraction ≥ {math.ceil(100 * need / biggest) / 100:g}"
+        detail += f"; ask for memory_fraction ≥ {fraction_for(need, biggest, allowance_bytes=0, margin=1.0):g}"
     return run.record("budget_fits", bool(fitting), detail, started)
 
 
@@ -206,11 +209,10 @@ def _train_and_load(
     sample = _subsample(data_path, summary, tmp / "sample.h5", rows)
     training = {**raw.get("training", {}), "epochs": epochs, "early_stopping": None}
     smoke_spec = {**raw, "training": training, "resources": {**raw.get("resources", {}), "gpu": "cpu"}}
-    spec_path = tmp / "spec.json"
+    spec_path = tmp / SPEC_FILE
     spec_path.write_text(json.dumps(smoke_spec))
     out = tmp / "out"
-    command = [sys.executable, "-m", "worker.trainer", "--spec", str(spec_path), "--data", str(sample),
-               "--out", str(out), "--gpu", "cpu"]  # fmt: skip
+    command = trainer_argv(spec=spec_path, data=sample, out=out, gpu="cpu")
     done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     losses = [e.get("loss") for e in events if e.get("event") == "epoch_end"]

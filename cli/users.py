@@ -9,13 +9,16 @@ from rich.table import Table
 
 from core.settings import get_settings
 from store import Database
-from store.errors import UserExists
+from store.errors import JobDBError, UserExists
 from worker.notify import url_problems
 
 
 def _database() -> Database:
     db = Database(get_settings().database_url)
-    db.migrate()
+    try:
+        db.ensure_schema()
+    except JobDBError as exc:
+        raise click.ClickException(str(exc)) from exc
     return db
 
 

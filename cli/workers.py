@@ -13,6 +13,7 @@ import click
 
 from core.settings import Settings, get_settings
 from store import Database
+from store.errors import JobDBError
 from worker.celery_app import make_celery
 from worker.dispatch import Dispatcher
 from worker.fleet import WorkerPlan, plan_workers, run_fleet
@@ -188,7 +189,19 @@ def _print_plan(workers: list[WorkerPlan], loglevel: str, fleet: bool, pin: bool
         click.echo(command_line(worker.pinning() if pin else {}, worker.argv(loglevel)))
 
 
+def _require_schema(settings: Settings) -> None:
+    """Refuse to start on a job DB whose schema is behind (an empty one is created at head)."""
+    db = Database(settings.database_url)
+    try:
+        db.ensure_schema()
+    except JobDBError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        db.dispose()
+
+
 def _start_celery(settings: Settings, worker: WorkerPlan, loglevel: str, *, pin: bool) -> None:
+    _require_schema(settings)
     if pin:  # a CPU worker's trainers never see a GPU
         os.environ.update(worker.pinning())
         get_settings.cache_clear()
@@ -208,6 +221,7 @@ def janitor_command(interval: float | None, once: bool) -> None:
     """Requeue jobs whose worker died (expired lease); give up on those out of attempts."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = get_settings()
+    _require_schema(settings)
     if once:
         db = Database(settings.database_url)
         dispatcher = Dispatcher(settings, db, celery_sender(settings))

@@ -8,6 +8,7 @@ Python's json decoder, pydantic's serializer and any recursive walk fail on deep
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 MAX_JSON_DEPTH = 64
@@ -45,6 +46,7 @@ def value_depth(value: Any, limit: int | None = None) -> int:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(node, dict):
             children = node.values()
         elif isinstance(node, list):

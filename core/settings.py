@@ -1,7 +1,15 @@
 """gpuyard's one typed configuration object, read from ``GPUYARD_*`` environment variables.
 
-Two layers, one prefix: :class:`DataLimits` holds what the HDF5 checks (``models.data``) need and is all
-they see; :class:`Settings` extends it with everything else (job service, workers, GPUs, client).
+One object, one prefix, its fields grouped by who reads them (as Celery's ``app/defaults.py`` namespaces
+them)::
+
+    Settings ─┬─ LimitsSettings ── DataLimits   what users may ask for; the HDF5 checks' own (all models.data sees)
+              ├─ ServerSettings                 the API process: job store, queue, storage, dry run, streams
+              ├─ WorkerSettings                 Celery workers, supervisor, janitor, dispatcher, trainer, GPUs
+              └─ ClientSettings                 the gpuyard commands that talk to the API (URL, token)
+
+Callers read ``get_settings().<field>`` as before; each group is a plain pydantic-settings class with the
+same variable names, so a part that needs only its own can be typed with its group.
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class DataLimits(BaseSettings):
-    """The limits of the HDF5 data-set checks (``models.data``): sizes, scanning, the validator's rlimits."""
-
+class _GpuyardSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GPUYARD_", extra="ignore")
+
+
+class DataLimits(_GpuyardSettings):
+    """The limits of the HDF5 data-set checks (``models.data``): sizes, scanning, the validator's rlimits."""
 
     max_declared_ratio: float = Field(
         1000.0,
@@ -48,12 +58,132 @@ class DataLimits(BaseSettings):
     )
 
 
-class Settings(DataLimits):
-    """Every setting gpuyard reads. Each field is documented; the README's table is generated from here."""
+class LimitsSettings(DataLimits):
+    """What users may ask for: model size (checked at submit from the spec alone, models/size.py), uploads,
+    jobs, streams and GPU shares per user; with :class:`DataLimits`, the HDF5 checks'."""
 
+    # Model size, checked at submit from the spec alone (models/size.py)
+    max_model_parameters: int = Field(
+        50_000_000, gt=0, description="Refuse at submit a model with more parameters than this (200 MB of float32)."
+    )
+    max_training_memory_bytes: int = Field(
+        8 * 2**30,
+        gt=0,
+        description="Refuse at submit a model whose estimated memory for one training step (weights, gradients, "
+        "optimizer state, one batch's activations; the dry run's formula) exceeds this many bytes.",
+    )
+    max_model_depth: int = Field(
+        1000,
+        gt=0,
+        description="Refuse at submit more hidden layers or blocks than this (mlp/snn widths, highway depth, "
+        "resnet blocks or the sum of stages, cnn filters; a keras_json model's layers).",
+    )
+    max_layer_width: int = Field(
+        65536, gt=0, description="Refuse at submit a layer with more units or filters than this."
+    )
+    default_max_runtime_s: int = Field(
+        86_400,
+        ge=0,
+        description="resources.max_runtime_s given to a job whose spec sets none (0: no limit).",
+    )
+
+    # Per user and per request
+    max_upload_bytes: int = Field(2 * 2**30, gt=0, description="Largest data set upload accepted, in bytes.")
+    max_active_jobs_per_user: int = Field(
+        4, ge=1, description="Queued plus running jobs one user may have; more answer 429."
+    )
+    max_streams_per_user: int = Field(
+        20,
+        ge=1,
+        description="Event streams (GET /v1/jobs/<id>/events) one user may hold open at once; more answer 429.",
+    )
+    max_predict_bytes: int = Field(
+        1 * 2**20,
+        gt=0,
+        description="Largest body POST /v1/jobs/<id>/predict accepts (a JSON batch or an HDF5 file with X), "
+        "in bytes; larger answers 413. Bigger batches: evaluate an uploaded data set, or download the model.",
+    )
+    max_gpu_fraction_per_user: float = Field(
+        2.0,
+        gt=0,
+        description="The most GPU (sum of memory_fraction over running and dispatched jobs) one user holds.",
+    )
+
+
+class ServerSettings(_GpuyardSettings):
+    """What the API process reads: the job store, the queue, storage, the dry run, event streams, metrics
+    and sessions (service/, store/, worker/storage.py)."""
+
+    # Where things live
     data_dir: Path = Field(Path(".gpuyard"), description="Where the local stack keeps its DB, storage and logs.")
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL of the job database, e.g. postgresql+psycopg://user@host/gpuyard. "
+        "Empty: SQLite at <data_dir>/gpuyard.db.",
+    )
+    redis_url: str = Field(
+        "redis://localhost:6379/0", description="Redis URL: the Celery broker, and what /v1/ready checks."
+    )
+    train_queue: str = Field(
+        "gpuyard.jobs",
+        description="Celery queue of CPU jobs (resources.gpu 'cpu', or any job where no GPU is registered); "
+        "GPU jobs go to gpu.<uuid>, one queue per GPU.",
+    )
+    storage_dir: Path | None = Field(
+        None, description="Root of local storage (data sets, job artifacts). Empty: <data_dir>/storage."
+    )
+    tmp_max_age_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Staging files of uploads (storage tmp/) older than this many seconds are removed when the "
+        "API starts and by every janitor pass: what a killed upload left behind.",
+    )
 
-    # Trainer
+    # Jobs as the API creates them
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts a job gets before a lost worker marks it interrupted, not requeued."
+    )
+
+    # The dry run, out of process (service/checks.py)
+    dry_run_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds the API waits for a dry-run subprocess (it builds the Keras model)."
+    )
+    dry_run_memory_bytes: int = Field(
+        4 * 2**30,
+        gt=0,
+        description="Address-space limit (RLIMIT_AS) of the dry-run child process the API starts; a dry run "
+        "past it is refused with 422. The examples' dry runs (TensorFlow, CPU) need about 1.5 GiB.",
+    )
+    dry_run_concurrency: int = Field(
+        2, ge=1, description="Dry runs one API process runs at once; more answer 429 with Retry-After."
+    )
+
+    # Event streams, metrics, sessions
+    sse_poll_interval_s: float = Field(
+        0.5,
+        gt=0,
+        description="Seconds between two job-event polls of the database in an SSE stream while Redis "
+        "pub/sub is unreachable (otherwise a stream sleeps until its job publishes an event).",
+    )
+    sse_keepalive_s: float = Field(
+        15.0, gt=0, description="Seconds of silence after which an SSE stream sends a keep-alive comment."
+    )
+    metrics_token: str = Field(
+        "",
+        description="Bearer token a Prometheus scraper on another host sends to read GET /metrics; empty: only "
+        "scrapers on this host (loopback) may read it.",
+    )
+    secret_key: str = Field(
+        "",
+        description="Signs the dashboard's session cookies and CSRF tokens; every API process must share it. "
+        "Empty: a random key kept in <data_dir>/secret-key (mode 0600), made on first start.",
+    )
+
+
+class WorkerSettings(_GpuyardSettings):
+    """What the Celery workers, the supervisor, the janitor, the dispatcher and the trainer read."""
+
+    # Trainer (worker/trainer/)
     progress_interval_s: float = Field(0.5, gt=0, description="Minimum seconds between two batch progress events.")
     probe_batch_size: int = Field(64, gt=0, description="Rows in the fixed batch used for per-layer diagnostics.")
     tensorboard_histogram_every: int = Field(
@@ -121,103 +251,26 @@ class Settings(DataLimits):
         "(the activations blow up); a 32-block SNN on digits stays within 1-6 while it learns.",
     )
 
-    # Job service: database, queue, storage (service/, store/, worker/storage.py)
-    database_url: str = Field(
+    # Celery workers, supervisor and janitor (worker/celery_app.py, worker/supervisor.py, worker/janitor.py)
+    worker_gpu: str = Field(
+        "cpu", description="What this worker's trainers run on: 'cpu' or a GPU UUID (one worker per GPU)."
+    )
+    warm_trainers: bool | None = Field(
+        None,
+        description="Keep one trainer per worker slot started ahead, its framework imported, waiting for the next "
+        "job on a pipe (submit to first step in about a second instead of several). Empty: on for workers of "
+        "a real GPU, off for CPU workers and fake GPUs (an idle trainer holds about 0.5 GB of host memory).",
+    )
+    trainer_command: str = Field(
         "",
-        description="SQLAlchemy URL of the job database, e.g. postgresql+psycopg://user@host/gpuyard. "
-        "Empty: SQLite at <data_dir>/gpuyard.db.",
-    )
-    redis_url: str = Field(
-        "redis://localhost:6379/0", description="Redis URL: the Celery broker, and what /v1/ready checks."
-    )
-    train_queue: str = Field(
-        "gpuyard.jobs",
-        description="Celery queue of CPU jobs (resources.gpu 'cpu', or any job where no GPU is registered); "
-        "GPU jobs go to gpu.<uuid>, one queue per GPU.",
-    )
-    storage_dir: Path | None = Field(
-        None, description="Root of local storage (data sets, job artifacts). Empty: <data_dir>/storage."
-    )
-    max_upload_bytes: int = Field(2 * 2**30, gt=0, description="Largest data set upload accepted, in bytes.")
-    tmp_max_age_s: float = Field(
-        3600.0,
-        gt=0,
-        description="Staging files of uploads (storage tmp/) older than this many seconds are removed when the "
-        "API starts and by every janitor pass: what a killed upload left behind.",
-    )
-    max_active_jobs_per_user: int = Field(
-        4, ge=1, description="Queued plus running jobs one user may have; more answer 429."
+        description="The command that starts a trainer (split like a shell would); empty: "
+        "'<this python> -m worker.trainer'. Tests substitute a stand-in.",
     )
     lease_seconds: int = Field(
         60,
         gt=0,
         description="How long a worker's claim on a job lasts without renewal before the janitor may requeue it.",
     )
-    max_attempts: int = Field(
-        3, ge=1, description="Attempts a job gets before a lost worker marks it interrupted, not requeued."
-    )
-    dry_run_timeout_s: float = Field(
-        120.0, gt=0, description="Seconds the API waits for a dry-run subprocess (it builds the Keras model)."
-    )
-    # Model size limits, checked at submit from the spec alone (models/size.py)
-    max_model_parameters: int = Field(
-        50_000_000, gt=0, description="Refuse at submit a model with more parameters than this (200 MB of float32)."
-    )
-    max_training_memory_bytes: int = Field(
-        8 * 2**30,
-        gt=0,
-        description="Refuse at submit a model whose estimated memory for one training step (weights, gradients, "
-        "optimizer state, one batch's activations; the dry run's formula) exceeds this many bytes.",
-    )
-    max_model_depth: int = Field(
-        1000,
-        gt=0,
-        description="Refuse at submit more hidden layers or blocks than this (mlp/snn widths, highway depth, "
-        "resnet blocks or the sum of stages, cnn filters; a keras_json model's layers).",
-    )
-    max_layer_width: int = Field(
-        65536, gt=0, description="Refuse at submit a layer with more units or filters than this."
-    )
-    default_max_runtime_s: int = Field(
-        86_400,
-        ge=0,
-        description="resources.max_runtime_s given to a job whose spec sets none (0: no limit).",
-    )
-    dry_run_memory_bytes: int = Field(
-        4 * 2**30,
-        gt=0,
-        description="Address-space limit (RLIMIT_AS) of the dry-run child process the API starts; a dry run "
-        "past it is refused with 422. The examples' dry runs (TensorFlow, CPU) need about 1.5 GiB.",
-    )
-    dry_run_concurrency: int = Field(
-        2, ge=1, description="Dry runs one API process runs at once; more answer 429 with Retry-After."
-    )
-    sse_poll_interval_s: float = Field(
-        0.5,
-        gt=0,
-        description="Seconds between two job-event polls of the database in an SSE stream while Redis "
-        "pub/sub is unreachable (otherwise a stream sleeps until its job publishes an event).",
-    )
-    metrics_token: str = Field(
-        "",
-        description="Bearer token a Prometheus scraper on another host sends to read GET /metrics; empty: only "
-        "scrapers on this host (loopback) may read it.",
-    )
-    max_streams_per_user: int = Field(
-        20,
-        ge=1,
-        description="Event streams (GET /v1/jobs/<id>/events) one user may hold open at once; more answer 429.",
-    )
-    secret_key: str = Field(
-        "",
-        description="Signs the dashboard's session cookies and CSRF tokens; every API process must share it. "
-        "Empty: a random key kept in <data_dir>/secret-key (mode 0600), made on first start.",
-    )
-    sse_keepalive_s: float = Field(
-        15.0, gt=0, description="Seconds of silence after which an SSE stream sends a keep-alive comment."
-    )
-
-    # Celery workers, supervisor and janitor (worker/celery_app.py, worker/supervisor.py, worker/janitor.py)
     visibility_timeout_s: int = Field(
         6 * 3600,
         gt=0,
@@ -227,23 +280,17 @@ class Settings(DataLimits):
     cancel_poll_s: float = Field(
         0.5, gt=0, le=1.0, description="Seconds between two checks of a running job's cancel flag."
     )
+    cancel_grace_s: float = Field(
+        3.0,
+        gt=0,
+        description="Seconds a trainer gets after SIGTERM (cancel, time limit) to checkpoint and exit "
+        "before its process group is killed.",
+    )
     trainer_memory_bytes: int | None = Field(
         None,
         gt=0,
         description="Host memory (RSS of its whole process group) a trainer may hold before it is killed and "
         "the job fails out_of_memory. Empty: half of this host's memory.",
-    )
-    max_predict_bytes: int = Field(
-        1 * 2**20,
-        gt=0,
-        description="Largest body POST /v1/jobs/<id>/predict accepts (a JSON batch or an HDF5 file with X), "
-        "in bytes; larger answers 413. Bigger batches: evaluate an uploaded data set, or download the model.",
-    )
-    operation_timeout_s: float = Field(
-        600.0,
-        gt=0,
-        description="Seconds a model operation (evaluate, predict, export of a finished job) may run in its "
-        "worker's child process before it is stopped and fails operation_time_limit.",
     )
     trainer_kills_before_oom: int = Field(
         2,
@@ -252,11 +299,11 @@ class Settings(DataLimits):
         "operator) is requeued and resumed from its checkpoint; killed this many times in a row, the job "
         "fails out_of_memory with the peak memory it reached.",
     )
-    cancel_grace_s: float = Field(
-        3.0,
+    operation_timeout_s: float = Field(
+        600.0,
         gt=0,
-        description="Seconds a trainer gets after SIGTERM (cancel, time limit) to checkpoint and exit "
-        "before its process group is killed.",
+        description="Seconds a model operation (evaluate, predict, export of a finished job) may run in its "
+        "worker's child process before it is stopped and fails operation_time_limit.",
     )
     janitor_interval_s: float = Field(
         10.0, gt=0, description="Seconds between two janitor passes (requeue jobs whose lease expired)."
@@ -281,20 +328,6 @@ class Settings(DataLimits):
         "",
         description="Comma-separated networks (CIDR) a webhook may reach although they are private, loopback or "
         "link-local, e.g. '10.0.0.0/8,127.0.0.1/32'. Empty: webhooks reach public addresses only.",
-    )
-    worker_gpu: str = Field(
-        "cpu", description="What this worker's trainers run on: 'cpu' or a GPU UUID (one worker per GPU)."
-    )
-    warm_trainers: bool | None = Field(
-        None,
-        description="Keep one trainer per worker slot started ahead, its framework imported, waiting for the next "
-        "job on a pipe (submit to first step in about a second instead of several). Empty: on for workers of "
-        "a real GPU, off for CPU workers and fake GPUs (an idle trainer holds about 0.5 GB of host memory).",
-    )
-    trainer_command: str = Field(
-        "",
-        description="The command that starts a trainer (split like a shell would); empty: "
-        "'<this python> -m worker.trainer'. Tests substitute a stand-in.",
     )
 
     # GPUs: inventory, heartbeats, placement, memory watchdog, hygiene (worker/gpus.py, worker/dispatch.py)
@@ -342,11 +375,20 @@ class Settings(DataLimits):
     gpu_hygiene_wait_s: float = Field(
         5.0, ge=0, description="Seconds the hygiene check waits for the driver to release a finished job's memory."
     )
-    max_gpu_fraction_per_user: float = Field(
-        2.0,
-        gt=0,
-        description="The most GPU (sum of memory_fraction over running and dispatched jobs) one user holds.",
+    memory_margin: float = Field(
+        1.25,
+        ge=1.0,
+        description="Automatic budgets: memory_fraction 'auto' and suggested_memory_fraction are the expected "
+        "(or measured) peak times this, as a fraction of the GPU.",
     )
+    dispatch_stale_s: float = Field(
+        120.0,
+        gt=0,
+        description="A job dispatched to a GPU that went offline and still not started after this many seconds "
+        "is dispatched again.",
+    )
+
+    # The queue's order (worker/fairshare.py) and its forecast
     fair_share_half_life_s: float = Field(
         7200.0,
         gt=0,
@@ -381,20 +423,11 @@ class Settings(DataLimits):
         description="Start estimates: the duration assumed for a job when no earlier job of its kind, its owner "
         "or anyone has finished yet.",
     )
-    memory_margin: float = Field(
-        1.25,
-        ge=1.0,
-        description="Automatic budgets: memory_fraction 'auto' and suggested_memory_fraction are the expected "
-        "(or measured) peak times this, as a fraction of the GPU.",
-    )
-    dispatch_stale_s: float = Field(
-        120.0,
-        gt=0,
-        description="A job dispatched to a GPU that went offline and still not started after this many seconds "
-        "is dispatched again.",
-    )
 
-    # Client side: the ``gpuyard`` commands that talk to the API (service/client.py, cli/jobs.py)
+
+class ClientSettings(_GpuyardSettings):
+    """What the ``gpuyard`` commands that talk to the API read (service/client.py, cli/jobs.py)."""
+
     url: str = Field(
         "http://127.0.0.1:8000",
         description="Client side: base URL of the gpuyard API that the gpuyard commands talk to (overridden by --url).",
@@ -404,6 +437,12 @@ class Settings(DataLimits):
         description="Client side: bearer token the gpuyard commands send (overridden by --token); "
         "'gpuyard users create NAME' prints one, 'gpuyard up' the admin's.",
     )
+
+
+class Settings(ClientSettings, WorkerSettings, ServerSettings, LimitsSettings):
+    """Every setting gpuyard reads, one object (``get_settings()``); its fields grouped by who reads them
+    (:data:`SETTING_GROUPS`). Each field is documented; ``.env.example`` and the README's table are
+    generated from here (deploy/envdoc.py)."""
 
     @field_validator("notify_allowed_networks")
     @classmethod
@@ -426,6 +465,15 @@ class Settings(DataLimits):
         if self.fake_gpu_dir is None:
             self.fake_gpu_dir = self.data_dir / "fake-gpus"
         return self
+
+
+#: The groups, with the heading ``.env.example`` gives each (deploy/envdoc.py).
+SETTING_GROUPS: tuple[tuple[str, type[BaseSettings]], ...] = (
+    ("API server", ServerSettings),
+    ("Workers and the trainer", WorkerSettings),
+    ("Limits, what users may ask for", LimitsSettings),
+    ("Client: the gpuyard commands", ClientSettings),
+)
 
 
 @lru_cache(maxsize=1)

@@ -1,6 +1,6 @@
 """Render ``.env.example`` from :class:`core.settings.Settings`: ``python deploy/envdoc.py > .env.example``.
 
-``python deploy/envdoc.py --markdown`` renders the README's configuration table instead.
+``python deploy/envdoc.py --markdown`` renders the configuration table of docs/configuration.md instead.
 
 Every ``GPUYARD_*`` setting appears with its description and default, commented out (a default needs no
 line); a test checks the file in the repository is what this renders.
@@ -17,7 +17,7 @@ from typing import Any
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from core.settings import Settings
+from core.settings import SETTING_GROUPS, Settings
 
 ENV_PREFIX = Settings.model_config.get("env_prefix", "GPUYARD_")
 
@@ -83,11 +83,12 @@ def settings_env_example() -> str:
     for name, default, description in COMPOSE_VARIABLES:
         lines += [*_comment(description), f"{name}={default}" if name == "POSTGRES_PASSWORD" else f"# {name}={default}"]
         lines.append("")
-    lines += ["# ---- gpuyard settings (core/settings.py)", ""]
-    for name, field in Settings.model_fields.items():
-        lines += _comment(field.description or "(undocumented)")
-        lines.append(f"# {env_name(name)}={_default_text(field)}")
-        lines.append("")
+    for heading, group in SETTING_GROUPS:
+        lines += [f"# ---- gpuyard settings: {heading} (core/settings.py, {group.__name__})", ""]
+        for name, field in group.model_fields.items():
+            lines += _comment(field.description or "(undocumented)")
+            lines.append(f"# {env_name(name)}={_default_text(field)}")
+            lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -119,7 +119,7 @@ def declared_summary(spec: JobSpec) -> tuple[DatasetSummary | None, list[Problem
                 "output.units",
             )
         )
-    if errors:
+    if errors or input_shape is None:
         return None, errors, []
     if spec.loss == "sparse_categorical_crossentropy" or (
         spec.loss is None and spec.output.activation in (None, "softmax")

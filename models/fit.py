@@ -13,7 +13,7 @@ from models.heads import resolve_head
 from models.keras_config import config_problems
 from models.spec import CnnArchitecture, JobSpec, KerasJsonArchitecture, ResnetConvArchitecture
 
-IMAGE_FAMILIES = {CnnArchitecture: "cnn", ResnetConvArchitecture: "resnet (variant conv)"}
+IMAGE_FAMILIES: dict[type, str] = {CnnArchitecture: "cnn", ResnetConvArchitecture: "resnet (variant conv)"}
 
 
 def spec_data_problems(spec: JobSpec, summary: DatasetSummary) -> list[Problem]:

@@ -85,7 +85,9 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _finding(kind: str, epoch: int, value: float | None, threshold: float | None, blocks: Sequence[str], detail: str):
+def _finding(
+    kind: str, epoch: int, value: float | None, threshold: float | None, blocks: Sequence[str], detail: str
+) -> dict[str, Any]:
     return {
         "kind": kind,
         "epoch": epoch,

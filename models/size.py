@@ -274,7 +274,7 @@ def model_size(spec: JobSpec, input_shape: list[int], output_units: int) -> Mode
 
 def estimated_training_bytes(spec: JobSpec, size: ModelSize) -> int:
     """Bytes one training step of ``spec``'s model (of ``size``) needs: :func:`training_memory`'s total."""
-    return training_memory(
+    total: int = training_memory(
         parameters=size.parameters,
         trainable=size.trainable,
         slots=optimizer_slots(spec),
@@ -282,6 +282,7 @@ def estimated_training_bytes(spec: JobSpec, size: ModelSize) -> int:
         io_per_sample=size.io_per_sample,
         activations_per_sample=size.activations_per_sample,
     )["total"]
+    return total
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ def _keras_json_size(arch: KerasJsonArchitecture, input_shape: list[int]) -> tup
     previous: int | None = features if len(input_shape) == 1 else None
     for layer in _keras_json_layers(arch.config()):
         layers += 1
-        config = layer.get("config") if isinstance(layer.get("config"), dict) else {}
+        config: dict[str, Any] = layer["config"] if isinstance(layer.get("config"), dict) else {}
         name = config.get("name", "?")
         size = None
         for key in ("units", "filters"):

@@ -15,7 +15,7 @@ Shape::
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -26,7 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from core.errors import Problem, SpecError
 from core.jsondepth import MAX_JSON_DEPTH, text_depth, value_depth
@@ -306,7 +306,8 @@ class KerasJsonArchitecture(_ArchitectureBase):
     def config(self) -> dict[str, Any]:
         """The model's config as an object, whichever form the spec used."""
         if isinstance(self.model_json, str):
-            return json.loads(self.model_json)
+            config: dict[str, Any] = json.loads(self.model_json)
+            return config
         return self.model_json
 
 
@@ -331,7 +332,7 @@ class OutputSpec(_Strict):
 
     activation: OutputActivation | None = None
     units: PositiveInt | None = None
-    export: list[Literal[EXPORT_FORMATS]] = Field(  # type: ignore[valid-type]
+    export: list[Literal[EXPORT_FORMATS]] = Field(  # type: ignore[valid-type]  # a Literal of a constant tuple: pydantic reads it
         default_factory=list,
         description="Formats the trainer exports the finished model to, besides model.h5 and model.keras: "
         f"any of {', '.join(EXPORT_FORMATS)} (artifacts {', '.join(EXPORT_ARTIFACTS.values())}). Or later: "
@@ -386,7 +387,7 @@ class TrainingSpec(_Strict):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds weights, shuffling and the split.")
     early_stopping: EarlyStoppingSpec | None = None
     shuffle: bool = True
-    stop_on: list[Literal[HEALTH_KINDS]] = Field(  # type: ignore[valid-type]
+    stop_on: list[Literal[HEALTH_KINDS]] = Field(  # type: ignore[valid-type]  # a Literal of a constant tuple: pydantic reads it
         default_factory=list,
         description="Health findings that end the job as failed (reason 'unhealthy') when the trainer sees "
         f"them, at epoch 0 or after any epoch; any of {', '.join(HEALTH_KINDS)}. Default: none, the findings "
@@ -397,7 +398,7 @@ class TrainingSpec(_Strict):
 #: What an unsized 'auto' stands for: where there is no estimate to size it from (keras_json, no GPU
 #: registered), and for a stored spec that was never sized.
 UNSIZED_FRACTION = 0.25
-AUTO = "auto"
+AUTO: Final = "auto"
 
 
 class ResourcesSpec(_Strict):
@@ -520,7 +521,7 @@ def _received(field: str, value: Any) -> str:
     return f"{name}={_short_repr(value)}"
 
 
-def _problem(error: dict[str, Any]) -> Problem:
+def _problem(error: ErrorDetails) -> Problem:
     ctx = error.get("ctx") or {}
     field = _field_path(tuple(error["loc"]), ctx)
     message = error["msg"].removeprefix("Value error, ")

@@ -22,7 +22,7 @@ from service.streams import EventHub, StreamSlots
 from service.ui import bp as ui_bp
 from service.ui import root as ui_root
 from store import Database
-from worker.dispatch import GpuBoard
+from worker.heartbeat import GpuBoard
 from worker.queues import OPERATE_TASK, celery_sender
 from worker.relay import EventPublisher
 from worker.storage import LocalStorage
@@ -35,7 +35,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # (worker.queues.Sender's of gpuyard.train and gpuyard.operate),
     # GPUYARD_DATASET_CHECKER, GPUYARD_DRY_RUNNER, GPUYARD_GPU_HEARTBEATS (see service.extensions),
     # GPUYARD_DB_SCHEMA (PostgreSQL).
-    "GPUYARD_AUTO_MIGRATE": True,
+    # Create an empty job DB at the schema's head, refuse one that is behind (store/migrations.py).
+    "GPUYARD_ENSURE_SCHEMA": True,
 }
 
 # Request header limits the app answers with JSON 431 (gunicorn's own limits are set higher).
@@ -76,13 +77,13 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def register_extensions(app: Flask) -> None:
-    """Open the job DB (migrating it), storage, the job queue and the out-of-process checkers; sessions."""
+    """Open the job DB (refusing a schema behind), storage, the job queue and the out-of-process checkers; sessions."""
     settings: Settings = app.config.get("GPUYARD_SETTINGS") or get_settings()
     init_sessions(app, settings)
     csrf.init_app(app)
     db = Database(settings.database_url, schema=app.config.get("GPUYARD_DB_SCHEMA"))
-    if app.config["GPUYARD_AUTO_MIGRATE"]:
-        db.migrate()
+    if app.config["GPUYARD_ENSURE_SCHEMA"]:
+        db.ensure_schema()  # SchemaBehind: the process exits, naming `gpuyard db upgrade`
     assert settings.storage_dir is not None  # filled in by Settings
     storage = LocalStorage(settings.storage_dir)
     swept = storage.sweep_tmp(settings.tmp_max_age_s)  # what uploads killed mid-way left behind

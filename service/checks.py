@@ -19,12 +19,12 @@ from typing import Any
 
 from core.errors import DataError, Problem, SpecError
 from core.exitcodes import ExitCode
-from core.names import DATASET_SUMMARY_FILE
+from core.names import DATASET_SUMMARY_FILE, SPEC_FILE
 from core.settings import Settings
+from core.trainer import FAILED_EVENT, trainer_argv
 from models.data.sandbox import check_file
 from models.data.summary import DataKeys, DatasetSummary
 from service.errors import DryRunFailed, TooManyRequests
-from worker.trainer.events import FAILED_EVENT
 
 
 def sandbox_check_dataset(
@@ -112,15 +112,12 @@ def trainer_dry_run(
         DryRunFailed: the child crashed or ran past ``timeout_s``.
     """
     with tempfile.TemporaryDirectory(prefix="gpuyard-dryrun-") as tmp:
-        spec_path = Path(tmp) / "spec.json"
+        spec_path = Path(tmp) / SPEC_FILE
         spec_path.write_text(json.dumps(spec))
         summary_path = Path(tmp) / DATASET_SUMMARY_FILE
         summary_path.write_text(summary.model_dump_json())
-        command = [
-            sys.executable, "-m", "worker.trainer", "--dry-run",
-            "--spec", str(spec_path), "--data", str(data_path), "--summary", str(summary_path),
-            "--out", str(Path(tmp) / "out"),
-        ]  # fmt: skip
+        out = Path(tmp) / "out"
+        command = trainer_argv(spec=spec_path, data=data_path, summary=summary_path, out=out, dry_run=True)
         if memory_bytes is not None:
             command = [sys.executable, "-c", _EXEC_UNDER_RLIMIT_AS, str(memory_bytes), *command]
         # A dry run builds on the CPU; hide GPUs so it never takes memory from running jobs.

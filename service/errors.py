@@ -33,7 +33,7 @@ from typing import Any
 from core.errors import DataError, GpuyardError, Problem, SpecError
 from core.settings import Settings
 from store.errors import ActiveJobLimit, DatabaseUnavailable, DatasetInUse, UnknownDataset
-from worker.errors import InvalidKey, QueueUnavailable, UploadTooLarge
+from worker.errors import InvalidKey, QueueUnavailable, SubmitRefused, UploadTooLarge
 
 
 class ApiError(GpuyardError):
@@ -172,6 +172,10 @@ def to_api_error(exc: GpuyardError) -> ApiError:
         return PayloadTooLarge(str(exc))
     if isinstance(exc, InvalidKey):
         return NotFound(str(exc))
+    if isinstance(exc, SubmitRefused):
+        if exc.listed:
+            return Unprocessable.from_problems(exc.code, exc.problems, prefix=exc.prefix)
+        return Unprocessable(str(exc), code=exc.code, field=exc.field)
     if isinstance(exc, QueueUnavailable):
         return ServiceUnavailable(str(exc), code=exc.code)
     if isinstance(exc, DatabaseUnavailable):

@@ -4,32 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from flask import Flask, current_app
 from flask_wtf.csrf import CSRFProtect
 
 from core.settings import Settings
-from models.data.summary import DataKeys, DatasetSummary
 from service.streams import EventHub, StreamSlots
 from store import Database
-from worker.dispatch import HeartbeatSource
+from worker.heartbeat import HeartbeatSource
 from worker.queues import Sender
 from worker.storage import Storage
+from worker.submit import DatasetChecker, DryRunner
 
 EXTENSION_KEY = "gpuyard"
 
 csrf = CSRFProtect()
 """CSRF tokens of the dashboard's forms (checked by service.ui; the API checks them for cookie callers)."""
 
-DatasetChecker = Callable[[Path, DataKeys, str | None], DatasetSummary]
-"""Validates an uploaded HDF5 file (``path``, ``keys``, its sha256 when already known); raises
-core.errors.DataError listing every reason."""
-
-DryRunner = Callable[[dict[str, Any], Path, DatasetSummary], dict[str, Any]]
-"""Dry-runs a validated spec against a stored data set and its checked summary; returns the report,
-raises SpecError/DataError."""
+# DatasetChecker validates an uploaded HDF5 file (path, keys, its sha256 when known), raising DataError with
+# every reason; DryRunner dry-runs a checked spec against a stored data set, raising SpecError/DataError.
 
 
 @dataclass

@@ -83,14 +83,14 @@ def gpu_out(view: GpuView, viewer: User) -> GpuOut:
     jobs = []
     committed = 0.0
     for job in svc.db.jobs_on_gpu(view.uuid):
-        fraction = resources_of(job.spec).memory_fraction
+        fraction = resources_of(job.spec).fraction
         committed += fraction
         visible = viewer.is_admin or job.owner_id == viewer.id
         jobs.append(
             GpuJobOut(
                 id=job.id if visible else None,
                 owner=job.owner.name if visible else None,
-                state=job.state,  # type: ignore[arg-type]
+                state=job.state,
                 memory_fraction=fraction,
                 budget_bytes=budget_bytes(fraction, view.memory_total_bytes, allowance),
                 memory_bytes=_job_memory(job, ours),
@@ -102,7 +102,7 @@ def gpu_out(view: GpuView, viewer: User) -> GpuOut:
         host=view.host,
         index=view.index,
         name=view.name,
-        state=view.state,  # type: ignore[arg-type]
+        state=view.state,
         online=view.online,
         slots=view.slots,
         memory_total_bytes=view.memory_total_bytes,

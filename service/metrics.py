@@ -19,13 +19,14 @@ import os
 import time
 from collections.abc import Iterator
 
-from flask import Flask, g, request
+from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from core.states import JOB_STATES
 from store import Database
-from worker.dispatch import HeartbeatSource, gpu_views
+from worker.dispatch import gpu_views
+from worker.heartbeat import HeartbeatSource
 
 #: Seconds of history the wait and duration histograms summarise.
 WINDOW_S = 24 * 3600
@@ -121,7 +122,7 @@ class StateCollector:
 def scrape(db: Database, heartbeats: HeartbeatSource) -> bytes:
     """The text exposition of every metric, for one scrape."""
     registry = CollectorRegistry()
-    registry.register(StateCollector(db, heartbeats))  # type: ignore[arg-type]
+    registry.register(StateCollector(db, heartbeats))
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)
     else:
@@ -137,7 +138,7 @@ def observe_requests(app: Flask) -> None:
         g.request_started = time.perf_counter()
 
     @app.after_request
-    def _observe(response):  # type: ignore[no-untyped-def]
+    def _observe(response: Response) -> Response:
         started = g.pop("request_started", None)
         if started is not None:
             route = request.url_rule.rule if request.url_rule is not None else "unmatched"

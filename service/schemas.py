@@ -8,11 +8,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from core.names import EXPORT_FORMATS
-from core.states import JOB_STATES, QUEUED, RUNNING
+from core.states import QUEUED, RUNNING, JobState
 from models.data.summary import DatasetSummary
 from store import Dataset, Job, JobEvent, Operation
-
-JobState = Literal[JOB_STATES]  # type: ignore[valid-type]
 
 # allOf: a bare $ref beside a description would make pydantic resolve the ref, which lives elsewhere.
 SpecObject = Annotated[dict[str, Any], WithJsonSchema({"allOf": [{"$ref": "#/components/schemas/JobSpec"}]})]
@@ -240,7 +238,7 @@ class JobOut(BaseModel):
         return cls(
             id=job.id,
             owner=job.owner.name,
-            state=job.state,  # type: ignore[arg-type]
+            state=job.state,
             spec=job.spec,
             dataset=job.dataset_id,
             priority=job.priority,
@@ -367,7 +365,7 @@ class JobEventOut(BaseModel):
 # ── model operations (evaluate, predict, export a finished job's model) ──
 OperationKind = Literal["evaluate", "predict", "export"]
 Split = Literal["test", "val", "train"]
-ExportFormat = Literal[EXPORT_FORMATS]  # type: ignore[valid-type]
+ExportFormat = Literal[EXPORT_FORMATS]  # type: ignore[valid-type]  # a Literal of a constant tuple: pydantic reads it
 
 
 class EvaluateIn(_Body):
@@ -416,8 +414,8 @@ class OperationOut(BaseModel):
         return cls(
             id=operation.id,
             job=operation.job_id,
-            kind=operation.kind,  # type: ignore[arg-type]
-            state=operation.state,  # type: ignore[arg-type]
+            kind=operation.kind,
+            state=operation.state,
             request={k: v for k, v in operation.request.items() if k != "input_file"},
             result=operation.result,
             error_reason=operation.error_reason,

@@ -38,7 +38,7 @@ import requests
 from core.errors import GpuyardError
 from core.settings import Settings
 from store import Database
-from store.errors import UserExists
+from store.errors import SchemaBehind, UserExists
 from worker.procs import set_parent_death_signal
 
 ADMIN_NAME = "admin"
@@ -233,8 +233,10 @@ class Stack:
         self.settings = Settings(data_dir=self.data_dir, redis_url=self.redis_url)
         db = Database(self.settings.database_url)
         try:
-            db.migrate()
+            db.ensure_schema()
             self.admin_token, self.admin_created = ensure_admin(db, self.data_dir)
+        except SchemaBehind as exc:
+            raise StackError(f"{exc}: `gpuyard db upgrade --data-dir {self.data_dir}`") from exc
         finally:
             db.dispose()
 

@@ -83,6 +83,7 @@ class EventHub:
                 self._listener.start()
 
     def _listen(self) -> None:
+        assert self.redis_url is not None  # started only with a broker (listen_for)
         warned = False
         while not self._closing.is_set():
             client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, health_check_interval=30)

@@ -3,8 +3,9 @@
 SQLite (WAL, foreign keys, busy timeout) by default, PostgreSQL by URL (``postgresql+psycopg://``).
 Every access goes through :class:`Database` (``database.py``); the rest of the package is its parts::
 
-    tables.py       the ORM tables (User, Dataset, Job, JobEvent, Gpu, DispatchLock, Operation, SchemaVersion)
-    migrations.py   append-only schema steps and ``migrate``
+    tables.py       the ORM tables (User, Dataset, Job, JobEvent, Gpu, DispatchLock, Operation)
+    migrations.py   the schema, owned by Alembic (alembic/versions/, one revision per change)
+    legacy.py       the home-made steps of the pre-Alembic ``schema_version`` (1-6), run once by ``upgrade``
     engine.py       ``make_engine``: SQLite pragmas, PostgreSQL search path
     database.py     ``Database``: one short transaction per method, guarded UPDATEs for every race
 
@@ -26,18 +27,18 @@ from store.errors import (
     DatabaseUnavailable,
     DatasetInUse,
     JobDBError,
+    SchemaBehind,
     SchemaError,
     UnknownDataset,
     UserExists,
 )
-from store.migrations import LATEST_VERSION, MIGRATIONS
+from store.migrations import BASE_REVISION, head_revision
 from store.tables import (
     Dataset,
     Gpu,
     Job,
     JobEvent,
     Operation,
-    SchemaVersion,
     User,
     hash_token,
     new_id,
@@ -45,8 +46,7 @@ from store.tables import (
 )
 
 __all__ = [
-    "LATEST_VERSION",
-    "MIGRATIONS",
+    "BASE_REVISION",
     "ActiveJobLimit",
     "Database",
     "DatabaseUnavailable",
@@ -61,12 +61,13 @@ __all__ = [
     "JobPage",
     "MetricsSnapshot",
     "Operation",
+    "SchemaBehind",
     "SchemaError",
-    "SchemaVersion",
     "UnknownDataset",
     "User",
     "UserExists",
     "hash_token",
+    "head_revision",
     "make_engine",
     "new_id",
     "utcnow",

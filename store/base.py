@@ -6,9 +6,9 @@ import contextlib
 import datetime as dt
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, text, update
+from sqlalchemy import CursorResult, Result, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -73,15 +73,20 @@ class StoreBase:
         except SQLAlchemyError as exc:
             raise DatabaseUnavailable(f"job database unreachable: {exc}") from exc
 
-    # ── schema ──
-    def schema_version(self) -> int | None:
-        """The applied schema version, or None on a database never migrated."""
-        return migrations.schema_version(self.engine)
+    # ── schema (store/migrations.py) ──
+    def schema_state(self) -> migrations.SchemaState:
+        """Where the schema stands: an Alembic revision, a pre-Alembic version, or empty."""
+        return migrations.schema_state(self.engine)
 
-    def migrate(self) -> int:
-        """Bring the schema to the latest version; safe when several processes start at once (see
-        :func:`store.migrations.migrate`)."""
-        return migrations.migrate(self.engine)
+    def migrate(self) -> str:
+        """Bring the schema to head from any earlier gpuyard's (``gpuyard db upgrade``); safe when several
+        processes run it at once. Returns the head revision."""
+        return migrations.upgrade(self.engine)
+
+    def ensure_schema(self) -> str:
+        """What every process does on start: create an empty database at head, accept one at head, refuse one
+        behind with :class:`store.errors.SchemaBehind` (naming ``gpuyard db upgrade``)."""
+        return migrations.ensure_schema(self.engine)
 
     # ── events ──
     def append_event(self, job_id: str, event_data: dict[str, Any], *, now: dt.datetime | None = None) -> int:
@@ -96,15 +101,16 @@ class StoreBase:
 
     def _append(self, s: Session, job_id: str, event_data: dict[str, Any], now: dt.datetime) -> int:
         # The counter on the job row is bumped first: that write serialises appenders for this job.
-        bumped = s.execute(
+        bumped = rowcount(s.execute(
             update(Job)
             .where(Job.id == job_id)
             .values(last_event_seq=Job.last_event_seq + 1)
             .execution_options(synchronize_session=False)
-        ).rowcount
+        ))
         if bumped != 1:
             raise KeyError(f"job {job_id} does not exist")
         seq = s.scalar(select(Job.last_event_seq).where(Job.id == job_id))
+        assert seq is not None  # the row was just bumped in this transaction
         if event_data.get("event") == "state" and event_data.get("state") in TERMINAL_STATES:
             # Every terminal transition passes here, in its own transaction: the notification outbox.
             s.execute(
@@ -130,6 +136,11 @@ class StoreBase:
                     .limit(limit)
                 )
             )
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched (its result is a cursor result; the session's stub says Result)."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def _state_event(state: str, reason: str | None, detail: str | None, exit_code: int | None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from core.states import (
     ACTIVE_STATES,
 )
-from store.base import StoreBase
+from store.base import StoreBase, rowcount
 from store.errors import DatasetInUse
 from store.tables import (
     Dataset,
@@ -119,9 +119,9 @@ class DatasetsStore(StoreBase):
         with self._begin() as s:
             self._lock_content(s, dataset.sha256)
             # One statement decides, so a job submitted meanwhile either blocks this or fails its FK.
-            deleted = s.execute(
+            deleted = rowcount(s.execute(
                 delete(Dataset).where(Dataset.id == dataset_id, ~active).execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             shared = s.scalar(select(exists().where(Dataset.storage_key == dataset.storage_key)))
             if deleted == 1 and not shared and remove_file is not None:
                 remove_file(dataset.storage_key)

@@ -17,7 +17,7 @@ from core.states import (
     SUCCEEDED,
     TERMINAL_STATES,
 )
-from store.base import _NOT_WAITING, StoreBase
+from store.base import _NOT_WAITING, StoreBase, rowcount
 from store.tables import (
     Dataset,
     DispatchLock,
@@ -67,29 +67,33 @@ class DispatchTxn:
     def mark_dispatched(self, job_id: str, gpu: str, now: dt.datetime) -> bool:
         """Place a waiting job on ``gpu`` (a UUID or ``cpu``); False when it is no longer waiting."""
         return (
-            self.session.execute(
+            rowcount(self.session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == QUEUED, Job.dispatched_at.is_(None))
                 .values(gpu=gpu, dispatched_at=now, **_NOT_WAITING)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             == 1
         )
 
     def request_preemption(self, job_id: str, by: str, now: dt.datetime) -> bool:
         """Ask a running job's supervisor to stop it for ``by`` (it polls ``preempted_by``); recorded as a
         ``preempting`` event on the victim. False when it is no longer running, or already being stopped."""
-        changed = self.session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == RUNNING, Job.preempted_by.is_(None), Job.cancel_requested.is_(False))
-            .values(
-                preempted_by=by,
-                preempted_at=now,
-                waiting_reason=f"preempted_by {by}",
-                dispatch_note=f"stopping: preempted by {by}, a higher-priority job; it checkpoints and requeues",
+        changed = rowcount(
+            self.session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id, Job.state == RUNNING, Job.preempted_by.is_(None), Job.cancel_requested.is_(False)
+                )
+                .values(
+                    preempted_by=by,
+                    preempted_at=now,
+                    waiting_reason=f"preempted_by {by}",
+                    dispatch_note=f"stopping: preempted by {by}, a higher-priority job; it checkpoints and requeues",
+                )
+                .execution_options(synchronize_session=False)
             )
-            .execution_options(synchronize_session=False)
-        ).rowcount
+        )
         if changed == 1:
             self.append(self.session, job_id, {"event": "preempting", "by": by}, now)
         return changed == 1
@@ -106,7 +110,7 @@ class DispatchTxn:
         now: dt.datetime,
     ) -> None:
         """Say where a queued job stands (shown by GET /v1/jobs/<id>), recording ``event`` when given."""
-        changed = self.session.execute(
+        changed = rowcount(self.session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == QUEUED, Job.dispatched_at.is_(None))
             .values(
@@ -116,7 +120,7 @@ class DispatchTxn:
                 estimated_start_at=estimated_start_at,
             )
             .execution_options(synchronize_session=False)
-        ).rowcount
+        ))
         if changed == 1 and event is not None:
             self.append(self.session, job_id, event, now)
 
@@ -137,12 +141,12 @@ class DispatchStore(StoreBase):
         with self._begin() as s:
             if self.is_postgres:
                 s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_DISPATCH_LOCK})
-            held = s.execute(
+            held = rowcount(s.execute(
                 update(DispatchLock)
                 .where(DispatchLock.id == 1)
                 .values(held_by=holder, held_at=now)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if held != 1:
                 s.add(DispatchLock(id=1, held_by=holder, held_at=now))
                 s.flush()
@@ -159,12 +163,12 @@ class DispatchStore(StoreBase):
         dispatch pass places the job again."""
         with self._begin() as s:
             return (
-                s.execute(
+                rowcount(s.execute(
                     update(Job)
                     .where(Job.id == job_id, Job.state == QUEUED, Job.dispatched_at == dispatched_at)
                     .values(gpu=None, dispatched_at=None, dispatch_note=note, waiting_reason=reason)
                     .execution_options(synchronize_session=False)
-                ).rowcount
+                ))
                 == 1
             )
 

@@ -6,6 +6,7 @@ Hierarchy::
     └── JobDBError                 the job database refused
         ├── DatabaseUnavailable    the database cannot be reached (translated from SQLAlchemy)
         ├── SchemaError            the schema is newer than this code, or unversioned
+        │   └── SchemaBehind       the schema is older than this code: run `gpuyard db upgrade`
         ├── UserExists             a user name is taken
         ├── UnknownDataset         a job names a data set that does not exist
         ├── DatasetInUse           a data set still has queued or running jobs
@@ -32,6 +33,10 @@ class DatabaseUnavailable(JobDBError):
 
 class SchemaError(JobDBError):
     code = "schema_error"
+
+
+class SchemaBehind(SchemaError):
+    code = "schema_behind"
 
 
 class UserExists(JobDBError):

@@ -12,7 +12,7 @@ from core.states import (
     QUEUED,
     RUNNING,
 )
-from store.base import StoreBase
+from store.base import StoreBase, rowcount
 from store.tables import (
     Gpu,
     Job,
@@ -41,9 +41,9 @@ class GpusStore(StoreBase):
         if backends is not None:
             values["backends"] = sorted(backends)
         with self._begin() as s:
-            changed = s.execute(
+            changed = rowcount(s.execute(
                 update(Gpu).where(Gpu.uuid == uuid).values(**values).execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if changed != 1:
                 s.add(Gpu(uuid=uuid, registered_at=now, draining=False, quarantined=False, **values))
                 s.flush()

@@ -20,7 +20,7 @@ from core.states import (
     RUNNING,
     TERMINAL_STATES,
 )
-from store.base import _CANCELLED_REASON, _NOT_WAITING, StoreBase, _state_event
+from store.base import _CANCELLED_REASON, _NOT_WAITING, StoreBase, _state_event, rowcount
 from store.errors import ActiveJobLimit, UnknownDataset
 from store.tables import (
     Dataset,
@@ -81,7 +81,7 @@ class JobsStore(StoreBase):
             s.execute(update(User).where(User.id == owner_id).values(is_admin=User.is_admin))
             active = s.scalar(
                 select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.state.in_(ACTIVE_STATES))
-            )
+            ) or 0
             if active >= max_active:
                 raise ActiveJobLimit(
                     f"you have {active} queued or running jobs; the limit is {max_active}. "
@@ -199,9 +199,9 @@ class JobsStore(StoreBase):
         with self._begin() as s:
             if self.is_postgres:
                 s.execute(select(Job.id).where(Job.id == job_id).with_for_update())
-            claimed = s.execute(
+            claimed = rowcount(s.execute(
                 update(Job).where(runnable).values(**values).execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if claimed != 1:
                 return None
             job = s.get(Job, job_id, populate_existing=True)
@@ -221,12 +221,12 @@ class JobsStore(StoreBase):
         now = now or utcnow()
         with self._begin() as s:
             return (
-                s.execute(
+                rowcount(s.execute(
                     update(Job)
                     .where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
                     .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
                     .execution_options(synchronize_session=False)
-                ).rowcount
+                ))
                 == 1
             )
 
@@ -275,12 +275,14 @@ class JobsStore(StoreBase):
             }
             if peak_gpu_memory_bytes is not None:
                 values["peak_gpu_memory_bytes"] = peak_gpu_memory_bytes
-            changed = s.execute(
-                update(Job)
-                .where(held, Job.cancel_requested.is_(False))
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            ).rowcount
+            changed = rowcount(
+                s.execute(
+                    update(Job)
+                    .where(held, Job.cancel_requested.is_(False))
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+            )
             if changed != 1:
                 return self._release(s, job_id, now, "preempted", event.get("detail"), owner=owner)
             close_attempt(s, job_id, now, "preempted")
@@ -299,12 +301,12 @@ class JobsStore(StoreBase):
             condition = and_(condition, Job.lease_owner == owner)
         with self._begin() as s:
             return (
-                s.execute(
+                rowcount(s.execute(
                     update(Job)
                     .where(condition)
                     .values(last_progress=progress)
                     .execution_options(synchronize_session=False)
-                ).rowcount
+                ))
                 == 1
             )
 
@@ -352,12 +354,12 @@ class JobsStore(StoreBase):
         if suggested_memory_fraction is not None:
             values["suggested_memory_fraction"] = suggested_memory_fraction
         with self._begin() as s:
-            done = s.execute(
+            done = rowcount(s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
                 .values(**values)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if done != 1:
                 return False
             close_attempt(s, job_id, now, state)
@@ -409,12 +411,12 @@ class JobsStore(StoreBase):
         """
         now = now or utcnow()
         with self._begin() as s:
-            changed = s.execute(
+            changed = rowcount(s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == QUEUED)
                 .values(state=INTERRUPTED, finished_at=now, error_reason=reason, error_detail=detail)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if changed == 1:
                 self._append(s, job_id, _state_event(INTERRUPTED, reason, detail, None), now)
             return changed == 1
@@ -435,12 +437,12 @@ class JobsStore(StoreBase):
                 .execution_options(synchronize_session=False)
             )
             detail = "cancelled before it started"
-            cancelled = s.execute(
+            cancelled = rowcount(s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == QUEUED)
                 .values(state=CANCELLED, finished_at=now, error_reason=_CANCELLED_REASON, error_detail=detail)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if cancelled == 1:
                 self._append(s, job_id, _state_event(CANCELLED, _CANCELLED_REASON, detail, None), now)
             return s.get(Job, job_id, populate_existing=True)
@@ -501,9 +503,9 @@ class JobsStore(StoreBase):
             values = {"state": new_state, **cleared, **extra}
             if new_state == INTERRUPTED:
                 values["error_detail"] = f"{detail or reason}; no attempts left"
-            changed = s.execute(
+            changed = rowcount(s.execute(
                 update(Job).where(held, condition).values(**values).execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if changed == 1:
                 close_attempt(s, job_id, ended, new_state)
                 event_reason = reason if new_state != CANCELLED else _CANCELLED_REASON

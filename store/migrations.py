@@ -1,140 +1,194 @@
-"""Schema versions of the job database: append-only steps, applied under a lock by :func:`migrate`."""
+"""The job database's schema, owned by Alembic: upgrade, inspect, and refuse a database that is behind.
+
+Revisions live in store/alembic/versions/ (one per schema change; ``0006`` is the base, the schema gpuyard
+had when it moved to Alembic). A database made before that has a home-made ``schema_version`` table:
+:func:`upgrade` brings it to version 6 once (store/legacy.py), stamps it at the base and goes on to head.
+
+Who migrates: only ``gpuyard db upgrade`` (:func:`upgrade`). Every other process (``gpuyard up``, the API,
+the workers, the janitor, ``gpuyard users``) calls :func:`ensure_schema`: an empty database is created at
+head (nothing to lose), one at head is used, and one behind is refused with :class:`SchemaBehind`, whose
+message names the command. Migrating data is an operator's deliberate step, done once, not a race
+between processes starting.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, func, inspect, select, text
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, inspect, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.types import TypeEngine
 
-from store.errors import SchemaError
-from store.tables import Base, DispatchLock, Gpu, Job, JobAttempt, Operation, SchemaVersion, utcnow
+from store import legacy
+from store.errors import SchemaBehind, SchemaError
+from store.tables import Job
 
-
-@dataclass(frozen=True)
-class Migration:
-    """One schema step. ``apply`` runs inside the migration transaction, holding the migration lock."""
-
-    version: int
-    description: str
-    apply: Callable[[Connection], None]
-
-
-def _v1_initial(conn: Connection) -> None:
-    Base.metadata.create_all(conn)
-
-
-def _v2_gpus(conn: Connection) -> None:
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN dispatched_at TIMESTAMP"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN dispatch_note VARCHAR(300)"))
-    Gpu.__table__.create(conn)
-    DispatchLock.__table__.create(conn)
-
-
-def _v3_users_disabled(conn: Connection) -> None:
-    conn.execute(text("ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE"))
-
-
-def _v4_sharing(conn: Connection) -> None:
-    conn.execute(text("ALTER TABLE users ADD COLUMN max_priority INTEGER NOT NULL DEFAULT 0"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN queue_position INTEGER"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN waiting_reason VARCHAR(32)"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN estimated_start_at TIMESTAMP"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN memory_fraction_auto BOOLEAN NOT NULL DEFAULT FALSE"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN suggested_memory_fraction FLOAT"))
-    # Version 2 creates ``gpus`` from the current model, so a database migrated from 1 already has it.
-    if "backends" not in {c["name"] for c in inspect(conn).get_columns("gpus")}:
-        conn.execute(text("ALTER TABLE gpus ADD COLUMN backends JSON"))
-
-
-def _v5_notify(conn: Connection) -> None:
-    conn.execute(text("ALTER TABLE users ADD COLUMN webhook_secret VARCHAR(64)"))
-    conn.execute(text("ALTER TABLE users ADD COLUMN notify JSON"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN notify JSON"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN notify_pending BOOLEAN NOT NULL DEFAULT FALSE"))
-
-
-def _v6_operations(conn: Connection) -> None:
-    Operation.__table__.create(conn)
-
-
-def _v8_preemption(conn: Connection) -> None:
-    conn.execute(text("ALTER TABLE users ADD COLUMN may_pin BOOLEAN NOT NULL DEFAULT FALSE"))
-    conn.execute(text("ALTER TABLE users ADD COLUMN quota_gpu_hours FLOAT"))
-    conn.execute(text("ALTER TABLE users ADD COLUMN quota_period VARCHAR(8)"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN preemptions INTEGER NOT NULL DEFAULT 0"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN preempted_by VARCHAR(32)"))
-    conn.execute(text("ALTER TABLE jobs ADD COLUMN preempted_at TIMESTAMP"))
-    if conn.dialect.name == "postgresql":  # "preempting <job>, <job>" (SQLite does not enforce lengths)
-        conn.execute(text("ALTER TABLE jobs ALTER COLUMN waiting_reason TYPE VARCHAR(120)"))
-    JobAttempt.__table__.create(conn)
-
-
-# Append only. A fresh database gets the models' current tables at once and is stamped with the last
-# version (so these steps must leave an old database exactly where create_all leaves a new one).
-MIGRATIONS: list[Migration] = [
-    Migration(1, "users, datasets, jobs, job_events", _v1_initial),
-    Migration(2, "gpus, dispatch_lock; jobs.dispatched_at, jobs.dispatch_note", _v2_gpus),
-    Migration(3, "users.disabled", _v3_users_disabled),
-    Migration(4, "fair sharing: users.max_priority; jobs queue info and memory sizing; gpus.backends", _v4_sharing),
-    Migration(5, "users.webhook_secret, users.notify; jobs.notify, jobs.notify_pending", _v5_notify),
-    Migration(6, "operations (evaluate, predict, export on a finished job)", _v6_operations),
-    # 7 is the studies' (another branch); the lead renumbers these as Alembic revisions at merge.
-    Migration(
-        8,
-        "preemption, quotas, usage: users.may_pin, quota; jobs.preemptions, preempted_*; job_attempts",
-        _v8_preemption,
-    ),
-]
-LATEST_VERSION = MIGRATIONS[-1].version
+SCRIPT_LOCATION = Path(__file__).parent / "alembic"
+BASE_REVISION = "0006"
+UPGRADE_COMMAND = "gpuyard db upgrade"
 _PG_MIGRATION_LOCK = 0x67707964  # "gpyd": any constant shared by every process migrating this DB
 
 
-def schema_version(engine: Engine) -> int | None:
-    """The applied schema version, or None on a database never migrated."""
-    with engine.connect() as conn:
-        if not inspect(conn).has_table(SchemaVersion.__tablename__):
-            return None
-        return conn.scalar(select(func.max(SchemaVersion.version)))
+def compare_type(
+    context: MigrationContext,
+    inspected_column: Any,
+    metadata_column: Any,
+    inspected_type: TypeEngine[Any],
+    metadata_type: TypeEngine[Any],
+) -> bool | None:
+    """Autogenerate's type comparison, knowing one harmless difference: the pre-Alembic steps added some
+    timestamps as ``TIMESTAMP``, which SQLite keeps by name where a new table says ``DATETIME`` (the same
+    storage; SQLAlchemy's DateTime reads both). And on SQLite a VARCHAR's length, which SQLite does not
+    enforce (revision 0008 lengthens ``jobs.waiting_reason`` on PostgreSQL only)."""
+    if isinstance(metadata_type, sa.TypeDecorator):
+        metadata_type = metadata_type.impl_instance
+    if (
+        context.dialect.name == "sqlite"
+        and isinstance(inspected_type, sa.String)
+        and isinstance(metadata_type, sa.String)
+        and inspected_type.length != metadata_type.length
+    ):
+        return False
+    if isinstance(inspected_type, sa.DateTime) and isinstance(metadata_type, sa.DateTime):
+        return False
+    return None  # the default comparison
 
 
-def migrate(engine: Engine) -> int:
-    """Bring the schema to :data:`LATEST_VERSION`; safe when several processes start at once.
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic's configuration for the store, built in code (no alembic.ini needed, installed or not).
 
-    Returns:
-        The schema version now applied.
-
-    Raises:
-        SchemaError: the database is newer than this code, or holds our tables without a version.
+    Args:
+        connection: run the migrations on this connection, inside its transaction (env.py reads it).
     """
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPT_LOCATION))
+    # `alembic revision --rev-id 0007 -m studies` writes versions/v0007_studies.py
+    config.set_main_option("file_template", "v%%(rev)s_%%(slug)s")
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def script_directory() -> ScriptDirectory:
+    """The revisions this code knows."""
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    """The newest revision this code knows."""
+    head = script_directory().get_current_head()
+    assert head is not None  # the base revision always exists
+    return head
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """Where a database stands: ``revision`` (Alembic), ``legacy_version`` (pre-Alembic) or neither (empty)."""
+
+    revision: str | None
+    legacy_version: int | None
+    has_tables: bool
+
+    @property
+    def is_empty(self) -> bool:
+        return self.revision is None and self.legacy_version is None and not self.has_tables
+
+    def describe(self) -> str:
+        if self.revision is not None:
+            return f"revision {self.revision}"
+        if self.legacy_version is not None:
+            return f"home-made schema version {self.legacy_version} (before Alembic)"
+        return "gpuyard tables without a schema revision" if self.has_tables else "empty"
+
+
+def _state(conn: Connection) -> SchemaState:
+    return SchemaState(
+        revision=MigrationContext.configure(conn).get_current_revision(),
+        legacy_version=legacy.legacy_version(conn),
+        has_tables=inspect(conn).has_table(Job.__tablename__),
+    )
+
+
+def schema_state(engine: Engine) -> SchemaState:
+    """Where the database at ``engine`` stands (reads only)."""
+    with engine.connect() as conn:
+        return _state(conn)
+
+
+@contextlib.contextmanager
+def _locked(engine: Engine) -> Iterator[Connection]:
+    """One transaction holding the migration lock, committed on success: processes migrate one at a time."""
     with engine.connect() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
         else:
             # pysqlite opens transactions lazily; take the write lock now so a second process waits.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
-        SchemaVersion.__table__.create(conn, checkfirst=True)
-        current = conn.scalar(select(func.max(SchemaVersion.version)))
-        if current is None:
-            if inspect(conn).has_table(Job.__tablename__):
-                raise SchemaError("the database has gpuyard tables but no schema_version row")
-            Base.metadata.create_all(conn)
-            conn.execute(
-                SchemaVersion.__table__.insert().values(
-                    version=LATEST_VERSION, description="created at this version", applied_at=utcnow()
-                )
-            )
-        elif current > LATEST_VERSION:
-            raise SchemaError(f"the database is at schema version {current}; this code knows {LATEST_VERSION}")
-        else:
-            for migration in MIGRATIONS:
-                if migration.version > current:
-                    migration.apply(conn)
-                    conn.execute(
-                        SchemaVersion.__table__.insert().values(
-                            version=migration.version, description=migration.description, applied_at=utcnow()
-                        )
-                    )
+        yield conn
         conn.commit()
-    return LATEST_VERSION
+
+
+def _check_known(state: SchemaState) -> None:
+    if state.revision is not None and state.revision not in {s.revision for s in script_directory().walk_revisions()}:
+        raise SchemaError(
+            f"the database is at revision {state.revision}, which this code does not know (head {head_revision()}): "
+            "it was migrated by a newer gpuyard"
+        )
+    if state.revision is None and state.legacy_version is None and state.has_tables:
+        raise SchemaError("the database has gpuyard tables but neither an alembic_version nor a schema_version table")
+
+
+def upgrade(engine: Engine, revision: str = "head") -> str:
+    """Bring the database to ``revision`` (default: head), from any earlier gpuyard's schema or from empty.
+
+    Returns:
+        The revision now applied.
+
+    Raises:
+        SchemaError: the database is newer than this code, or holds our tables without a version.
+    """
+    with _locked(engine) as conn:
+        state = _state(conn)
+        _check_known(state)
+        if legacy.upgrade_legacy(conn) is not None:
+            command.stamp(alembic_config(conn), BASE_REVISION)
+        command.upgrade(alembic_config(conn), revision)
+        now = MigrationContext.configure(conn).get_current_revision()
+    assert now is not None
+    return now
+
+
+def ensure_schema(engine: Engine) -> str:
+    """Create an empty database at head; accept one at head; refuse any other.
+
+    Returns:
+        The head revision.
+
+    Raises:
+        SchemaBehind: the database is at an older revision or a pre-Alembic version (the message names
+            ``gpuyard db upgrade``).
+        SchemaError: the database is newer than this code, or holds our tables without a version.
+    """
+    head = head_revision()
+    state = schema_state(engine)
+    if state.revision == head:
+        return head
+    if state.is_empty:
+        with _locked(engine) as conn:  # several processes may start on one empty database at once
+            if _state(conn).is_empty:
+                command.upgrade(alembic_config(conn), "head")
+        return ensure_schema(engine)
+    _check_known(state)
+    raise SchemaBehind(
+        f"the job database is at {state.describe()}; this gpuyard needs revision {head}. "
+        f"Back it up, then run `{UPGRADE_COMMAND}` (with the same GPUYARD_DATABASE_URL or GPUYARD_DATA_DIR)"
+    )

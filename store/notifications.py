@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import select, update
 
-from store.base import StoreBase
+from store.base import StoreBase, rowcount
 from store.tables import (
     Job,
 )
@@ -21,12 +21,12 @@ class NotificationsStore(StoreBase):
         claimed = []
         for job_id in pending:
             with self._begin() as s:
-                won = s.execute(
+                won = rowcount(s.execute(
                     update(Job)
                     .where(Job.id == job_id, Job.notify_pending.is_(True))
                     .values(notify_pending=False)
                     .execution_options(synchronize_session=False)
-                ).rowcount
+                ))
                 if won == 1:
                     claimed.append(s.get(Job, job_id, populate_existing=True))
         return [job for job in claimed if job is not None]

@@ -13,7 +13,7 @@ from core.states import (
     RUNNING,
     SUCCEEDED,
 )
-from store.base import StoreBase
+from store.base import StoreBase, rowcount
 from store.tables import (
     Operation,
     new_id,
@@ -56,11 +56,11 @@ class OperationsStore(StoreBase):
         """Mark a queued operation running and return it; None when it is not queued (a second delivery
         of its task, or it ended already), so that delivery does nothing."""
         with self._begin() as s:
-            started = s.execute(
+            started = rowcount(s.execute(
                 update(Operation)
                 .where(Operation.id == operation_id, Operation.state == QUEUED)
                 .values(state=RUNNING, started_at=now or utcnow())
-            ).rowcount
+            ))
             return s.get(Operation, operation_id) if started else None
 
     def finish_operation(
@@ -76,7 +76,7 @@ class OperationsStore(StoreBase):
         state = FAILED if reason else SUCCEEDED
         with self._begin() as s:
             return bool(
-                s.execute(
+                rowcount(s.execute(
                     update(Operation)
                     .where(Operation.id == operation_id, Operation.state == RUNNING)
                     .values(
@@ -86,5 +86,5 @@ class OperationsStore(StoreBase):
                         error_detail=detail,
                         finished_at=now or utcnow(),
                     )
-                ).rowcount
+                ))
             )

@@ -67,16 +67,6 @@ class Base(DeclarativeBase):
     type_annotation_map = {dt.datetime: UTCDateTime, dict[str, Any]: JSON}  # noqa: RUF012
 
 
-class SchemaVersion(Base):
-    """One row per applied migration."""
-
-    __tablename__ = "schema_version"
-
-    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    description: Mapped[str] = mapped_column(String(200))
-    applied_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-
-
 class User(Base):
     __tablename__ = "users"
 

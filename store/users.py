@@ -8,7 +8,7 @@ import secrets
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from store.base import StoreBase
+from store.base import StoreBase, rowcount
 from store.errors import UserExists
 from store.tables import (
     User,
@@ -81,12 +81,12 @@ class UsersStore(StoreBase):
         such user. Webhooks sent from then on are signed with it."""
         secret = "whsec_" + secrets.token_urlsafe(32)
         with self._begin() as s:
-            changed = s.execute(
+            changed = rowcount(s.execute(
                 update(User)
                 .where(User.id == user_id)
                 .values(webhook_secret=secret)
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
         return secret if changed == 1 else None
 
     def webhook_secret(self, user_id: int) -> str:

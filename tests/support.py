@@ -23,9 +23,10 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_
         time.sleep(poll_s)
 
 
-# The columns each schema version after 2 adds (store/migrations.py), newest last: what a test drops to
-# make a fresh database look like an older one.
+# What each home-made schema version after 1 added (store/legacy.py), newest last: what a test drops to make
+# a database at Alembic's base revision (0006) look like one an older gpuyard made.
 _COLUMNS_ADDED = {
+    2: [("jobs", "dispatched_at"), ("jobs", "dispatch_note")],
     3: [("users", "disabled")],
     4: [
         ("users", "max_priority"),
@@ -37,26 +38,24 @@ _COLUMNS_ADDED = {
     ],
     5: [("users", "webhook_secret"), ("users", "notify"), ("jobs", "notify"), ("jobs", "notify_pending")],
     6: [],
-    7: [],  # the studies' version (another branch)
-    8: [
-        ("users", "may_pin"),
-        ("users", "quota_gpu_hours"),
-        ("users", "quota_period"),
-        ("jobs", "preemptions"),
-        ("jobs", "preempted_by"),
-        ("jobs", "preempted_at"),
-    ],
 }
-_TABLES_ADDED = {6: ["operations"], 8: ["job_attempts"]}
+_TABLES_ADDED = {2: ["gpus", "dispatch_lock"], 6: ["operations"]}
+RELEASED_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6)
 
 
 def rewind_schema(execute: Callable[[str], object], version: int) -> None:
-    """Make a migrated SQLite database look like schema ``version`` (≥ 2): drop later versions' columns
-    and stamp it. ``execute`` runs one SQL statement (a DB-API cursor's or ``exec_driver_sql``)."""
-    for added in range(version + 1, max(_COLUMNS_ADDED) + 1):
-        for table, column in _COLUMNS_ADDED[added]:
-            execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    """Make a database at Alembic's base revision (0006, ``store.migrations.upgrade(engine, BASE_REVISION)``)
+    look like home-made schema ``version`` (1-6): drop later versions' columns and tables, drop
+    ``alembic_version`` and write the ``schema_version`` table old gpuyards kept. ``execute`` runs one SQL
+    statement (a DB-API cursor's or ``exec_driver_sql``); SQLite or PostgreSQL."""
+    for added in range(max(_COLUMNS_ADDED), version, -1):
         for table in _TABLES_ADDED.get(added, ()):
             execute(f"DROP TABLE {table}")
-    execute("DELETE FROM schema_version")
+        for table, column in _COLUMNS_ADDED[added]:
+            execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    execute("DROP TABLE alembic_version")
+    execute(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, description VARCHAR(200) NOT NULL, "
+        "applied_at TIMESTAMP NOT NULL)"
+    )
     execute(f"INSERT INTO schema_version VALUES ({version}, 'v{version}', '2026-01-01 00:00:00')")

@@ -36,16 +36,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import socket
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import redis
+from typing import Any, Protocol
 
 from core.errors import Problem
 from core.settings import Settings
@@ -54,13 +51,13 @@ from models.spec import resources_of
 from store import Database, DispatchTxn, Gpu, Job, utcnow
 from worker.fairshare import FairPolicy, UsageSpan, decayed_usage, fair_order
 from worker.gpus import budget_bytes, context_allowance_bytes
+from worker.heartbeat import GpuBoard, HeartbeatSource
 from worker.preemption import Claimant, Holder, Preemption, PreemptPolicy, plan_preemption
 from worker.queues import Sender, cpu_queue, gpu_queue
 from worker.relay import EventPublisher
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_PREFIX = "gpuyard:gpu:"
 _EPS = 1e-9
 
 # Why a job waits (``waiting_reason``); each comes with a sentence (``dispatch_note``) naming the numbers.
@@ -89,11 +86,6 @@ WAITING_REASONS: dict[str, str] = {
     PREEMPTING: "lower-priority jobs are stopping (checkpointing) to make room for it; it starts next",
     PREEMPTED_BY: "it was stopped (checkpointed) for a higher-priority job and resumes when room frees",
 }
-
-
-def heartbeat_key(gpu_uuid: str) -> str:
-    """The Redis key holding a GPU's latest heartbeat (JSON, with a TTL)."""
-    return HEARTBEAT_PREFIX + gpu_uuid
 
 
 # ── what the dispatcher sees ──────────────────────────────────────────────────────────────────────────
@@ -162,6 +154,28 @@ class GpuView:
         return view
 
 
+class QueuedJob(Protocol):
+    """What placement and the forecast read of a waiting job: a stored Job, or a job not submitted yet
+    (``worker.submit.Proposal``, a dry run's: no row is written)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def owner_id(self) -> int: ...
+    @property
+    def dataset_id(self) -> str | None: ...
+    @property
+    def spec(self) -> dict[str, Any]: ...
+    @property
+    def gpu(self) -> str | None: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def queued_at(self) -> dt.datetime: ...
+    @property
+    def preempted_by(self) -> str | None: ...  # the job it was preempted by, while it waits to resume
+
+
 @dataclass(frozen=True)
 class Ticket:
     """What placement needs to know of a job."""
@@ -176,7 +190,7 @@ class Ticket:
     queued_at: dt.datetime = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
     @classmethod
-    def of(cls, job: Job) -> Ticket:
+    def of(cls, job: QueuedJob) -> Ticket:
         resources = resources_of(job.spec)
         return cls(
             job.id,
@@ -375,44 +389,6 @@ def never_fits(spec: dict[str, Any], gpus: Sequence[GpuView], settings: Settings
     return problems
 
 
-# ── heartbeats (Redis) ────────────────────────────────────────────────────────────────────────────────
-class GpuBoard:
-    """Reads the workers' GPU heartbeats from Redis; an unreachable Redis reads as every GPU offline."""
-
-    def __init__(self, redis_url: str | None) -> None:
-        self._client = (
-            redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2) if redis_url else None
-        )
-        self._warned = False
-
-    def heartbeats(self, uuids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        if self._client is None or not uuids:
-            return {}
-        try:
-            raw = self._client.mget([heartbeat_key(u) for u in uuids])
-        except redis.RedisError as exc:
-            if not self._warned:
-                log.warning("GPU heartbeats unreadable (%s): every GPU counts as offline", exc)
-                self._warned = True
-            return {}
-        self._warned = False
-        found = {}
-        for uuid, value in zip(uuids, raw, strict=True):
-            if value:
-                try:
-                    found[uuid] = json.loads(value)
-                except ValueError:
-                    continue
-        return found
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-
-
-HeartbeatSource = Callable[[Sequence[str]], dict[str, dict[str, Any]]]
-
-
 def gpu_views(db: Database, heartbeats: HeartbeatSource) -> list[GpuView]:
     """Every registered GPU with its latest heartbeat (offline when it has none)."""
     rows = db.list_gpus()
@@ -485,7 +461,7 @@ def forecast_starts(
     return starts
 
 
-def job_kind(job: Job) -> tuple[int, str | None, str, int]:
+def job_kind(job: QueuedJob) -> tuple[int, str | None, str, int]:
     """What makes two jobs alike in run time: owner, data set, architecture family and epochs."""
     spec = job.spec or {}
     arch = spec.get("architecture") or {}
@@ -514,7 +490,7 @@ class Durations:
             self._owner[job.owner_id].append(seconds)
             self._all.append(seconds)
 
-    def of(self, job: Job) -> float:
+    def of(self, job: QueuedJob) -> float:
         kind = job_kind(job)
         samples = (self._kind.get(kind), self._shape.get(kind[2:]), self._owner.get(job.owner_id), self._all)
         for sample in samples:
@@ -570,7 +546,7 @@ def decide_queue(
     gpus: Sequence[GpuView],
     now: dt.datetime,
     *,
-    extra: Job | None = None,
+    extra: QueuedJob | None = None,
     over_quota: frozenset[int] = frozenset(),
 ) -> QueuePass:
     """Order the waiting jobs (fair share), place what fits, and forecast the others' starts.
@@ -581,7 +557,7 @@ def decide_queue(
             only on room nobody else waits for.
     """
     policy = FairPolicy(settings.fair_share_half_life_s, settings.queue_aging_s)
-    waiting = txn.waiting() + ([extra] if extra is not None else [])
+    waiting: list[QueuedJob] = [*txn.waiting(), *([extra] if extra is not None else [])]
     placed = txn.placed()
     finished = txn.finished_since(now - dt.timedelta(seconds=5 * policy.half_life_s))
     by_id = {j.id: j for j in waiting}
@@ -622,15 +598,19 @@ def decide_queue(
 
 
 def _explain_quota_and_preemption(
-    plan: Plan, order: Sequence[Ticket], waiting: dict[str, Job], placed: Sequence[Job], over_quota: frozenset[int]
+    plan: Plan,
+    order: Sequence[Ticket],
+    waiting: dict[str, QueuedJob],
+    placed: Sequence[Job],
+    over_quota: frozenset[int],
 ) -> None:
     """Name the waiting reasons the placement rule does not know: a preemption under way for the job
     (``preempting``), the job preempted and back in line (``preempted_by``), its owner over quota while
     others wait (``over_quota``)."""
     stopping: dict[str, list[str]] = defaultdict(list)
-    for job in placed:
-        if job.state == RUNNING and job.preempted_by:
-            stopping[job.preempted_by].append(job.id)
+    for holder in placed:
+        if holder.state == RUNNING and holder.preempted_by:
+            stopping[holder.preempted_by].append(holder.id)
     others_wait = any(t.owner_id not in over_quota for t in order if t.id in plan.reasons)
     for ticket in order:
         if ticket.id not in plan.reasons or plan.reasons[ticket.id] not in (GPU_FULL, BEHIND_EARLIER_JOB):
@@ -791,8 +771,9 @@ def dispatch(
                 if event is not None:
                     recorded.append(ticket.id)
     report = DispatchReport(waiting=plan.notes, starts=decided.starts)
-    for job_id in recorded if wake is not None else ():
-        wake(job_id)
+    if wake is not None:
+        for job_id in recorded:
+            wake(job_id)
     for placement in marked:
         try:
             send(placement.job_id, placement.queue)
@@ -853,8 +834,11 @@ class Dispatcher:
         self, settings: Settings, db: Database, send: Sender, heartbeats: HeartbeatSource | None = None
     ) -> None:
         self.settings, self.db, self.send = settings, db, send
-        self._board = None if heartbeats is not None else GpuBoard(settings.redis_url or None)
-        self.heartbeats: HeartbeatSource = heartbeats or self._board.heartbeats  # type: ignore[union-attr]
+        self._board: GpuBoard | None = None
+        if heartbeats is None:
+            self._board = GpuBoard(settings.redis_url or None)
+            heartbeats = self._board.heartbeats
+        self.heartbeats: HeartbeatSource = heartbeats
         self._events = EventPublisher(settings.redis_url or None)
 
     def gpus(self) -> list[GpuView]:

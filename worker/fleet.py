@@ -12,7 +12,7 @@ dispatcher sends jobs with ``resources.gpu: cpu``) whose trainers see no GPU:
     CUDA_VISIBLE_DEVICES=""  GPUYARD_WORKER_GPU=cpu  -Q <train_queue>  -n <train_queue>@<host>  -c <slots>
 
 while this process (which never touches CUDA: NVML only reads the driver's bookkeeping) publishes every
-``gpu_heartbeat_s`` each GPU's readings to Redis under ``gpuyard:gpu:<uuid>`` with a TTL of
+``gpu_heartbeat_s`` each GPU's readings to Redis (worker/heartbeat.py keys and writes them) with a TTL of
 ``gpu_heartbeat_ttl_s``: memory, utilization, and its processes, each marked gpuyard's (a descendant of
 that GPU's worker) or foreign. No heartbeat → the GPU is offline and gets no new jobs. A child that
 exits stops the fleet (its supervisor — ``gpuyard up``, compose, systemd — restarts the whole).
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import os
 import signal
@@ -33,7 +32,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import psutil
 import redis
@@ -41,8 +39,8 @@ import redis
 from core.settings import Settings
 from store import Database
 from store.errors import JobDBError
-from worker.dispatch import heartbeat_key
 from worker.gpus import GpuBackend, GpuInfo, get_backend, select_gpus
+from worker.heartbeat import heartbeat, publish, withdraw
 from worker.procs import set_parent_death_signal
 from worker.queues import gpu_queue
 
@@ -142,43 +140,6 @@ def installed_backends() -> list[str]:
     return sorted(name for name, module in modules.items() if importlib.util.find_spec(module) is not None)
 
 
-def heartbeat(
-    info: GpuInfo, *, host: str, worker: str, slots: int, ours: set[int], backends: Sequence[str] = ()
-) -> dict[str, Any]:
-    """One GPU's heartbeat: its readings, with each process marked gpuyard's (in ``ours``) or foreign, and
-    the backends its trainers can run."""
-    processes = [
-        {"pid": p.pid, "pgid": _pgid(p.pid), "memory_bytes": p.memory_bytes, "gpuyard": p.pid in ours}
-        for p in info.processes
-    ]
-    gpuyard_bytes = sum(p["memory_bytes"] for p in processes if p["gpuyard"])
-    return {
-        "uuid": info.uuid,
-        "index": info.index,
-        "name": info.name,
-        "pci_bus_id": info.pci_bus_id,
-        "host": host,
-        "worker": worker,
-        "slots": slots,
-        "backends": list(backends),
-        "memory_total_bytes": info.memory_total_bytes,
-        "memory_used_bytes": info.memory_used_bytes,
-        "memory_free_bytes": info.memory_free_bytes,
-        "utilization_percent": info.utilization_percent,
-        "processes": processes,
-        "gpuyard_bytes": gpuyard_bytes,
-        "foreign_bytes": sum(p["memory_bytes"] for p in processes if not p["gpuyard"]),
-        "time": time.time(),
-    }
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
-
-
 class Heartbeats(threading.Thread):
     """Publishes each worker's GPU heartbeat to Redis every ``gpu_heartbeat_s``, with a TTL."""
 
@@ -193,7 +154,6 @@ class Heartbeats(threading.Thread):
         self._warned = False
 
     def beat(self) -> None:
-        ttl_ms = max(1, int(self.settings.gpu_heartbeat_ttl_s * 1000))
         pipe = self._client.pipeline(transaction=False)
         for worker in self.workers:
             assert worker.gpu is not None
@@ -208,7 +168,7 @@ class Heartbeats(threading.Thread):
                 ours=descendants(worker.proc.pid),
                 backends=self.backends,
             )
-            pipe.set(heartbeat_key(worker.gpu.uuid), json.dumps(record), px=ttl_ms)
+            publish(pipe, record, self.settings.gpu_heartbeat_ttl_s)
         try:
             pipe.execute()
             self._warned = False
@@ -230,7 +190,7 @@ class Heartbeats(threading.Thread):
         if self.is_alive():
             self.join(timeout=5)
         with contextlib.suppress(redis.RedisError):  # go offline now rather than at the TTL
-            self._client.delete(*[heartbeat_key(w.gpu.uuid) for w in self.workers if w.gpu is not None])
+            withdraw(self._client, [w.gpu.uuid for w in self.workers if w.gpu is not None])
         self._client.close()
 
 
@@ -266,7 +226,7 @@ def run_fleet(
     stop = stop or threading.Event()
     db = Database(settings.database_url)
     try:
-        db.migrate()
+        db.ensure_schema()  # SchemaBehind (a JobDBError): refuse, naming `gpuyard db upgrade`
         register(db, workers)
     except JobDBError as exc:
         log.error("cannot register the GPUs in the job DB: %s", exc)
@@ -296,7 +256,8 @@ def run_fleet(
             ended = [w for w in workers if w.proc is not None and w.proc.poll() is not None]
             if ended:
                 for worker in ended:
-                    log.error("worker %s exited with %s; stopping the fleet", worker.name, worker.proc.returncode)  # type: ignore[union-attr]
+                    code = worker.proc.returncode if worker.proc is not None else None
+                    log.error("worker %s exited with %s; stopping the fleet", worker.name, code)
                 status = 1
                 break
     finally:

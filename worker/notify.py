@@ -13,24 +13,27 @@ body>`` keyed by the owner's webhook secret. Any other scheme goes to apprise (`
 forms), which would bypass the webhook's address check.
 
 Server-side request forgery: a shared service POSTing wherever a user says could reach internal hosts.
-A webhook's host is resolved and every address must be public (not private, loopback, link-local,
-reserved or multicast) unless it lies in ``GPUYARD_NOTIFY_ALLOWED_NETWORKS``; redirects are not followed.
-(The check and the request resolve the name separately, so DNS rebinding can still race it; keep the
-workers behind an egress firewall where that matters.) A receiver that does not answer costs a retry in
-the notify queue, never the job: its state was stored before anything was sent.
+Every URL's target host (a webhook's own; an apprise URL's as apprise itself parses it, the SMTP server for
+``mailto://``) is resolved and every address must be public unless it lies in
+``GPUYARD_NOTIFY_ALLOWED_NETWORKS`` (worker/egress.py): at submit (a 422 naming the URL and the address)
+and again when sending, where every name the sender resolves is checked as it is resolved. Redirects are
+not followed. Apprise's notifications on the worker's own host (syslog, desktop pop-ups) are refused, and
+so is a scheme whose host apprise cannot name. A name that does not resolve at submit is accepted (the
+send checks it again). A receiver that does not answer costs a retry in the notify queue, never the job:
+its state was stored before anything was sent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import socket
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import requests
@@ -38,7 +41,11 @@ import requests
 from core.errors import Problem
 from core.settings import Settings
 from store import Database, Job
+from worker import egress
 from worker.errors import QueueUnavailable
+
+if TYPE_CHECKING:
+    from apprise.plugins.base import NotifyBase
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,11 @@ MAX_URL_LENGTH = 2048
 _WEBHOOK_SCHEMES = ("http", "https")
 # apprise's generic HTTP targets: a webhook by another name, without the address check. Use http(s)://.
 _REFUSED_APPRISE_SCHEMES = ("json", "jsons", "xml", "xmls", "form", "forms")
+# apprise's notifications on the machine that sends them (its syslog, its desktop): nothing a user of a
+# shared service may reach.
+_LOCAL_APPRISE_SCHEMES = (
+    "syslog", "dbus", "kde", "qt", "glib", "gio", "gnome", "macosx", "windows", "blink1",
+)  # fmt: skip
 
 
 class NotifyFailed(Exception):
@@ -59,7 +71,8 @@ class NotifyRefused(Exception):
 
 
 def url_problems(urls: Sequence[str], settings: Settings, field: str = "notify") -> list[Problem]:
-    """Every problem of a notify list: too many, too long, or a scheme neither webhook nor apprise."""
+    """Every problem of a notify list: too many, too long, a scheme neither webhook nor apprise, or a target
+    that resolves to an address a notification may not reach (a name that does not resolve yet passes)."""
     problems: list[Problem] = []
     if len(urls) > settings.notify_max_urls:
         problems.append(
@@ -76,40 +89,106 @@ def url_problems(urls: Sequence[str], settings: Settings, field: str = "notify")
                 Problem("invalid_url", f"Expected a URL of 1-{MAX_URL_LENGTH} characters. Received: {url!r:.80}", where)
             )
             continue
-        scheme = urlsplit(url).scheme.lower()
-        if scheme in _WEBHOOK_SCHEMES:
-            if not urlsplit(url).hostname:
-                problems.append(Problem("invalid_url", f"Expected a webhook URL with a host. Received: {url!r}", where))
-        elif scheme in _REFUSED_APPRISE_SCHEMES:
-            problems.append(
-                Problem(
-                    "invalid_url",
-                    f"Expected an http(s):// webhook instead of apprise's generic {scheme}://. Received: {url!r}",
-                    where,
-                )
-            )
-        elif not _apprise_understands(url):
-            problems.append(
-                Problem(
-                    "invalid_url",
-                    "Expected an http(s):// webhook or a URL apprise understands (slack://, mailto://, tgram://, "
-                    f"...; https://github.com/caronc/apprise/wiki). Received: {_redacted(url)!r}",
-                    where,
-                )
-            )
+        try:
+            check_url(url, settings)
+        except NotifyRefused as exc:
+            code = "address_refused" if isinstance(exc, AddressRefused) else "invalid_url"
+            problems.append(Problem(code, str(exc), where))
+        except NotifyFailed:
+            pass  # the name does not resolve now; the send checks it again
     return problems
 
 
-def _apprise_understands(url: str) -> bool:
+class AddressRefused(NotifyRefused):
+    """The URL's target is (or resolves to) an address a notification may not reach."""
+
+
+def target_of(url: str) -> tuple[str, int | None] | None:
+    """The host and port ``url`` sends to, as its own parser reads them; None for an apprise service whose
+    endpoint apprise fixes itself (``slack://``, ``tgram://``…).
+
+    Raises:
+        NotifyRefused: a scheme that is neither a webhook nor an apprise URL gpuyard accepts, or one
+            whose host cannot be determined.
+    """
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in _WEBHOOK_SCHEMES:
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise NotifyRefused(f"Expected a webhook URL with a valid port. Received: {_redacted(url)!r}") from exc
+        if not parts.hostname:
+            raise NotifyRefused(f"Expected a webhook URL with a host. Received: {url!r}")
+        return parts.hostname, port or (443 if scheme == "https" else 80)
+    if scheme in _REFUSED_APPRISE_SCHEMES:
+        raise NotifyRefused(
+            f"Expected an http(s):// webhook instead of apprise's generic {scheme}://. Received: {url!r}"
+        )
+    if scheme in _LOCAL_APPRISE_SCHEMES:
+        raise NotifyRefused(
+            f"Expected a notification over the network; {scheme}:// notifies the worker's own host. Received: {url!r}"
+        )
+    plugin = _apprise_plugin(url)
+    if plugin is None:
+        raise NotifyRefused(
+            "Expected an http(s):// webhook or a URL apprise understands (slack://, mailto://, tgram://, "
+            f"...; https://github.com/caronc/apprise/wiki). Received: {_redacted(url)!r}"
+        )
+    templates = [str(t) for t in getattr(type(plugin), "templates", ())]
+    if not any("{host}" in t for t in templates):
+        return None  # the service's own endpoint; the send's guard still checks what it resolves
+    # The server contacted: an e-mail plugin's SMTP server (derived from the address or ?smtp=), else the host.
+    host = str(getattr(plugin, "smtp_host", None) or getattr(plugin, "host", None) or "").strip("[]")
+    if host:
+        port = getattr(plugin, "port", None)
+        return host, int(port) if isinstance(port, int) else None
+    if all("{host}" in t for t in templates):
+        raise NotifyRefused(f"Expected a {scheme}:// URL naming its server's host. Received: {_redacted(url)!r}")
+    return None  # a hosted default (ntfy://topic goes to ntfy.sh)
+
+
+def check_url(url: str, settings: Settings) -> None:
+    """Refuse a URL gpuyard does not send to, or whose target resolves to an internal address not allowed.
+
+    Raises:
+        AddressRefused: a loopback, private, link-local, unspecified, reserved or multicast address outside
+            ``GPUYARD_NOTIFY_ALLOWED_NETWORKS``.
+        NotifyRefused: an unknown scheme, or one whose host cannot be determined.
+        NotifyFailed: the name does not resolve now (it may later).
+    """
+    target = target_of(url)
+    if target is None:
+        return
+    host, port = target
+    try:
+        problem = egress.host_problem(host, port, egress.allowed_networks(settings))
+    except (socket.gaierror, UnicodeError) as exc:
+        raise NotifyFailed(f"cannot resolve {host!r}: {exc}") from exc
+    if problem is not None:
+        raise AddressRefused(f"{_redacted(url)} {problem}")
+
+
+def _apprise_plugin(url: str) -> NotifyBase | None:
+    """The apprise plugin ``url`` names, parsed by apprise itself; None when apprise does not know it."""
     import apprise  # ~0.5 s to import: only for a non-webhook URL (the API and every CLI command load this module)
 
-    return apprise.Apprise.instantiate(url, suppress_exceptions=True) is not None
+    plugin = apprise.Apprise.instantiate(url, suppress_exceptions=True)
+    return plugin if isinstance(plugin, apprise.plugins.NotifyBase) else None
 
 
 def _redacted(url: str) -> str:
-    """The URL without its secrets (apprise URLs carry tokens in the path or the password)."""
+    """The URL without its secrets (paths, passwords and queries of apprise URLs and webhooks carry tokens)."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or '…'}/…" if parts.scheme else url[:16] + "…"
+    if not parts.scheme:
+        return url[:16] + "…"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    host = parts.hostname or "…"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{port}/…"
 
 
 def urls_of(job: Job) -> list[str]:
@@ -155,35 +234,20 @@ def signature(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def _allowed_networks(settings: Settings) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [
-        ipaddress.ip_network(n.strip(), strict=False) for n in settings.notify_allowed_networks.split(",") if n.strip()
-    ]
-
-
-def check_address(url: str, settings: Settings) -> None:
-    """Refuse a webhook whose host resolves to an internal address not explicitly allowed.
+@contextlib.contextmanager
+def _guarded(url: str, settings: Settings) -> Iterator[None]:
+    """Check ``url`` again, then check every address the send resolves (worker/egress.py) while it runs.
 
     Raises:
-        NotifyRefused: a private, loopback, link-local, reserved or multicast address outside the allow-list.
-        NotifyFailed: the name does not resolve now (it may later).
+        AddressRefused: the target, or a name resolved during the send, is an internal address.
     """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
-    except socket.gaierror as exc:
-        raise NotifyFailed(f"cannot resolve {host!r}: {exc}") from exc
-    allowed = _allowed_networks(settings)
-    for text in addresses:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-        if any(address in network for network in allowed):
-            continue
-        if not address.is_global or address.is_multicast:
-            raise NotifyRefused(
-                f"{host} resolves to {address}, an internal address; allow it with GPUYARD_NOTIFY_ALLOWED_NETWORKS"
-            )
+    check_url(url, settings)
+    with egress.guarded(egress.allowed_networks(settings)) as guard:
+        try:
+            yield
+        finally:
+            if guard.refused:  # the send failed at a refused address, whatever its library made of that
+                raise AddressRefused(f"{_redacted(url)}: {guard.refused[0]}")
 
 
 def send_webhook(url: str, payload: dict[str, Any], secret: str, settings: Settings) -> int:
@@ -193,7 +257,6 @@ def send_webhook(url: str, payload: dict[str, Any], secret: str, settings: Setti
         NotifyFailed: no answer, a timeout, 5xx or 429.
         NotifyRefused: a forbidden address, or another 4xx.
     """
-    check_address(url, settings)
     body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     headers = {
         "Content-Type": "application/json",
@@ -202,10 +265,11 @@ def send_webhook(url: str, payload: dict[str, Any], secret: str, settings: Setti
         EVENT_HEADER: str(payload.get("event")),
     }
     timeout = settings.notify_timeout_s
-    try:
-        response = requests.post(url, data=body, headers=headers, timeout=(timeout, timeout), allow_redirects=False)
-    except requests.RequestException as exc:
-        raise NotifyFailed(f"{type(exc).__name__}: {exc}") from exc
+    with _guarded(url, settings):
+        try:
+            response = requests.post(url, data=body, headers=headers, timeout=(timeout, timeout), allow_redirects=False)
+        except requests.RequestException as exc:
+            raise NotifyFailed(f"{type(exc).__name__}: {exc}") from exc
     with response:
         if response.status_code >= 500 or response.status_code == 429:
             raise NotifyFailed(f"the receiver answered {response.status_code}")
@@ -214,25 +278,26 @@ def send_webhook(url: str, payload: dict[str, Any], secret: str, settings: Setti
         return response.status_code
 
 
-def send_apprise(url: str, payload: dict[str, Any]) -> None:
+def send_apprise(url: str, payload: dict[str, Any], settings: Settings) -> None:
     """Tell a chat or e-mail URL through apprise.
 
     Raises:
-        NotifyRefused: apprise does not know the URL.
+        NotifyRefused: apprise does not know the URL, or it reaches a forbidden address.
         NotifyFailed: apprise could not deliver it.
     """
     import apprise  # ~0.5 s to import: only in the notify task, only for a non-webhook URL
 
-    sender = apprise.Apprise()
-    if not sender.add(url):
-        raise NotifyRefused(f"apprise does not understand {_redacted(url)}")
     title = f"gpuyard: job {payload['job_id']} {payload['state']}"
     lines = [f"{payload.get('name') or payload['job_id']} ({payload['user']}) ended {payload['state']}"]
     if payload.get("reason"):
         lines.append(f"reason: {payload['reason']}: {payload.get('detail') or ''}")
     lines.append(payload["links"]["job"])
-    if not sender.notify(title=title, body="\n".join(lines)):
-        raise NotifyFailed(f"apprise could not deliver to {_redacted(url)}")
+    with _guarded(url, settings):
+        sender = apprise.Apprise()
+        if not sender.add(url):
+            raise NotifyRefused(f"apprise does not understand {_redacted(url)}")
+        if not sender.notify(title=title, body="\n".join(lines)):
+            raise NotifyFailed(f"apprise could not deliver to {_redacted(url)}")
 
 
 def deliver(job_id: str, url: str, settings: Settings, db: Database) -> str:
@@ -249,7 +314,7 @@ def deliver(job_id: str, url: str, settings: Settings, db: Database) -> str:
     if urlsplit(url).scheme.lower() in _WEBHOOK_SCHEMES:
         status = send_webhook(url, payload, db.webhook_secret(job.owner_id), settings)
         return f"webhook answered {status}"
-    send_apprise(url, payload)
+    send_apprise(url, payload, settings)
     return "sent through apprise"
 
 

@@ -20,19 +20,19 @@ import contextlib
 import json
 import logging
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from core.atomicio import atomic_write_json
-from core.names import MODEL_H5, OPERATIONS_DIR
+from core.names import MODEL_H5
 from core.settings import Settings
+from core.trainer import ops_argv
 from models.spec import JobSpec
 from store import Database, Operation
 from store.errors import JobDBError
 from worker import procs
-from worker.storage import Storage
+from worker.storage import Storage, operation_dir
 from worker.supervisor import trainer_memory_limit
 from worker.watchdog import HostMemoryWatchdog
 
@@ -50,11 +50,6 @@ class OperationFailed(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason, self.detail = reason, detail
-
-
-def operation_dir(storage: Storage, job_id: str, operation_id: str) -> Path:
-    """``jobs/<job_id>/operations/<op_id>/``: the operation's input, request and log."""
-    return storage.local_path(storage.job_key(job_id)) / OPERATIONS_DIR / operation_id
 
 
 def run_operation(operation_id: str, settings: Settings, *, db: Database, storage: Storage) -> dict[str, Any]:
@@ -114,7 +109,7 @@ def _run(operation: Operation, settings: Settings, db: Database, storage: Storag
 
 
 def _run_child(operation_id: str, folder: Path, settings: Settings) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "worker.trainer.ops", "--request", str(folder / REQUEST_FILE)]
+    argv = ops_argv(folder / REQUEST_FILE)
     with (folder / OPERATION_LOG).open("ab") as log_file:
         proc = subprocess.Popen(
             procs.launcher_argv(argv),

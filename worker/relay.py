@@ -14,7 +14,7 @@ from typing import Any
 try:  # optional: without Redis (bench/gpu_check.sh) events go to the job DB only
     import redis
 except ImportError:  # pragma: no cover - redis-py is a dependency of the service
-    redis = None  # type: ignore[assignment]
+    redis = None  # type: ignore[assignment]  # the module stays importable; every use checks for None
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol
 
 from core.atomicio import atomic_write_bytes, fsync_dir
+from core.names import OPERATIONS_DIR
 from worker.errors import InvalidKey, UploadTooLarge
 
 CHUNK_BYTES = 1024 * 1024
@@ -51,7 +52,7 @@ class StoredDataset:
 class Storage(Protocol):
     """What the API and the workers need from storage. Keys are ``/``-separated relative paths."""
 
-    def stage_stream(self, fileobj: BinaryIO, max_bytes: int) -> StagedUpload:
+    def stage_stream(self, fileobj: IO[bytes], max_bytes: int) -> StagedUpload:
         """Copy ``fileobj`` into a staging file while hashing it; raise UploadTooLarge past ``max_bytes``."""
         ...
 
@@ -123,7 +124,7 @@ class LocalStorage:
         return path
 
     # ── uploads ──
-    def stage_stream(self, fileobj: BinaryIO, max_bytes: int) -> StagedUpload:
+    def stage_stream(self, fileobj: IO[bytes], max_bytes: int) -> StagedUpload:
         digest = hashlib.sha256()
         size = 0
         fd, tmp_name = tempfile.mkstemp(prefix="upload.", suffix=".h5", dir=self.root / "tmp")
@@ -197,3 +198,9 @@ class LocalStorage:
             except FileNotFoundError:  # another process swept or committed it meanwhile
                 continue
         return removed
+
+
+def operation_dir(storage: Storage, job_id: str, operation_id: str) -> Path:
+    """``jobs/<job_id>/operations/<op_id>/``: a model operation's input, request and log (the API writes the
+    input there, the worker's operation reads it)."""
+    return storage.local_path(storage.job_key(job_id)) / OPERATIONS_DIR / operation_id

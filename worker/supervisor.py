@@ -4,7 +4,7 @@
 
     take_lease ─ none: another delivery holds the job (or it is finished/cancelled) → return, do nothing
       │
-    stage: spec.json and the data set path; --resume when attempt > 1 and a checkpoint exists
+    stage: spec.json and the data set path; --resume when attempt > 1 or the job was preempted, and a checkpoint exists
       │
     start  python -m worker.trainer --out <storage>/jobs/<id>  (own process group, stdout piped,
       │    stderr appended to jobs/<id>/trainer.log, SIGTERM'd if this process dies)
@@ -37,7 +37,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,9 +50,10 @@ from core.exitcodes import ExitCode
 from core.names import CHECKPOINT_DIR, CHECKPOINT_STATE, DATASET_SUMMARY_FILE, PID_FILE, SPEC_FILE, TRAINER_LOG
 from core.settings import Settings, get_settings
 from core.states import CANCELLED, FAILED, QUEUED
+from core.trainer import FAILED_EVENT, trainer_argv, trainer_command
 from models.spec import resources_of
 from store import Database, Job
-from store.errors import JobDBError
+from store.errors import DatabaseUnavailable, JobDBError
 from worker import procs, warm
 from worker.gpus import (
     GpuBackend,
@@ -83,7 +83,6 @@ from worker.outcome import (
 )
 from worker.relay import EventPublisher, progress_of
 from worker.storage import LocalStorage, Storage
-from worker.trainer.events import FAILED_EVENT
 from worker.watchdog import HostMemoryWatchdog, MemoryWatchdog, hygiene_problem
 
 CANCELLED_REASON = ExitCode.CANCELLED.reason
@@ -124,7 +123,7 @@ class Supervisor:
         self.job_id, self.settings, self.db, self.storage = job_id, settings, db, storage
         self.owner, self.gpu, self.publisher, self.requeue = owner, gpu, publisher, requeue
         self.trainer_argv = list(
-            trainer_argv or shlex.split(settings.trainer_command) or [sys.executable, "-m", "worker.trainer"]
+            trainer_argv or shlex.split(settings.trainer_command) or trainer_command()
         )
         substituted = trainer_argv is not None or bool(settings.trainer_command)
         wanted = warm.slot_uses_warm_trainers(settings, gpu, substituted=substituted)
@@ -139,6 +138,7 @@ class Supervisor:
         self.peak_rss_bytes = 0
         self.rewarm_backend: str | None = None  # the slot's next warm trainer, started after the first step
         self.preempted_by: str | None = None  # the job the dispatcher stopped this one for (worker/preemption.py)
+        self.keeper: LeaseKeeper | None = None
 
     # ── top level ──
     def run(self) -> Outcome:
@@ -152,6 +152,7 @@ class Supervisor:
         lease_seconds = self.settings.lease_seconds
         keeper = LeaseKeeper(self.db, self.job_id, self.owner, lease_seconds, lease_seconds / 3, taken_at=taken_at)
         keeper.start()
+        self.keeper = keeper
         try:
             return self._attempt(job, keeper)
         except Exception as exc:
@@ -181,8 +182,8 @@ class Supervisor:
             return self._finish(job, CANCELLED, CANCELLED_REASON, "cancelled before the trainer started", None)
         data_path = self._stage_dataset(job, job_dir)
         if data_path is None:
-            detail = "the job's data set was deleted or its file is missing from storage"
-            return self._finish(job, FAILED, ExitCode.DATASET_INVALID.reason, detail, None)
+            missing = "the job's data set was deleted or its file is missing from storage"
+            return self._finish(job, FAILED, ExitCode.DATASET_INVALID.reason, missing, None)
         atomic_write_json(job_dir / SPEC_FILE, job.spec)
         # A preempted job's attempt is not counted, so its next one may be attempt 1 again: it resumes too.
         resume = (job.attempts > 1 or job.preemptions > 0) and (job_dir / CHECKPOINT_DIR / CHECKPOINT_STATE).is_file()
@@ -191,21 +192,15 @@ class Supervisor:
         if stale is not None:
             log.warning("job %s: stopped trainer %d left by an earlier attempt", self.job_id, stale)
 
-        argv = [
-            *self.trainer_argv,
-            "--spec",
-            str(job_dir / SPEC_FILE),
-            "--data",
-            str(data_path),
-            "--summary",
-            str(job_dir / DATASET_SUMMARY_FILE),
-            "--out",
-            str(job_dir),
-            "--gpu",
-            self.gpu,
-        ]
-        if resume:
-            argv.append("--resume")
+        argv = trainer_argv(
+            spec=job_dir / SPEC_FILE,
+            data=data_path,
+            summary=job_dir / DATASET_SUMMARY_FILE,
+            out=job_dir,
+            gpu=self.gpu,
+            resume=resume,
+            command=self.trainer_argv,
+        )
         proc = self._start_trainer(argv, job, job_dir, resume)
         procs.write_pid_file(job_dir / PID_FILE, proc.pid)
         unaccounted_before = self._start_watchdog(job, proc.pid)
@@ -243,7 +238,7 @@ class Supervisor:
             stop_reason = HOST_MEMORY_EXCEEDED
         self._check_hygiene(unaccounted_before)
 
-        base = {
+        base: dict[str, Any] = {
             "job_id": self.job_id,
             "ran": True,
             "attempt": job.attempts,
@@ -555,15 +550,17 @@ class Supervisor:
         if peak and self.gpu_total_bytes:
             allowance = context_allowance_bytes(self.settings)
             suggested = min(1.0, fraction_for(peak, self.gpu_total_bytes, allowance, self.settings.memory_margin))
-        if not self.db.finish_job(
-            self.job_id,
-            self.owner,
-            state,
-            reason,
-            detail,
-            exit_code,
-            peak_gpu_memory_bytes=peak,
-            suggested_memory_fraction=suggested,
+        if not self._while_leased(
+            lambda: self.db.finish_job(
+                self.job_id,
+                self.owner,
+                state,
+                reason,
+                detail,
+                exit_code,
+                peak_gpu_memory_bytes=peak,
+                suggested_memory_fraction=suggested,
+            )
         ):
             log.warning("job %s: lease lost before the result could be recorded", self.job_id)
             return Outcome(self.job_id, ran=True, reason=LEASE_LOST, attempt=job.attempts, exit_code=exit_code)
@@ -577,6 +574,23 @@ class Supervisor:
             exit_code=exit_code,
             attempt=job.attempts,
         )
+
+    def _while_leased(self, record: Callable[[], bool]) -> bool:
+        """``record()``, tried again each second while the database is unavailable and the lease may still
+        hold: a trainer's result must outlive a database blip, or the janitor would run the job again.
+        ``finish_job`` is conditional on the lease, so a late retry changes nothing that is not ours.
+
+        Raises:
+            DatabaseUnavailable: still unavailable when the lease ran out.
+        """
+        while True:
+            try:
+                return record()
+            except DatabaseUnavailable as exc:
+                if self.keeper is None or self.keeper.expired():
+                    raise
+                log.warning("job %s: cannot record the result yet (%s); trying again", self.job_id, exc)
+                time.sleep(1.0)
 
     def _hand_back(
         self, base: dict[str, Any], reason: str, detail: str | None, *, spec: dict[str, Any] | None = None
@@ -633,6 +647,7 @@ def supervise(
     settings = settings or get_settings()
     own_db = db is None
     db = db or Database(settings.database_url)
+    assert settings.storage_dir is not None  # filled in by Settings
     storage = storage or LocalStorage(settings.storage_dir)
     publisher = EventPublisher(settings.redis_url)
     gpu = gpu or settings.worker_gpu

@@ -31,13 +31,13 @@ import json
 import logging
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.settings import Settings
+from core.trainer import trainer_command, warm_trainer_argv
 from worker import procs
 from worker.trainer.events import WARM_READY_LINE
 
@@ -131,7 +131,7 @@ class WarmPool:
         self._lock = threading.Lock()
 
     def _command(self, backend: str) -> list[str]:
-        return [*self.trainer_argv, "--warm", "--backend", backend, "--gpu", self.gpu]
+        return warm_trainer_argv(self.trainer_argv, backend=backend, gpu=self.gpu)
 
     def _fingerprint(self, backend: str) -> str:
         return fingerprint(procs.trainer_env(self.settings), self._command(backend))
@@ -233,4 +233,4 @@ def hand_over(proc: subprocess.Popen[bytes], argv: Sequence[str], log_path: Path
 
 
 def default_trainer_argv() -> list[str]:
-    return [sys.executable, "-m", "worker.trainer"]
+    return trainer_command()

@@ -14,17 +14,17 @@ child process under resource limits. The checks go in an order that never reads 
    ``negative_label``, ``label_out_of_range``, ``non_integer_label``, ``not_one_hot``,
    ``class_count_mismatch``, ``too_many_classes``, ``read_error``.
 
-Every reason found is reported (one :class:`~core.errors.Problem` each), not just the first.
+Every reason found is reported (one :class:`~core.errors.Problem` each), not just the first. Steps 1 and 2
+are in ``models/data/structure.py``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
@@ -32,9 +32,9 @@ import numpy as np
 from core.atomicio import file_sha256
 from core.errors import DataError, Problem
 from core.settings import DataLimits, get_settings
+from models.data.structure import LinkChecks, attr_text, key_list, open_checked
 from models.data.summary import ArrayInfo, DataKeys, DatasetSummary, TargetKind
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 #: HDF5 filters built into libhdf5 (plus h5py's LZF); any other filter would need a plugin library.
 ALLOWED_FILTERS = {
     1: "gzip",
@@ -45,9 +45,6 @@ ALLOWED_FILTERS = {
     6: "scaleoffset",
     32000: "lzf",
 }
-#: A file with more links than this is refused rather than walked (a cheap denial of service otherwise).
-MAX_LINKS = 100_000
-MAX_SOFT_LINK_DEPTH = 16
 MAX_LISTED_CLASSES = 1000
 ROLES = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 SPLITS = {"train": ("x_train", "y_train"), "val": ("x_val", "y_val"), "test": ("x_test", "y_test")}
@@ -82,22 +79,13 @@ def inspect_file(
     keys = keys or DataKeys()
     limits = limits or get_settings()
     path = Path(path)
-    handle, size_bytes = _open_checked(path)
+    handle, size_bytes = open_checked(path)
     with handle:
         inspection = _Inspection(handle, keys, limits)
         inspection.run()
     if inspection.problems:
         raise DataError(inspection.problems)
     return inspection.summary(sha256=sha256 or file_sha256(path), size_bytes=size_bytes)
-
-
-def _open_checked(path: Path) -> tuple[h5py.File, int]:
-    """The file-level checks, then the file opened read-only (DataError naming why it cannot be)."""
-    size_bytes = _check_file_level(path)
-    try:
-        return h5py.File(path, "r"), size_bytes
-    except OSError as exc:
-        raise DataError([_open_problem(path, size_bytes, exc)]) from exc
 
 
 def inspect_inputs(path: str | os.PathLike[str], key: str = "X", *, limits: DataLimits | None = None) -> ArrayInfo:
@@ -111,7 +99,7 @@ def inspect_inputs(path: str | os.PathLike[str], key: str = "X", *, limits: Data
     """
     limits = limits or get_settings()
     path = Path(path)
-    handle, _size = _open_checked(path)
+    handle, _size = open_checked(path)
     with handle:
         inspection = _Inspection(handle, DataKeys(x_train=key), limits)
         inspection._walk_links()
@@ -124,70 +112,6 @@ def inspect_inputs(path: str | os.PathLike[str], key: str = "X", *, limits: Data
         return ArrayInfo(key=key, shape=list(ds.shape), dtype=ds.dtype.name, rows=int(ds.shape[0]))
 
 
-
-
-# ----------------------------------------------------------------------------------------------- file level
-
-
-def _check_file_level(path: Path) -> int:
-    """Refuse a missing, unreadable or non-HDF5 file; return its size."""
-    try:
-        if not path.is_file():
-            raise DataError(
-                [
-                    Problem(
-                        "not_found", f"{path.name} does not exist or is not a regular file; expected an HDF5 file"
-                    )
-                ]
-            )
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            if not _has_signature(fh, size):
-                raise DataError(
-                    [
-                        Problem(
-                            "not_hdf5",
-                            f"{path.name} is not an HDF5 file (no HDF5 signature at byte 0, 512, 1024, …; "
-                            f"{size} bytes starting {_head(path)!r}); "
-                            "expected an HDF5 file such as h5py writes",
-                        )
-                    ]
-                )
-    except PermissionError as exc:
-        raise DataError(
-            [Problem("unreadable", f"{path.name} cannot be read ({exc.strerror}); expected a readable file")]
-        ) from exc
-    return size
-
-
-def _has_signature(fh: Any, size: int) -> bool:
-    """HDF5 puts its signature at byte 0, or after a user block at 512, 1024, 2048, …"""
-    offset = 0
-    while offset + len(HDF5_SIGNATURE) <= size:
-        fh.seek(offset)
-        if fh.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
-            return True
-        offset = 512 if offset == 0 else offset * 2
-    return False
-
-
-def _head(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read(16)
-
-
-def _open_problem(path: Path, size: int, exc: OSError) -> Problem:
-    message = str(exc)
-    if "truncated" in message.lower():
-        return Problem(
-            "truncated",
-            f"{path.name} is truncated: it has {size} bytes but HDF5 expects more ({message}); "
-            "expected the complete file — upload it again",
-        )
-    return Problem(
-        "corrupt",
-        f"{path.name} has an HDF5 signature but cannot be opened ({message}); expected a valid HDF5 file",
-    )
 
 
 # ----------------------------------------------------------------------------------------------- the walk
@@ -212,7 +136,7 @@ class _YStats:
     distinct_overflow: bool = False
 
 
-class _Inspection:
+class _Inspection(LinkChecks):
     """One pass over an open file: collects problems, then builds the summary."""
 
     def __init__(self, handle: h5py.File, keys: DataKeys, limits: DataLimits) -> None:
@@ -240,114 +164,6 @@ class _Inspection:
             self._scan(role, ds)
         self._decide_target()
 
-    # -- 2. links and storage of everything in the file
-
-    def _walk_links(self) -> None:
-        count = 0
-
-        def visit(name: str, link: Any) -> bool | None:
-            nonlocal count
-            count += 1
-            if count > MAX_LINKS:
-                self.add(
-                    "too_many_objects",
-                    f"the file holds more than {MAX_LINKS} links; expected a data set "
-                    "with a handful of arrays",
-                    None,
-                )
-                return True
-            where = "/" + name
-            if isinstance(link, h5py.ExternalLink):
-                self.add(
-                    "external_link",
-                    f"{where} is an external link to {link.path!r} in file "
-                    f"{link.filename!r}; expected every array stored inside this file "
-                    "(links to other files are refused)",
-                    name,
-                )
-            elif isinstance(link, h5py.SoftLink):
-                status, _, why = self._resolve(link.path, base=name.rpartition("/")[0])
-                if status != "ok":
-                    self.add(
-                        "soft_link",
-                        f"{where} is a soft link to {link.path!r}, which {why}; expected "
-                        "soft links that point at an object inside this file",
-                        name,
-                    )
-            elif isinstance(link, h5py.HardLink):
-                # Reached through hard links only (the walk does not follow others), so opening is safe.
-                obj = self.f.get(name)
-                if isinstance(obj, h5py.Dataset):
-                    self._check_storage(obj, where, name)
-            else:
-                self.add(
-                    "unsupported_link",
-                    f"{where} is a {type(link).__name__}; expected hard or soft links only",
-                    name,
-                )
-            return None
-
-        self.f.visititems_links(visit)
-
-    def _check_storage(self, ds: h5py.Dataset, where: str, name: str) -> None:
-        external = ds.external
-        if external:
-            files = ", ".join(repr(_text(entry[0])) for entry in external)
-            self.add(
-                "external_storage",
-                f"{where} keeps its raw data in external file(s) {files}; expected the "
-                "data stored inside this HDF5 file",
-                name,
-            )
-            self.unsafe.add(hash(ds.id))
-        if ds.is_virtual:
-            sources = ", ".join(
-                sorted({f"{_text(s.file_name)!r}:{_text(s.dset_name)!r}" for s in ds.virtual_sources()})
-            )
-            self.add(
-                "virtual_dataset",
-                f"{where} is a virtual dataset mapping {sources}; expected the data "
-                "stored inside this HDF5 file",
-                name,
-            )
-            self.unsafe.add(hash(ds.id))
-
-    def _resolve(self, path: str, base: str = "") -> tuple[str, Any, str]:
-        """Follow ``path`` one link at a time, never through an external link.
-
-        Returns ``(status, object, why)``: status ``ok``, ``missing`` or ``link`` (an unusable link on
-        the way).
-        """
-        return self._resolve_from(self.f if path.startswith("/") else self._group(base), path, 0)
-
-    def _group(self, base: str) -> Any:
-        return self.f[base] if base else self.f
-
-    def _resolve_from(self, node: Any, path: str, depth: int) -> tuple[str, Any, str]:
-        if depth > MAX_SOFT_LINK_DEPTH:
-            return "link", None, f"goes through more than {MAX_SOFT_LINK_DEPTH} soft links (a loop?)"
-        for part in (p for p in path.split("/") if p and p != "."):
-            if not isinstance(node, h5py.Group):
-                return "missing", None, f"does not exist (a dataset has no member {part!r})"
-            name = part.encode()
-            links = node.id.links
-            if not links.exists(name):
-                return "missing", None, "does not exist in the file"
-            kind = links.get_info(name).type
-            if kind == h5py.h5l.TYPE_HARD:
-                node = node[part]
-            elif kind == h5py.h5l.TYPE_SOFT:
-                target = _text(links.get_val(name))
-                start = self.f if target.startswith("/") else node
-                status, node, why = self._resolve_from(start, target, depth + 1)
-                if status != "ok":
-                    return "link", None, why
-            elif kind == h5py.h5l.TYPE_EXTERNAL:
-                return "link", None, f"leads out of the file through the external link {part!r}"
-            else:
-                return "link", None, f"goes through an unsupported link type at {part!r}"
-        return "ok", node, ""
-
     # -- 3. the role keys, metadata only
 
     def _check_role(self, role: str) -> None:
@@ -361,7 +177,7 @@ class _Inspection:
                 self.add(
                     "missing_key",
                     f"{label}: key not found in the file; expected a dataset for "
-                    f"{role} (top-level keys: {_key_list(self.f)})",
+                    f"{role} (top-level keys: {key_list(self.f)})",
                     key,
                 )
             return
@@ -435,7 +251,7 @@ class _Inspection:
             if code not in ALLOWED_FILTERS:
                 self.add(
                     "unsupported_filter",
-                    f"{key} is compressed with filter {code} ({_text(name)!r}); "
+                    f"{key} is compressed with filter {code} ({attr_text(name)!r}); "
                     f"expected one of the built-in filters {sorted(ALLOWED_FILTERS.values())}",
                     key,
                 )
@@ -639,15 +455,16 @@ class _Inspection:
                     f"num_classes={self.keys.num_classes}; expected as many columns as classes",
                     self.keys.y_train,
                 )
-            sums = sum(
-                (self.y_stats[r].column_sums for r in y_roles if self.y_stats[r].column_sums is not None),
-                np.zeros(columns, np.int64),
-            )
+            sums = np.zeros(columns, np.int64)
+            for role in y_roles:
+                column_sums = self.y_stats[role].column_sums
+                if column_sums is not None:
+                    sums = sums + column_sums
             self.classes = [int(i) for i in np.flatnonzero(sums)][:MAX_LISTED_CLASSES]
             return
         self.target, self.output_dim = "regression", columns
 
-    def _check_labels(self, y_roles: list[str]) -> None:
+    def _check_labels(self, y_roles: Sequence[str]) -> None:
         declared = self.keys.num_classes
         for role in y_roles:
             stats = self.y_stats[role]
@@ -769,16 +586,6 @@ def _first_fraction(row: np.ndarray) -> float:
 def _is_allocation_failure(exc: BaseException) -> bool:
     message = str(exc).lower()
     return "memory allocation failed" in message or "can't allocate" in message or "out of memory" in message
-
-
-def _key_list(group: h5py.Group, limit: int = 20) -> str:
-    names = list(group.keys())
-    listed = ", ".join(repr(n) for n in names[:limit])
-    return (listed + (", …" if len(names) > limit else "")) or "none"
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _size(n: int) -> str:

@@ -57,7 +57,8 @@ class _Store:
 
     def read(self, key: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of ``key``: the only place data is read from the file."""
-        return self.dataset(key)[start:stop]
+        rows: np.ndarray = self.dataset(key)[start:stop]
+        return rows
 
     def close(self) -> None:
         if self._file is not None and self._pid == os.getpid():
@@ -372,9 +373,10 @@ def open_training_data(
         test_data = evaluation(test, in_memory)
     except OSError as exc:
         store.close()
+        file = Path(path)
         raise DataError(
             # The file's name only: the detail reaches the job's owner, who must not learn server paths.
-            [Problem("read_error", f"reading {path.name} failed ({_without(path, exc)}); expected the checked file")]
+            [Problem("read_error", f"reading {file.name} failed ({_without(file, exc)}); expected the checked file")]
         ) from exc
     if in_memory:
         store.close()  # everything is loaded: no handle stays open in a process that may fork later

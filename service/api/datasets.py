@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import BinaryIO
+from typing import IO
 
 from flask import Blueprint, Response, request, url_for
 
 from models.data.summary import DataKeys
 from service.api import query_args, respond
+from service.api.declare import HDF5, documented
 from service.auth import authenticate, current_user, visible_owner_id
 from service.errors import BadRequest, NotFound, UnsupportedMediaType
 from service.extensions import services
-from service.schemas import DatasetListOut, DatasetOut, DatasetUploadQuery
+from service.schemas import DatasetListOut, DatasetOut, DatasetUploadQuery, ErrorOut
 
 bp = Blueprint("datasets", __name__, url_prefix="/v1/datasets")
 bp.before_request(authenticate)
@@ -21,6 +22,23 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the f
 
 
 @bp.post("")
+@documented(
+    "uploadDataset",
+    summary="Upload an HDF5 data set (raw body or multipart field `file`); 200 when you already have it",
+    query=DatasetUploadQuery,
+    body_media={
+        "application/x-hdf5": HDF5,
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "contentMediaType": "application/x-hdf5"}},
+                "required": ["file"],
+            }
+        },
+    },
+    responses={201: (DatasetOut, "Stored"), 200: (DatasetOut, "Already yours")},
+    errors=(400, 401, 413, 415, 422),
+)
 def upload() -> Response:
     """Upload an HDF5 file as the raw body or as multipart field ``file``.
 
@@ -39,10 +57,10 @@ def upload() -> Response:
         upload_file = request.files.get("file")
         if upload_file is None:
             raise BadRequest("expected the HDF5 file in the multipart field 'file'", field="file")
-        stream: BinaryIO = upload_file.stream  # type: ignore[assignment]
+        stream: IO[bytes] = upload_file.stream
         name = query.name or upload_file.filename or None
     elif request.mimetype in RAW_TYPES:
-        stream = request.stream  # type: ignore[assignment]
+        stream = request.stream
         name = query.name
     else:
         raise UnsupportedMediaType(
@@ -79,6 +97,7 @@ def upload() -> Response:
 
 
 @bp.get("")
+@documented("listDatasets", summary="Your data sets (an admin's: everyone's)", responses={200: DatasetListOut})
 def index() -> Response:
     """The caller's data sets (an admin's: everyone's), newest first."""
     datasets = services().db.list_datasets(visible_owner_id())
@@ -86,6 +105,7 @@ def index() -> Response:
 
 
 @bp.get("/<dataset_id>")
+@documented("getDataset", summary="One data set", responses={200: DatasetOut}, errors=(401, 404))
 def show(dataset_id: str) -> Response:
     """One data set and its summary; 404 if it is not the caller's."""
     dataset = services().db.get_dataset(dataset_id, visible_owner_id())
@@ -95,6 +115,12 @@ def show(dataset_id: str) -> Response:
 
 
 @bp.delete("/<dataset_id>")
+@documented(
+    "deleteDataset",
+    summary="Delete a data set (409 while a queued or running job uses it)",
+    responses={204: {"description": "Deleted"}, 409: (ErrorOut, "In use")},
+    errors=(401, 404),
+)
 def remove(dataset_id: str) -> Response:
     """Delete a data set (409 while a queued or running job uses it); the file goes with its last user."""
     delete_dataset(dataset_id, visible_owner_id())

@@ -6,6 +6,7 @@ import redis
 from flask import Blueprint, Response
 
 from service.api import respond
+from service.api.declare import documented
 from service.extensions import services
 from service.schemas import HealthOut, ReadyOut
 from store.errors import DatabaseUnavailable
@@ -14,12 +15,20 @@ bp = Blueprint("health", __name__, url_prefix="/v1")
 
 
 @bp.get("/health")
+@documented("health", summary="Liveness", responses={200: HealthOut}, errors=(), auth=False)
 def health() -> Response:
     """The process is up and serving requests."""
     return respond(HealthOut())
 
 
 @bp.get("/ready")
+@documented(
+    "ready",
+    summary="Readiness: the database and Redis answer",
+    responses={200: ReadyOut, 503: (ReadyOut, "Something is unreachable")},
+    errors=(),
+    auth=False,
+)
 def ready() -> Response:
     """The database and Redis answer; 503 naming what failed otherwise."""
     checks: dict[str, str] = {}

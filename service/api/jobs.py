@@ -2,34 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
 from collections.abc import Callable, Iterator
 from functools import lru_cache
-from typing import Any
 
 from flask import Blueprint, Response, request, send_file, url_for
 
 from core.atomicio import file_sha256
-from core.errors import Problem
 from core.names import ARTIFACT_MEDIA_TYPES, ARTIFACT_NAMES, TRAINER_LOG
-from core.states import QUEUED, TERMINAL_STATES
-from models.data.summary import DatasetSummary
-from models.fit import spec_data_problems
-from models.size import size_problems
-from models.spec import AUTO, JobSpec, parse_spec
+from core.states import TERMINAL_STATES
+from models.spec import parse_spec
 from service.api import json_body, query_args, respond
+from service.api.declare import TEXT, documented, query_param
 from service.auth import authenticate, current_user, visible_owner_id
-from service.errors import NotFound, ServiceUnavailable, TooManyRequests, Unprocessable, scrub_paths, server_roots
+from service.errors import NotFound, TooManyRequests, Unprocessable, scrub_paths, server_roots
 from service.extensions import services
 from service.schemas import DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut, PlacementOut
 from service.streams import EventHub
-from store import Database, Dataset, Job, JobEvent, utcnow
-from worker.dispatch import GpuView, decide_queue, dispatch, gpu_views, never_fits
-from worker.errors import QueueUnavailable
+from store import Database, Job, JobEvent
+from worker.dispatch import gpu_views
 from worker.notify import url_problems
-from worker.sizing import auto_budget
+from worker.submit import check_submission, dry_run_report, submit_job, would_start
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
@@ -39,6 +35,14 @@ _FALSE = ("0", "false", "no", "")
 
 
 @bp.post("")
+@documented(
+    "submitJob",
+    summary="Queue a job; with ?dry_run=1 report what it would build and queue nothing",
+    body=JobCreate,
+    params=(query_param("dry_run", {"type": "boolean"}, "Check and build only; queue nothing"),),
+    responses={201: (JobOut, "Queued"), 200: (DryRunOut, "Dry run")},
+    errors=(400, 401, 404, 422, 429, 503),
+)
 def submit() -> Response:
     """Validate and queue a job (201), or with ``?dry_run=1`` report what it would build (200).
 
@@ -61,124 +65,38 @@ def submit() -> Response:
     dataset = svc.db.get_dataset(body.dataset, visible_owner_id())
     if dataset is None:
         raise NotFound(f"no data set {body.dataset!r}; upload one with POST /v1/datasets", field="dataset")
-    summary = _check_fits_dataset(spec, dataset)
-    size = size_problems(spec, list(summary.input_shape), summary.output_dim, svc.settings)
-    if size:  # before anything is built, dry run included
-        raise Unprocessable.from_problems("model_too_large", size, prefix="spec.")
-    user = current_user()
-    if body.priority > user.max_priority:
-        raise Unprocessable(
-            f"priority {body.priority} is above your max_priority {user.max_priority}; ask an admin "
-            "(gpuyard users set-priority) or submit at most that",
-            field="priority",
-            code="priority_too_high",
-        )
-    if not spec.resources.preemptible and not user.may_pin:
-        raise Unprocessable(
-            "resources.preemptible false: you may not pin jobs against preemption; ask an admin "
-            "(gpuyard users set-priority NAME N --may-pin) or leave it true",
-            field="spec.resources.preemptible",
-            code="pin_not_allowed",
-        )
-    spec_json = spec.model_dump(mode="json")
-    if spec_json["resources"]["max_runtime_s"] is None and svc.settings.default_max_runtime_s:
-        spec_json["resources"]["max_runtime_s"] = svc.settings.default_max_runtime_s
-    gpus = gpu_views(svc.db, svc.heartbeats)
-    _check_backend(spec, gpus)
-    sized = None
-    if spec.resources.memory_fraction == AUTO:
-        sized = auto_budget(svc.db, svc.settings, spec, summary, gpus)
-        spec_json["resources"]["memory_fraction"] = sized.memory_fraction
-    never = never_fits(spec_json, gpus, svc.settings)
-    if never:
-        raise Unprocessable.from_problems("never_fits", never, prefix="spec.")
+    submission = check_submission(
+        svc.db,
+        svc.settings,
+        user=current_user(),
+        dataset=dataset,
+        spec=spec,
+        priority=body.priority,
+        gpus=gpu_views(svc.db, svc.heartbeats),
+        storage=svc.storage,
+        check_dataset=svc.check_dataset,
+    )
     if dry_run:
-        data_path = svc.storage.local_path(dataset.storage_key)
-        result = svc.dry_run(spec_json, data_path, summary)
-        report = result.get("report") or {}
-        if report.get("ok") is False:  # the model could not be built for this data: say every reason
-            errors = report.get("errors") or [{"code": "dry_run_failed", "detail": "the dry run failed"}]
-            problems = [Problem(e.get("code", "invalid"), e.get("detail", ""), e.get("field")) for e in errors]
-            raise Unprocessable.from_problems("spec_invalid", problems, prefix="spec.")
+        result = dry_run_report(submission, svc.storage, svc.dry_run)
+        placement = would_start(svc.db, svc.settings, submission)
         return respond(
             DryRunOut(
                 dataset=dataset.id,
-                spec=spec_json,
+                spec=submission.spec,
                 report=result.get("report"),
                 env=result.get("env"),
-                placement=_would_start(spec_json, dataset.id, body.priority, gpus),
-                memory=sized.detail if sized else None,
+                placement=PlacementOut(**dataclasses.asdict(placement)),
+                memory=submission.sized.detail if submission.sized else None,
             )
         )
-    job = svc.db.create_job(
-        user.id,
-        dataset.id,
-        spec_json,
-        max_active=svc.settings.max_active_jobs_per_user,
-        max_attempts=svc.settings.max_attempts,
-        priority=body.priority,
-        memory_fraction_auto=sized is not None,
-        notify=body.notify,
-    )
-    if sized is not None and sized.sized:
-        svc.db.append_event(
-            job.id, {"event": "memory_sized", "memory_fraction": sized.memory_fraction, "detail": sized.detail}
-        )
-    report = dispatch(svc.db, svc.settings, gpus, svc.send, wake=svc.wake)
-    for placement, exc in report.failed:
-        if placement.job_id == job.id:
-            detail = str(exc) if isinstance(exc, QueueUnavailable) else f"{type(exc).__name__}: {exc}"
-            svc.db.interrupt_queued(job.id, "queue_unavailable", detail)
-            raise ServiceUnavailable(
-                f"the job queue is unreachable ({detail}); the job was not started", code="queue_unavailable"
-            ) from exc
-    job = svc.db.get_job(job.id) or job
+    job = submit_job(svc.db, svc.settings, submission, notify=body.notify, send=svc.send, wake=svc.wake)
     return respond(job_out(job), 201, {"Location": url_for("jobs.show", job_id=job.id)})
 
 
-def _check_backend(spec: JobSpec, gpus: list[GpuView]) -> None:
-    """Refuse a backend no registered worker runs (422 listing those that exist); one that only offline
-    workers run is accepted and waits (``no_worker_for_backend``). Unknown where no worker reported any."""
-    backends = {b for g in gpus for b in (g.backends or (g.row.backends if g.row is not None else None) or ())}
-    wanted = spec.resources.backend
-    if spec.resources.gpu != "cpu" and backends and wanted not in backends:
-        raise Unprocessable(
-            f"resources.backend: no worker runs {wanted!r}; the workers run: {', '.join(sorted(backends))}",
-            field="spec.resources.backend",
-            code="no_worker_for_backend",
-        )
-
-
-def _would_start(spec_json: dict[str, Any], dataset_id: str, priority: int, gpus: list[GpuView]) -> PlacementOut:
-    """Where and when a job like this would start if submitted now (a forecast; nothing is written)."""
-    svc = services()
-    now = utcnow()
-    probe = Job(
-        id="dry_run",
-        owner_id=current_user().id,
-        dataset_id=dataset_id,
-        spec=spec_json,
-        state=QUEUED,
-        priority=priority,
-        queued_at=now,
-        attempts=0,
-    )
-    with svc.db.peek_queue() as txn:
-        decided = decide_queue(txn, svc.settings, gpus, now, extra=probe)
-    going = {p.job_id: p.gpu for p in decided.plan.placements}
-    if probe.id in going:
-        return PlacementOut(gpu=going[probe.id], estimated_start_at=now, waiting_reason=None, detail="would start now")
-    position = [t.id for t in decided.order if t.id in decided.plan.notes].index(probe.id) + 1
-    return PlacementOut(
-        gpu=None,
-        estimated_start_at=decided.starts.get(probe.id),
-        waiting_reason=decided.plan.reasons.get(probe.id),
-        detail=decided.plan.notes.get(probe.id),
-        queue_position=position,
-    )
-
-
 @bp.get("")
+@documented(
+    "listJobs", summary="Your jobs, newest first", query=JobListQuery, responses={200: JobListOut}, errors=(401, 422)
+)
 def index() -> Response:
     """The caller's jobs (an admin's: everyone's), newest first; ``?state=``, ``?limit=``, ``?cursor=``."""
     query = query_args(JobListQuery)
@@ -191,6 +109,7 @@ def index() -> Response:
 
 
 @bp.get("/<job_id>")
+@documented("getJob", summary="One job", responses={200: JobOut}, errors=(401, 404))
 def show(job_id: str) -> Response:
     """One job: state, attempts, progress, error; while it waits for a GPU, its place in the queue."""
     return respond(job_out(visible_job(job_id)))
@@ -206,6 +125,7 @@ def job_out(job: Job) -> JobOut:
 
 
 @bp.post("/<job_id>/cancel")
+@documented("cancelJob", summary="Cancel a job", responses={200: JobOut}, errors=(401, 404))
 def cancel(job_id: str) -> Response:
     """Cancel a job: a queued one at once; a running one is stopped by its worker; a finished one stays."""
     visible_job(job_id)
@@ -216,6 +136,21 @@ def cancel(job_id: str) -> Response:
 
 
 @bp.get("/<job_id>/events")
+@documented(
+    "jobEvents",
+    summary="Server-Sent Events, replayed then live; `id:` is the sequence number, resume with Last-Event-ID",
+    params=(
+        {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "integer"}},
+        query_param("last_event_id", {"type": "integer"}, "Same as the Last-Event-ID header"),
+    ),
+    responses={
+        200: {
+            "description": "text/event-stream; each `data:` is a JobEventOut.event object",
+            "content": {"text/event-stream": TEXT},
+        }
+    },
+    errors=(401, 404, 422),
+)
 def events(job_id: str) -> Response:
     """Server-Sent Events: past events from the job DB, then new ones as they are stored.
 
@@ -322,23 +257,6 @@ def _is_terminal(job_event: JobEvent) -> bool:
     return job_event.event.get("event") == "state" and job_event.event.get("state") in TERMINAL_STATES
 
 
-def _check_fits_dataset(spec: JobSpec, dataset: Dataset) -> DatasetSummary:
-    """Refuse (422, every reason) a spec that cannot fit its data set, before a worker finds out.
-
-    The stored summary was checked with the keys given at upload; a spec naming other keys (or declaring
-    classes) has the file checked again, in the sandbox, with its own.
-    """
-    svc = services()
-    summary = DatasetSummary.model_validate(dataset.summary)
-    if spec.data != summary.keys:
-        path = svc.storage.local_path(dataset.storage_key)
-        summary = svc.check_dataset(path, spec.data, dataset.sha256)  # DataError: 422
-    problems = spec_data_problems(spec, summary)
-    if problems:
-        raise Unprocessable.from_problems("spec_invalid", problems, prefix="spec.")
-    return summary
-
-
 def _last_event_id() -> int:
     raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
     if not re.fullmatch(r"[0-9]{1,18}", raw.strip()):
@@ -350,6 +268,12 @@ def _last_event_id() -> int:
 
 
 @bp.get("/<job_id>/logs")
+@documented(
+    "jobLogs",
+    summary="The trainer's log (stderr); supports Range",
+    responses={200: {"description": "Log text", "content": {"text/plain": TEXT}}},
+    errors=(401, 404),
+)
 def logs(job_id: str) -> Response:
     """The trainer's log (its stderr) as text; Range requests let a client follow its tail."""
     job = visible_job(job_id)
@@ -361,6 +285,21 @@ def logs(job_id: str) -> Response:
 
 
 @bp.get("/<job_id>/artifacts/<name>")
+@documented(
+    "jobArtifact",
+    summary="Download an artifact; ETag is its SHA-256; supports If-None-Match and Range",
+    path={"name": {"enum": list(ARTIFACT_NAMES)}},
+    responses={
+        200: {
+            "description": "The file: "
+            + ", ".join(f"{name} as {media}" for name, media in ARTIFACT_MEDIA_TYPES.items()),
+            "content": {media: {"schema": {}} for media in sorted(set(ARTIFACT_MEDIA_TYPES.values()))},
+        },
+        206: {"description": "Partial content (Range)"},
+        304: {"description": "Not modified (If-None-Match)"},
+    },
+    errors=(401, 404),
+)
 def artifact(job_id: str, name: str) -> Response:
     """Download one artifact (model.h5, model.keras, history.json, diagnostics.json, summary.json).
 

@@ -12,6 +12,7 @@ import ipaddress
 from flask import Blueprint, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.api.declare import TEXT, documented
 from service.errors import Forbidden
 from service.extensions import services
 from service.metrics import scrape
@@ -20,6 +21,14 @@ bp = Blueprint("metrics", __name__)
 
 
 @bp.get("/metrics")
+@documented(
+    "metrics",
+    summary="Prometheus metrics (text format): jobs by state, queue, waits, durations, GPUs, API latency; "
+    "loopback scrapers, or Bearer GPUYARD_METRICS_TOKEN",
+    responses={200: {"description": "Prometheus text exposition format", "content": {"text/plain": TEXT}}},
+    errors=(403,),
+    auth=False,
+)
 def metrics() -> Response:
     """The metrics, in Prometheus' text exposition format."""
     svc = services()

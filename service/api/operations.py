@@ -27,6 +27,7 @@ from models.data.sandbox import check_inputs
 from models.data.summary import DatasetSummary
 from service.api import json_body, respond
 from service.api.datasets import RAW_TYPES
+from service.api.declare import HDF5, documented
 from service.api.jobs import visible_job
 from service.auth import authenticate, current_user, visible_owner_id
 from service.errors import (
@@ -43,8 +44,8 @@ from service.extensions import services
 from service.schemas import EvaluateIn, ExportIn, OperationOut, PredictIn
 from store import Job, Operation
 from worker.errors import QueueUnavailable
-from worker.operations import operation_dir
 from worker.queues import cpu_queue
+from worker.storage import operation_dir
 
 bp = Blueprint("operations", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
@@ -56,6 +57,13 @@ _DECLARED_FACTOR = 4
 
 
 @bp.post("/<job_id>/evaluate")
+@documented(
+    "evaluateJob",
+    summary="Measure a succeeded job's model on a data set's split, in a worker; poll the operation",
+    body=EvaluateIn,
+    responses={202: (OperationOut, "Queued")},
+    errors=(400, 401, 404, 409, 422, 503),
+)
 def evaluate(job_id: str) -> Response:
     """Measure the job's model on a data set's split (default ``test``): its loss and metrics (202)."""
     job = _succeeded_job(job_id)
@@ -98,6 +106,14 @@ def evaluate(job_id: str) -> Response:
 
 
 @bp.post("/<job_id>/predict")
+@documented(
+    "predictJob",
+    summary="Predict a small batch (JSON inputs, or HDF5 with X; at most max_predict_bytes) in a worker",
+    body=PredictIn,
+    body_media={"application/x-hdf5": HDF5},
+    responses={202: (OperationOut, "Queued")},
+    errors=(400, 401, 404, 409, 413, 415, 422, 503),
+)
 def predict(job_id: str) -> Response:
     """Predict a small batch (202): JSON ``{"inputs": [[...], ...]}`` or an HDF5 file with an ``X`` dataset
     (raw body, Content-Type application/x-hdf5), at most ``max_predict_bytes``."""
@@ -120,7 +136,7 @@ def predict(job_id: str) -> Response:
             'expected JSON {"inputs": [[...], ...]} (Content-Type: application/json) or an HDF5 file with an '
             f"X dataset (Content-Type: application/x-hdf5). Received: {request.mimetype or 'no Content-Type'}"
         )
-    staged = svc.storage.stage_stream(request.stream, max_bytes)  # type: ignore[arg-type]
+    staged = svc.storage.stage_stream(request.stream, max_bytes)
     try:
         array = check_inputs(staged.path, PREDICT_KEY, limits=svc.settings)  # DataError: 422, every reason
         _check_rows(array.shape[1:], array.shape[0], expected, PREDICT_KEY)
@@ -139,6 +155,13 @@ def predict(job_id: str) -> Response:
 
 
 @bp.post("/<job_id>/export")
+@documented(
+    "exportJob",
+    summary="Export a succeeded job's model (model.onnx, saved_model.zip artifacts) in a worker",
+    body=ExportIn,
+    responses={202: (OperationOut, "Queued")},
+    errors=(400, 401, 404, 409, 422, 503),
+)
 def export(job_id: str) -> Response:
     """Export the job's model (202): ``{"formats": ["onnx", "saved_model"]}`` → artifacts model.onnx,
     saved_model.zip (GET /v1/jobs/<id>/artifacts/<name> once the operation succeeded)."""
@@ -148,6 +171,12 @@ def export(job_id: str) -> Response:
 
 
 @bp.get("/<job_id>/operations/<operation_id>")
+@documented(
+    "getOperation",
+    summary="One model operation: queued, running, succeeded (result) or failed",
+    responses={200: OperationOut},
+    errors=(401, 404),
+)
 def show(job_id: str, operation_id: str) -> Response:
     """One operation on the job: its state, and its result once it succeeded."""
     job = visible_job(job_id)

@@ -7,6 +7,7 @@ import datetime as dt
 from flask import Blueprint, Response, request
 
 from service.api import respond
+from service.api.declare import documented, query_param
 from service.auth import authenticate, visible_owner_id
 from service.errors import BadRequest
 from service.extensions import services
@@ -34,6 +35,17 @@ def _time(name: str, default: dt.datetime) -> dt.datetime:
 
 
 @bp.get("")
+@documented(
+    "getUsage",
+    summary="GPU time (memory fraction × seconds) from the jobs' attempts; admins see everyone's",
+    params=(
+        query_param("from", {"type": "string"}, "Start, ISO 8601 (default: 30 days before `to`)."),
+        query_param("to", {"type": "string"}, "End, ISO 8601 (default: now)."),
+        query_param("group_by", {"type": "string"}, "user, day or gpu (default user)."),
+    ),
+    responses={200: UsageOut},
+    errors=(400, 401),
+)
 def usage() -> Response:
     """GPU-seconds (memory fraction × seconds held) of the attempts in ``[from, to)`` (default: the last 30
     days), grouped by ``user``, ``day`` or ``gpu``; an admin sees everyone's, anyone else their own."""

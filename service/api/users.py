@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from service.api import json_body, respond
+from service.api.declare import documented
 from service.auth import authenticate, current_user
 from service.errors import Unprocessable
 from service.extensions import services
@@ -35,6 +36,9 @@ def _out(user: User) -> UserOut:
 
 
 @bp.get("/me")
+@documented(
+    "getMe", summary="Your account: default notify URLs, whether a webhook secret exists", responses={200: UserOut}
+)
 def me() -> Response:
     """Your account: name, admin flag, default notify URLs, whether a webhook secret exists, priority, quota."""
     user = services().db.get_user(current_user().id) or current_user()
@@ -42,6 +46,13 @@ def me() -> Response:
 
 
 @bp.put("/me/notify")
+@documented(
+    "setMyNotify",
+    summary="Set the notify URLs of your jobs that name none ([] for none)",
+    body=NotifyIn,
+    responses={200: UserOut},
+    errors=(400, 401, 422),
+)
 def set_notify() -> Response:
     """Set the notify URLs of your jobs that name none (``notify`` in POST /v1/jobs); [] for none."""
     svc = services()
@@ -54,6 +65,11 @@ def set_notify() -> Response:
 
 
 @bp.post("/me/webhook-secret")
+@documented(
+    "rotateWebhookSecret",
+    summary="Create a new webhook signing secret, shown this once (the old one stops signing at once)",
+    responses={201: (WebhookSecretOut, "Created")},
+)
 def rotate_webhook_secret() -> Response:
     """Create a new webhook signing secret and show it, this once; webhooks are signed with it from now on."""
     secret = services().db.rotate_webhook_secret(current_user().id)

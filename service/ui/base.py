@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from flask import Blueprint, Response, g, redirect, render_template, request, url_for
+from flask import Blueprint, g, redirect, render_template, request, url_for
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
 
 from core.errors import GpuyardError
 from core.states import ACTIVE_STATES, JOB_STATES, QUEUED, RUNNING, TERMINAL_STATES
@@ -33,7 +34,7 @@ _PUBLIC_ENDPOINTS = frozenset({"ui.login", "ui.static"})
 
 @root.get("/")
 def home() -> Response:
-    return redirect(url_for("ui.jobs"))  # type: ignore[return-value]
+    return redirect(url_for("ui.jobs"))
 
 
 @bp.before_request
@@ -48,7 +49,7 @@ def guard() -> Response | None:
         target = request.full_path.rstrip("?") if request.method == "GET" else url_for("ui.jobs")
         if request.headers.get("HX-Request"):  # a live fragment of a page whose session ended
             return Response(status=204, headers={"HX-Redirect": url_for("ui.login", next=target)})
-        return redirect(url_for("ui.login", next=target))  # type: ignore[return-value]
+        return redirect(url_for("ui.login", next=target))
     g.user = user
     return None
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from flask import Response, redirect, render_template, url_for
+from flask import redirect, render_template, url_for
+from markupsafe import Markup
+from werkzeug.wrappers import Response
 
+from models.spec import JobSpec
 from service.api.datasets import delete_dataset
 from service.extensions import services
 from service.schemas import DatasetOut
@@ -25,14 +29,24 @@ def datasets() -> str:
 def delete(dataset_id: str) -> Response:
     """Delete, as DELETE /v1/datasets/<id> does (409 while a queued or running job uses it)."""
     delete_dataset(dataset_id, ui_owner_id())
-    return redirect(url_for("ui.datasets"))  # type: ignore[return-value]
+    return redirect(url_for("ui.datasets"))
 
 
 @bp.get("/submit")
 def submit() -> str:
-    """Choose a data set, start from an example spec or paste JSON, dry-run it, then queue it."""
+    """Choose a data set, build the spec in a form generated from its JSON Schema (or as JSON, or from an
+    example), dry-run it as it changes, then queue it."""
     rows = [DatasetOut.of(d) for d in services().db.list_datasets(ui_owner_id())]
-    return render_template("ui/submit.html", datasets=rows, examples=example_specs())
+    return render_template(
+        "ui/submit.html", datasets=rows, examples=example_specs(), spec_schema=_script_json(JobSpec.model_json_schema())
+    )
+
+
+def _script_json(value: object) -> Markup:
+    """JSON for a <script type="application/json"> element, in the spec's own field order (Jinja's
+    ``tojson`` sorts keys, and the form shows fields in the order the spec declares them)."""
+    text = json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return Markup(text)  # escaped above: nothing in it can close the script element
 
 
 def example_specs() -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from flask import Response, redirect, render_template, url_for
+from flask import redirect, render_template, url_for
+from werkzeug.wrappers import Response
 
 from service.gpus import drain_gpu, gpu_board, undrain_gpu
 from service.ui.base import bp, ui_user
@@ -22,10 +23,10 @@ def gpu_cards() -> str:
 @bp.post("/gpus/<uuid>/drain")
 def drain(uuid: str) -> Response:
     drain_gpu(ui_user(), uuid)
-    return redirect(url_for("ui.gpus"))  # type: ignore[return-value]
+    return redirect(url_for("ui.gpus"))
 
 
 @bp.post("/gpus/<uuid>/undrain")
 def undrain(uuid: str) -> Response:
     undrain_gpu(ui_user(), uuid)
-    return redirect(url_for("ui.gpus"))  # type: ignore[return-value]
+    return redirect(url_for("ui.gpus"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Response, redirect, render_template, request, url_for
+from flask import redirect, render_template, request, url_for
+from werkzeug.wrappers import Response
 
 from core.names import ARTIFACT_NAMES, DIAGNOSTICS, HISTORY, TRAINER_LOG
 from core.states import JOB_STATES, QUEUED, RUNNING
@@ -109,13 +110,13 @@ def cancel(job_id: str) -> Response:
     _visible(job_id)
     services().db.request_cancel(job_id)
     target = request.form.get("back") == "list"
-    return redirect(url_for("ui.jobs") if target else url_for("ui.job", job_id=job_id))  # type: ignore[return-value]
+    return redirect(url_for("ui.jobs") if target else url_for("ui.job", job_id=job_id))
 
 
 def _memory(job: Job) -> dict[str, Any]:
     """GPU, memory fraction, budget (fraction × total + context allowance) and measured peak."""
     svc = services()
-    fraction = resources_of(job.spec).memory_fraction
+    fraction = resources_of(job.spec).fraction
     gpu = svc.db.get_gpu(job.gpu) if job.gpu and job.gpu != "cpu" else None
     budget = None
     if gpu is not None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from flask import Response, redirect, render_template, request, url_for
+from flask import redirect, render_template, request, url_for
+from werkzeug.wrappers import Response
 
 from service.extensions import services
 from service.sessions import session_user, sign_in, sign_out
@@ -17,7 +18,7 @@ def login() -> Response | tuple[str, int] | str:
     next_url = _safe_next(request.values.get("next"))
     if request.method == "GET":
         if session_user() is not None:
-            return redirect(next_url)  # type: ignore[return-value]
+            return redirect(next_url)
         return render_template("ui/login.html", next=next_url, error=None)
     token = (request.form.get("token") or "").strip()
     user = services().db.user_for_token(token) if token else None
@@ -25,13 +26,13 @@ def login() -> Response | tuple[str, int] | str:
         error = "That token is not valid." if token else "Enter your API token."
         return render_template("ui/login.html", next=next_url, error=error), 401
     sign_in(user)
-    return redirect(next_url)  # type: ignore[return-value]
+    return redirect(next_url)
 
 
 @bp.post("/logout")
 def logout() -> Response:
     sign_out()
-    return redirect(url_for("ui.login"))  # type: ignore[return-value]
+    return redirect(url_for("ui.login"))
 
 
 def _safe_next(raw: str | None) -> str:

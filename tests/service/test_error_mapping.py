@@ -18,7 +18,7 @@ from service.errors import ApiError, to_api_error
 # Errors an API request never meets (the command line, the local stack, a schema newer than the code):
 # they may map to a plain 500 with their own message. The HTTP client's ClientError is raised on the
 # other side of the wire and is not walked.
-NOT_ON_THE_API = {"SchemaError", "StackError", "UserExists", "JobDBError", "StorageError"}
+NOT_ON_THE_API = {"SchemaError", "SchemaBehind", "StackError", "UserExists", "JobDBError", "StorageError"}
 # Mapped to another code on purpose: a malformed storage key is simply "not found" to a client.
 RENAMED = {"InvalidKey": "not_found"}
 # Answered with a fixed sentence on purpose: the driver's message names hosts and users.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from api_helpers import GOOD_SPEC, Tokens, assert_error_body, bearer, services, upload
@@ -92,3 +94,40 @@ def test_users_cli_rotates_the_secret_and_sets_defaults(
             assert missing.exit_code != 0 and "no user named 'nobody'" in missing.output
     finally:
         get_settings.cache_clear()
+
+
+def test_submit_and_user_defaults_refuse_internal_notify_targets(
+    client: FlaskClient, tokens: Tokens, dataset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SSRF: a notify target at a loopback or private address is a 422 naming the URL and the address."""
+    real = socket.getaddrinfo
+
+    def fake_dns(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "hooks.innocent.example":  # a public-looking name that answers loopback
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_dns)
+    bad = ["gotify://127.0.0.1:9/x", "http://0x7f000001/", "https://hooks.innocent.example/h"]
+    response = client.post(
+        "/v1/jobs", json={"dataset": dataset, "spec": GOOD_SPEC, "notify": bad}, headers=bearer(tokens.alice)
+    )
+    body = assert_error_body(response, 422, "notify_invalid")
+    assert [(p["field"], p["code"]) for p in body["problems"]] == [
+        ("notify[0]", "address_refused"),
+        ("notify[1]", "address_refused"),
+        ("notify[2]", "address_refused"),
+    ]
+    assert body["problems"][0]["detail"] == (
+        "gotify://127.0.0.1:9/… resolves to 127.0.0.1, a loopback address; "
+        "allowed: public addresses or GPUYARD_NOTIFY_ALLOWED_NETWORKS"
+    )
+    assert body["problems"][1]["detail"].startswith("http://0x7f000001/… resolves to 127.0.0.1, a loopback address")
+    assert "hooks.innocent.example/… resolves to 127.0.0.1" in body["problems"][2]["detail"]
+
+    refused = client.put(
+        "/v1/users/me/notify", json={"notify": ["http://[::ffff:127.0.0.1]:8000/"]}, headers=bearer(tokens.alice)
+    )
+    problem = assert_error_body(refused, 422, "notify_invalid")
+    assert problem["field"] == "notify[0]" and "a loopback address" in problem["detail"]
+    assert client.get("/v1/users/me", headers=bearer(tokens.alice)).get_json()["notify"] == []

@@ -135,3 +135,35 @@ def test_api_execs_gunicorn_with_gevent_workers_and_the_app_factory(monkeypatch:
 
     assert gunicorn_conf.worker_class == "gevent"
     assert argv[-1] == "service.app:create_app()"
+
+
+def test_up_refuses_an_old_data_dir_until_gpuyard_db_upgrade_keeps_its_jobs(tmp_path: Path) -> None:
+    from support import rewind_schema
+
+    from core.settings import Settings
+    from store import BASE_REVISION, Database
+    from store.migrations import upgrade
+
+    data_dir = tmp_path / "old"
+    old = Database(Settings(data_dir=data_dir).database_url)  # as the release before Alembic left it
+    upgrade(old.engine, BASE_REVISION)
+    user, token = old.create_user("alice")
+    dataset, _ = old.add_dataset(user.id, "ab" * 32, 123, {"rows": {"train": 7}}, "datasets/ab/x.h5")
+    job = old.create_job(user.id, dataset.id, {"architecture": {"family": "mlp"}}, max_active=5, max_attempts=3)
+    with old.engine.begin() as conn:
+        rewind_schema(conn.exec_driver_sql, 6)
+    old.dispose()
+    refused = subprocess.run(
+        [*GPUYARD, "up", "--data-dir", str(data_dir), "--port", str(free_port())],
+        capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1, refused.stderr
+    assert f"`gpuyard db upgrade --data-dir {data_dir.resolve()}`" in refused.stderr
+    upgraded = subprocess.run(
+        [*GPUYARD, "db", "upgrade", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert upgraded.returncode == 0, upgraded.stderr
+    with gpuyard_up(data_dir, free_port()) as stack:
+        answer = requests.get(f"{stack.url}/v1/jobs/{job.id}", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        assert answer.ok and answer.json()["id"] == job.id

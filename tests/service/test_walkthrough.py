@@ -50,6 +50,8 @@ def test_curl_walkthrough_trains_and_the_model_loads_in_bare_keras(tmp_path: Pat
             for p in sorted((data_dir / "logs").glob("*.log"))
         )
         assert result.returncode == 0, f"{result.stdout}\n{result.stderr}{logs}"
+        readme = _run_the_readme_curl_lines(stack.url, data_dir, tmp_path / "readme")
+        assert readme.returncode == 0, f"{readme.stdout}\n{readme.stderr}"
         pids = [p.pid for p in stack.descendants()]
         stack.process.send_signal(signal.SIGINT)
         assert stack.process.wait(30) == 0
@@ -62,3 +64,19 @@ def test_curl_walkthrough_trains_and_the_model_loads_in_bare_keras(tmp_path: Pat
     accuracy = float(re.search(r"test accuracy ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
     assert accuracy >= 0.9, out
     assert (work / "model.h5").stat().st_size > 0
+    assert "Total params" in readme.stdout and (tmp_path / "readme" / "model.h5").stat().st_size > 0
+
+
+def _run_the_readme_curl_lines(url: str, data_dir: Path, work: Path) -> subprocess.CompletedProcess[str]:
+    """The README's dozen lines of curl, as a newcomer pastes them: in a shell with the checkout's .venv on
+    PATH, in a folder of their own that has the examples."""
+    block = re.search(r"## A dozen lines of curl.*?```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert block, "the README lost its curl lines"
+    work.mkdir()
+    (work / "examples").symlink_to(REPO / "examples")
+    venv_bin = str(Path(sys.executable).parent)
+    env = clean_env(GPUYARD_URL=url, GPUYARD_DATA_DIR=str(data_dir), PATH=f"{venv_bin}:{os.environ['PATH']}")
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block.group(1)],
+        capture_output=True, text=True, env=env, cwd=work, timeout=900,
+    )  # fmt: skip

@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 import store as jobdb
 from core.states import CANCELLED, INTERRUPTED, QUEUED, RUNNING, SUCCEEDED
 from store import Database
-from store.errors import ActiveJobLimit, DatasetInUse, SchemaError, UnknownDataset, UserExists
+from store.errors import ActiveJobLimit, DatasetInUse, UnknownDataset, UserExists
 
 POSTGRES_URL = os.environ.get("GPUYARD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SHA = "ab" * 32
@@ -97,24 +97,7 @@ def _later(seconds: float) -> dt.datetime:
     return jobdb.utcnow() + dt.timedelta(seconds=seconds)
 
 
-# ── schema ──
-def test_migrate_is_idempotent_and_versioned(db: Database) -> None:
-    assert db.schema_version() == jobdb.LATEST_VERSION
-    assert db.migrate() == jobdb.LATEST_VERSION
-    assert db.schema_version() == jobdb.LATEST_VERSION
-
-
-def test_migrate_refuses_a_newer_schema(db: Database) -> None:
-    with db.engine.begin() as conn:
-        conn.execute(
-            jobdb.SchemaVersion.__table__.insert().values(
-                version=jobdb.LATEST_VERSION + 1, description="from the future", applied_at=jobdb.utcnow()
-            )
-        )
-    with pytest.raises(SchemaError, match="this code knows"):
-        db.migrate()
-
-
+# ── schema: tests/store/test_migrations.py ──
 def test_sqlite_runs_in_wal_with_foreign_keys(tmp_path: Path) -> None:
     database = Database(f"sqlite:///{tmp_path / 'x.db'}")
     with database.engine.connect() as conn:

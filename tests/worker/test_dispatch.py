@@ -4,13 +4,11 @@ foreign processes, the dispatch lock, and what a requeue or a failed send does t
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import rewind_schema
 
 from core.settings import Settings
 from core.states import QUEUED
@@ -245,29 +243,3 @@ def test_two_dispatchers_at_once_never_overcommit(
     assert sorted(sent) == sorted(ids[:4]) and len(sent) == 4  # two per GPU, each sent once
     on_gpu = [gpu_db.get_job(j).gpu for j in ids[:4]]
     assert on_gpu.count(fake_uuid(0)) == 2 and on_gpu.count(fake_uuid(1)) == 2
-
-
-def test_a_version_1_database_migrates_to_gpus(tmp_path: Path) -> None:
-    from store import LATEST_VERSION
-
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    db = Database(url)
-    db.migrate()
-    db.dispose()
-    # make it look like version 1: drop what versions 2 and later add
-    conn = sqlite3.connect(tmp_path / "old.db")
-    rewind_schema(conn.execute, 2)
-    conn.executescript(
-        "DROP TABLE gpus; DROP TABLE dispatch_lock; ALTER TABLE jobs DROP COLUMN dispatched_at;"
-        "ALTER TABLE jobs DROP COLUMN dispatch_note; DELETE FROM schema_version; "
-        "INSERT INTO schema_version VALUES (1, 'users, datasets, jobs, job_events', '2026-01-01 00:00:00');"
-    )
-    conn.close()
-    db = Database(url)
-    try:
-        assert db.schema_version() == 1
-        assert db.migrate() == LATEST_VERSION == 8  # 2 gpus, 3 disabled, 4 sharing, 5 notify, 6 operations, 8 usage
-        db.register_gpu(fake_uuid(0), host="h", index=0, name="fake", memory_total_bytes=GiB)
-        assert [g.uuid for g in db.list_gpus()] == [fake_uuid(0)]
-    finally:
-        db.dispose()

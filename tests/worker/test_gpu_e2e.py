@@ -19,8 +19,9 @@ from celery_helpers import REPO, events_of, settings_env, wait_for
 from core.settings import Settings
 from core.states import SUCCEEDED, TERMINAL_STATES
 from store import Database
-from worker.dispatch import Dispatcher, heartbeat_key
+from worker.dispatch import Dispatcher
 from worker.gpus import fake_uuid
+from worker.heartbeat import heartbeat_key
 from worker.queues import celery_sender
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")

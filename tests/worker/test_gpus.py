@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from core.settings import Settings
-from worker.fleet import heartbeat, plan_workers
+from worker.fleet import plan_workers
 from worker.gpus import (
     FakeBackend,
     GiB,
@@ -25,6 +25,7 @@ from worker.gpus import (
     parse_fake_gpus,
     select_gpus,
 )
+from worker.heartbeat import heartbeat
 
 
 def test_fake_spec_parses_counts_and_sizes() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import socket
 import sys
 import threading
@@ -29,6 +30,7 @@ from worker.errors import QueueUnavailable
 from worker.janitor import janitor_pass
 from worker.notify import (
     SIGNATURE_HEADER,
+    AddressRefused,
     NotifyFailed,
     NotifyRefused,
     deliver,
@@ -104,14 +106,116 @@ def verify(headers: dict[str, str], body: bytes, secret: str) -> bool:
 
 
 # ── what a user may name ──────────────────────────────────────────────────────────────────────────────
-def test_url_problems_name_the_field_and_what_is_expected(settings: Settings) -> None:
-    good = ["https://hooks.example.com/x", "http://10.1.2.3:8080/h", "slack://T1/B1/C1", "mailto://u:p@example.com"]
-    assert url_problems(good, settings) == []
+PUBLIC = "93.184.215.14"  # what the fake DNS answers for a "public" name
+
+
+@pytest.fixture
+def fake_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """An in-process resolver: names in the returned table resolve to its addresses (a callable's answer,
+    for one that changes), IP literals to themselves, anything else fails as an unknown name."""
+    table: dict[str, Any] = {}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name in table:
+            answer = table[name]() if callable(table[name]) else table[name]
+            port_number = int(port or 0)
+            return [
+                (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port_number))
+                for a in answer
+            ]
+        if name.replace(".", "").isdigit() or ":" in name:
+            return real(host, port, *args, **kwargs)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return table
+
+
+def test_url_problems_name_the_field_and_what_is_expected(settings: Settings, fake_dns: dict[str, Any]) -> None:
+    fake_dns.update({"hooks.example.com": [PUBLIC], "example.com": [PUBLIC]})
+    good = [
+        "https://hooks.example.com/x",
+        "http://93.184.215.14:8080/h",
+        "slack://T1/B1/C1",
+        "mailto://u:p@example.com",
+    ]
+    assert url_problems([*good, "https://not-yet.example.org/h"], settings) == []  # unresolved: checked at send
     problems = url_problems(["ftp://example.com/x", "json://example.com", "http:///nohost", "x" * 3000], settings)
     assert [p.field for p in problems] == ["notify[0]", "notify[1]", "notify[2]", "notify[3]"]
     assert all(p.code == "invalid_url" and "Expected" in p.detail for p in problems)
     too_many = url_problems(["https://example.com/"] * (settings.notify_max_urls + 1), settings)
     assert too_many[0].code == "too_many_urls" and too_many[0].field == "notify"
+    (local,) = url_problems(["syslog://"], settings)  # a notification on the worker's own host
+    assert local.code == "invalid_url" and "worker's own host" in local.detail
+
+
+INTERNAL = [
+    ("gotify://127.0.0.1:9/x", "gotify://127.0.0.1:9/…", "127.0.0.1, a loopback address"),
+    ("http://0x7f000001/", "http://0x7f000001/…", "127.0.0.1, a loopback address"),
+    ("http://2130706433/hook", "http://2130706433/…", "127.0.0.1, a loopback address"),
+    ("http://127.1/", "http://127.1/…", "127.0.0.1, a loopback address"),
+    ("https://[::ffff:127.0.0.1]/h", "https://[::ffff:127.0.0.1]/…", "(IPv4 127.0.0.1), a loopback address"),
+    ("http://[::1]:8080/h", "http://[::1]:8080/…", "::1, a loopback address"),
+    ("http://localhost./h", "http://localhost./…", "127.0.0.1, a loopback address"),
+    ("http://api.localhost/h", "http://api.localhost/…", "127.0.0.1, a loopback address"),
+    ("http://0.0.0.0:8000/", "http://0.0.0.0:8000/…", "0.0.0.0, the unspecified address"),
+    ("http://[::]/", "http://[::]/…", ":: , the unspecified address".replace(" ,", ",")),
+    ("http://169.254.169.254/latest/meta-data", "http://169.254.169.254/…", "169.254.169.254, a link-local address"),
+    ("http://[fe80::1]/", "http://[fe80::1]/…", "fe80::1, a link-local address"),
+    ("http://10.1.2.3:8080/h", "http://10.1.2.3:8080/…", "10.1.2.3, a private address"),
+    ("https://192.168.0.10/h", "https://192.168.0.10/…", "192.168.0.10, a private address"),
+    ("http://[fd00::1]/", "http://[fd00::1]/…", "fd00::1, a private address"),
+    ("http://100.64.0.1/", "http://100.64.0.1/…", "100.64.0.1, a non-public address"),
+    ("http://224.0.0.1/", "http://224.0.0.1/…", "224.0.0.1, a multicast address"),
+    ("ntfy://127.0.0.1/topic", "ntfy://127.0.0.1/…", "127.0.0.1, a loopback address"),
+    ("mmost://127.0.0.1:8065/token", "mmost://127.0.0.1:8065/…", "a loopback address"),
+    ("rocket://user:pass@127.0.0.1/room", "rocket://127.0.0.1/…", "a loopback address"),
+    ("matrix://user:pass@[::1]/#room", "matrix://[::1]/…", "::1, a loopback address"),
+    ("kodi://10.0.0.5", "kodi://10.0.0.5/…", "a private address"),
+    ("ncloud://user:pass@192.168.1.1/admin", "ncloud://192.168.1.1/…", "a private address"),
+    ("signal://127.0.0.1:8080/+15551234567", "signal://127.0.0.1:8080/…", "a loopback address"),
+    ("bark://127.0.0.1/device", "bark://127.0.0.1/…", "a loopback address"),
+    ("lametric://apikey@127.0.0.1", "lametric://127.0.0.1/…", "a loopback address"),
+    ("apprise://127.0.0.1/token", "apprise://127.0.0.1/…", "a loopback address"),
+    ("mailto://user:pass@example.com?smtp=10.0.0.1", "mailto://example.com/…", "10.0.0.1, a private address"),
+]
+
+
+@pytest.mark.parametrize(("url", "shown", "why"), INTERNAL, ids=[u for u, _, _ in INTERNAL])
+def test_every_scheme_with_a_host_is_refused_at_an_internal_address(
+    settings: Settings, fake_dns: dict[str, Any], url: str, shown: str, why: str
+) -> None:
+    fake_dns["example.com"] = [PUBLIC]
+    (problem,) = url_problems([url], settings)
+    assert problem.code == "address_refused" and problem.field == "notify[0]"
+    assert problem.detail.startswith(f"{shown} resolves to ") and why in problem.detail, problem.detail
+    assert problem.detail.endswith("allowed: public addresses or GPUYARD_NOTIFY_ALLOWED_NETWORKS")
+    assert "pass" not in problem.detail and "token" not in problem.detail  # secrets are not repeated
+
+
+def test_a_public_looking_name_that_resolves_inside_is_refused(settings: Settings, fake_dns: dict[str, Any]) -> None:
+    fake_dns.update({"hooks.attacker.example": [PUBLIC, "127.0.0.1"], "chat.attacker.example": ["10.9.8.7"]})
+    problems = url_problems(
+        [
+            "https://hooks.attacker.example/h",
+            "gotify://chat.attacker.example/token",
+            "mailto://u:p@chat.attacker.example",
+        ],
+        settings,
+    )
+    assert [(p.field, p.code) for p in problems] == [(f"notify[{i}]", "address_refused") for i in range(3)]
+    assert "hooks.attacker.example/… resolves to 127.0.0.1, a loopback address" in problems[0].detail
+    assert "resolves to 10.9.8.7, a private address" in problems[1].detail
+
+
+def test_the_allowed_networks_let_an_internal_receiver_through(settings: Settings) -> None:
+    urls = ["http://127.0.0.1:9/hook", "gotify://127.0.0.1:9/x", "http://[::ffff:127.0.0.1]/", "http://localhost/"]
+    assert len(url_problems(urls, settings)) == 4
+    allowed = settings.model_copy(update={"notify_allowed_networks": LOOPBACK})
+    assert url_problems(urls, allowed) == []
+    assert len(url_problems(["http://10.0.0.1/"], allowed)) == 1  # only what is listed
 
 
 # ── the outbox: one claim per terminal transition ─────────────────────────────────────────────────────
@@ -185,7 +289,7 @@ def test_webhook_to_loopback_is_refused_without_the_allow_list(
 ) -> None:
     job_id = make_notifying_job(db, make_job, [receiver.url])
     db.request_cancel(job_id)
-    with pytest.raises(NotifyRefused, match="internal address"):
+    with pytest.raises(NotifyRefused, match="a loopback address"):
         deliver(job_id, receiver.url, settings, db)
     assert receiver.posts == []
 
@@ -204,6 +308,42 @@ def test_receiver_errors_are_retried_or_dropped(
     receiver.status = 404
     with pytest.raises(NotifyRefused):
         deliver(job_id, receiver.url, settings, db)
+
+
+def test_internal_targets_stored_earlier_are_refused_when_sending(
+    settings: Settings, db: Database, make_job: Callable[..., str], receiver: Receiver
+) -> None:
+    """A URL stored before the check existed (or by a looser version) is checked again by the notify task."""
+    port = receiver.url.split(":")[2].split("/")[0]
+    for url in (f"gotify://127.0.0.1:{port}/token", f"http://0x7f000001:{port}/hook"):
+        job_id = make_notifying_job(db, make_job, [url])
+        db.request_cancel(job_id)
+        with pytest.raises(AddressRefused, match="a loopback address"):
+            deliver(job_id, url, settings, db)
+    assert receiver.posts == []
+
+
+@pytest.mark.parametrize("scheme", ["http", "gotify"])
+def test_a_name_that_changes_its_answer_after_the_check_is_refused_at_connect(
+    settings: Settings,
+    db: Database,
+    make_job: Callable[..., str],
+    receiver: Receiver,
+    fake_dns: dict[str, Any],
+    scheme: str,
+) -> None:
+    """DNS rebinding: the check sees a public address, the sender's own lookup gets loopback; the guard
+    checks the address actually connected to, for webhooks and apprise alike."""
+    answers = iter([[PUBLIC]])
+    fake_dns["rebind.example"] = lambda: next(answers, ["127.0.0.1"])
+    port = receiver.url.split(":")[2].split("/")[0]
+    url = f"{scheme}://rebind.example:{port}/hook"
+    job_id = make_notifying_job(db, make_job, [url])
+    db.request_cancel(job_id)
+    with pytest.raises(AddressRefused, match=re.escape("rebind.example resolves to 127.0.0.1, a loopback address")):
+        deliver(job_id, url, settings, db)
+    assert receiver.posts == []
+    assert socket.getaddrinfo is not None and "guard" not in socket.getaddrinfo.__name__  # removed after the send
 
 
 # ── through a real Celery worker ──────────────────────────────────────────────────────────────────────

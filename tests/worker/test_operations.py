@@ -12,8 +12,8 @@ from core.names import MODEL_H5
 from core.settings import Settings
 from core.states import FAILED, RUNNING
 from store import Database
-from worker.operations import OPERATION_LOG, operation_dir, run_operation
-from worker.storage import LocalStorage
+from worker.operations import OPERATION_LOG, run_operation
+from worker.storage import LocalStorage, operation_dir
 
 
 def _operation(db: Database, make_job: Callable[..., str], kind: str = "export") -> tuple[str, str]:

@@ -340,7 +340,8 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             state = self._restored
             self.wait = int(state["wait"])
             self.stopped_epoch = int(state["stopped_epoch"])
-            self.best = float(state["best"]) if state.get("best") is not None else self.best
+            if state.get("best") is not None:
+                self.best = float(state["best"])
             self.best_epoch = int(state.get("best_epoch", 0))
             self.best_weights = state.get("best_weights")
 

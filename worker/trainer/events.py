@@ -9,8 +9,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-#: The trainer's last event when it fails (``reason``, ``detail``, ``problems``); not the job state.
-FAILED_EVENT = "failed"
+from core.trainer import FAILED_EVENT
+
+__all__ = ["FAILED_EVENT", "WARM_READY_LINE", "EventEmitter", "jsonable"]
+
 #: What a warm trainer writes to stderr once its framework is imported (worker/warm.py reads it there).
 WARM_READY_LINE = "gpuyard trainer: warm, framework imported, waiting for a job"
 

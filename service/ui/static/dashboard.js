@@ -324,22 +324,59 @@
     });
   }
 
-  // ── submit: dry run, then queue ──
+  // ── submit: the spec as a form (specform.js) or as JSON, kept in sync; the dry run reruns as it changes ──
   function submitPage(form) {
     var examples = parseJson(document.getElementById("example-specs").textContent) || {};
+    var schema = parseJson(document.getElementById("spec-schema").textContent) || {};
     var dataset = document.getElementById("submit-dataset");
     var example = document.getElementById("submit-example");
     var specBox = document.getElementById("submit-spec");
     var dryButton = document.getElementById("dry-run-button");
     var submitButton = document.getElementById("submit-button");
     var report = document.getElementById("dry-run-report");
+    var formView = document.getElementById("spec-form");
+    var jsonView = document.getElementById("spec-json");
     var passed = null;
+    var running = false, again = false;
+    var timer = null;
 
     var signature = function () { return dataset.value + "\u0000" + specBox.value; };
     var invalidate = function () { if (passed !== signature()) submitButton.disabled = true; };
-    example.addEventListener("change", function () { if (examples[example.value]) { specBox.value = examples[example.value]; invalidate(); } });
-    specBox.addEventListener("input", invalidate);
-    dataset.addEventListener("change", invalidate);
+    var specForm = window.GpuyardSpecForm(formView, schema, function (value) {
+      specBox.value = JSON.stringify(value, null, 2);
+      changed();
+    });
+    specForm.render(parseJson(specBox.value) || {});
+
+    function changed() {
+      invalidate();
+      clearTimeout(timer);
+      var spec = parseJson(specBox.value);
+      if (dataset.value && spec && typeof spec === "object" && spec.architecture) timer = setTimeout(dryRun, 600);
+    }
+
+    function show(view) {
+      var json = view === "json";
+      jsonView.hidden = !json;
+      formView.hidden = json;
+      document.getElementById("view-json").setAttribute("aria-pressed", String(json));
+      document.getElementById("view-form").setAttribute("aria-pressed", String(!json));
+    }
+    document.getElementById("view-form").addEventListener("click", function () { show("form"); });
+    document.getElementById("view-json").addEventListener("click", function () { show("json"); });
+
+    example.addEventListener("change", function () {
+      if (!examples[example.value]) return;
+      specBox.value = examples[example.value];
+      specForm.render(parseJson(specBox.value) || {});
+      changed();
+    });
+    specBox.addEventListener("input", function () {
+      var spec = parseJson(specBox.value);
+      if (spec && typeof spec === "object" && !Array.isArray(spec)) specForm.render(spec);
+      changed();
+    });
+    dataset.addEventListener("change", changed);
 
     function body() {
       var spec = parseJson(specBox.value);
@@ -361,19 +398,25 @@
       });
     }
 
-    dryButton.addEventListener("click", function () {
+    // One dry run at a time (the API caps them): a change while one runs asks for one more after it.
+    function dryRun() {
+      clearTimeout(timer);
+      if (running) { again = true; return; }
       var payload = body();
       if (!payload) return;
       var sig = signature();
-      clear(report);
+      running = true;
       report.appendChild(el("p", "Dry run…", "hint"));
       post(form.getAttribute("data-jobs-url") + "?dry_run=1", payload).then(function (answer) {
+        running = false;
+        if (again || sig !== signature()) { again = false; dryRun(); return; }
         if (answer.status !== 200) { showProblems(report, answer.body, answer.status); return; }
-        showReport(report, answer.body.report || {});
+        showReport(report, answer.body.report || {}, answer.body.placement);
         passed = sig;
         submitButton.disabled = signature() !== passed;
       });
-    });
+    }
+    dryButton.addEventListener("click", dryRun);
 
     form.addEventListener("submit", function (event) {
       event.preventDefault();
@@ -387,11 +430,17 @@
     });
   }
 
-  function showReport(box, r) {
+  function showReport(box, r, placement) {
     clear(box);
     box.appendChild(el("h2", "Dry run"));
     var facts = el("dl", null, "facts");
     var add = function (k, v) { facts.appendChild(el("dt", k)); facts.appendChild(el("dd", v)); };
+    if (placement) {
+      add("Would start", placement.gpu ? "now, on " + placement.gpu
+        : "later" + (placement.queue_position ? ", place " + placement.queue_position + " in the queue" : "")
+          + (placement.waiting_reason ? " (" + placement.waiting_reason.replace(/_/g, " ") + ")" : "")
+          + (placement.estimated_start_at ? ", estimated " + placement.estimated_start_at : ""));
+    }
     var params = r.parameters || {};
     add("Parameters", fmt(params.total) + " (trainable " + fmt(params.trainable) + ", non-trainable " + fmt(params.non_trainable) + ")");
     var memory = r.memory_estimate_bytes;
