@@ -25,8 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from core.states import JOB_STATES
 from store import Database
-from worker.dispatch import gpu_views
 from worker.heartbeat import HeartbeatSource
+from worker.placement import gpu_views
 
 #: Seconds of history the wait and duration histograms summarise.
 WINDOW_S = 24 * 3600

@@ -30,8 +30,9 @@ from models.fit import spec_data_problems
 from models.size import size_problems
 from models.spec import AUTO, JobSpec
 from store import Database, Dataset, Job, User, utcnow
-from worker.dispatch import GpuView, decide_queue, dispatch, never_fits
+from worker.dispatch import decide_queue, dispatch
 from worker.errors import QueueUnavailable, SubmitRefused
+from worker.placement import GpuView, never_fits
 from worker.queues import Sender
 from worker.sizing import AutoBudget, auto_budget
 from worker.storage import Storage
@@ -58,7 +59,7 @@ class Submission:
 
 @dataclass(frozen=True)
 class Proposal:
-    """A job not submitted yet, as the queue sees it (``worker.dispatch.QueuedJob``): no row, no id in the
+    """A job not submitted yet, as the queue sees it (``worker.placement.QueuedJob``): no row, no id in the
     job store; the dispatcher's pure decision places it beside the stored ones."""
 
     owner_id: int

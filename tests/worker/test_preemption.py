@@ -14,8 +14,9 @@ from celery_helpers import events_of, highway_spec
 from core.settings import Settings
 from core.states import QUEUED, RUNNING, SUCCEEDED
 from store import Database, utcnow
-from worker.dispatch import PREEMPTING, dispatch, gpu_views
+from worker.dispatch import dispatch
 from worker.gpus import GiB, fake_uuid
+from worker.placement import PREEMPTING, gpu_views
 from worker.preemption import Claimant, Holder, PreemptPolicy, plan_preemption
 from worker.storage import LocalStorage
 from worker.supervisor import supervise

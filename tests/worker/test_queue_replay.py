@@ -19,8 +19,9 @@ from core.settings import Settings
 from core.states import QUEUED
 from store import Database
 from store import jobs as job_store
-from worker.dispatch import GpuView, dispatch, gpu_views
+from worker.dispatch import dispatch
 from worker.gpus import GiB, fake_uuid
+from worker.placement import GpuView, gpu_views
 
 T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
 GPUS = 2
