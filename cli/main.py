@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import click
 
-from cli import compose, data, db, demo, jobs, modeluse, serve, smoke, tensorboard, users, workers
+from cli import compose, data, db, demo, jobs, modeluse, serve, smoke, tensorboard, usage, users, workers
 
 
 @click.group()
@@ -32,6 +32,7 @@ def main() -> None:
 for command in (
     data.check_data,
     users.users,
+    usage.usage_command,
     db.db,
     workers.worker_command,
     workers.janitor_command,

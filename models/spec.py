@@ -413,6 +413,11 @@ class ResourcesSpec(_Strict):
     )
     backend: Literal["tensorflow", "jax", "torch"] = "tensorflow"
     max_runtime_s: PositiveInt | None = Field(None, description="Wall-clock limit; the job stops after it.")
+    preemptible: bool = Field(
+        True,
+        description="Whether a waiting job of higher priority may stop this one (it checkpoints and returns to "
+        "the queue, losing no attempt). false needs an admin's `gpuyard users set-priority NAME N --may-pin`.",
+    )
     @field_validator("memory_fraction")
     @classmethod
     def _fraction_range(cls, value: float | str) -> float | str:

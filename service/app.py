@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException
 
 from core.errors import GpuyardError
 from core.settings import Settings, get_settings
-from service.api import datasets, gpus, health, jobs, metrics, openapi, operations, users
+from service.api import datasets, gpus, health, jobs, metrics, openapi, operations, usage, users
 from service.checks import DryRunGate, sandbox_check_dataset, trainer_dry_run
 from service.errors import HeadersTooLarge, scrub_paths, server_roots, to_api_error
 from service.extensions import EXTENSION_KEY, Services, csrf, init_services
@@ -118,7 +118,7 @@ def register_extensions(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     """One blueprint per resource, all under /v1 but the OpenAPI document; the dashboard under /ui."""
-    for module in (health, datasets, jobs, operations, gpus, users, metrics, openapi):
+    for module in (health, datasets, jobs, operations, gpus, users, usage, metrics, openapi):
         app.register_blueprint(module.bp)
     app.register_blueprint(ui_bp)
     app.register_blueprint(ui_root)

@@ -7,7 +7,7 @@ with ``SELECT ... FOR UPDATE``. On SQLite the first statement of every writing t
 it takes the write lock (waiting out the busy timeout) instead of failing to upgrade a read snapshot.
 
 The methods live with their aggregate, one module each (users, datasets, jobs, notifications, dispatch,
-gpus, metrics, operations), all on :class:`store.base.StoreBase`; this class composes them.
+gpus, metrics, operations, usage), all on :class:`store.base.StoreBase`; this class composes them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from store.jobs import JanitorReport, JobPage, JobsStore
 from store.metrics import MetricsSnapshot, MetricsStore
 from store.notifications import NotificationsStore
 from store.operations import OperationsStore
+from store.usage import UsageStore
 from store.users import UsersStore
 
 __all__ = ["Database", "DispatchTxn", "JanitorReport", "JobPage", "MetricsSnapshot"]
@@ -33,6 +34,7 @@ class Database(
     GpusStore,
     MetricsStore,
     OperationsStore,
+    UsageStore,
 ):
     """The job database. One per process; thread-safe (each method opens its own session).
 

@@ -31,6 +31,7 @@ from store.tables import (
     new_id,
     utcnow,
 )
+from store.usage import close_attempt, open_attempt
 
 
 @dataclass
@@ -207,6 +208,7 @@ class JobsStore(StoreBase):
             "started_at": now,
             "lease_owner": owner,
             "lease_expires_at": now + dt.timedelta(seconds=lease_seconds),
+            "preempted_by": None,  # a preempted job starting again is no longer "preempted by" anyone
         }
         if gpu is not None:
             values["gpu"] = gpu
@@ -220,6 +222,8 @@ class JobsStore(StoreBase):
                 return None
             job = s.get(Job, job_id, populate_existing=True)
             assert job is not None
+            close_attempt(s, job_id, now, "lost")  # an expired lease taken over: its attempt ends here
+            open_attempt(s, job, now)
             self._append(s, job_id, {"event": "state", "state": RUNNING, "attempt": job.attempts, "gpu": gpu}, now)
             return job
 
@@ -246,6 +250,61 @@ class JobsStore(StoreBase):
         """Whether a cancel was asked for (poll it with each lease renewal)."""
         with self._begin() as s:
             return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+    def stop_request(self, job_id: str) -> tuple[bool, str | None]:
+        """What the supervisor's watch loop polls: whether a cancel was asked for, and the job the dispatcher
+        preempts this running job for (None: not preempted)."""
+        with self._begin() as s:
+            row = s.execute(select(Job.cancel_requested, Job.preempted_by, Job.state).where(Job.id == job_id)).first()
+        if row is None:
+            return False, None
+        return bool(row[0]), row[1] if row[2] == RUNNING else None
+
+    def requeue_preempted(
+        self,
+        job_id: str,
+        owner: str,
+        event: dict[str, Any],
+        *,
+        peak_gpu_memory_bytes: int | None = None,
+        now: dt.datetime | None = None,
+    ) -> str | None:
+        """Queue a preempted job again: its attempt is not counted (``attempts − 1``), ``preemptions + 1``,
+        ``preempted_by`` kept until it starts again, the ``preempted`` ``event`` recorded. A job whose cancel
+        was requested meanwhile is cancelled instead.
+
+        Returns:
+            The job's new state, or None when ``owner`` does not hold it.
+        """
+        now = now or utcnow()
+        held = and_(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
+        with self._begin() as s:
+            values: dict[str, Any] = {
+                "state": QUEUED,
+                "attempts": Job.attempts - 1,
+                "preemptions": Job.preemptions + 1,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "gpu": None,
+                "dispatched_at": None,
+                **_NOT_WAITING,
+            }
+            if peak_gpu_memory_bytes is not None:
+                values["peak_gpu_memory_bytes"] = peak_gpu_memory_bytes
+            changed = rowcount(
+                s.execute(
+                    update(Job)
+                    .where(held, Job.cancel_requested.is_(False))
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+            )
+            if changed != 1:
+                return self._release(s, job_id, now, "preempted", event.get("detail"), owner=owner)
+            close_attempt(s, job_id, now, "preempted")
+            self._append(s, job_id, event, now)
+            self._append(s, job_id, _state_event(QUEUED, "preempted", event.get("detail"), None), now)
+            return QUEUED
 
     def record_progress(self, job_id: str, progress: dict[str, Any], *, owner: str | None = None) -> bool:
         """Store the latest progress (epoch, loss, metrics, samples_per_s, eta_s) of a running job.
@@ -319,6 +378,7 @@ class JobsStore(StoreBase):
             ))
             if done != 1:
                 return False
+            close_attempt(s, job_id, now, state)
             self._append(s, job_id, _state_event(state, reason, detail, exit_code), now)
             return True
 
@@ -446,6 +506,8 @@ class JobsStore(StoreBase):
         """Move one running job out of its lease: expired (``owner`` None) or handed back by ``owner``."""
         held = and_(Job.id == job_id, Job.state == RUNNING)
         held = and_(held, Job.lease_owner == owner) if owner is not None else and_(held, Job.lease_expires_at < now)
+        # An expired lease's attempt ended when the lease did (at the latest), not when the janitor noticed.
+        ended = now if owner is not None else min(now, s.scalar(select(Job.lease_expires_at).where(held)) or now)
         cleared = {"lease_owner": None, "lease_expires_at": None}
         undispatched = {"gpu": None, "dispatched_at": None, **_NOT_WAITING}  # the dispatcher places it anew
         steps = (
@@ -461,6 +523,7 @@ class JobsStore(StoreBase):
                 update(Job).where(held, condition).values(**values).execution_options(synchronize_session=False)
             ))
             if changed == 1:
+                close_attempt(s, job_id, ended, new_state)
                 event_reason = reason if new_state != CANCELLED else _CANCELLED_REASON
                 self._append(s, job_id, _state_event(new_state, event_reason, detail, None), now)
                 return new_state

@@ -74,12 +74,15 @@ class UsersStore(StoreBase):
                 user.token_hash = hash_token(token)
         return (user, token) if user is not None else None
 
-    def set_max_priority(self, name: str, max_priority: int) -> User | None:
-        """Set the highest priority ``name`` may give a job; None when there is no such user."""
+    def set_max_priority(self, name: str, max_priority: int, *, may_pin: bool | None = None) -> User | None:
+        """Set the highest priority ``name`` may give a job, and (when given) whether they may submit
+        ``resources.preemptible: false``; None when there is no such user."""
         with self._begin() as s:
             user = s.scalar(select(User).where(User.name == name))
             if user is not None:
                 user.max_priority = max_priority
+                if may_pin is not None:
+                    user.may_pin = may_pin
             return user
 
     def rotate_webhook_secret(self, user_id: int) -> str | None:

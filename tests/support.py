@@ -5,6 +5,10 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 
 def free_port() -> int:
@@ -43,8 +47,19 @@ _TABLES_ADDED = {2: ["gpus", "dispatch_lock"], 6: ["operations"]}
 RELEASED_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6)
 
 
+def downgrade_schema(engine: Engine, revision: str) -> None:
+    """Take the database at ``engine`` down to Alembic ``revision`` (data kept): a test writes its rows with
+    today's models at head, then makes them look like what an older gpuyard left."""
+    from alembic import command
+
+    from store.migrations import alembic_config
+
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), revision)
+
+
 def rewind_schema(execute: Callable[[str], object], version: int) -> None:
-    """Make a database at Alembic's base revision (0006, ``store.migrations.upgrade(engine, BASE_REVISION)``)
+    """Make a database at Alembic's base revision (0006, ``downgrade_schema(engine, BASE_REVISION)``)
     look like home-made schema ``version`` (1-6): drop later versions' columns and tables, drop
     ``alembic_version`` and write the ``schema_version`` table old gpuyards kept. ``execute`` runs one SQL
     statement (a DB-API cursor's or ``exec_driver_sql``); SQLite or PostgreSQL."""

@@ -25,8 +25,8 @@ from service.principal import acting_user
 from service.schemas import DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut, PlacementOut
 from service.streams import EventHub, StreamedEvent
 from store import Database, Job
-from worker.dispatch import gpu_views
 from worker.notify import url_problems
+from worker.placement import gpu_views
 from worker.submit import check_submission, dry_run_report, submit_job, would_start
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")

@@ -16,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import OperationalError
-from support import RELEASED_SCHEMA_VERSIONS, rewind_schema
+from support import RELEASED_SCHEMA_VERSIONS, downgrade_schema, rewind_schema
 
 from cli.main import main
 from core.settings import Settings
@@ -68,11 +68,12 @@ def _tables(database: Database) -> set[str]:
 
 @pytest.mark.parametrize("version", RELEASED_SCHEMA_VERSIONS)
 def test_each_released_schema_version_upgrades_to_head_with_its_data(db: Database, version: int) -> None:
-    upgrade(db.engine, BASE_REVISION)
+    upgrade(db.engine)
     user, token = db.create_user("olduser", is_admin=True)
     dataset, _ = db.add_dataset(user.id, "ab" * 32, 123, {"rows": {"train": 7}}, "datasets/ab/x.h5")
     job = db.create_job(user.id, dataset.id, {"architecture": {"family": "mlp"}}, max_active=10, max_attempts=3)
     db.append_event(job.id, {"event": "epoch", "epoch": 1, "loss": 0.5})
+    downgrade_schema(db.engine, BASE_REVISION)
     with db.engine.begin() as conn:  # now it looks like what gpuyard's schema `version` made
         rewind_schema(conn.exec_driver_sql, version)
     assert db.schema_state().legacy_version == version
@@ -125,8 +126,12 @@ def test_processes_starting_together_create_an_empty_database_once(db: Database)
 
 
 def _schema_of(db: Database) -> str | None:
-    options = db.engine.dialect.create_connect_args(db.engine.url)[1].get("options", "")
-    return options.split("search_path=")[1] if "search_path=" in options else None
+    # The fixture's fresh schema (make_engine passes it in connect_args, not in the URL). Not finding it would
+    # send the four processes to the shared database's public schema, whatever another run left there.
+    if db.engine.dialect.name != "postgresql":
+        return None
+    with db.engine.connect() as conn:
+        return conn.scalar(text("SELECT current_schema()"))
 
 
 def test_a_database_from_a_newer_gpuyard_is_refused(db: Database) -> None:
