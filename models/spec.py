@@ -14,6 +14,7 @@ Shape::
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Annotated, Any, Literal
 
@@ -304,10 +305,11 @@ class KerasJsonArchitecture(_ArchitectureBase):
         return value
 
     def config(self) -> dict[str, Any]:
-        """The model's config as an object, whichever form the spec used."""
+        """The model's config as a fresh object, whichever form the spec used (Keras's deserializer pops
+        keys from the config it is given: the spec's own must stay whole for the size walk after it)."""
         if isinstance(self.model_json, str):
             return json.loads(self.model_json)
-        return self.model_json
+        return copy.deepcopy(self.model_json)
 
 
 Architecture = Annotated[
