@@ -21,6 +21,7 @@ import numpy as np
 from core.atomicio import atomic_path
 from core.errors import DataError, Problem
 from core.names import EXPORT_ARTIFACTS, MODEL_ONNX, SAVED_MODEL_ZIP
+from models.build import allow_deep_graphs
 from models.data.reader import open_training_data
 from models.data.summary import DatasetSummary
 from worker.trainer.events import jsonable
@@ -30,6 +31,7 @@ SPLITS = ("test", "val", "train")
 
 def load_model(path: str | Path) -> keras.Model:
     """A job's ``model.h5``, compiled (its loss and metrics), in safe mode (no ``Lambda`` code runs)."""
+    allow_deep_graphs()
     return keras.models.load_model(path, compile=True, safe_mode=True)
 
 
