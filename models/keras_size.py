@@ -274,4 +274,8 @@ def keras_json_size(config: dict[str, Any], input_shape: list[int]) -> KerasJson
     """
     if not isinstance(config, dict) or config.get("class_name") not in MODEL_CLASSES:
         raise _invalid("expected a Sequential or Functional model")
-    return _walk(config, tuple(input_shape))
+    try:
+        return _walk(config, tuple(input_shape))
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError, ZeroDivisionError) as exc:
+        # A config of the right classes but malformed values (a list where a number belongs, ...).
+        raise _invalid(f"the model config cannot be read: {type(exc).__name__}: {str(exc)[:200]}") from exc

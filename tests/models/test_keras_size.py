@@ -195,3 +195,23 @@ def test_two_inputs_are_refused() -> None:
         keras_json_size(json.loads(model.to_json()), [4])
     assert caught.value.problems[0].code == "keras_json_invalid"
     assert "one input and one output" in caught.value.problems[0].detail
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"config": {"name": "d", "units": [3]}},
+        {"config": {"name": "d", "units": 3}, "inbound_nodes": 7},
+        {"class_name": "Reshape", "config": {"name": "d", "target_shape": []}},
+    ],
+    ids=["units-list", "nodes-int", "reshape-empty"],
+)
+def test_malformed_values_are_a_clear_refusal_not_a_crash(change: dict[str, Any]) -> None:
+    inputs = keras.Input((4,))
+    config = json.loads(keras.Model(inputs, L.Dense(2, name="d")(L.Dense(3)(inputs))).to_json())
+    layer = config["config"]["layers"][1]
+    layer.update({k: v for k, v in change.items() if k != "config"})
+    layer["config"].update(change.get("config", {}))
+    with pytest.raises(SpecError) as caught:
+        keras_json_size(config, [4])
+    assert caught.value.problems[0].code in ("keras_json_invalid", "keras_json_refused")
