@@ -11,6 +11,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from core.errors import GpuyardError
+from core.hostmem import trainer_memory_limit
 from core.settings import Settings, get_settings
 from service.api import datasets, gpus, health, jobs, metrics, openapi, operations, usage, users
 from service.checks import DryRunGate, sandbox_check_dataset, trainer_dry_run
@@ -101,7 +102,10 @@ def register_extensions(app: Flask) -> None:
             dry_run=DryRunGate(
                 app.config.get("GPUYARD_DRY_RUNNER")
                 or functools.partial(
-                    trainer_dry_run, timeout_s=settings.dry_run_timeout_s, memory_bytes=settings.dry_run_memory_bytes
+                    trainer_dry_run,
+                    timeout_s=settings.dry_run_timeout_s,
+                    memory_bytes=settings.dry_run_memory_bytes,
+                    host_memory_bytes=trainer_memory_limit(settings),
                 ),
                 settings.dry_run_concurrency,
             ),

@@ -43,10 +43,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from core.atomicio import atomic_write_json
 from core.exitcodes import ExitCode
+from core.hostmem import trainer_memory_limit
 from core.names import CHECKPOINT_DIR, CHECKPOINT_STATE, DATASET_SUMMARY_FILE, PID_FILE, SPEC_FILE, TRAINER_LOG
 from core.settings import Settings, get_settings
 from core.states import CANCELLED, FAILED, QUEUED
@@ -87,11 +86,6 @@ from worker.watchdog import HostMemoryWatchdog, MemoryWatchdog, hygiene_problem
 
 CANCELLED_REASON = ExitCode.CANCELLED.reason
 _HOST_MEMORY_INTERVAL_S = 0.5
-
-
-def trainer_memory_limit(settings: Settings) -> int:
-    """The host memory one trainer's process group may hold: the setting, else half of this host's."""
-    return settings.trainer_memory_bytes or psutil.virtual_memory().total // 2
 
 
 log = logging.getLogger(__name__)

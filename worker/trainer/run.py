@@ -20,7 +20,7 @@ from core import names
 from core.atomicio import atomic_path, atomic_write_json
 from core.errors import Problem, SpecError
 from core.exitcodes import ExitCode
-from models.build import build_model, layer_blocks, needs_input_stats
+from models.build import allow_deep_graphs, build_model, layer_blocks, needs_input_stats
 from models.data.reader import open_training_data
 from models.health import thresholds_from
 from worker.trainer import callbacks as cbs
@@ -99,6 +99,7 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
     if state is None:
         model = build_model(spec, job.summary, input_stats=_input_stats(spec, data))
     else:
+        allow_deep_graphs()
         model = keras.models.load_model(store.directory / state["model"], compile=True)
         cbs.restore_seed_states(model, state["seed_states"])
         history = list(state["history"])
