@@ -35,6 +35,12 @@ from core.jsondepth import MAX_JSON_DEPTH, text_depth, value_depth
 from core.names import EXPORT_ARTIFACTS, EXPORT_FORMATS
 from models.data.summary import DataKeys
 from models.health import HEALTH_KINDS
+from models.vocabulary import (
+    LOSS_ALIASES,
+    LOSSES,
+    METRIC_ALIASES,
+    METRICS,
+)
 
 FAMILIES = ("mlp", "highway", "resnet", "snn", "cnn", "keras_json")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid", "linear")
@@ -52,64 +58,6 @@ Bool = Annotated[bool, Strict()]
 PositiveInt = Annotated[int, Strict(), Field(gt=0)]
 Rate = Annotated[float, Strict(), Field(ge=0.0, lt=1.0)]
 
-# Losses are stored under their full Keras names: a model compiled with a short alias ("mse") saves to
-# .h5 but then fails `load_model(..., compile=True)` on Keras >= 3.11 (FACTS.md, ".h5 loss-alias trap").
-LOSSES = (
-    "sparse_categorical_crossentropy",
-    "categorical_crossentropy",
-    "binary_crossentropy",
-    "mean_squared_error",
-    "mean_absolute_error",
-    "mean_absolute_percentage_error",
-    "mean_squared_logarithmic_error",
-    "huber",
-    "log_cosh",
-    "kl_divergence",
-    "poisson",
-    "hinge",
-    "squared_hinge",
-    "categorical_hinge",
-    "cosine_similarity",
-)
-LOSS_ALIASES = {
-    "mse": "mean_squared_error",
-    "mae": "mean_absolute_error",
-    "mape": "mean_absolute_percentage_error",
-    "msle": "mean_squared_logarithmic_error",
-    "kld": "kl_divergence",
-    "kullback_leibler_divergence": "kl_divergence",
-    "logcosh": "log_cosh",
-    "huber_loss": "huber",
-    "bce": "binary_crossentropy",
-    "cce": "categorical_crossentropy",
-    "scce": "sparse_categorical_crossentropy",
-}
-CLASSIFICATION_METRICS = (
-    "accuracy",
-    "sparse_categorical_accuracy",
-    "categorical_accuracy",
-    "binary_accuracy",
-    "top_k_categorical_accuracy",
-    "sparse_top_k_categorical_accuracy",
-    "auc",
-)
-METRICS = (
-    *CLASSIFICATION_METRICS,
-    "mean_absolute_error",
-    "mean_squared_error",
-    "root_mean_squared_error",
-    "mean_absolute_percentage_error",
-    "mean_squared_logarithmic_error",
-)
-# Metric aliases load fine from .h5, but one spelling per metric keeps histories comparable across jobs.
-METRIC_ALIASES = {
-    "acc": "accuracy",
-    "mae": "mean_absolute_error",
-    "mse": "mean_squared_error",
-    "rmse": "root_mean_squared_error",
-    "mape": "mean_absolute_percentage_error",
-    "msle": "mean_squared_logarithmic_error",
-}
 _GPU_PATTERN = r"^(any|cpu|GPU-[0-9a-fA-F-]{36}|MIG-[0-9a-fA-F-]{36}|MIG-GPU-[0-9a-fA-F-]{36}/[0-9]+/[0-9]+)$"
 
 
