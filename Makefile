@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 EXTRA  ?= cpu
-# Debian's docker client (20.10, BuildKit built in) where it is installed: a newer client wants buildx.
-DOCKER ?= $(if $(wildcard /usr/bin/docker),/usr/bin/docker,docker)
+# The Docker client is chosen by `deploy/docker-engine.sh --client` inside each recipe, after
+# docker-engine may have installed Debian's docker.io (a choice made when make starts would miss it).
+# DOCKER=... (environment or command line) still picks one.
 IMAGE  ?= gpuyard-cpu:dev
 COMPOSE_TEST_IMAGE ?= gpuyard-cpu:compose-test
 
@@ -50,8 +51,8 @@ docker-engine:
 
 # The CPU image, on the official slim Python image or, where none can be pulled, a local Debian base.
 image: docker-engine
-	@DOCKER=$(DOCKER) deploy/docker-engine.sh
-	DOCKER=$(DOCKER) deploy/build-image.sh $(IMAGE)
+	@deploy/docker-engine.sh
+	deploy/build-image.sh $(IMAGE)
 
 up: install redis-server
 	$(VENV)/bin/gpuyard up
@@ -76,10 +77,11 @@ unit-test: install redis-server chromium
 # The stack in containers, end to end (tests/deploy/test_compose_stack.py). Where Docker cannot run it
 # says so in one line and fails; COMPOSE_TEST_SKIP=1 makes that a skip.
 compose-test: install redis-server
-	@{ $(MAKE) -s docker-engine && DOCKER=$(DOCKER) deploy/docker-engine.sh; } || { \
+	@{ $(MAKE) -s docker-engine && deploy/docker-engine.sh; } || { \
 	  if [ "$(COMPOSE_TEST_SKIP)" = 1 ]; then echo "compose-test: skipped (COMPOSE_TEST_SKIP=1)"; exit 0; fi; exit 1; }; \
-	  DOCKER=$(DOCKER) PYTHON=$(PY) deploy/build-image.sh $(COMPOSE_TEST_IMAGE) && \
-	  COMPOSE_TEST_IMAGE=$(COMPOSE_TEST_IMAGE) DOCKER=$(DOCKER) $(PY) -m pytest -q -rs tests/deploy/test_compose_stack.py
+	  docker="$$(deploy/docker-engine.sh --client)"; echo "compose-test: Docker client $$docker"; \
+	  DOCKER="$$docker" PYTHON=$(PY) deploy/build-image.sh $(COMPOSE_TEST_IMAGE) && \
+	  COMPOSE_TEST_IMAGE=$(COMPOSE_TEST_IMAGE) DOCKER="$$docker" $(PY) -m pytest -q -rs tests/deploy/test_compose_stack.py
 
 bench: install
 	$(PY) bench/trainer_overhead.py --rows 3000 --epochs 3 --backend tensorflow --gpu cpu

@@ -198,6 +198,9 @@ def main() -> int:
             print(f"{key:>32}: {value}")
     verdict = "meets" if summary_out["warm_p50_s"] <= GOAL_WARM_P50_S else "MISSES"
     print(f"{'':>32}  {verdict} the goal: warm submit → first step p50 ≤ {GOAL_WARM_P50_S} s")
+    first_steps = summary_out["warm_first_step_itself_p50_s"] / summary_out["bare_first_step_itself_p50_s"]
+    verdict = "meets" if first_steps <= 0.7 else "MISSES"
+    print(f"{'':>32}  {verdict} the goal: warm first step itself ≤ 0.7× the bare script's ({first_steps:.2f}×)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary_out, indent=2) + "\n")

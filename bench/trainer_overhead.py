@@ -2,10 +2,12 @@
 
     python bench/trainer_overhead.py                                   # mnist_cnn, 60000×28×28×1, JAX, GPU
     python bench/trainer_overhead.py --backend tensorflow --gpu cpu    # CPU: 2000 rows, 3 rounds (~4 min)
+    python bench/trainer_overhead.py --backend tensorflow --gpu cpu --streamed   # the streaming reader
 
 Both sides build the model with ``models.build.build_model`` from the same spec and train on the same
 synthetic HDF5 data with the same batch size: the trainer through ``python -m worker.trainer`` (events,
-sampled diagnostics, checkpoints by elapsed time, data from the reader's PyDataset), the bare script with
+sampled diagnostics, checkpoints by elapsed time, data through the trainer's input path: in memory, or
+streamed from the file with ``--streamed``), the bare script with
 ``model.fit`` on NumPy arrays and no callbacks but an epoch timer. Runs are interleaved, ``--rounds``
 times: bare, trainer started cold, trainer started warm (``--warm``: framework imported ahead, the job
 handed over its stdin, as a warm worker slot does). Single runs mean little on a shared machine, so each
@@ -200,6 +202,12 @@ def main() -> int:
     parser.add_argument("--memory-fraction", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (bare, cold, warm)")
     parser.add_argument("--no-warm", dest="warm", action="store_false", help="leave out the warm trainer")
+    parser.add_argument(
+        "--streamed",
+        action="store_true",
+        help="make the trainer stream batches from the HDF5 file (GPUYARD_IN_MEMORY_LIMIT_BYTES=1) "
+        "instead of its in-memory input path",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     rows = args.rows or (2000 if args.gpu == "cpu" else 60_000)
@@ -209,6 +217,8 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     env = {**os.environ, "PYTHONPATH": python_path, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("KERAS_BACKEND", None)
+    if args.streamed:
+        env["GPUYARD_IN_MEMORY_LIMIT_BYTES"] = "1"  # read by the trainer only; the bare script loads arrays
     kinds = ["cold", "warm"] if args.warm else ["cold"]
     runs: dict[str, list[dict]] = {"bare": [], **{kind: [] for kind in kinds}}
     with tempfile.TemporaryDirectory(prefix="gpuyard-bench-") as tmp:
@@ -250,6 +260,7 @@ def main() -> int:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "rounds": args.rounds,
+        "input": "streamed" if args.streamed else "in memory",
         "bare_samples_per_s": round(statistics.median(bare_rates), 1),
         "bare_wall_s": round(statistics.median(r["wall_s"] for r in runs["bare"]), 2),
         "bare_after_import_wall_s": round(statistics.median(r["after_import_wall_s"] for r in runs["bare"]), 2),

@@ -272,6 +272,8 @@ def _print_job(job: dict[str, Any]) -> None:
     ]
     if job.get("waiting_reason"):
         rows.append(("queue", queue_text(job)))
+    if job.get("preemptions"):
+        rows.append(("preemptions", f"{job['preemptions']} (each resumed from its checkpoint; no attempt counted)"))
     metrics = (job.get("progress") or {}).get("metrics")
     if metrics:
         rows.append(("metrics", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))))

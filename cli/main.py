@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import click
 
-from cli import compose, data, db, demo, jobs, modeluse, serve, smoke, studies, tensorboard, users, workers
+from cli import compose, data, db, demo, jobs, modeluse, serve, smoke, studies, tensorboard, usage, users, workers
 
 
 @click.group()
@@ -33,6 +33,7 @@ def main() -> None:
 for command in (
     data.check_data,
     users.users,
+    usage.usage_command,
     db.db,
     workers.worker_command,
     workers.janitor_command,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -147,8 +148,12 @@ def _run_checks(run: SmokeRun, spec_file: Path, data_path: Path, rows: int, epoc
         return
     if gpus is not None and not _placement(run, spec, summary, gpus):
         return
-    with tempfile.TemporaryDirectory(prefix="gpuyard-smoke-") as tmp:
-        _train_and_load(run, raw, summary, data_path, Path(tmp), rows, epochs)
+    checker = PlainKerasCheck()  # imports Keras while the trainer trains: the two overlap on two cores
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpuyard-smoke-") as tmp:
+            _train_and_load(run, raw, summary, data_path, Path(tmp), rows, epochs, checker)
+    finally:
+        checker.close()
 
 
 def _placement(run: SmokeRun, spec: JobSpec, summary: DatasetSummary, gpus_path: Path) -> bool:
@@ -203,7 +208,14 @@ def _subsample(data_path: Path, summary: DatasetSummary, out: Path, rows: int) -
 
 
 def _train_and_load(
-    run: SmokeRun, raw: dict[str, Any], summary: DatasetSummary, data_path: Path, tmp: Path, rows: int, epochs: int
+    run: SmokeRun,
+    raw: dict[str, Any],
+    summary: DatasetSummary,
+    data_path: Path,
+    tmp: Path,
+    rows: int,
+    epochs: int,
+    checker: PlainKerasCheck,
 ) -> None:
     started = time.monotonic()
     sample = _subsample(data_path, summary, tmp / "sample.h5", rows)
@@ -232,31 +244,53 @@ def _train_and_load(
     if not run.record("loss_decreases", losses[-1] < losses[0], f"{losses[0]:.4f} → {losses[-1]:.4f}", started):
         return
     started = time.monotonic()
-    run.record(*_h5_loads(out, sample, summary), started)
+    run.record(*checker.h5_loads(out, sample, summary), started)
 
 
-def _h5_loads(out: Path, sample: Path, summary: DatasetSummary) -> tuple[str, bool, str]:
-    """Load model.h5 with plain Keras (no gpuyard code) and compare its predictions with model.keras."""
-    script = textwrap.dedent(
-        """
-        import json, sys
-        import h5py, keras, numpy as np
-        h5_path, keras_path, data, key = sys.argv[1:5]
-        with h5py.File(data, "r") as f:
-            x = f[key][:32]
-        a = keras.models.load_model(h5_path).predict(x, verbose=0)
-        b = keras.models.load_model(keras_path).predict(x, verbose=0)
-        print(json.dumps({"max_abs_diff": float(np.max(np.abs(a - b)))}))
-        """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(out / MODEL_H5), str(out / MODEL_KERAS), str(sample), summary.keys.x_train],
-        capture_output=True,
-        text=True,
-        cwd="/",
-        stdin=subprocess.DEVNULL,
-    )
-    if done.returncode != 0:
-        return "h5_loads", False, f"plain Keras could not load {MODEL_H5}: {done.stderr.strip()[-500:]}"
-    diff = json.loads(done.stdout.strip().splitlines()[-1])["max_abs_diff"]
-    return "h5_loads", diff <= 1e-5, f"{MODEL_H5} predicts as {MODEL_KERAS} does (max |Δ| {diff:.2g})"
+#: Loads model.h5 with plain Keras (no gpuyard code on its path: it runs from /) and compares its predictions
+#: with model.keras'. It imports Keras first, then waits for its job: one JSON line of the four arguments.
+_H5_CHECK = textwrap.dedent(
+    """
+    import json, sys
+    import h5py, keras, numpy as np
+    line = sys.stdin.readline()
+    if not line.strip():
+        sys.exit(0)
+    h5_path, keras_path, data, key = json.loads(line)
+    with h5py.File(data, "r") as f:
+        x = f[key][:32]
+    a = keras.models.load_model(h5_path).predict(x, verbose=0)
+    b = keras.models.load_model(keras_path).predict(x, verbose=0)
+    print(json.dumps({"max_abs_diff": float(np.max(np.abs(a - b)))}))
+    """
+)
+
+
+class PlainKerasCheck:
+    """The ``h5_loads`` check's plain-Keras process, started ahead so that its import overlaps training."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _H5_CHECK],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd="/",
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+
+    def h5_loads(self, out: Path, sample: Path, summary: DatasetSummary) -> tuple[str, bool, str]:
+        """Load model.h5 with plain Keras and compare its predictions with model.keras'."""
+        job = json.dumps([str(out / MODEL_H5), str(out / MODEL_KERAS), str(sample), summary.keys.x_train])
+        stdout, stderr = self.process.communicate(job + "\n")
+        if self.process.returncode != 0:
+            return "h5_loads", False, f"plain Keras could not load {MODEL_H5}: {stderr.strip()[-500:]}"
+        diff = json.loads(stdout.strip().splitlines()[-1])["max_abs_diff"]
+        return "h5_loads", diff <= 1e-5, f"{MODEL_H5} predicts as {MODEL_KERAS} does (max |Δ| {diff:.2g})"
+
+    def close(self) -> None:
+        """End the process unless :meth:`h5_loads` already ran it (it may still be importing)."""
+        if self.process.returncode is None:
+            self.process.kill()
+            self.process.communicate()

@@ -78,11 +78,38 @@ def enable(name: str) -> None:
 @users.command("set-priority")
 @click.argument("name")
 @click.argument("max_priority", type=click.IntRange(-100, 100))
-def set_priority(name: str, max_priority: int) -> None:
+@click.option(
+    "--may-pin/--no-may-pin",
+    default=None,
+    help="Whether NAME may submit resources.preemptible false (jobs no preemption stops). Unchanged if omitted.",
+)
+def set_priority(name: str, max_priority: int, may_pin: bool | None) -> None:
     """Let user NAME submit jobs at priorities up to MAX_PRIORITY (default 0; higher goes first)."""
-    if _database().set_max_priority(name, max_priority) is None:
+    user = _database().set_max_priority(name, max_priority, may_pin=may_pin)
+    if user is None:
         raise click.ClickException(f"no user named {name!r}; 'gpuyard users list' shows them")
-    click.echo(f"user {name!r} may now submit at priority ≤ {max_priority}", err=True)
+    pin = " and pin jobs against preemption" if user.may_pin else ""
+    click.echo(f"user {name!r} may now submit at priority ≤ {max_priority}{pin}", err=True)
+
+
+@users.command("set-quota")
+@click.argument("name")
+@click.option(
+    "--gpu-hours",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="GPU-hours (memory fraction × hours) per period; omit to remove the quota.",
+)
+@click.option("--per", "period", type=click.Choice(["week", "month"]), default="month", show_default=True)
+def set_quota(name: str, gpu_hours: float | None, period: str) -> None:
+    """Give user NAME a GPU-hour quota. Over it, their jobs still run, but only on room nobody else waits
+    for, and they are the first victims of a preemption (docs/scheduling.md)."""
+    if _database().set_quota(name, gpu_hours, period) is None:
+        raise click.ClickException(f"no user named {name!r}; 'gpuyard users list' shows them")
+    if gpu_hours is None:
+        click.echo(f"user {name!r} has no GPU-hour quota now", err=True)
+    else:
+        click.echo(f"user {name!r} may use {gpu_hours:g} GPU-hours per {period}", err=True)
 
 
 @users.command("rotate-token")

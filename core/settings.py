@@ -434,6 +434,22 @@ class WorkerSettings(_GpuyardSettings):
         description="Fair sharing: a waiting job's priority rises by one for every this many seconds it has "
         "waited, so nothing starves.",
     )
+    preemption: bool = Field(
+        True,
+        description="Preemption (docs/scheduling.md): a job waiting for room may stop running jobs of strictly "
+        "lower priority, which checkpoint and return to the queue. off: running jobs keep their GPU.",
+    )
+    preempt_after_s: float = Field(
+        300.0,
+        ge=0,
+        description="Preemption: a waiting job preempts only after waiting this many seconds.",
+    )
+    preempt_min_run_s: float = Field(
+        120.0,
+        ge=0,
+        description="Preemption: a job runs at least this many seconds before it can be preempted, and is "
+        "preempted at most once per this many seconds.",
+    )
     queue_default_job_s: float = Field(
         600.0,
         gt=0,

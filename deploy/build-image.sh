@@ -7,15 +7,13 @@
 # pip inside the build uses this machine's pip settings and CA bundle (deploy/pipconf.py), passed as
 # BuildKit secrets: in no layer. The build runs on the host's network (`--network host`), so it reaches
 # whatever index pip reaches here. Prints the image's size.
-# DOCKER: the client; default Debian's /usr/bin/docker (20.10, BuildKit built in) where it exists: a
-# newer client wants the buildx plugin for BuildKit.
+# DOCKER: the client; default `deploy/docker-engine.sh --client` (Debian's /usr/bin/docker, 20.10 with
+# BuildKit built in, where it exists: a newer client wants the buildx plugin for BuildKit).
 set -euo pipefail
 
 TAG="${1:-gpuyard-cpu:dev}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ -z "${DOCKER:-}" ]; then
-    if [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; else DOCKER=docker; fi
-fi
+DOCKER="${DOCKER:-$("$REPO/deploy/docker-engine.sh" --client)}"
 export DOCKER
 PYTHON="${PYTHON:-python3}"
 DEFAULT_BASE="$(sed -n 's/^ARG BASE_IMAGE=//p' "$REPO/deploy/Dockerfile.cpu")"

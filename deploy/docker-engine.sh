@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Make sure a Docker engine answers: start Debian's dockerd (docker.io) when it is installed but not
 # running and we are root; else say in one line why there is none, and exit 1.
-# DOCKER: the client (default Debian's /usr/bin/docker where it exists). The daemon's log:
-# /var/log/gpuyard-dockerd.log.
+# `deploy/docker-engine.sh --client` prints the Docker client to use and exits: the one place that choice
+# is made, at the moment it is asked (after `make docker-engine` may have installed docker.io), never
+# when make starts.
+# DOCKER: the client (default Debian's $DEBIAN_DOCKER, /usr/bin/docker, where it exists: 20.10 has
+# BuildKit built in, a newer client wants the buildx plugin). The daemon's log: /var/log/gpuyard-dockerd.log.
 set -uo pipefail
 
 if [ -z "${DOCKER:-}" ]; then
-    if [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; else DOCKER=docker; fi
+    DEBIAN_DOCKER="${DEBIAN_DOCKER:-/usr/bin/docker}"
+    if [ -x "$DEBIAN_DOCKER" ]; then DOCKER="$DEBIAN_DOCKER"; else DOCKER=docker; fi
 fi
+if [ "${1:-}" = --client ]; then echo "$DOCKER"; exit 0; fi
 engine_up() { "$DOCKER" info >/dev/null 2>&1; }
 
 engine_up && exit 0

@@ -11,6 +11,7 @@ Layer names group into blocks by prefix (``input_*``, ``dense3_*``, ``highway2_*
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,22 @@ _BODIES: dict[type, Callable[[keras.KerasTensor, Any], keras.KerasTensor]] = {
     SnnArchitecture: snn_body,
     CnnArchitecture: cnn_body,
 }
+# Keras walks a functional graph recursively (``keras/src/ops/function.py`` ``_build_map_helper``, one
+# Python frame per node on the longest path) when a model is built or loaded: a highway of 1000 blocks
+# is ~5000 nodes deep, a bottleneck resnet of 1000 blocks ~10000, past Python's default limit of 1000.
+# Python 3.11+ keeps Python-to-Python calls off the C stack, so a higher limit costs heap, not a crash.
+DEEP_GRAPH_RECURSION_LIMIT = 50_000
+
+
+def allow_deep_graphs() -> None:
+    """Let this process build and load models as deep as the spec's limits allow (GPUYARD_MAX_MODEL_DEPTH).
+
+    Called before every build and load of a model (build_model, the trainer's resume, model operations).
+    """
+    if sys.getrecursionlimit() < DEEP_GRAPH_RECURSION_LIMIT:
+        sys.setrecursionlimit(DEEP_GRAPH_RECURSION_LIMIT)
+
+
 _BLOCK_PATTERN = re.compile(r"^(stage\d+_block\d+|[a-z]+\d+|input|proj|stem|pool|flatten|output)(?:_|$)")
 
 
@@ -154,6 +171,7 @@ def build_model(
         raise SpecError(problems)
     head = resolve_head(spec, summary)
 
+    allow_deep_graphs()
     keras.utils.set_random_seed(spec.training.seed)
     if isinstance(arch, KerasJsonArchitecture):
         model = keras_json_model(arch, input_shape, summary.output_dim)

@@ -20,7 +20,7 @@ from models.build import build_model, needs_input_stats
 from models.data.summary import DatasetSummary
 from models.heads import resolve_head
 from models.health import predict_health
-from models.size import optimizer_slots, training_memory
+from models.size import ModelSize, model_size, optimizer_slots, training_memory
 from models.spec import JobSpec, KerasJsonArchitecture, SnnArchitecture, parse_spec
 
 
@@ -170,13 +170,19 @@ def _count(weights: list[Any]) -> int:
     return int(sum(math.prod(w.shape) for w in weights))
 
 
-def memory_estimate(model: keras.Model, spec: JobSpec, layers: list[dict[str, Any]]) -> dict[str, Any]:
+def memory_estimate(
+    model: keras.Model, spec: JobSpec, layers: list[dict[str, Any]], size: ModelSize | None = None
+) -> dict[str, Any]:
     """Bytes one training step needs, broken down (see the ``note`` in the result).
 
     Args:
         model: the built model.
         spec: the job spec (batch size, optimizer).
         layers: the layer table from the dry run (output shapes).
+        size: the submit-time estimate (``models.size.model_size``) of the same model: its activations are
+            the ones the limits were checked with (they include what a layer keeps besides its output:
+            attention scores, recurrent gates), so submit and dry run report one number. None: count
+            the layer table's outputs.
 
     Returns:
         ``{"weights", "gradients", "optimizer_state", "input_batch", "activations_per_batch", "total",
@@ -191,6 +197,8 @@ def memory_estimate(model: keras.Model, spec: JobSpec, layers: list[dict[str, An
     io_per_sample = sum(math.prod(t.shape[1:]) for t in model.inputs) + sum(
         math.prod(t.shape[1:]) for t in model.outputs
     )
+    if size is not None:
+        per_sample, io_per_sample = size.activations_per_sample, size.io_per_sample
     return training_memory(
         parameters=_count(model.weights),
         trainable=trainable,
@@ -266,7 +274,8 @@ def dry_run(spec_obj: JobSpec | dict[str, Any], summary: DatasetSummary | None) 
                 "non_trainable": total - trainable,
             }
             result["layers"] = layers
-            result["memory_estimate_bytes"] = memory_estimate(model, spec, layers)
+            size = model_size(spec, list(summary.input_shape), summary.output_dim)
+            result["memory_estimate_bytes"] = memory_estimate(model, spec, layers, size)
             del model
     result["ok"] = not errors
     result["errors"] = [p.to_dict() for p in errors]

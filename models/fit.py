@@ -10,7 +10,8 @@ from __future__ import annotations
 from core.errors import Problem, SpecError
 from models.data.summary import DatasetSummary
 from models.heads import resolve_head
-from models.keras_config import config_problems
+from models.keras_config import FIELD, config_problems
+from models.keras_size import keras_json_size
 from models.spec import CnnArchitecture, JobSpec, KerasJsonArchitecture, ResnetConvArchitecture
 
 IMAGE_FAMILIES: dict[type, str] = {CnnArchitecture: "cnn", ResnetConvArchitecture: "resnet (variant conv)"}
@@ -31,11 +32,55 @@ def spec_data_problems(spec: JobSpec, summary: DatasetSummary) -> list[Problem]:
         problems = config_problems(arch.config())  # the safe-mode walk: refused at submit, not in a trainer
         if problems:
             return problems
+        problems = keras_json_shape_problems(arch, list(summary.input_shape), summary.output_dim)
+        if problems:
+            return problems
     problems = input_problems(spec, list(summary.input_shape))
     try:
         resolve_head(spec, summary)
     except SpecError as exc:
         problems.extend(exc.problems)
+    return problems
+
+
+def keras_json_shape_problems(arch: KerasJsonArchitecture, input_shape: list[int], output_dim: int) -> list[Problem]:
+    """What the trainer would refuse in a keras_json model, found from its config: a layer that cannot be
+    sized, not one input and one output, an input or output shape that does not fit the data.
+
+    The messages are the trainer's own (``models.blocks.keras_json``), so submit and trainer refuse alike.
+    """
+    try:
+        size = keras_json_size(arch.config(), input_shape)
+    except SpecError as exc:
+        return exc.problems
+    problems = []
+    if size.declared_input is None:
+        problems.append(
+            Problem(
+                "keras_json_invalid",
+                f"{FIELD}: the model has no input shape; build it from keras.Input(shape=...) before "
+                "calling to_json()",
+                FIELD,
+            )
+        )
+    elif size.declared_input != list(input_shape):
+        problems.append(
+            Problem(
+                "input_shape_mismatch",
+                f"{FIELD}: the model's input shape {size.declared_input} differs from the data's X_train sample "
+                f"shape {list(input_shape)}. Received: input_shape={size.declared_input}",
+                FIELD,
+            )
+        )
+    if list(size.output_shape) != [output_dim]:
+        problems.append(
+            Problem(
+                "output_mismatch",
+                f"{FIELD}: the model's output shape {list(size.output_shape)} differs from the [{output_dim}] the "
+                f"data's Y_train needs. Received: output_shape={list(size.output_shape)}",
+                FIELD,
+            )
+        )
     return problems
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from core.errors import Problem, SpecError
 from models.data.summary import DatasetSummary
-from models.spec import CLASSIFICATION_METRICS, JobSpec
+from models.spec import JobSpec
+from models.vocabulary import CLASSIFICATION_METRICS
 
 DEFAULT_LOSS = {
     "integer_labels": "sparse_categorical_crossentropy",

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from core.errors import Problem
+from core.errors import Problem, SpecError
+from models.keras_size import keras_json_size
 from models.spec import (
     CnnArchitecture,
     HighwayArchitecture,
@@ -252,23 +253,32 @@ _BODIES: dict[type, Any] = {
 
 
 def model_size(spec: JobSpec, input_shape: list[int], output_units: int) -> ModelSize | None:
-    """The size of the model ``build_model`` would build; None for keras_json (its layers are free-form).
+    """The size of the model ``build_model`` would build, every family (keras_json: ``models.keras_size``).
 
     Call :func:`size_problems` first (or know the depth is bounded): the walk is linear in the depth.
 
     Args:
-        spec: the validated spec (not keras_json for a result).
+        spec: the validated spec.
         input_shape: the data's per-sample input shape.
         output_units: units of the output layer.
+
+    Returns:
+        The size; None for a keras_json model that cannot be sized (submit refused it:
+        ``models.fit.spec_data_problems``).
     """
-    body = _BODIES.get(type(spec.architecture))
-    if body is None:
-        return None
+    io = math.prod(input_shape) + output_units
+    arch = spec.architecture
+    if isinstance(arch, KerasJsonArchitecture):
+        try:
+            walked = keras_json_size(arch.config(), input_shape)
+        except SpecError:
+            return None
+        return ModelSize(walked.parameters, walked.trainable, walked.activations_per_sample, io)
+    body = _BODIES[type(arch)]
     tally = _Tally(tuple(input_shape))
     _preprocess(tally, spec)
     body(tally, spec.architecture)
     tally.dense(output_units)
-    io = math.prod(input_shape) + output_units
     return ModelSize(tally.parameters, tally.trainable, tally.activations, io)
 
 
@@ -324,34 +334,19 @@ def _keras_json_layers(config: Any) -> Iterator[dict[str, Any]]:
                 stack.append(layer)
 
 
-def _keras_json_size(arch: KerasJsonArchitecture, input_shape: list[int]) -> tuple[int, list[tuple[str, int]], int]:
-    """``(layers, [(field, units or filters)], dense parameters)`` for a keras_json model.
-
-    Parameters count only Dense layers whose input width is known (the data's features, or the Dense
-    layer before in config order): a lower bound, enough to refuse a model of giant Dense layers.
-    """
+def _keras_json_depth(arch: KerasJsonArchitecture) -> tuple[int, list[tuple[str, int]]]:
+    """``(layers, [(field, units or filters)])`` of a keras_json model, for the depth and width limits."""
     layers = 0
     widths: list[tuple[str, int]] = []
-    parameters = 0
-    features = input_shape[-1] if input_shape else None
-    previous: int | None = features if len(input_shape) == 1 else None
     for layer in _keras_json_layers(arch.config()):
         layers += 1
         config: dict[str, Any] = layer["config"] if isinstance(layer.get("config"), dict) else {}
         name = config.get("name", "?")
-        size = None
-        for key in ("units", "filters"):
+        for key in ("units", "filters", "output_dim"):
             value = config.get(key)
             if isinstance(value, int) and not isinstance(value, bool):
-                size = value
                 widths.append((f"model_json layer {name!r} {key}", value))
-        if layer.get("class_name") == "Dense" and size is not None:
-            if previous is not None:
-                parameters += previous * size + size
-            previous = size
-        elif layer.get("class_name") not in ("InputLayer", "Dropout", "Activation", "BatchNormalization"):
-            previous = None
-    return layers, widths, parameters
+    return layers, widths
 
 
 def size_problems(spec: JobSpec, input_shape: list[int], output_units: int, limits: SizeLimits) -> list[Problem]:
@@ -370,12 +365,9 @@ def size_problems(spec: JobSpec, input_shape: list[int], output_units: int, limi
     arch = spec.architecture
     problems: list[Problem] = []
     if isinstance(arch, KerasJsonArchitecture):
-        depth_field, (depth, widths, parameters) = "model_json", _keras_json_size(arch, input_shape)
-        size = None
+        depth_field, (depth, widths) = "model_json", _keras_json_depth(arch)
     else:
         depth_field, depth, widths = _depth_and_widths(spec)
-        parameters = 0
-        size = None
     if depth > limits.max_model_depth:
         problems.append(
             _too_large(
@@ -397,11 +389,11 @@ def size_problems(spec: JobSpec, input_shape: list[int], output_units: int, limi
             break  # one is enough; widths=[2**62]*100000 should not give 100000 problems
     if problems:
         return problems
-    if not isinstance(arch, KerasJsonArchitecture):
-        size = model_size(spec, input_shape, output_units)
-        assert size is not None
-        parameters = size.parameters
-    field = "model_json" if isinstance(arch, KerasJsonArchitecture) else depth_field
+    size = model_size(spec, input_shape, output_units)
+    if size is None:  # a keras_json model that cannot be sized: spec_data_problems says why
+        return problems
+    parameters = size.parameters
+    field = depth_field
     if parameters > limits.max_model_parameters:
         problems.append(
             _too_large(
@@ -411,18 +403,17 @@ def size_problems(spec: JobSpec, input_shape: list[int], output_units: int, limi
                 _received(spec),
             )
         )
-    if size is not None:
-        memory = estimated_training_bytes(spec, size)
-        if memory > limits.max_training_memory_bytes:
-            problems.append(
-                _too_large(
-                    "training.batch_size" if parameters <= limits.max_model_parameters else field,
-                    f"one training step would need about {memory:,} bytes ({memory / 2**30:.1f} GiB), more "
-                    f"than the limit of {limits.max_training_memory_bytes:,} bytes "
-                    "(GPUYARD_MAX_TRAINING_MEMORY_BYTES); use a smaller batch_size or model",
-                    f"{_received(spec)}, batch_size={spec.training.batch_size}",
-                )
+    memory = estimated_training_bytes(spec, size)
+    if memory > limits.max_training_memory_bytes:
+        problems.append(
+            _too_large(
+                "training.batch_size" if parameters <= limits.max_model_parameters else field,
+                f"one training step would need about {memory:,} bytes ({memory / 2**30:.1f} GiB), more "
+                f"than the limit of {limits.max_training_memory_bytes:,} bytes "
+                "(GPUYARD_MAX_TRAINING_MEMORY_BYTES); use a smaller batch_size or model",
+                f"{_received(spec)}, batch_size={spec.training.batch_size}",
             )
+        )
     return problems
 
 

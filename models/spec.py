@@ -14,14 +14,16 @@ Shape::
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveInt,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
@@ -33,6 +35,12 @@ from core.jsondepth import MAX_JSON_DEPTH, text_depth, value_depth
 from core.names import EXPORT_ARTIFACTS, EXPORT_FORMATS
 from models.data.summary import DataKeys
 from models.health import HEALTH_KINDS
+from models.vocabulary import (
+    LOSS_ALIASES,
+    LOSSES,
+    METRIC_ALIASES,
+    METRICS,
+)
 
 FAMILIES = ("mlp", "highway", "resnet", "snn", "cnn", "keras_json")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid", "linear")
@@ -41,66 +49,15 @@ Activation = Literal["relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid", "li
 KernelInitializer = Literal["glorot_uniform", "glorot_normal", "he_normal", "he_uniform", "lecun_normal"]
 InputNormalization = Literal["none", "standardize", "rescale"]
 OutputActivation = Literal["softmax", "sigmoid", "linear", "relu", "softplus", "tanh"]
-Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
+# Numbers are strict: "12" is not 12 and true is not 1 (a string or a bool where a number belongs is a
+# mistake to report, not to guess at); an int is still a float. NaN and ±Infinity are refused by the
+# models' allow_inf_nan=False.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+Rate = Annotated[float, Strict(), Field(ge=0.0, lt=1.0)]
 
-# Losses are stored under their full Keras names: a model compiled with a short alias ("mse") saves to
-# .h5 but then fails `load_model(..., compile=True)` on Keras >= 3.11 (FACTS.md, ".h5 loss-alias trap").
-LOSSES = (
-    "sparse_categorical_crossentropy",
-    "categorical_crossentropy",
-    "binary_crossentropy",
-    "mean_squared_error",
-    "mean_absolute_error",
-    "mean_absolute_percentage_error",
-    "mean_squared_logarithmic_error",
-    "huber",
-    "log_cosh",
-    "kl_divergence",
-    "poisson",
-    "hinge",
-    "squared_hinge",
-    "categorical_hinge",
-    "cosine_similarity",
-)
-LOSS_ALIASES = {
-    "mse": "mean_squared_error",
-    "mae": "mean_absolute_error",
-    "mape": "mean_absolute_percentage_error",
-    "msle": "mean_squared_logarithmic_error",
-    "kld": "kl_divergence",
-    "kullback_leibler_divergence": "kl_divergence",
-    "logcosh": "log_cosh",
-    "huber_loss": "huber",
-    "bce": "binary_crossentropy",
-    "cce": "categorical_crossentropy",
-    "scce": "sparse_categorical_crossentropy",
-}
-CLASSIFICATION_METRICS = (
-    "accuracy",
-    "sparse_categorical_accuracy",
-    "categorical_accuracy",
-    "binary_accuracy",
-    "top_k_categorical_accuracy",
-    "sparse_top_k_categorical_accuracy",
-    "auc",
-)
-METRICS = (
-    *CLASSIFICATION_METRICS,
-    "mean_absolute_error",
-    "mean_squared_error",
-    "root_mean_squared_error",
-    "mean_absolute_percentage_error",
-    "mean_squared_logarithmic_error",
-)
-# Metric aliases load fine from .h5, but one spelling per metric keeps histories comparable across jobs.
-METRIC_ALIASES = {
-    "acc": "accuracy",
-    "mae": "mean_absolute_error",
-    "mse": "mean_squared_error",
-    "rmse": "root_mean_squared_error",
-    "mape": "mean_absolute_percentage_error",
-    "msle": "mean_squared_logarithmic_error",
-}
 _GPU_PATTERN = r"^(any|cpu|GPU-[0-9a-fA-F-]{36}|MIG-[0-9a-fA-F-]{36}|MIG-GPU-[0-9a-fA-F-]{36}/[0-9]+/[0-9]+)$"
 
 
@@ -110,9 +67,10 @@ def _conflict(field: str, message: str, value: Any, **context: Any) -> PydanticC
 
 
 class _Strict(BaseModel):
-    """Base of every spec model: unknown keys are errors, so a typo never passes silently."""
+    """Base of every spec model: unknown keys are errors, so a typo never passes silently; NaN and ±Infinity
+    are refused for every number (a NaN learning rate trains nothing, and JSON cannot show it back)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -131,10 +89,10 @@ class _ArchitectureBase(_Strict):
         description="Preprocessing stored in the model: 'standardize' (a Normalization layer holding the "
         "training data's per-feature mean and variance), 'rescale' (multiply by input_scale), or 'none'.",
     )
-    input_scale: float | None = Field(
+    input_scale: Float | None = Field(
         None, gt=0, description="Factor of input_normalization='rescale', e.g. 0.0625 for digits (0..16)."
     )
-    leaky_relu_slope: float = Field(
+    leaky_relu_slope: Float = Field(
         0.2, ge=0.0, lt=1.0, description="Negative slope, used only with activation 'leaky_relu'."
     )
 
@@ -165,7 +123,7 @@ class MlpArchitecture(_ArchitectureBase):
     kernel_initializer: KernelInitializer = Field(
         "glorot_uniform", description="glorot_uniform is Xavier's initialisation."
     )
-    batch_norm: bool = False
+    batch_norm: Bool = False
     dropout: Rate = 0.0
 
 
@@ -176,7 +134,7 @@ class HighwayArchitecture(_ArchitectureBase):
     depth: PositiveInt = Field(description="Number of highway blocks.")
     width: PositiveInt = Field(description="Units of every block; the input is projected when it differs.")
     activation: Activation = Field("relu", description="Activation of H.")
-    transform_bias: float = Field(
+    transform_bias: Float = Field(
         -2.0, description="Initial bias of the gate T; negative so a fresh block carries its input."
     )
     kernel_initializer: KernelInitializer = "glorot_uniform"
@@ -191,7 +149,7 @@ class ResnetDenseArchitecture(_ArchitectureBase):
     width: PositiveInt
     blocks: PositiveInt
     activation: Activation = "relu"
-    batch_norm: bool = True
+    batch_norm: Bool = True
     kernel_initializer: KernelInitializer = "he_normal"
     dropout: Rate = 0.0
 
@@ -212,7 +170,7 @@ class ResnetConvArchitecture(_ArchitectureBase):
     kernel_size: PositiveInt = 3
     stem_filters: PositiveInt | None = Field(None, description="Filters of the stem conv; default filters[0].")
     activation: Activation = "relu"
-    batch_norm: bool = True
+    batch_norm: Bool = True
     kernel_initializer: KernelInitializer = "he_normal"
 
     @model_validator(mode="after")
@@ -243,7 +201,7 @@ class SnnArchitecture(_ArchitectureBase):
     activation: Activation = "selu"
     kernel_initializer: KernelInitializer = "lecun_normal"
     alpha_dropout: Rate = 0.05
-    batch_norm: bool = False
+    batch_norm: Bool = False
     dropout: Rate = 0.0
     input_normalization: Literal["standardize"] = Field(
         "standardize",
@@ -304,11 +262,12 @@ class KerasJsonArchitecture(_ArchitectureBase):
         return value
 
     def config(self) -> dict[str, Any]:
-        """The model's config as an object, whichever form the spec used."""
+        """The model's config as a fresh object, whichever form the spec used (Keras's deserializer pops
+        keys from the config it is given: the spec's own must stay whole for the size walk after it)."""
         if isinstance(self.model_json, str):
             config: dict[str, Any] = json.loads(self.model_json)
             return config
-        return self.model_json
+        return copy.deepcopy(self.model_json)
 
 
 Architecture = Annotated[
@@ -347,19 +306,19 @@ class OutputSpec(_Strict):
 
 class SgdOptimizer(_Strict):
     name: Literal["sgd"]
-    learning_rate: float = Field(0.01, gt=0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    nesterov: bool = False
+    learning_rate: Float = Field(0.01, gt=0)
+    momentum: Float = Field(0.0, ge=0.0, lt=1.0)
+    nesterov: Bool = False
 
 
 class AdamOptimizer(_Strict):
     name: Literal["adam"]
-    learning_rate: float = Field(0.001, gt=0)
+    learning_rate: Float = Field(0.001, gt=0)
 
 
 class RmspropOptimizer(_Strict):
     name: Literal["rmsprop"]
-    learning_rate: float = Field(0.001, gt=0)
+    learning_rate: Float = Field(0.001, gt=0)
 
 
 Optimizer = Annotated[SgdOptimizer | AdamOptimizer | RmspropOptimizer, Field(discriminator="name")]
@@ -368,25 +327,25 @@ OPTIMIZERS = ("sgd", "adam", "rmsprop")
 
 class EarlyStoppingSpec(_Strict):
     monitor: str = Field("val_loss", min_length=1)
-    patience: int = Field(5, ge=0)
-    min_delta: float = Field(0.0, ge=0.0)
-    restore_best_weights: bool = True
+    patience: Int = Field(5, ge=0)
+    min_delta: Float = Field(0.0, ge=0.0)
+    restore_best_weights: Bool = True
 
 
 class TrainingSpec(_Strict):
     epochs: PositiveInt = Field(10, le=100_000)
     batch_size: PositiveInt = Field(32, le=1 << 16)
     optimizer: Optimizer = Field(default_factory=lambda: AdamOptimizer(name="adam"))
-    validation_split: float = Field(
+    validation_split: Float = Field(
         0.0,
         ge=0.0,
         lt=1.0,
         description="Fraction of the training rows held out, used only when the file has no X_val/Y_val "
         "(the file's validation set wins).",
     )
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds weights, shuffling and the split.")
+    seed: Int = Field(0, ge=0, le=2**32 - 1, description="Seeds weights, shuffling and the split.")
     early_stopping: EarlyStoppingSpec | None = None
-    shuffle: bool = True
+    shuffle: Bool = True
     stop_on: list[Literal[HEALTH_KINDS]] = Field(  # type: ignore[valid-type]  # a Literal of a constant tuple: pydantic reads it
         default_factory=list,
         description="Health findings that end the job as failed (reason 'unhealthy') when the trainer sees "
@@ -404,7 +363,7 @@ AUTO: Final = "auto"
 class ResourcesSpec(_Strict):
     """Validated when the job is submitted, enforced by the worker."""
 
-    memory_fraction: float | Literal["auto"] = Field(
+    memory_fraction: Float | Literal["auto"] = Field(
         AUTO,
         description="Share of the GPU's memory the job may use: 0.25 lets four jobs share a GPU, 1.0 has a GPU "
         "alone. 'auto' (the default): gpuyard sizes it at submit from the model's estimated training memory, "
@@ -413,6 +372,19 @@ class ResourcesSpec(_Strict):
     )
     backend: Literal["tensorflow", "jax", "torch"] = "tensorflow"
     max_runtime_s: PositiveInt | None = Field(None, description="Wall-clock limit; the job stops after it.")
+    preemptible: Bool = Field(
+        True,
+        description="Whether a waiting job of higher priority may stop this one (it checkpoints and returns to "
+        "the queue, losing no attempt). false needs an admin's `gpuyard users set-priority NAME N --may-pin`.",
+    )
+
+    @field_validator("memory_fraction", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value: Any) -> Any:
+        if value == AUTO or (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)):
+            return value
+        raise PydanticCustomError("number_or_auto", "Expected a finite number in (0, 1] or 'auto'")
+
     @field_validator("memory_fraction")
     @classmethod
     def _fraction_range(cls, value: float | str) -> float | str:

@@ -11,8 +11,9 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from core.errors import GpuyardError
+from core.hostmem import trainer_memory_limit
 from core.settings import Settings, get_settings
-from service.api import datasets, gpus, health, jobs, metrics, openapi, operations, studies, users
+from service.api import datasets, gpus, health, jobs, metrics, openapi, operations, studies, usage, users
 from service.checks import DryRunGate, sandbox_check_dataset, trainer_dry_run
 from service.errors import HeadersTooLarge, scrub_paths, server_roots, to_api_error
 from service.extensions import EXTENSION_KEY, Services, csrf, init_services
@@ -101,7 +102,10 @@ def register_extensions(app: Flask) -> None:
             dry_run=DryRunGate(
                 app.config.get("GPUYARD_DRY_RUNNER")
                 or functools.partial(
-                    trainer_dry_run, timeout_s=settings.dry_run_timeout_s, memory_bytes=settings.dry_run_memory_bytes
+                    trainer_dry_run,
+                    timeout_s=settings.dry_run_timeout_s,
+                    memory_bytes=settings.dry_run_memory_bytes,
+                    host_memory_bytes=trainer_memory_limit(settings),
                 ),
                 settings.dry_run_concurrency,
             ),
@@ -118,7 +122,7 @@ def register_extensions(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     """One blueprint per resource, all under /v1 but the OpenAPI document; the dashboard under /ui."""
-    for module in (health, datasets, jobs, operations, studies, gpus, users, metrics, openapi):
+    for module in (health, datasets, jobs, operations, studies, gpus, users, usage, metrics, openapi):
         app.register_blueprint(module.bp)
     app.register_blueprint(ui_bp)
     app.register_blueprint(ui_root)

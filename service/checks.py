@@ -25,6 +25,8 @@ from core.trainer import FAILED_EVENT, trainer_argv
 from models.data.sandbox import check_file
 from models.data.summary import DataKeys, DatasetSummary
 from service.errors import DryRunFailed, TooManyRequests
+from worker import procs
+from worker.watchdog import HostMemoryWatchdog
 
 
 def sandbox_check_dataset(
@@ -49,6 +51,7 @@ _EXEC_UNDER_RLIMIT_AS = (
 # What a child that ran out of address space leaves behind: Python's MemoryError, C++'s bad_alloc (an
 # abort), glibc's ENOMEM text, TensorFlow's ResourceExhaustedError text (reported as build_failed).
 _MEMORY_SIGNS = ("MemoryError", "bad_alloc", "Cannot allocate memory", "out of memory", "OOM when allocating")
+_HOST_MEMORY_INTERVAL_S = 0.2
 
 
 class DryRunGate:
@@ -92,6 +95,7 @@ def trainer_dry_run(
     *,
     timeout_s: float,
     memory_bytes: int | None = None,
+    host_memory_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Run ``python -m worker.trainer --dry-run`` on a spec and a stored data set; return its report.
 
@@ -101,6 +105,9 @@ def trainer_dry_run(
         summary: its checked summary for the spec's keys (the trainer verifies the sha256, scans nothing).
         timeout_s: seconds before the child is killed.
         memory_bytes: the child's address-space limit (RLIMIT_AS); None for none.
+        host_memory_bytes: the host memory (RSS of its process group) the child may hold, watched as a
+            trainer's is (``core.hostmem.trainer_memory_limit``: the API passes a trainer's limit); past
+            it the group is killed. None for none.
 
     Returns:
         The ``dry_run`` event's fields (``report``: parameters, layer table, memory estimate, warnings;
@@ -108,7 +115,8 @@ def trainer_dry_run(
 
     Raises:
         SpecError / DataError: the trainer refused the spec or the data (every problem listed), or the
-            child ran out of its ``memory_bytes`` (code ``dry_run_out_of_memory``, naming the limit).
+            child ran out of its ``memory_bytes`` or ``host_memory_bytes`` (code ``dry_run_out_of_memory``,
+            naming the limit).
         DryRunFailed: the child crashed or ran past ``timeout_s``.
     """
     with tempfile.TemporaryDirectory(prefix="gpuyard-dryrun-") as tmp:
@@ -122,12 +130,9 @@ def trainer_dry_run(
             command = [sys.executable, "-c", _EXEC_UNDER_RLIMIT_AS, str(memory_bytes), *command]
         # A dry run builds on the CPU; hide GPUs so it never takes memory from running jobs.
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=timeout_s, env=env, stdin=subprocess.DEVNULL
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise DryRunFailed(f"the dry run took longer than {timeout_s:g} s") from exc
+        done, host_memory = _run_watched(command, env, timeout_s, host_memory_bytes)
+    if host_memory is not None:
+        raise _out_of_memory_error(host_memory, "GPUYARD_TRAINER_MEMORY_BYTES, a trainer's host-memory limit")
     events = [_parse(line) for line in done.stdout.splitlines() if line.strip()]
     for event in events:
         if event.get("event") == "dry_run":
@@ -151,13 +156,51 @@ def trainer_dry_run(
     raise DryRunFailed(f"the dry run ended with exit code {done.returncode}: {tail[0][:300]}")
 
 
-def _out_of_memory_error(memory_bytes: int) -> SpecError:
+def _run_watched(
+    command: list[str], env: dict[str, str], timeout_s: float, host_memory_bytes: int | None
+) -> tuple[subprocess.CompletedProcess[str], int | None]:
+    """Run the child in its own process group, its host memory watched as a trainer's is.
+
+    Returns:
+        The finished child, and the limit it went past (its group was killed) or None.
+
+    Raises:
+        DryRunFailed: past ``timeout_s`` (its group is killed).
+    """
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own group: the watchdog and the timeout kill all of it
+    )
+    watchdog = None
+    if host_memory_bytes is not None:
+        watchdog = HostMemoryWatchdog(proc.pid, host_memory_bytes, _HOST_MEMORY_INTERVAL_S, "dry-run")
+        watchdog.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        procs.signal_group(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise DryRunFailed(f"the dry run took longer than {timeout_s:g} s") from exc
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+    done = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    exceeded = watchdog is not None and watchdog.exceeded.is_set()
+    return done, (host_memory_bytes if exceeded else None)
+
+
+def _out_of_memory_error(memory_bytes: int, setting: str = "GPUYARD_DRY_RUN_MEMORY_BYTES") -> SpecError:
     return SpecError(
         [
             Problem(
                 "dry_run_out_of_memory",
                 f"architecture: building this model needed more than the dry run's memory limit of "
-                f"{memory_bytes:,} bytes (GPUYARD_DRY_RUN_MEMORY_BYTES); make the model smaller",
+                f"{memory_bytes:,} bytes ({setting}); make the model smaller",
                 "architecture",
             )
         ]

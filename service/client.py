@@ -312,6 +312,11 @@ class Client:
             timeout=(self.timeout_s, max(self.timeout_s, 180.0)) if dry_run else self.timeout_s,
         )
 
+    def usage(self, *, start: str | None = None, end: str | None = None, group_by: str = "user") -> dict[str, Any]:
+        """GET /v1/usage: GPU time by user, day or GPU (``start``/``end``: ISO 8601)."""
+        params = {"group_by": group_by, **({"from": start} if start else {}), **({"to": end} if end else {})}
+        return self._json("GET", "/v1/usage", params=params)
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}")
 

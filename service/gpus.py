@@ -10,8 +10,9 @@ from service.errors import Forbidden, NotFound
 from service.extensions import services
 from service.schemas import GpuJobOut, GpuOut, GpuProcessOut
 from store import Job, User
-from worker.dispatch import GpuView, dispatch, gpu_views
+from worker.dispatch import dispatch
 from worker.gpus import budget_bytes, context_allowance_bytes
+from worker.placement import GpuView, gpu_views
 
 
 def gpu_board(viewer: User) -> list[GpuOut]:

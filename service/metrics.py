@@ -5,7 +5,9 @@ Two sources, one registry per scrape:
 * :class:`StateCollector` reads the job DB and the workers' heartbeats when Prometheus scrapes, so every
   API process answers the same figures: jobs by state, the queue, queue waits and job durations (the last
   ``WINDOW_S``), samples/s of running jobs (in all; per job only for a privileged scrape, since job ids
-  belong to users), and per GPU its memory, utilisation, jobs and whether it is online.
+  belong to users), per GPU its memory, utilisation, jobs and whether it is online, GPU-seconds
+  (``gpuyard_gpu_seconds_total``: by user for a privileged scrape, in all otherwise) and preemptions
+  (``gpuyard_preemptions_total``).
 * ``gpuyard_http_request_duration_seconds`` (by route, method and status) is observed in each process.
   Under gunicorn several processes answer: with ``PROMETHEUS_MULTIPROC_DIR`` set (``gpuyard up`` and the
   container set it), prometheus-client's multiprocess mode sums them; without it, a scrape sees only the
@@ -21,12 +23,12 @@ from collections.abc import Iterator
 
 from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from core.states import JOB_STATES
 from store import Database
-from worker.dispatch import gpu_views
 from worker.heartbeat import HeartbeatSource
+from worker.placement import gpu_views
 
 #: Seconds of history the wait and duration histograms summarise.
 WINDOW_S = 24 * 3600
@@ -112,6 +114,18 @@ class StateCollector:
                 families["util"].add_metric(key, view.utilization_percent)
             families["jobs"].add_metric(key, snapshot.running_by_gpu.get(view.uuid, 0))
         yield from families.values()
+        by_user = self.db.gpu_seconds_by_user(now)
+        help_text = "GPU time used (memory fraction × seconds), from the jobs' attempts."
+        if self.per_job:  # user names are for a privileged scrape, like job ids
+            used = CounterMetricFamily("gpuyard_gpu_seconds", help_text, labels=["user"])
+            for user, seconds in sorted(by_user.items()):
+                used.add_metric([user], seconds)
+        else:
+            used = CounterMetricFamily("gpuyard_gpu_seconds", help_text, value=sum(by_user.values()))
+        yield used
+        yield CounterMetricFamily(
+            "gpuyard_preemptions", "Jobs stopped for a higher-priority job.", value=self.db.preemptions_total()
+        )
 
 
 def scrape(db: Database, heartbeats: HeartbeatSource, *, per_job: bool = False) -> bytes:
@@ -141,4 +155,3 @@ def observe_requests(app: Flask) -> None:
                 time.perf_counter() - started
             )
         return response
-

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from core.names import EXPORT_FORMATS
-from core.states import QUEUED, JobState
+from core.states import QUEUED, RUNNING, JobState
 from models.data.summary import DatasetSummary
 from store import Dataset, Job, JobEvent, Operation
 
@@ -110,6 +110,18 @@ class DatasetUploadQuery(_Body):
 
 
 # ── users ──
+class QuotaOut(BaseModel):
+    """A user's GPU-hour quota and use (GPU-hours: memory fraction × hours on a GPU)."""
+
+    gpu_hours: float | None = Field(description="The quota per period; null: none.")
+    period: str | None = Field(description="week or month (the last 7 or 30 days); null: no quota.")
+    used_gpu_hours: float = Field(description="GPU-hours used in the period (the last 30 days without a quota).")
+    over_quota: bool = Field(
+        description="Over it, jobs run only on room nobody else waits for, and go first "
+        "when a preemption needs victims."
+    )
+
+
 class UserOut(BaseModel):
     """The caller's account: its notification defaults (never its token or webhook secret)."""
 
@@ -117,6 +129,25 @@ class UserOut(BaseModel):
     is_admin: bool
     notify: list[str] = Field(description="The notify URLs of your jobs that name none of their own.")
     has_webhook_secret: bool = Field(description="Whether a webhook signing secret exists (rotate to see one).")
+    max_priority: int = Field(0, description="The highest priority you may give a job.")
+    may_pin: bool = Field(False, description="Whether you may submit resources.preemptible false.")
+    quota: QuotaOut | None = Field(None, description="Your GPU-hour quota and use.")
+
+
+class UsageRowOut(BaseModel):
+    key: str = Field(description="The user name, the day (YYYY-MM-DD, UTC) or the GPU UUID.")
+    gpu_seconds: float = Field(description="memory fraction × seconds held, summed over the attempts.")
+    gpu_hours: float
+    attempts: int = Field(description="Attempts (or, by day, attempt-days) counted in the group.")
+
+
+class UsageOut(BaseModel):
+    """GET /v1/usage: GPU time from the jobs' recorded attempts."""
+
+    start: dt.datetime = Field(alias="from", serialization_alias="from")
+    end: dt.datetime = Field(alias="to", serialization_alias="to")
+    group_by: str
+    rows: list[UsageRowOut]
 
 
 class NotifyIn(_Body):
@@ -198,8 +229,11 @@ class JobOut(BaseModel):
     waiting_reason: str | None = Field(
         None,
         description="Why a queued job still waits, machine-readable: gpu_full, behind_earlier_job, "
-        "user_fraction_cap, gpu_draining, gpu_offline, unknown_gpu, no_worker_for_backend, queue_unreachable.",
+        "user_fraction_cap, gpu_draining, gpu_offline, unknown_gpu, no_worker_for_backend, queue_unreachable, "
+        "over_quota, 'preempting <jobs>' (lower-priority jobs are stopping for it), 'preempted_by <job>' (it was "
+        "stopped for that job: also shown while it is being stopped).",
     )
+    preemptions: int = Field(0, description="How often the job was preempted (each resumed; no attempt counted).")
     dispatch_note: str | None = Field(None, description="Why a queued job is still waiting, as a sentence.")
     estimated_start_at: dt.datetime | None = Field(
         None,
@@ -247,7 +281,8 @@ class JobOut(BaseModel):
             peak_gpu_memory_bytes=job.peak_gpu_memory_bytes,
             dispatched_at=job.dispatched_at,
             queue_position=job.queue_position if waiting else None,
-            waiting_reason=job.waiting_reason if waiting else None,
+            waiting_reason=job.waiting_reason if waiting or (job.state == RUNNING and job.preempted_by) else None,
+            preemptions=job.preemptions or 0,
             dispatch_note=job.dispatch_note if job.state == QUEUED else None,
             estimated_start_at=job.estimated_start_at if waiting else None,
             memory_fraction_auto=bool(job.memory_fraction_auto),

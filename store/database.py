@@ -7,7 +7,7 @@ with ``SELECT ... FOR UPDATE``. On SQLite the first statement of every writing t
 it takes the write lock (waiting out the busy timeout) instead of failing to upgrade a read snapshot.
 
 The methods live with their aggregate, one module each (users, datasets, jobs, notifications, dispatch,
-gpus, metrics, operations, studies), all on :class:`store.base.StoreBase`; this class composes them.
+gpus, metrics, operations, studies, usage), all on :class:`store.base.StoreBase`; this class composes them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from store.metrics import MetricsSnapshot, MetricsStore
 from store.notifications import NotificationsStore
 from store.operations import OperationsStore
 from store.studies import StudiesStore
+from store.usage import UsageStore
 from store.users import UsersStore
 
 __all__ = ["Database", "DispatchTxn", "JanitorReport", "JobPage", "MetricsSnapshot"]
@@ -35,6 +36,7 @@ class Database(
     MetricsStore,
     OperationsStore,
     StudiesStore,
+    UsageStore,
 ):
     """The job database. One per process; thread-safe (each method opens its own session).
 

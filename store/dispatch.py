@@ -76,6 +76,28 @@ class DispatchTxn:
             == 1
         )
 
+    def request_preemption(self, job_id: str, by: str, now: dt.datetime) -> bool:
+        """Ask a running job's supervisor to stop it for ``by`` (it polls ``preempted_by``); recorded as a
+        ``preempting`` event on the victim. False when it is no longer running, or already being stopped."""
+        changed = rowcount(
+            self.session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id, Job.state == RUNNING, Job.preempted_by.is_(None), Job.cancel_requested.is_(False)
+                )
+                .values(
+                    preempted_by=by,
+                    preempted_at=now,
+                    waiting_reason=f"preempted_by {by}",
+                    dispatch_note=f"stopping: preempted by {by}, a higher-priority job; it checkpoints and requeues",
+                )
+                .execution_options(synchronize_session=False)
+            )
+        )
+        if changed == 1:
+            self.append(self.session, job_id, {"event": "preempting", "by": by}, now)
+        return changed == 1
+
     def set_queue_info(
         self,
         job_id: str,

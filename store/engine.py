@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from store.errors import DatabaseUnavailable
 
 # How long PostgreSQL lets a session sit idle inside an open transaction before ending it.
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 10_000
@@ -47,3 +52,14 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a crash loses at most the last commit
     finally:
         cursor.close()
+
+
+@contextlib.contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection for read-only Core statements, outside any ORM session (a hot read path pays
+    for neither the session nor the identity map); database errors become :class:`DatabaseUnavailable`."""
+    try:
+        with engine.connect() as conn:
+            yield conn
+    except SQLAlchemyError as exc:
+        raise DatabaseUnavailable(f"job database error: {type(exc).__name__}: {exc}") from exc

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Select, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.states import (
@@ -22,6 +23,7 @@ from core.states import (
     TERMINAL_STATES,
 )
 from store.base import _CANCELLED_REASON, _NOT_WAITING, StoreBase, _state_event, rowcount
+from store.engine import reading
 from store.errors import ActiveJobLimit, UnknownDataset
 from store.tables import (
     Dataset,
@@ -30,6 +32,7 @@ from store.tables import (
     new_id,
     utcnow,
 )
+from store.usage import close_attempt, open_attempt
 
 
 @dataclass
@@ -126,6 +129,20 @@ class JobsStore(StoreBase):
                 query = query.where(Job.owner_id == owner_id)
             return s.scalar(query)
 
+    def read_job(self, job_id: str, owner_id: int | None = None) -> Job | None:
+        """``get_job`` for a reader that only looks (``GET /v1/jobs/<id>``): one prepared Core ``SELECT``
+        joined to the owner's name, with no session and no identity map (the ORM load costs twice as much
+        on SQLite), the row as a detached ``Job`` whose ``owner`` carries the id and name only."""
+        with reading(self.engine) as conn:
+            row = conn.execute(_read_job_query(owner_id is not None), {"job_id": job_id, "owner_id": owner_id}).first()
+        if row is None:
+            return None
+        values = row._asdict()
+        owner = User(id=values["owner_id"], name=values.pop("_owner_name"))
+        job = Job(**values)
+        job.owner = owner
+        return job
+
     def list_jobs(
         self,
         owner_id: int | None = None,
@@ -200,6 +217,7 @@ class JobsStore(StoreBase):
             "started_at": now,
             "lease_owner": owner,
             "lease_expires_at": now + dt.timedelta(seconds=lease_seconds),
+            "preempted_by": None,  # a preempted job starting again is no longer "preempted by" anyone
         }
         if gpu is not None:
             values["gpu"] = gpu
@@ -213,6 +231,8 @@ class JobsStore(StoreBase):
                 return None
             job = s.get(Job, job_id, populate_existing=True)
             assert job is not None
+            close_attempt(s, job_id, now, "lost")  # an expired lease taken over: its attempt ends here
+            open_attempt(s, job, now)
             self._append(s, job_id, {"event": "state", "state": RUNNING, "attempt": job.attempts, "gpu": gpu}, now)
             return job
 
@@ -239,6 +259,61 @@ class JobsStore(StoreBase):
         """Whether a cancel was asked for (poll it with each lease renewal)."""
         with self._begin() as s:
             return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+    def stop_request(self, job_id: str) -> tuple[bool, str | None]:
+        """What the supervisor's watch loop polls: whether a cancel was asked for, and the job the dispatcher
+        preempts this running job for (None: not preempted)."""
+        with self._begin() as s:
+            row = s.execute(select(Job.cancel_requested, Job.preempted_by, Job.state).where(Job.id == job_id)).first()
+        if row is None:
+            return False, None
+        return bool(row[0]), row[1] if row[2] == RUNNING else None
+
+    def requeue_preempted(
+        self,
+        job_id: str,
+        owner: str,
+        event: dict[str, Any],
+        *,
+        peak_gpu_memory_bytes: int | None = None,
+        now: dt.datetime | None = None,
+    ) -> str | None:
+        """Queue a preempted job again: its attempt is not counted (``attempts − 1``), ``preemptions + 1``,
+        ``preempted_by`` kept until it starts again, the ``preempted`` ``event`` recorded. A job whose cancel
+        was requested meanwhile is cancelled instead.
+
+        Returns:
+            The job's new state, or None when ``owner`` does not hold it.
+        """
+        now = now or utcnow()
+        held = and_(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
+        with self._begin() as s:
+            values: dict[str, Any] = {
+                "state": QUEUED,
+                "attempts": Job.attempts - 1,
+                "preemptions": Job.preemptions + 1,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "gpu": None,
+                "dispatched_at": None,
+                **_NOT_WAITING,
+            }
+            if peak_gpu_memory_bytes is not None:
+                values["peak_gpu_memory_bytes"] = peak_gpu_memory_bytes
+            changed = rowcount(
+                s.execute(
+                    update(Job)
+                    .where(held, Job.cancel_requested.is_(False))
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+            )
+            if changed != 1:
+                return self._release(s, job_id, now, "preempted", event.get("detail"), owner=owner)
+            close_attempt(s, job_id, now, "preempted")
+            self._append(s, job_id, event, now)
+            self._append(s, job_id, _state_event(QUEUED, "preempted", event.get("detail"), None), now)
+            return QUEUED
 
     def record_progress(self, job_id: str, progress: dict[str, Any], *, owner: str | None = None) -> bool:
         """Store the latest progress (epoch, loss, metrics, samples_per_s, eta_s) of a running job.
@@ -317,6 +392,7 @@ class JobsStore(StoreBase):
             ))
             if done != 1:
                 return False
+            close_attempt(s, job_id, now, state)
             self._append(s, job_id, _state_event(state, reason, detail, exit_code), now)
             return True
 
@@ -444,6 +520,8 @@ class JobsStore(StoreBase):
         """Move one running job out of its lease: expired (``owner`` None) or handed back by ``owner``."""
         held = and_(Job.id == job_id, Job.state == RUNNING)
         held = and_(held, Job.lease_owner == owner) if owner is not None else and_(held, Job.lease_expires_at < now)
+        # An expired lease's attempt ended when the lease did (at the latest), not when the janitor noticed.
+        ended = now if owner is not None else min(now, s.scalar(select(Job.lease_expires_at).where(held)) or now)
         cleared = {"lease_owner": None, "lease_expires_at": None}
         undispatched = {"gpu": None, "dispatched_at": None, **_NOT_WAITING}  # the dispatcher places it anew
         pruned = {"finished_at": now, "error_reason": Job.prune_reason, "error_detail": Job.prune_detail}
@@ -461,6 +539,7 @@ class JobsStore(StoreBase):
                 update(Job).where(held, condition).values(**values).execution_options(synchronize_session=False)
             ))
             if changed == 1:
+                close_attempt(s, job_id, ended, new_state)
                 event_reason = reason if new_state != CANCELLED else _CANCELLED_REASON
                 if new_state == PRUNED:  # the reason and detail the study driver gave (copied above)
                     pruned_reason, detail = s.execute(
@@ -487,3 +566,15 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
         return parsed, job_id
     except (ValueError, TypeError) as exc:
         raise ValueError(f"Expected a cursor from a previous page's next_cursor. Received: {cursor!r}") from exc
+
+
+@functools.cache
+def _read_job_query(by_owner: bool) -> Select[Any]:
+    """The statement of :meth:`JobsStore.read_job`, built once per process (building it costs more than running it)."""
+    jobs, users = Job.__table__, User.__table__
+    query = (
+        select(jobs, users.c.name.label("_owner_name"))
+        .join(users, users.c.id == jobs.c.owner_id)
+        .where(jobs.c.id == bindparam("job_id"))
+    )
+    return query.where(jobs.c.owner_id == bindparam("owner_id")) if by_owner else query

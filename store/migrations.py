@@ -60,9 +60,17 @@ def compare_type(
 ) -> bool | None:
     """Autogenerate's type comparison, knowing one harmless difference: the pre-Alembic steps added some
     timestamps as ``TIMESTAMP``, which SQLite keeps by name where a new table says ``DATETIME`` (the same
-    storage; SQLAlchemy's DateTime reads both)."""
+    storage; SQLAlchemy's DateTime reads both). And on SQLite a VARCHAR's length, which SQLite does not
+    enforce (revision 0008 lengthens ``jobs.waiting_reason`` on PostgreSQL only)."""
     if isinstance(metadata_type, sa.TypeDecorator):
         metadata_type = metadata_type.impl_instance
+    if (
+        context.dialect.name == "sqlite"
+        and isinstance(inspected_type, sa.String)
+        and isinstance(metadata_type, sa.String)
+        and inspected_type.length != metadata_type.length
+    ):
+        return False
     if isinstance(inspected_type, sa.DateTime) and isinstance(metadata_type, sa.DateTime):
         return False
     return None  # the default comparison

@@ -82,6 +82,11 @@ class User(Base):
     # as a webhook receiver needs the same key) and the URLs of jobs that name none of their own.
     webhook_secret: Mapped[str | None] = mapped_column(String(64))
     notify: Mapped[list[str] | None] = mapped_column(JSON)
+    # Whether this user may submit ``resources.preemptible: false`` (an admin sets it: ``--may-pin``).
+    may_pin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("FALSE"))
+    # GPU-hour quota (budget fraction × hours) per ``quota_period`` (week | month); None: no quota.
+    quota_gpu_hours: Mapped[float | None] = mapped_column(Float)
+    quota_period: Mapped[str | None] = mapped_column(String(8))
 
 
 class Dataset(Base):
@@ -139,7 +144,7 @@ class Job(Base):
     dispatch_note: Mapped[str | None] = mapped_column(String(300))
     # The queue explained (worker/dispatch.py writes them each pass while the job waits; cleared on dispatch).
     queue_position: Mapped[int | None] = mapped_column(Integer)
-    waiting_reason: Mapped[str | None] = mapped_column(String(32))
+    waiting_reason: Mapped[str | None] = mapped_column(String(120))
     estimated_start_at: Mapped[dt.datetime | None]
     # Memory sizing: whether gpuyard chose memory_fraction ("auto"), and what the measured peak suggests.
     memory_fraction_auto: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("FALSE"))
@@ -154,6 +159,12 @@ class Job(Base):
     trial_number: Mapped[int | None] = mapped_column(Integer)
     prune_reason: Mapped[str | None] = mapped_column(String(64))
     prune_detail: Mapped[str | None] = mapped_column(Text)
+    # Preemption (worker/preemption.py): how often the job was stopped for a higher-priority one (attempts not
+    # counted), the job it was last stopped for (set with the request; a running job with it set is being
+    # stopped; cleared when it starts again) and when that was asked.
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    preempted_by: Mapped[str | None] = mapped_column(String(32))
+    preempted_at: Mapped[dt.datetime | None]
 
     owner: Mapped[User] = relationship(lazy="joined")
 
@@ -193,6 +204,27 @@ class Study(Base):
     driver_until: Mapped[dt.datetime | None]
 
     owner: Mapped[User] = relationship(lazy="joined")
+
+
+class JobAttempt(Base):
+    """One attempt of a job on its GPU: opened with the lease, closed when the attempt ends (usage accounting).
+
+    Written in the same transactions as the job's state changes, so a restart of any process neither loses nor
+    double-counts usage: GPU-seconds are ``memory_fraction × (ended_at or now − started_at)``.
+    """
+
+    __tablename__ = "job_attempts"
+    __table_args__ = (Index("ix_job_attempts_started", "started_at"), Index("ix_job_attempts_owner", "owner_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    gpu: Mapped[str | None] = mapped_column(String(64))
+    memory_fraction: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[dt.datetime | None]
+    outcome: Mapped[str | None] = mapped_column(String(32))  # the job's state after it, or "preempted"
 
 
 class Gpu(Base):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 import secrets
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from store.base import StoreBase, rowcount
+from store.engine import reading
 from store.errors import UserExists
 from store.tables import (
     User,
@@ -17,6 +18,9 @@ from store.tables import (
 )
 
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_USER_FOR_TOKEN = select(User.__table__).where(
+    User.__table__.c.token_hash == bindparam("token_hash"), User.__table__.c.disabled.is_(False)
+)
 
 
 class UsersStore(StoreBase):
@@ -43,9 +47,14 @@ class UsersStore(StoreBase):
         return user, token
 
     def user_for_token(self, token: str) -> User | None:
-        """The user whose token this is, or None (also for a disabled user)."""
-        with self._begin() as s:
-            return s.scalar(select(User).where(User.token_hash == hash_token(token), User.disabled.is_(False)))
+        """The user whose token this is, or None (also for a disabled user).
+
+        Every API request asks this: one prepared Core ``SELECT`` without an ORM session (a third of the
+        ORM load's cost on SQLite); the user comes back detached, its columns loaded.
+        """
+        with reading(self.engine) as conn:
+            row = conn.execute(_USER_FOR_TOKEN, {"token_hash": hash_token(token)}).first()
+        return None if row is None else User(**row._asdict())
 
     def set_user_disabled(self, name: str, disabled: bool) -> User | None:
         """Disable a user (their token stops working at its next request) or enable them again; None if no
@@ -65,12 +74,15 @@ class UsersStore(StoreBase):
                 user.token_hash = hash_token(token)
         return (user, token) if user is not None else None
 
-    def set_max_priority(self, name: str, max_priority: int) -> User | None:
-        """Set the highest priority ``name`` may give a job; None when there is no such user."""
+    def set_max_priority(self, name: str, max_priority: int, *, may_pin: bool | None = None) -> User | None:
+        """Set the highest priority ``name`` may give a job, and (when given) whether they may submit
+        ``resources.preemptible: false``; None when there is no such user."""
         with self._begin() as s:
             user = s.scalar(select(User).where(User.name == name))
             if user is not None:
                 user.max_priority = max_priority
+                if may_pin is not None:
+                    user.may_pin = may_pin
             return user
 
     def rotate_webhook_secret(self, user_id: int) -> str | None:

@@ -66,7 +66,7 @@ RELEASED_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6)
 
 
 def rewind_schema(execute: Callable[[str], object], version: int) -> None:
-    """Make a database at Alembic's base revision (0006, ``store.migrations.upgrade(engine, BASE_REVISION)``)
+    """Make a database at Alembic's base revision (0006, ``downgrade_schema(engine, BASE_REVISION)``)
     look like home-made schema ``version`` (1-6): drop later versions' columns and tables, drop
     ``gpuyard_alembic_version`` and write the ``schema_version`` table old gpuyards kept. ``execute`` runs one SQL
     statement (a DB-API cursor's or ``exec_driver_sql``); SQLite or PostgreSQL."""

@@ -14,7 +14,7 @@ The policy, as the README states it:
 3. **FIFO last**: equal shares go by submission time, then id.
 
 Placement (which GPU, and the rule that a waiting job at the head of the line is not overtaken on its
-GPUs) is :func:`worker.dispatch.plan_dispatch`'s; this module only orders.
+GPUs) is :func:`worker.placement.plan_dispatch`'s; this module only orders.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core.atomicio import atomic_write_json
+from core.hostmem import trainer_memory_limit
 from core.names import MODEL_H5
 from core.settings import Settings
 from core.trainer import ops_argv
@@ -33,7 +34,6 @@ from store import Database, Operation
 from store.errors import JobDBError
 from worker import procs
 from worker.storage import Storage, operation_dir
-from worker.supervisor import trainer_memory_limit
 from worker.watchdog import HostMemoryWatchdog
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from models.data.summary import DatasetSummary
 from models.size import estimated_training_bytes, model_size
 from models.spec import UNSIZED_FRACTION, JobSpec, parse_spec
 from store import Database
-from worker.dispatch import GpuView
 from worker.gpus import context_allowance_bytes, fraction_for
+from worker.placement import GpuView
 
 _SAMPLES = 20
 

@@ -53,7 +53,8 @@ from models.spec import AUTO, parse_spec
 from store import Database, Job, Study
 from store.errors import JobDBError
 from store.tables import STUDY_ACTIVE
-from worker.dispatch import Dispatcher, DispatchReport, GpuView, never_fits
+from worker.dispatch import Dispatcher, DispatchReport
+from worker.placement import GpuView, never_fits
 from worker.sizing import auto_budget
 
 log = logging.getLogger(__name__)

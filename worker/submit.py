@@ -30,8 +30,9 @@ from models.fit import spec_data_problems
 from models.size import size_problems
 from models.spec import AUTO, JobSpec
 from store import Database, Dataset, Job, User, utcnow
-from worker.dispatch import GpuView, decide_queue, dispatch, never_fits
+from worker.dispatch import decide_queue, dispatch
 from worker.errors import QueueUnavailable, SubmitRefused
+from worker.placement import GpuView, never_fits
 from worker.queues import Sender
 from worker.sizing import AutoBudget, auto_budget
 from worker.storage import Storage
@@ -58,7 +59,7 @@ class Submission:
 
 @dataclass(frozen=True)
 class Proposal:
-    """A job not submitted yet, as the queue sees it (``worker.dispatch.QueuedJob``): no row, no id in the
+    """A job not submitted yet, as the queue sees it (``worker.placement.QueuedJob``): no row, no id in the
     job store; the dispatcher's pure decision places it beside the stored ones."""
 
     owner_id: int
@@ -68,6 +69,7 @@ class Proposal:
     queued_at: dt.datetime
     id: str = "proposed"
     gpu: str | None = None
+    preempted_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,8 @@ def check_submission(
     Raises:
         SpecError: the spec does not fit the data set (every reason).
         DataError: the data set refused with the spec's own keys.
-        SubmitRefused: the model is too large, the priority above the user's, no worker runs the backend,
-            or no GPU could ever hold the job.
+        SubmitRefused: the model is too large, the priority above the user's, a pin without may_pin, no
+            worker runs the backend, or no GPU could ever hold the job.
     """
     summary = _fits_dataset(spec, dataset, storage, check_dataset)
     size = size_problems(spec, list(summary.input_shape), summary.output_dim, settings)
@@ -111,6 +113,13 @@ def check_submission(
             "(gpuyard users set-priority) or submit at most that",
             field="priority",
             code="priority_too_high",
+        )
+    if not spec.resources.preemptible and not user.may_pin:
+        raise SubmitRefused(
+            "resources.preemptible false: you may not pin jobs against preemption; ask an admin "
+            "(gpuyard users set-priority NAME N --may-pin) or leave it true",
+            field="spec.resources.preemptible",
+            code="pin_not_allowed",
         )
     spec_json = spec.model_dump(mode="json")
     if spec_json["resources"]["max_runtime_s"] is None and settings.default_max_runtime_s:

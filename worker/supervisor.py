@@ -4,7 +4,7 @@
 
     take_lease ─ none: another delivery holds the job (or it is finished/cancelled) → return, do nothing
       │
-    stage: spec.json and the data set path; --resume when attempt > 1 and a checkpoint exists
+    stage: spec.json and the data set path; --resume when attempt > 1 or the job was preempted, and a checkpoint exists
       │
     start  python -m worker.trainer --out <storage>/jobs/<id>  (own process group, stdout piped,
       │    stderr appended to jobs/<id>/trainer.log, SIGTERM'd if this process dies)
@@ -43,13 +43,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from core.atomicio import atomic_write_json
 from core.exitcodes import ExitCode
+from core.hostmem import trainer_memory_limit
 from core.names import CHECKPOINT_DIR, CHECKPOINT_STATE, DATASET_SUMMARY_FILE, PID_FILE, SPEC_FILE, TRAINER_LOG
 from core.settings import Settings, get_settings
-from core.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
+from core.states import CANCELLED, FAILED, QUEUED
 from core.trainer import FAILED_EVENT, trainer_argv, trainer_command
 from models.spec import resources_of
 from store import Database, Job
@@ -66,11 +65,20 @@ from worker.gpus import (
 from worker.lease import LeaseKeeper, default_owner
 from worker.outcome import (
     HOST_MEMORY_EXCEEDED,
+    LEASE_LOST,
     MEMORY_BUDGET_EXCEEDED,
+    PREEMPTED,
+    PREEMPTED_EVENT,
     RESIZED_EVENT,
     TRAINER_KILLED,
+    AttemptEnd,
+    Decision,
+    LeaseLostDecision,
     Outcome,
-    classify_exit,
+    PreemptedDecision,
+    RequeueDecision,
+    ResizeDecision,
+    decide_outcome,
 )
 from worker.relay import EventPublisher, progress_of
 from worker.storage import LocalStorage, Storage
@@ -79,11 +87,6 @@ from worker.watchdog import HostMemoryWatchdog, MemoryWatchdog, hygiene_problem
 
 CANCELLED_REASON = ExitCode.CANCELLED.reason
 _HOST_MEMORY_INTERVAL_S = 0.5
-
-
-def trainer_memory_limit(settings: Settings) -> int:
-    """The host memory one trainer's process group may hold: the setting, else half of this host's."""
-    return settings.trainer_memory_bytes or psutil.virtual_memory().total // 2
 
 
 log = logging.getLogger(__name__)
@@ -130,6 +133,7 @@ class Supervisor:
         self.host_memory: HostMemoryWatchdog | None = None
         self.peak_rss_bytes = 0
         self.rewarm_backend: str | None = None  # the slot's next warm trainer, started after the first step
+        self.preempted_by: str | None = None  # the job the dispatcher stopped this one for (worker/preemption.py)
         self.keeper: LeaseKeeper | None = None
 
     # ── top level ──
@@ -179,7 +183,8 @@ class Supervisor:
             missing = "the job's data set was deleted or its file is missing from storage"
             return self._finish(job, FAILED, ExitCode.DATASET_INVALID.reason, missing, None)
         atomic_write_json(job_dir / SPEC_FILE, job.spec)
-        resume = job.attempts > 1 and (job_dir / CHECKPOINT_DIR / CHECKPOINT_STATE).is_file()
+        # A preempted job's attempt is not counted, so its next one may be attempt 1 again: it resumes too.
+        resume = (job.attempts > 1 or job.preemptions > 0) and (job_dir / CHECKPOINT_DIR / CHECKPOINT_STATE).is_file()
         # A trainer orphaned by a dead worker on this host may still be writing its checkpoint.
         stale = procs.stop_stale_trainer(job_dir / PID_FILE, self.settings.cancel_grace_s)
         if stale is not None:
@@ -225,9 +230,9 @@ class Supervisor:
             proc.stdout.close()
         (job_dir / PID_FILE).unlink(missing_ok=True)
         self._rewarm()
-        if self.watchdog is not None and self.watchdog.exceeded.is_set() and stop_reason != "lease_lost":
+        if self.watchdog is not None and self.watchdog.exceeded.is_set() and stop_reason != LEASE_LOST:
             stop_reason = MEMORY_BUDGET_EXCEEDED
-        elif self.host_memory.exceeded.is_set() and stop_reason != "lease_lost":
+        elif self.host_memory.exceeded.is_set() and stop_reason != LEASE_LOST:
             stop_reason = HOST_MEMORY_EXCEEDED
         self._check_hygiene(unaccounted_before)
 
@@ -239,94 +244,77 @@ class Supervisor:
             "trainer_pid": proc.pid,
             "exit_code": proc.returncode,
         }
-        if stop_reason == "lease_lost":
+        decision = decide_outcome(self._attempt_end(job, proc.returncode, stop_reason))
+        return self._apply(job, decision, base, proc.returncode)
+
+    def _attempt_end(self, job: Job, exit_code: int, stop_reason: str | None) -> AttemptEnd:
+        """The facts of the attempt's end that :func:`decide_outcome` decides on."""
+        settings, watchdog, host = self.settings, self.watchdog, self.host_memory
+        cancel_requested = False
+        if stop_reason != LEASE_LOST and exit_code != 0:
+            cancel_requested = self.db.is_cancel_requested(self.job_id)
+        killed = stop_reason is None and exit_code == -signal.SIGKILL
+        resized_before = (
+            watchdog is not None
+            and exit_code != 0
+            and any(e.event.get("event") == RESIZED_EVENT for e in self.db.events_since(self.job_id, 0))
+        )
+        return AttemptEnd(
+            exit_code=exit_code,
+            stop_reason=stop_reason,
+            failed_detail=(self.failed_event or {}).get("detail"),
+            cancel_requested=cancel_requested,
+            preempted_by=self.preempted_by,
+            gpu_watched=watchdog is not None,
+            gpu_peak_bytes=watchdog.peak_bytes if watchdog is not None else 0,
+            gpu_exceeded_bytes=watchdog.exceeded_bytes if watchdog is not None else None,
+            gpu_budget_bytes=watchdog.budget_bytes if watchdog is not None else None,
+            gpu_total_bytes=self.gpu_total_bytes,
+            host_exceeded_bytes=host.exceeded_bytes if host is not None else None,
+            host_limit_bytes=host.limit_bytes if host is not None else None,
+            peak_rss_bytes=self.peak_rss_bytes,
+            kills_in_a_row=self._kills_in_a_row() if killed else 0,
+            kills_before_oom=settings.trainer_kills_before_oom,
+            memory_fraction=resources_of(job.spec).fraction,
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            resized_before=resized_before,
+            allowance_bytes=context_allowance_bytes(settings),
+            memory_margin=settings.memory_margin,
+            fraction_limit=min(1.0 - settings.gpu_reserve_fraction, settings.max_gpu_fraction_per_user),
+        )
+
+    def _apply(self, job: Job, decision: Decision, base: dict[str, Any], exit_code: int) -> Outcome:
+        """Do what :func:`decide_outcome` decided."""
+        if isinstance(decision, LeaseLostDecision):
             log.warning("job %s: lease lost; trainer killed, nothing recorded", self.job_id)
-            return Outcome(**base, reason="lease_lost")
-        if stop_reason is None and proc.returncode != 0 and self.db.is_cancel_requested(self.job_id):
-            stop_reason = CANCELLED_REASON  # asked between our last poll and the trainer's exit
-        state, reason, detail = classify_exit(proc.returncode, stop_reason, self.failed_event)
-        if reason == MEMORY_BUDGET_EXCEEDED and self.watchdog is not None:
-            detail = (
-                f"the job held {_mib(self.watchdog.exceeded_bytes)} of GPU memory, over its budget of "
-                f"{_mib(self.watchdog.budget_bytes)} (memory_fraction × the GPU's total + "
-                f"{_mib(context_allowance_bytes(self.settings))} allowance); killed. Ask for a larger "
-                "resources.memory_fraction or make the model smaller"
-            )
-        if stop_reason == HOST_MEMORY_EXCEEDED:
-            detail = (
-                f"the trainer held {_mib(self.host_memory.exceeded_bytes)} of host memory, over its limit of "
-                f"{_mib(self.host_memory.limit_bytes)} (trainer_memory_bytes); killed. Make the model or "
-                "batch_size smaller"
-            )
-        if reason == TRAINER_KILLED and proc.returncode == -signal.SIGKILL:
-            kills = self._kills_in_a_row() + 1
-            if kills >= self.settings.trainer_kills_before_oom:
-                state, reason = FAILED, ExitCode.OUT_OF_MEMORY.reason
-                detail = (
-                    f"the trainer was killed by SIGKILL {kills} times in a row, most likely by the kernel's "
-                    f"OOM killer: the host ran out of memory. Its peak was {_mib(self.peak_rss_bytes)} of host "
-                    "memory; make the model or batch_size smaller"
-                )
-            else:
-                detail = f"{detail}; peak {_mib(self.peak_rss_bytes)} of host memory; resuming from the checkpoint"
-        if (
-            state == FAILED
-            and self.watchdog is not None
-            and (
-                reason == MEMORY_BUDGET_EXCEEDED
-                or (
-                    stop_reason is None
-                    and proc.returncode == ExitCode.OUT_OF_MEMORY
-                    and reason == ExitCode.OUT_OF_MEMORY.reason
-                )
-            )
-        ):
-            resized, detail = self._resize(job, detail)
-            if resized is not None:
-                return self._hand_back(base, reason, detail, spec=resized)
-        if state is None:
-            return self._hand_back(base, reason, detail)
-        outcome = self._finish(job, state, None if state == SUCCEEDED else reason, detail, proc.returncode)
+            return Outcome(**base, reason=LEASE_LOST)
+        if isinstance(decision, PreemptedDecision):
+            return self._preempted(job, decision, base)
+        if isinstance(decision, ResizeDecision):
+            self.db.append_event(self.job_id, decision.event())
+            resources = {**(job.spec.get("resources") or {}), "memory_fraction": decision.memory_fraction}
+            return self._hand_back(base, decision.reason, decision.detail, spec={**job.spec, "resources": resources})
+        if isinstance(decision, RequeueDecision):
+            return self._hand_back(base, decision.reason, decision.detail)
+        outcome = self._finish(job, decision.state, decision.reason, decision.detail, exit_code)
         return Outcome(**{**base, "state": outcome.state, "reason": outcome.reason, "detail": outcome.detail})
 
-    def _resize(self, job: Job, detail: str | None) -> tuple[dict[str, Any] | None, str | None]:
-        """A job that ran out of its GPU budget: its spec at the measured peak plus margin, once, when that
-        fits a GPU (else None), and the detail that says so or names the fraction to ask for."""
-        assert self.watchdog is not None
-        peak = max(self.watchdog.peak_bytes, self.watchdog.exceeded_bytes or 0)
-        total = self.gpu_total_bytes
-        if not peak or not total:
-            return None, detail
-        old = resources_of(job.spec).fraction
-        allowance = context_allowance_bytes(self.settings)
-        limit = min(1.0 - self.settings.gpu_reserve_fraction, self.settings.max_gpu_fraction_per_user)
-        # Stopped at its budget, the job may have wanted more than it reached: at least double, up to the limit.
-        new = max(fraction_for(peak, total, allowance, self.settings.memory_margin), min(2 * old, limit))
-        resized_before = any(e.event.get("event") == RESIZED_EVENT for e in self.db.events_since(self.job_id, 0))
-        if resized_before or new > limit + 1e-9 or job.attempts >= job.max_attempts:
-            if resized_before:
-                why = "it was resized once already"
-            elif new > limit + 1e-9:
-                why = f"more than a GPU's jobs may hold ({limit:g})"
-            else:
-                why = f"it has no attempts left ({job.attempts} of {job.max_attempts})"
-            return (
-                None,
-                f"{detail}; it needs memory_fraction ≥ {new:g}, {why}: ask for it, or make the model smaller",
-            )
-        spec = {**job.spec, "resources": {**(job.spec.get("resources") or {}), "memory_fraction": new}}
+    def _preempted(self, job: Job, decision: PreemptedDecision, base: dict[str, Any]) -> Outcome:
+        """Queue a preempted job again (its attempt not counted) with a ``preempted`` event."""
+        peak = self.watchdog.peak_bytes if self.watchdog is not None and self.watchdog.readings else None
         event = {
-            "event": RESIZED_EVENT,
-            "memory_fraction_from": old,
-            "memory_fraction": new,
-            "peak_gpu_memory_bytes": peak,
+            "event": PREEMPTED_EVENT,
+            "by": decision.by,
+            "attempt": job.attempts,
+            "epoch": self.progress.get("epoch"),
+            "detail": decision.detail,
         }
-        self.db.append_event(self.job_id, event)
-        return (
-            spec,
-            f"{detail}; requeued once at memory_fraction {new:g} (peak {_mib(peak)} + margin), resuming from "
-            "its checkpoint",
-        )
+        new_state = self.db.requeue_preempted(self.job_id, self.owner, event, peak_gpu_memory_bytes=peak or None)
+        if new_state == QUEUED and self.requeue is not None:
+            self.requeue(self.job_id)
+        log.info("job %s: preempted by %s, now %s", self.job_id, decision.by, new_state)
+        return Outcome(**base, state=new_state, reason=PREEMPTED, detail=decision.detail)
 
     def _start_trainer(self, argv: list[str], job: Job, job_dir: Path, resume: bool) -> subprocess.Popen[bytes]:
         """The job's trainer: the slot's warm one when it fits (worker/warm.py), else a cold start."""
@@ -469,18 +457,18 @@ class Supervisor:
             if stop_reason is None and keeper.expired():
                 # Fenced: past the lease (a frozen host waking up) the job may be another's; nothing more
                 # is relayed or recorded, and the trainer dies before it writes another checkpoint.
-                stop_reason = "lease_lost"
+                stop_reason = LEASE_LOST
                 procs.signal_group(proc.pid, signal.SIGKILL)
             if item is procs.EOF:
                 eof = True
-            elif item is not None and stop_reason != "lease_lost":
+            elif item is not None and stop_reason != LEASE_LOST:
                 self._relay(item)
             now = time.monotonic()
             if now >= next_poll:
                 next_poll = now + poll
                 if stop_reason is None:
                     stop_reason = self._stop_reason(keeper, deadline, now)
-                    if stop_reason in ("lease_lost", MEMORY_BUDGET_EXCEEDED):
+                    if stop_reason in (LEASE_LOST, MEMORY_BUDGET_EXCEEDED):
                         procs.signal_group(proc.pid, signal.SIGKILL)  # someone else may own the job now
                     elif stop_reason is not None:
                         log.info("job %s: stopping trainer (%s)", self.job_id, stop_reason)
@@ -500,22 +488,26 @@ class Supervisor:
                 item = events.get_nowait()
             except queue.Empty:
                 break
-            if item is not procs.EOF and stop_reason != "lease_lost":
+            if item is not procs.EOF and stop_reason != LEASE_LOST:
                 self._relay(item)
         return stop_reason
 
     def _stop_reason(self, keeper: LeaseKeeper, deadline: float | None, now: float) -> str | None:
         if keeper.expired():
-            return "lease_lost"
+            return LEASE_LOST
         if self.watchdog is not None and self.watchdog.exceeded.is_set():
             return MEMORY_BUDGET_EXCEEDED  # the watchdog already killed the group
         if self.host_memory is not None and self.host_memory.exceeded.is_set():
             return HOST_MEMORY_EXCEEDED  # the host-memory watchdog already killed the group
         try:
-            if self.db.is_cancel_requested(self.job_id):
+            cancel, preempted_by = self.db.stop_request(self.job_id)
+            if cancel:
                 return CANCELLED_REASON
+            if preempted_by is not None:
+                self.preempted_by = preempted_by
+                return PREEMPTED
         except JobDBError as exc:
-            log.warning("job %s: cannot read the cancel flag: %s", self.job_id, exc)
+            log.warning("job %s: cannot read the cancel and preempt flags: %s", self.job_id, exc)
         if deadline is not None and now >= deadline:
             return "time_limit"
         return None
@@ -580,7 +572,7 @@ class Supervisor:
             )
         ):
             log.warning("job %s: lease lost before the result could be recorded", self.job_id)
-            return Outcome(self.job_id, ran=True, reason="lease_lost", attempt=job.attempts, exit_code=exit_code)
+            return Outcome(self.job_id, ran=True, reason=LEASE_LOST, attempt=job.attempts, exit_code=exit_code)
         log.info("job %s: %s%s", self.job_id, state, f" ({reason})" if reason else "")
         return Outcome(
             self.job_id,
@@ -626,10 +618,6 @@ class Supervisor:
         for stored in self.db.events_since(self.job_id, self.published_seq):
             self.publisher.publish(self.job_id, {"seq": stored.seq, **stored.event})
             self.published_seq = stored.seq
-
-
-def _mib(value: int | None) -> str:
-    return f"{(value or 0) / 2**20:.0f} MiB"
 
 
 # ── entry point ───────────────────────────────────────────────────────────────────────────────────────

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
 Role = Literal["x_train", "y_train", "x_val", "y_val", "x_test", "y_test"]
 TargetKind = Literal["integer_labels", "one_hot", "regression"]
@@ -21,7 +21,7 @@ class DataKeys(BaseModel):
     y_val: str = "Y_val"
     x_test: str = "X_test"
     y_test: str = "Y_test"
-    num_classes: int | None = Field(
+    num_classes: Annotated[int, Strict()] | None = Field(  # strict: "10" is not 10 (the job spec's data keys)
         None, ge=2, description="Declared number of classes; labels must lie in [0, num_classes)."
     )
 

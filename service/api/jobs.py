@@ -25,8 +25,8 @@ from service.principal import acting_user
 from service.schemas import DryRunOut, JobCreate, JobListOut, JobListQuery, JobOut, PlacementOut
 from service.streams import EventHub, StreamedEvent
 from store import Database, Job
-from worker.dispatch import gpu_views
 from worker.notify import url_problems
+from worker.placement import gpu_views
 from worker.submit import check_submission, dry_run_report, submit_job, would_start
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -107,14 +107,29 @@ def index() -> Response:
     except ValueError as exc:
         raise Unprocessable(str(exc), field="cursor") from exc
     jobs = [job_out(j) for j in page.jobs]
-    return respond(JobListOut(jobs=jobs, next_cursor=page.next_cursor))
+    return conditional(respond(JobListOut(jobs=jobs, next_cursor=page.next_cursor)))
 
 
 @bp.get("/<job_id>")
 @documented("getJob", summary="One job", responses={200: JobOut}, errors=(401, 404))
 def show(job_id: str) -> Response:
-    """One job: state, attempts, progress, error; while it waits for a GPU, its place in the queue."""
-    return respond(job_out(visible_job(job_id)))
+    """One job: state, attempts, progress, error; while it waits for a GPU, its place in the queue.
+
+    The answer carries an ``ETag``; a poller that sends it back in ``If-None-Match`` gets ``304 Not
+    Modified`` with no body while the job is unchanged.
+    """
+    job = services().db.read_job(job_id, visible_owner_id())
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return conditional(respond(job_out(job)))
+
+
+def conditional(response: Response) -> Response:
+    """``response`` with a strong ``ETag`` (SHA-1 of the body), or ``304 Not Modified`` when the request's
+    ``If-None-Match`` names it: the body is what the client already has, so any change to the job shows."""
+    response.add_etag()
+    response.make_conditional(request)  # turns it into the 304 in place when If-None-Match names the ETag
+    return response
 
 
 def job_out(job: Job) -> JobOut:

@@ -26,7 +26,8 @@ from service.errors import NotFound, Unprocessable
 from service.extensions import services
 from service.schemas import PlacementOut, StudyDryRunOut, StudyListOut, StudyOut, TrialOut
 from store import Dataset, Job, Study, utcnow
-from worker.dispatch import GpuView, decide_queue, dispatch, gpu_views, never_fits
+from worker.dispatch import decide_queue, dispatch
+from worker.placement import GpuView, gpu_views, never_fits
 from worker.studies import advance_studies
 from worker.trials import StudyView, TrialView, study_view
 

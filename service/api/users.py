@@ -1,4 +1,4 @@
-"""/v1/users/me: the caller's notification defaults and webhook signing secret."""
+"""/v1/users/me: the caller's notification defaults, webhook signing secret, priority and GPU-hour quota."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from service.api.declare import documented
 from service.auth import authenticate, current_user
 from service.errors import Unprocessable
 from service.extensions import services
-from service.schemas import NotifyIn, UserOut, WebhookSecretOut
+from service.schemas import NotifyIn, QuotaOut, UserOut, WebhookSecretOut
 from store import User
 from worker.notify import SIGNATURE_HEADER, url_problems
 
@@ -18,11 +18,20 @@ bp.before_request(authenticate)
 
 
 def _out(user: User) -> UserOut:
+    quota = services().db.quota_of(user)
     return UserOut(
         name=user.name,
         is_admin=user.is_admin,
         notify=list(user.notify or []),
         has_webhook_secret=bool(user.webhook_secret),
+        max_priority=user.max_priority,
+        may_pin=bool(user.may_pin),
+        quota=QuotaOut(
+            gpu_hours=quota.gpu_hours,
+            period=quota.period,
+            used_gpu_hours=round(quota.used_gpu_hours, 6),
+            over_quota=quota.over,
+        ),
     )
 
 
@@ -31,7 +40,7 @@ def _out(user: User) -> UserOut:
     "getMe", summary="Your account: default notify URLs, whether a webhook secret exists", responses={200: UserOut}
 )
 def me() -> Response:
-    """Your account: name, admin flag, default notify URLs, whether a webhook secret exists."""
+    """Your account: name, admin flag, default notify URLs, whether a webhook secret exists, priority, quota."""
     user = services().db.get_user(current_user().id) or current_user()
     return respond(_out(user))
 

@@ -405,3 +405,32 @@ def test_every_family_reloads_from_h5_in_a_fresh_interpreter(tmp_path: Path) -> 
         assert result["compiled"] and result["optimizer"] == expected[name], (name, result)
     assert "mean_squared_error" in results["mlp_mse"]["loss"]
     assert "sparse_categorical_crossentropy" in results["cnn"]["loss"]
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {"family": "highway", "depth": 100, "width": 4},
+        {"family": "resnet", "variant": "dense", "blocks": 100, "width": 4},
+    ],
+    ids=["highway", "resnet"],
+)
+def test_a_graph_deeper_than_the_recursion_limit_builds_saves_and_loads(arch: dict[str, Any], tmp_path: Path) -> None:
+    """Depth at GPUYARD_MAX_MODEL_DEPTH (1000 blocks, ~5000-10000 nodes) once ended in RecursionError:
+    Keras walks the graph one frame per node. Scaled down here: a limit of 120 frames, 100 blocks.
+    """
+    from worker.trainer.modelops import load_model  # the ops' loader, under the same allowance
+
+    summary = DatasetSummary(
+        sha256="0" * 64, size_bytes=1, keys=DataKeys(), arrays={}, rows={"train": 8}, input_shape=[4],
+        target="integer_labels", num_classes=3, classes=[0, 1, 2], output_dim=3,
+    )  # fmt: skip
+    saved = sys.getrecursionlimit()
+    sys.setrecursionlimit(120)
+    try:
+        model = build_model(parse_spec({"architecture": arch}), summary)
+        model.save(tmp_path / "model.h5")
+        sys.setrecursionlimit(120)
+        assert load_model(tmp_path / "model.h5").count_params() == model.count_params()
+    finally:
+        sys.setrecursionlimit(saved)

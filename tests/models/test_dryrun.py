@@ -147,3 +147,27 @@ def test_keras_json_refusal_is_an_error_not_an_exception() -> None:
     }
     result = dry_run({"architecture": {"family": "keras_json", "model_json": model_json}}, summary_for([64]))
     assert result["ok"] is False and "'evil'" in result["errors"][0]["detail"]
+
+
+def test_the_dry_run_reports_the_submit_estimate_for_keras_json() -> None:
+    """Submit (models.size, no Keras) and the dry run (the built model) give one memory number."""
+    import json
+
+    import keras
+
+    from models.size import estimated_training_bytes, model_size
+    from models.spec import parse_spec
+
+    inputs = keras.Input((16, 4))
+    attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(inputs, inputs)
+    normed = keras.layers.LayerNormalization()(keras.layers.Dense(32)(attended))
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.GlobalAveragePooling1D()(normed))
+    model_json = json.loads(keras.Model(inputs, outputs).to_json())
+    spec = {"architecture": {"family": "keras_json", "model_json": model_json}, "training": {"batch_size": 8}}
+    result = dry_run(spec, summary_for([16, 4]))
+    assert result["ok"] is True, result["errors"]
+    size = model_size(parse_spec(spec), [16, 4], 10)
+    assert size is not None and size.parameters == result["parameters"]["total"]
+    assert result["memory_estimate_bytes"]["total"] == estimated_training_bytes(parse_spec(spec), size)
+    # the attention scores (2 heads × 16 × 16, and their softmax) are in it, though no layer outputs them
+    assert result["memory_estimate_bytes"]["activations_per_batch"] >= 2 * 8 * 4 * (2 * 2 * 16 * 16)

@@ -225,3 +225,70 @@ def test_output_export_names_each_format_once() -> None:
     spec = parse_spec({**copy.deepcopy(MLP), "output": {"export": ["saved_model", "onnx", "saved_model"]}})
     assert spec.output.export == ["saved_model", "onnx"]
     assert parse_spec(copy.deepcopy(MLP)).output.export == []
+
+
+_HIGHWAY = {"family": "highway", "depth": 2, "width": 8}
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"architecture": {**_HIGHWAY, "transform_bias": float("nan")}}, "architecture.transform_bias"),
+        ({"architecture": {**_HIGHWAY, "transform_bias": float("-inf")}}, "architecture.transform_bias"),
+        (
+            {"architecture": _HIGHWAY, "training": {"optimizer": {"name": "adam", "learning_rate": float("inf")}}},
+            "training.optimizer.learning_rate",
+        ),
+        (
+            {"architecture": _HIGHWAY, "training": {"early_stopping": {"min_delta": float("nan")}}},
+            "training.early_stopping.min_delta",
+        ),
+        ({"architecture": {**_HIGHWAY, "leaky_relu_slope": float("nan")}}, "architecture.leaky_relu_slope"),
+        ({"architecture": _HIGHWAY, "resources": {"memory_fraction": float("nan")}}, "resources.memory_fraction"),
+    ],
+    ids=["bias-nan", "bias-inf", "lr-inf", "min-delta-nan", "slope-nan", "fraction-nan"],
+)
+def test_nan_and_infinity_are_refused_for_every_float(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(spec)
+    assert [p.field for p in caught.value.problems] == [field]
+    assert "finite number" in caught.value.problems[0].detail
+
+
+def test_nan_in_the_json_text_is_refused_too() -> None:
+    text = '{"architecture": {"family": "highway", "depth": 2, "width": 8, "transform_bias": NaN}}'
+    with pytest.raises(SpecError):
+        parse_spec(json.loads(text))  # Python's json reads NaN; the API's body parser is json.loads
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"architecture": {**_HIGHWAY, "depth": "12"}}, "architecture.depth"),
+        ({"architecture": {**_HIGHWAY, "transform_bias": "-2"}}, "architecture.transform_bias"),
+        ({"architecture": _HIGHWAY, "training": {"epochs": "12"}}, "training.epochs"),
+        ({"architecture": _HIGHWAY, "training": {"batch_size": 12.0}}, "training.batch_size"),
+        ({"architecture": _HIGHWAY, "training": {"shuffle": "yes"}}, "training.shuffle"),
+        ({"architecture": _HIGHWAY, "training": {"epochs": True}}, "training.epochs"),
+        ({"architecture": _HIGHWAY, "resources": {"memory_fraction": "0.5"}}, "resources.memory_fraction"),
+        ({"architecture": {"family": "mlp", "widths": ["16"]}}, "architecture.widths.0"),
+        ({"architecture": _HIGHWAY, "data": {"num_classes": "10"}}, "data.num_classes"),
+    ],
+    ids=["depth", "bias", "epochs", "batch-float", "shuffle", "epochs-bool", "fraction", "widths", "num-classes"],
+)
+def test_strings_and_bools_are_not_coerced_into_numbers(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(spec)
+    assert [p.field for p in caught.value.problems] == [field]
+
+
+def test_ints_are_still_accepted_for_floats() -> None:
+    spec = parse_spec(
+        {
+            "architecture": {**_HIGHWAY, "transform_bias": -2},
+            "training": {"optimizer": {"name": "sgd", "learning_rate": 1, "momentum": 0}},
+            "resources": {"memory_fraction": 1},
+        }
+    )
+    assert spec.architecture.transform_bias == -2.0  # type: ignore[union-attr]
+    assert spec.resources.fraction == 1.0

@@ -13,9 +13,12 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from core.errors import SpecError
+from core.hostmem import trainer_memory_limit
 from models.data.sandbox import check_file
 from models.data.summary import DatasetSummary
+from service.app import create_app
 from service.checks import trainer_dry_run
+from service.extensions import services
 
 
 @dataclass
@@ -93,3 +96,26 @@ def test_an_example_dry_run_passes_under_the_default_memory_limit(  # type: igno
         spec, digits_h5, digits_summary, timeout_s=120, memory_bytes=settings.dry_run_memory_bytes
     )
     assert result["report"]["ok"] is True and result["report"]["parameters"]["total"] > 0
+
+
+@pytest.mark.slow
+def test_a_dry_run_past_a_trainers_host_memory_limit_is_killed_and_named(
+    digits_h5: Path, digits_summary: DatasetSummary
+) -> None:
+    """The dry-run child is watched as a trainer is (RSS of its process group, core.hostmem's limit)."""
+    spec = {"architecture": {"family": "highway", "depth": 2, "width": 64}}
+    limit = 100 * 2**20  # importing the framework alone takes more
+    with pytest.raises(SpecError) as caught:
+        trainer_dry_run(spec, digits_h5, digits_summary, timeout_s=120, host_memory_bytes=limit)
+    [problem] = caught.value.problems
+    assert problem.code == "dry_run_out_of_memory"
+    assert f"{limit:,} bytes" in problem.detail and "GPUYARD_TRAINER_MEMORY_BYTES" in problem.detail
+
+
+def test_the_api_gives_the_dry_run_a_trainers_host_memory_limit(settings, queue) -> None:  # type: ignore[no-untyped-def]
+    app = create_app(
+        {"TESTING": True, "GPUYARD_SETTINGS": settings, "GPUYARD_JOB_QUEUE": queue, "GPUYARD_OPERATION_QUEUE": queue}
+    )  # no GPUYARD_DRY_RUNNER: the real one
+    with app.app_context():
+        runner = services().dry_run.runner
+    assert runner.keywords["host_memory_bytes"] == trainer_memory_limit(settings)  # type: ignore[attr-defined]

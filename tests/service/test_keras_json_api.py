@@ -57,3 +57,35 @@ def test_foreign_and_malformed_configs_get_422_at_submit(  # type: ignore[no-unt
     assert body["problems"][0]["code"] == code
     assert body["problems"][0]["field"] == "spec.architecture.model_json"
     assert queue.sent == []
+
+
+def _two_inputs() -> str:
+    first, second = keras.Input((64,), name="a"), keras.Input((64,), name="b")
+    return keras.Model([first, second], keras.layers.Dense(10)(keras.layers.Add()([first, second]))).to_json()
+
+
+def _wrong_output() -> str:
+    inputs = keras.Input((64,))
+    return keras.Model(inputs, keras.layers.Dense(3)(inputs)).to_json()
+
+
+def _wrong_input() -> str:
+    inputs = keras.Input((32,))
+    return keras.Model(inputs, keras.layers.Dense(10)(inputs)).to_json()
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "words"),
+    [
+        (_two_inputs, "keras_json_invalid", "one input and one output"),
+        (_wrong_output, "output_mismatch", "[10]"),
+        (_wrong_input, "input_shape_mismatch", "[64]"),
+    ],
+    ids=["two-inputs", "output", "input"],
+)
+def test_what_the_trainer_would_refuse_is_refused_at_submit(  # type: ignore[no-untyped-def]
+    client, tokens: Tokens, dataset_id: str, queue: FakeQueue, make: Any, code: str, words: str
+) -> None:
+    body = assert_error_body(_submit(client, tokens.alice, dataset_id, make()), 422, "spec_invalid")
+    assert body["problems"][0]["code"] == code and words in body["problems"][0]["detail"]
+    assert queue.sent == []

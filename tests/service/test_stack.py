@@ -138,7 +138,7 @@ def test_api_execs_gunicorn_with_gevent_workers_and_the_app_factory(monkeypatch:
 
 
 def test_up_refuses_an_old_data_dir_until_gpuyard_db_upgrade_keeps_its_jobs(tmp_path: Path) -> None:
-    from support import rewind_schema
+    from support import downgrade_schema, rewind_schema
 
     from core.settings import Settings
     from store import BASE_REVISION, Database
@@ -146,10 +146,11 @@ def test_up_refuses_an_old_data_dir_until_gpuyard_db_upgrade_keeps_its_jobs(tmp_
 
     data_dir = tmp_path / "old"
     old = Database(Settings(data_dir=data_dir).database_url)  # as the release before Alembic left it
-    upgrade(old.engine, BASE_REVISION)
+    upgrade(old.engine)
     user, token = old.create_user("alice")
     dataset, _ = old.add_dataset(user.id, "ab" * 32, 123, {"rows": {"train": 7}}, "datasets/ab/x.h5")
     job = old.create_job(user.id, dataset.id, {"architecture": {"family": "mlp"}}, max_active=5, max_attempts=3)
+    downgrade_schema(old.engine, BASE_REVISION)
     with old.engine.begin() as conn:
         rewind_schema(conn.exec_driver_sql, 6)
     old.dispose()

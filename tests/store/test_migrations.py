@@ -127,8 +127,8 @@ def test_processes_starting_together_create_an_empty_database_once(db: Database)
 
 
 def _schema_of(db: Database) -> str | None:
-    """The PostgreSQL schema the fixture made (None on SQLite). Not parsed from the URL: it is in the
-    engine's connect_args, so each thread above would otherwise have used ``public``."""
+    # The fixture's fresh schema (make_engine passes it in connect_args, not in the URL). Not finding it would
+    # send the four processes to the shared database's public schema, whatever another run left there.
     if db.engine.dialect.name != "postgresql":
         return None
     with db.engine.connect() as conn:

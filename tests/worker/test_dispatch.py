@@ -13,19 +13,18 @@ import pytest
 from core.settings import Settings
 from core.states import QUEUED
 from store import Database, utcnow
-from worker.dispatch import (
+from worker.dispatch import dispatch, recover_stale
+from worker.gpus import GiB, fake_uuid
+from worker.placement import (
     BEHIND_EARLIER_JOB,
     GPU_FULL,
     USER_FRACTION_CAP,
     GpuView,
     Ticket,
-    dispatch,
     gpu_views,
     never_fits,
     plan_dispatch,
-    recover_stale,
 )
-from worker.gpus import GiB, fake_uuid
 
 CPU_QUEUE = "test.cpu"
 

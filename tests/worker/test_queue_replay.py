@@ -16,9 +16,12 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings
-from store import Database, database
-from worker.dispatch import GpuView, dispatch, gpu_views
+from core.states import QUEUED
+from store import Database
+from store import jobs as job_store
+from worker.dispatch import dispatch
 from worker.gpus import GiB, fake_uuid
+from worker.placement import GpuView, gpu_views
 
 T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
 GPUS = 2
@@ -83,7 +86,7 @@ class Lab:
 
 def test_a_lab_day_is_packed_fair_bounded_and_forecast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     serial = itertools.count()  # ids in submission order: the replay is the same every run
-    monkeypatch.setattr(database, "new_id", lambda prefix: f"{prefix}_{next(serial):012d}")
+    monkeypatch.setattr(job_store, "new_id", lambda prefix: f"{prefix}_{next(serial):012d}")
     lab = Lab(tmp_path)
     trace = lab_day()
     ends: list[tuple[float, str]] = []  # (time, job id)
@@ -206,3 +209,176 @@ def test_a_lab_day_is_packed_fair_bounded_and_forecast(tmp_path: Path, monkeypat
     assert all(w <= b for w, b in zip(waits, bounds, strict=True))
     assert statistics.median(settled_errors) <= 0.25
     lab.db.dispose()
+
+
+# ── with preemption: priority-2 jobs arriving while low-priority work fills both GPUs ────────────────
+URGENT_USER = "eve"
+BATCHES_PER_EPOCH = 100
+JANITOR_S = 30.0
+
+
+def urgent_jobs(seed: int = 11) -> list[Submission]:
+    """Ten priority-2 whole-GPU jobs of 5–10 minutes (a deadline's runs), one every 20 minutes from the second
+    hour: the GPUs are full of the morning's sweeps by then, and a whole GPU frees only when all its jobs end."""
+    rng = random.Random(seed)
+    return [Submission(3600.0 + 1200.0 * i, URGENT_USER, 2, 1.0, 2, rng.uniform(300, 600)) for i in range(10)]
+
+
+@dataclass
+class Replayed:
+    """What one replay measured."""
+
+    waits: dict[str, float]  # job id → seconds from submit to (first) start
+    urgent: set[str]
+    shares: dict[str, float]
+    utilisation: float
+    preemptions: list[tuple[str, float, float]] = field(default_factory=list)  # (victim, time, run before it)
+    retrained_batches: list[int] = field(default_factory=list)  # per preemption, the trainer's resume
+
+
+def _submit(lab: Lab, sub: Submission, when: dt.datetime) -> str:
+    spec = {"resources": {"gpu": "any", "memory_fraction": sub.fraction}, "training": {"epochs": sub.kind + 1}}
+    spec["architecture"] = {"family": "mlp"}
+    user, dataset = lab.users[sub.user], lab.datasets[sub.user, sub.kind]
+    return lab.db.create_job(user, dataset, spec, max_active=1000, max_attempts=3, priority=sub.priority, now=when).id
+
+
+def replay(lab: Lab, trace: list[Submission], settings: Settings) -> Replayed:
+    """Replay ``trace`` through the real dispatcher; a victim's supervisor stops it at once (SIGTERM →
+    checkpoint → requeued), and its resume continues from the weights it reached."""
+    ends: list[tuple[float, str]] = []
+    info: dict[str, dict] = {}
+    on_gpu: dict[str, dict[str, float]] = defaultdict(dict)
+    fraction_seconds = 0.0
+    got: dict[str, float] = defaultdict(float)
+    clock = 0.0
+    pending = list(trace)
+    out = Replayed({}, set(), {}, 0.0)
+    at = lambda seconds: T0 + dt.timedelta(seconds=seconds)  # noqa: E731
+
+    def run_pass(now: float) -> None:
+        sent: list[tuple[str, str]] = []
+        dispatch(lab.db, settings, lab.gpus(), lambda j, q: sent.append((j, q)), now=at(now))
+        for job_id, _queue in sent:
+            job = lab.db.get_job(job_id)
+            assert lab.db.take_lease(job_id, "w", 10**6, gpu=job.gpu, now=at(now))
+            i = info[job_id]
+            i.setdefault("first_start", now)
+            i["start"], i["gpu"] = now, job.gpu
+            on_gpu[job.gpu][job_id] = i["fraction"]
+            heapq.heappush(ends, (now + i["left"], job_id))
+
+    def stop_victims(now: float) -> bool:
+        stopped = False
+        for uuid, jobs in on_gpu.items():
+            for job_id in list(jobs):
+                if lab.db.stop_request(job_id)[1] is None:
+                    continue
+                i = info[job_id]
+                ran = now - i["start"]
+                done = i["seconds"] - i["left"] + ran  # the seconds of training behind it
+                per_batch = i["seconds"] / (i["epochs"] * BATCHES_PER_EPOCH)
+                batches = int(done // per_batch)
+                # The trainer checkpoints at the current batch and its resume re-runs the interrupted epoch
+                # from the weights reached: the batches of that epoch already done are trained again.
+                retrained = batches % BATCHES_PER_EPOCH
+                i["left"] = i["seconds"] - (batches - retrained) * per_batch
+                out.preemptions.append((job_id, now, ran))
+                out.retrained_batches.append(retrained)
+                event = {"event": "preempted", "by": lab.db.stop_request(job_id)[1], "detail": "replay"}
+                assert lab.db.requeue_preempted(job_id, "w", event, now=at(now)) == QUEUED
+                del on_gpu[uuid][job_id]
+                i["stopped"] = i.get("stopped", 0) + 1
+                stopped = True
+        return stopped
+
+    while pending or ends:
+        # The janitor's pass every JANITOR_S while a priority-2 job waits (both modes alike): a waiting job's
+        # preempt_after_s runs out between two job ends.
+        urgent_waiting = any("start" not in info[j] for j in out.urgent)
+        tick = clock + JANITOR_S if urgent_waiting else float("inf")
+        now = min(pending[0].at if pending else float("inf"), ends[0][0] if ends else float("inf"), tick)
+        fraction_seconds += sum(sum(jobs.values()) for jobs in on_gpu.values()) * (now - clock)
+        waiting_users = {i["user"] for i in info.values() if "first_start" not in i}
+        if set(USERS) <= waiting_users:
+            for jobs in on_gpu.values():
+                for job_id, fraction in jobs.items():
+                    got[info[job_id]["user"]] += fraction * (now - clock)
+        clock = now
+        while pending and pending[0].at == now:
+            sub = pending.pop(0)
+            job_id = _submit(lab, sub, at(now))
+            info[job_id] = {"user": sub.user, "submit": now, "fraction": sub.fraction, "seconds": sub.seconds}
+            info[job_id].update(left=sub.seconds, epochs=sub.kind + 1)
+            if sub.user == URGENT_USER:
+                out.urgent.add(job_id)
+        while ends and ends[0][0] == now:
+            _, job_id = heapq.heappop(ends)
+            i = info[job_id]
+            if job_id not in on_gpu.get(i.get("gpu") or "", {}) or abs(i["start"] + i["left"] - now) > 1e-6:
+                continue  # an end scheduled before the job was preempted
+            assert lab.db.finish_job(job_id, "w", "succeeded", now=at(now))
+            del on_gpu[i["gpu"]][job_id]
+            i["done"] = True
+        for jobs in on_gpu.values():
+            for job_id in jobs:
+                i = info[job_id]
+                lab.db.record_progress(job_id, {"stage": "training", "eta_s": i["start"] + i["left"] - now})
+        run_pass(now)
+        if stop_victims(now):
+            run_pass(now)  # the supervisor's dispatch after the victims' release places the preemptor
+        for uuid, jobs in on_gpu.items():
+            assert sum(jobs.values()) <= 1.0 + 1e-9 and len(jobs) <= SLOTS, f"GPU {uuid} over-committed: {jobs}"
+    assert all(i.get("done") for i in info.values())
+    out.waits = {job_id: i["first_start"] - i["submit"] for job_id, i in info.items()}
+    equal = sum(got[u] for u in USERS) / len(USERS)
+    out.shares = {u: got[u] / equal for u in USERS}
+    out.utilisation = fraction_seconds / (GPUS * clock)  # the clock stopped at the last end: the makespan
+    return out
+
+
+@pytest.mark.slow
+def test_preemption_cuts_urgent_waits_without_costing_shares_or_utilisation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trace = sorted(lab_day() + urgent_jobs())
+    results = {}
+    for mode in ("off", "on"):
+        serial = itertools.count()
+        monkeypatch.setattr(job_store, "new_id", lambda prefix, serial=serial: f"{prefix}_{next(serial):012d}")
+        lab = Lab(tmp_path / mode)
+        user, _ = lab.db.create_user(URGENT_USER)
+        lab.db.set_max_priority(URGENT_USER, 2)
+        lab.users[URGENT_USER] = user.id
+        dataset, _ = lab.db.add_dataset(user.id, "e".ljust(64, "0"), 1, {}, "k/eve")
+        lab.datasets[URGENT_USER, 2] = dataset.id
+        settings = lab.settings.model_copy(update={"preemption": mode == "on"})
+        results[mode] = replay(lab, trace, settings)
+        lab.db.dispose()
+    off, on = results["off"], results["on"]
+    p95 = {m: statistics.quantiles([r.waits[j] for j in r.urgent], n=20)[-1] for m, r in results.items()}
+    min_run = Settings().preempt_min_run_s
+    by_victim: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for victim, when, ran in on.preemptions:
+        by_victim[victim].append((when, ran))
+    print(
+        f"\nreplay with {len(on.urgent)} priority-2 jobs arriving into full GPUs: urgent wait p95 "
+        f"{p95['off'] / 60:.1f} min without preemption, {p95['on'] / 60:.1f} min with; "
+        f"{len(on.preemptions)} preemptions of {len(by_victim)} jobs, "
+        f"most of one job {max((len(v) for v in by_victim.values()), default=0)}; re-trained batches "
+        f"{sum(on.retrained_batches)} in all (the interrupted epochs' batches; 0 for the "
+        f"{on.retrained_batches.count(0)} stopped at an epoch's end)\n"
+        "shares while all users waited (equal = 1): "
+        + ", ".join(f"{u} {off.shares[u]:.3f}/{on.shares[u]:.3f}" for u in USERS)
+        + f" (off/on); GPU utilisation {off.utilisation:.1%} without, {on.utilisation:.1%} with"
+    )
+    for mode, r in results.items():
+        print(mode, "urgent waits (s):", sorted(round(r.waits[j]) for j in r.urgent))
+    assert p95["on"] < p95["off"]
+    assert on.preemptions and not off.preemptions
+    for stops in by_victim.values():  # the guard: a run of preempt_min_run_s first, once per min_run_s
+        assert all(ran >= min_run for _, ran in stops)
+        times = sorted(when for when, _ in stops)
+        assert all(b - a >= min_run for a, b in itertools.pairwise(times))
+    assert all(0.9 <= s <= 1.1 for s in on.shares.values()), on.shares
+    assert on.utilisation >= off.utilisation - 0.005

@@ -10,8 +10,9 @@ import pytest
 from core.settings import Settings
 from models.data.summary import DatasetSummary
 from store import Database, Dataset
-from worker.dispatch import GPU_FULL, dispatch, gpu_views
+from worker.dispatch import dispatch
 from worker.gpus import GiB, fake_uuid
+from worker.placement import GPU_FULL, gpu_views
 from worker.submit import Submission, would_start
 
 HALF = {"name": "half", "resources": {"gpu": "any", "memory_fraction": 0.5}}

@@ -149,6 +149,20 @@ def test_real_trainer_warm_trains_a_job_with_the_cap_set_on_arrival(tmp_path: Pa
     assert events[-1]["event"] == "finished"
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["timings"]["setup_s"] < summary["timings"]["total_s"]
+    # The throw-away step the warm trainer ran before the job leaves no trace in it: a cold trainer given
+    # the same job trains the same model (same layer names, same seeds) to the same history.
+    cold_argv = [*job_argv[:-3], str(tmp_path / "cold"), "--gpu", "cpu", "--backend", "tensorflow"]
+    cold = subprocess.run(
+        [sys.executable, "-m", "worker.trainer", *cold_argv], capture_output=True, cwd=ROOT, env=trainer_env()
+    )
+    assert cold.returncode == 0, cold.stderr.decode()[-3000:]
+    warm_history = json.loads((tmp_path / "out" / "history.json").read_text())
+    cold_history = json.loads((tmp_path / "cold" / "history.json").read_text())
+    assert cold_history.keys() == warm_history.keys() and cold_history["epoch"] == warm_history["epoch"]
+    for key in sorted(set(warm_history) - {"epoch"}):
+        assert cold_history[key] == pytest.approx(warm_history[key], abs=1e-5), key
+    cold_started = parse_events(cold.stdout.decode())[0]
+    assert cold_started["parameters"] == first["parameters"]
 
 
 def test_real_trainer_warm_exits_quietly_when_let_go(tmp_path: Path) -> None:

@@ -277,7 +277,29 @@ def preload(backend: str, gpu: str) -> env.EnvPlan:
     env.apply_environment(plan)
     from worker.trainer import run  # noqa: F401  the import the warm process exists for: Keras, the backend
 
+    if gpu == "cpu":
+        warm_up_step()
     return plan
+
+
+def warm_up_step() -> None:
+    """Train a throw-away two-layer model for one step, so that the job's first step finds the runtime ready.
+
+    What a first ``fit`` pays whatever the model (the framework's thread pools and kernels, Keras' trainer
+    and data-adapter code, ``tf.data``, the optimizer's update path) is paid here, before the job arrives;
+    the job's own model still traces its step. CPU only: on a GPU this would touch the device before the
+    job's memory cap is set. ``clear_session`` then resets Keras' layer names and graph state, so the job's
+    model is built exactly as in a cold trainer.
+    """
+    import keras  # late: the trainer imports Keras only once its environment (backend, device) is set
+    import numpy as np  # late: with Keras, only where a step is trained
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = np.zeros((16, 4), np.float32), np.zeros(16, np.int64)
+    model.fit(x, y, batch_size=8, epochs=1, validation_data=(x, y), verbose=0)
+    model.evaluate(x, y, batch_size=8, verbose=0)
+    keras.backend.clear_session(free_memory=True)
 
 
 def read_job(stdin: TextIO) -> dict[str, Any] | None:

@@ -7,9 +7,10 @@ the end of training (the exports a spec asks for, ``output.export``) and by ``py
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 from core.atomicio import atomic_path
 from core.errors import DataError, Problem
 from core.names import EXPORT_ARTIFACTS, MODEL_ONNX, SAVED_MODEL_ZIP
+from models.build import allow_deep_graphs
 from models.data.reader import open_training_data
 from models.data.summary import DatasetSummary
 from worker.trainer.events import jsonable
@@ -29,6 +31,7 @@ SPLITS = ("test", "val", "train")
 
 def load_model(path: str | Path) -> keras.Model:
     """A job's ``model.h5``, compiled (its loss and metrics), in safe mode (no ``Lambda`` code runs)."""
+    allow_deep_graphs()
     return keras.models.load_model(path, compile=True, safe_mode=True)
 
 
@@ -114,7 +117,9 @@ def predict(model: keras.Model, x: np.ndarray, *, batch_size: int) -> dict[str, 
 def export_model(model: keras.Model, out_dir: str | Path, formats: Iterable[str]) -> dict[str, str]:
     """Write the model as ``model.onnx`` and/or ``saved_model.zip`` into ``out_dir``, each atomically.
 
-    ONNX: ``model.export(format="onnx")`` (tf2onnx on the TensorFlow backend). SavedModel:
+    ONNX: ``model.export(format="onnx")`` (tf2onnx on the TensorFlow backend), self-contained: a
+    ``Normalization`` layer's mean and variance are folded in as constants (:func:`_constants_as_variables`),
+    and a graph that still asks for more inputs than the model has is refused, never written. SavedModel:
     ``model.export(format="tf_saved_model")`` into a temporary folder, zipped under ``saved_model/``.
 
     Returns:
@@ -127,8 +132,9 @@ def export_model(model: keras.Model, out_dir: str | Path, formats: Iterable[str]
     for fmt in formats:
         target = out / EXPORT_ARTIFACTS[fmt]
         if target.name == MODEL_ONNX:
-            with atomic_path(target) as tmp:
+            with atomic_path(target) as tmp, _constants_as_variables(model):
                 model.export(str(tmp), format="onnx", verbose=False)
+                _check_onnx_inputs(tmp, model)
         elif target.name == SAVED_MODEL_ZIP:
             with tempfile.TemporaryDirectory(dir=out, prefix=".saved_model.") as work:
                 folder = Path(work) / "saved_model"
@@ -137,6 +143,43 @@ def export_model(model: keras.Model, out_dir: str | Path, formats: Iterable[str]
                     _zip_folder(folder, tmp)
         written[fmt] = str(target)
     return written
+
+
+@contextlib.contextmanager
+def _constants_as_variables(model: keras.Model) -> Iterator[None]:
+    """Hold each ``Normalization`` layer's mean and variance in variables while the model is exported.
+
+    The layer keeps them as eager tensors, which tf2onnx turns into extra required graph inputs (FACTS.md);
+    variables it folds into the graph as initializers, like every weight. Restored afterwards.
+    """
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf  # the TensorFlow backend is running: this import is free
+
+    swapped = []
+    for layer in model._flatten_layers(include_self=False):  # nested models' layers too
+        if isinstance(layer, keras.layers.Normalization) and getattr(layer, "mean", None) is not None:
+            swapped.append((layer, layer.mean, layer.variance))
+            layer.mean = tf.Variable(layer.mean, trainable=False)
+            layer.variance = tf.Variable(layer.variance, trainable=False)
+    try:
+        yield
+    finally:
+        for layer, mean, variance in swapped:
+            layer.mean, layer.variance = mean, variance
+
+
+def _check_onnx_inputs(path: Path, model: keras.Model) -> None:
+    """Refuse an ONNX graph that needs more inputs than the model has (a constant left as an input)."""
+    import onnx  # only an ONNX export gets here; tf2onnx has imported it already
+
+    names = [graph_input.name for graph_input in onnx.load(str(path)).graph.input]
+    if len(names) != len(model.inputs):
+        raise RuntimeError(
+            f"the ONNX graph asks for {len(names)} inputs ({', '.join(names)[:300]}) where the model has "
+            f"{len(model.inputs)}: it would not run on the input alone"
+        )
 
 
 def _zip_folder(folder: Path, target: Path) -> None:

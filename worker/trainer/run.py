@@ -20,13 +20,14 @@ from core import names
 from core.atomicio import atomic_path, atomic_write_json
 from core.errors import Problem, SpecError
 from core.exitcodes import ExitCode
-from models.build import build_model, layer_blocks, needs_input_stats
+from models.build import allow_deep_graphs, build_model, layer_blocks, needs_input_stats
 from models.data.reader import open_training_data
 from models.health import thresholds_from
 from worker.trainer import callbacks as cbs
 from worker.trainer.diagnostics import Diagnostics
 from worker.trainer.env import TrainingStopped
 from worker.trainer.events import jsonable
+from worker.trainer.feed import fit_input, input_path
 from worker.trainer.job import TrainingJob
 from worker.trainer.modelops import evaluate_split, export_model
 from worker.trainer.tensorboard import TensorBoardLogger
@@ -98,6 +99,7 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
     if state is None:
         model = build_model(spec, job.summary, input_stats=_input_stats(spec, data))
     else:
+        allow_deep_graphs()
         model = keras.models.load_model(store.directory / state["model"], compile=True)
         cbs.restore_seed_states(model, state["seed_states"])
         history = list(state["history"])
@@ -118,6 +120,7 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
         env=job.env.to_dict(),
         rows=data.rows,
         train_rows=train_rows,
+        input=input_path(data.train),
         steps=steps,
         epochs=training.epochs,
         batch_size=training.batch_size,
@@ -188,12 +191,12 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
         stop.check()
         if initial_epoch < training.epochs and not stopped_early:
             model.fit(
-                data.train,
+                fit_input(data.train),
                 validation_data=data.validation,
                 epochs=training.epochs,
                 initial_epoch=initial_epoch,
                 callbacks=callbacks,
-                shuffle=False,  # the PyDataset shuffles, as a function of (seed, epoch)
+                shuffle=False,  # the reader orders the batches, as a function of (seed, epoch)
                 verbose=0,
             )
     except TrainingStopped as stopped:

@@ -530,11 +530,38 @@
     });
   }
 
+  // GPU-hours by user and day as stacked bars: each user's series is the running sum up to it, drawn as
+  // bars from the largest sum down, so every band shows one user's hours.
+  function usageChart(dataNode, container) {
+    var d = JSON.parse(dataNode.textContent);
+    container.dataset.users = String(d.users.length);
+    if (!d.users.length) return;
+    var xs = d.days.map(function (_, i) { return i; });
+    var sums = [], running = d.days.map(function () { return 0; });
+    d.hours.forEach(function (ys) { running = running.map(function (v, i) { return v + ys[i]; }); sums.push(running.slice()); });
+    var bars = uPlot.paths.bars({ size: [0.7, 40] });
+    var series = [{ label: "day", value: function (u, v) { return v === null ? "" : d.days[v]; } }];
+    var data = [xs];
+    for (var k = d.users.length - 1; k >= 0; k--) {
+      series.push({ label: d.users[k], fill: COLORS[k % COLORS.length], stroke: COLORS[k % COLORS.length], paths: bars, points: { show: false },
+                    value: (function (k) { return function (u, v, s, i) { return i === null ? "" : d.hours[k][i].toFixed(3); }; })(k) });
+      data.push(sums[k]);
+    }
+    var chart = new uPlot({
+      width: Math.max(260, container.clientWidth || 600), height: 260, series: series,
+      scales: { x: { time: false } },
+      axes: [{ values: function (u, ticks) { return ticks.map(function (t) { return d.days[t] ? d.days[t].slice(5) : ""; }); } }, { label: "GPU-hours" }],
+    }, data, container);
+    charts.push(chart);
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     var studyData = document.getElementById("study-data");
     if (studyData) studyChart(studyData);
     var trials = document.getElementById("trials-table");
     if (trials) sortableTable(trials);
+    var usageData = document.getElementById("usage-data");
+    if (usageData) usageChart(usageData, document.getElementById("usage-chart"));
     var curves = document.getElementById("curves");
     if (curves) jobCurves(curves);
     var compareData = document.getElementById("compare-data");
