@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,12 +48,26 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the one writer
+        _enter_wal(cursor)  # readers never block the one writer
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a crash loses at most the last commit
     finally:
         cursor.close()
+
+
+def _enter_wal(cursor: Any, tries: int = 50) -> None:
+    """``PRAGMA journal_mode=WAL``, again while SQLite answers "database is locked": processes opening a new
+    file at once race to switch its journal, and that switch does not wait out the busy timeout."""
+    for _ in range(tries - 1):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            time.sleep(0.1)
+    cursor.execute("PRAGMA journal_mode=WAL")
 
 
 @contextlib.contextmanager
