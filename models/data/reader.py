@@ -308,43 +308,10 @@ def open_training_data(
         ValueError: ``batch_size``, ``seed`` or ``validation_split`` out of range.
         DataError: ``validation_split`` leaves no training or no validation rows.
     """
-    if batch_size < 1:
-        raise ValueError(f"Expected batch_size ≥ 1. Received: batch_size={batch_size}")
-    if seed < 0:
-        raise ValueError(f"Expected seed ≥ 0. Received: seed={seed}")
-    if not 0.0 <= validation_split < 1.0:
-        raise ValueError(
-            f"Expected validation_split in [0, 1). Received: validation_split={validation_split}"
-        )
-    keys = summary.keys
+    _check_arguments(batch_size=batch_size, seed=seed, validation_split=validation_split)
     store = _Store(Path(path))
     target = summary.target
-    n_train = summary.rows["train"]
-
-    val: _Split | None = None
-    if summary.has("val"):
-        val = _Split(store, keys.x_val, keys.y_val, 0, summary.rows["val"], target)
-    elif validation_split > 0:
-        n_val = int(n_train * validation_split)
-        if n_val < 1 or n_val >= n_train:
-            raise DataError(
-                [
-                    Problem(
-                        "bad_validation_split",
-                        f"validation_split={validation_split} of {n_train} training rows leaves {n_val} "
-                        f"validation and {n_train - n_val} training rows; expected at least one of each",
-                        field="validation_split",
-                    )
-                ]
-            )
-        val = _Split(store, keys.x_train, keys.y_train, n_train - n_val, n_train, target)
-        n_train -= n_val
-    train = _Split(store, keys.x_train, keys.y_train, 0, n_train, target)
-    test = (
-        _Split(store, keys.x_test, keys.y_test, 0, summary.rows["test"], target)
-        if summary.has("test")
-        else None
-    )
+    train, val, test = _splits(store, summary, validation_split)
 
     y_row_bytes = _row_bytes(
         _y_row_shape((1, summary.output_dim), target), itemsize=8 if target == "integer_labels" else 4
@@ -383,6 +350,56 @@ def open_training_data(
     rows = {"train": train.rows} | ({"val": val.rows} if val else {}) | ({"test": test.rows} if test else {})
     train_batches = batches(train, batch_size=batch_size, seed=seed, shuffle=shuffle)
     return TrainingData(train_batches, validation, test_data, rows, store)
+
+
+def _check_arguments(*, batch_size: int, seed: int, validation_split: float) -> None:
+    """Raise ``ValueError`` for a ``batch_size``, ``seed`` or ``validation_split`` out of range."""
+    if batch_size < 1:
+        raise ValueError(f"Expected batch_size ≥ 1. Received: batch_size={batch_size}")
+    if seed < 0:
+        raise ValueError(f"Expected seed ≥ 0. Received: seed={seed}")
+    if not 0.0 <= validation_split < 1.0:
+        raise ValueError(
+            f"Expected validation_split in [0, 1). Received: validation_split={validation_split}"
+        )
+
+
+def _splits(
+    store: _Store, summary: DatasetSummary, validation_split: float
+) -> tuple[_Split, _Split | None, _Split | None]:
+    """The training, validation and test splits; the validation rows held out of training when asked.
+
+    Raises:
+        DataError: ``validation_split`` leaves no training or no validation rows.
+    """
+    keys = summary.keys
+    target = summary.target
+    n_train = summary.rows["train"]
+    val: _Split | None = None
+    if summary.has("val"):
+        val = _Split(store, keys.x_val, keys.y_val, 0, summary.rows["val"], target)
+    elif validation_split > 0:
+        n_val = int(n_train * validation_split)
+        if n_val < 1 or n_val >= n_train:
+            raise DataError(
+                [
+                    Problem(
+                        "bad_validation_split",
+                        f"validation_split={validation_split} of {n_train} training rows leaves {n_val} "
+                        f"validation and {n_train - n_val} training rows; expected at least one of each",
+                        field="validation_split",
+                    )
+                ]
+            )
+        val = _Split(store, keys.x_train, keys.y_train, n_train - n_val, n_train, target)
+        n_train -= n_val
+    train = _Split(store, keys.x_train, keys.y_train, 0, n_train, target)
+    test = (
+        _Split(store, keys.x_test, keys.y_test, 0, summary.rows["test"], target)
+        if summary.has("test")
+        else None
+    )
+    return train, val, test
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -43,6 +43,7 @@ if not CHROMIUM.exists():  # `make test` installs it (make chromium); CI must no
         raise RuntimeError(f"{CHROMIUM} is missing: `make chromium` installs Debian's chromium package")
     pytest.skip(f"{CHROMIUM} is not installed (make chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
 
 
 class Watch:
@@ -109,13 +110,27 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
 def _scenario(
     browser: Any, url: str, watch: Watch, admin_token: str, bob_token: str, digits: Path, not_hdf5: Path
 ) -> None:
-    expect = sync_api.expect
     expect.set_options(timeout=30_000)  # a shared 2-core machine can be slow; a real failure still fails
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     watch.attach(context)
     page = context.new_page()
+    _sign_in(page, url, admin_token)
+    dataset_id = _upload(page, url, digits, not_hdf5)
+    api_job = _submit_through_api(url, admin_token, dataset_id)
+    form_job = _submit_through_form(page, url, dataset_id)
+    final_points = _watch_training(context, page, url, form_job)
+    _api_job_page(page, url, api_job)
+    _select_for_compare(page, url, form_job, api_job)
+    _compare(page, final_points)
+    _drain_and_undrain(page, url)
+    _csrf_refused(context, url, form_job)
+    _phone_screen(browser, context, watch, url, form_job)
+    _another_user(browser, url, bob_token, form_job)
+    context.close()
 
-    # Sign in with the admin token.
+
+def _sign_in(page: Any, url: str, admin_token: str) -> None:
+    """Sign in with the admin token."""
     page.goto(url + "/")
     assert "/ui/login" in page.url
     _shot(page, "login.png")
@@ -123,7 +138,9 @@ def _scenario(
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url(url + "/ui/jobs")
 
-    # Upload: a refused file shows the API's reasons; digits goes through with a progress bar.
+
+def _upload(page: Any, url: str, digits: Path, not_hdf5: Path) -> str:
+    """Upload: a refused file shows the API's reasons; digits goes through with a progress bar."""
     page.goto(url + "/ui/datasets")
     page.set_input_files("#upload-file", str(not_hdf5))
     page.get_by_role("button", name="Upload").click()
@@ -132,10 +149,13 @@ def _scenario(
     page.set_input_files("#upload-file", str(digits))
     page.get_by_role("button", name="Upload").click()
     expect(page.locator("#dataset-table")).to_contain_text("digits.h5", timeout=120_000)
-    dataset_id = page.locator("#dataset-table tbody tr small").first.inner_text()
+    dataset_id = str(page.locator("#dataset-table tbody tr small").first.inner_text())
     _shot(page, "datasets.png")
+    return dataset_id
 
-    # A second job through the API (bearer token), to compare with and to follow live.
+
+def _submit_through_api(url: str, admin_token: str, dataset_id: str) -> str:
+    """A second job through the API (bearer token), to compare with and to follow live."""
     snn = json.loads((REPO / "examples" / "specs" / "snn.json").read_text())
     snn["training"]["epochs"] = 6
     response = requests.post(
@@ -145,9 +165,11 @@ def _scenario(
         timeout=120,
     )
     assert response.status_code == 201, response.text
-    api_job = response.json()["id"]
+    return str(response.json()["id"])
 
-    # Submit the highway example through the form, after its dry run.
+
+def _submit_through_form(page: Any, url: str, dataset_id: str) -> str:
+    """Submit the highway example through the form, after its dry run."""
     page.goto(url + "/ui/submit")
     page.get_by_label("Data set").select_option(dataset_id)
     page.get_by_label("Start from an example").select_option("highway.json")
@@ -161,9 +183,11 @@ def _scenario(
     _shot(page, "submit.png")
     page.get_by_role("button", name="Submit").click()
     page.wait_for_url(url + "/ui/jobs/job_*")
-    form_job = page.url.rsplit("/", 1)[1]
+    return str(page.url.rsplit("/", 1)[1])
 
-    # The curve gains points while the job trains, then the page reads "succeeded".
+
+def _watch_training(context: Any, page: Any, url: str, form_job: str) -> int:
+    """The curve gains points while the job trains, then the page reads "succeeded"."""
     page.wait_for_function(
         "() => +(document.getElementById('curves').dataset.points || 0) >= 1", timeout=TRAIN_TIMEOUT_MS
     )
@@ -204,13 +228,18 @@ def _scenario(
     page.wait_for_function(
         f"() => +(document.getElementById('curves').dataset.points || 0) >= {final_points}", timeout=60_000
     )
+    return final_points
 
-    # The API-submitted job: its page shows a chart and reads "succeeded" at the end.
+
+def _api_job_page(page: Any, url: str, api_job: str) -> None:
+    """The API-submitted job: its page shows a chart and reads "succeeded" at the end."""
     page.goto(f"{url}/ui/jobs/{api_job}")
     expect(page.locator("#job-state")).to_have_text(SUCCEEDED, timeout=TRAIN_TIMEOUT_MS)
     expect(page.locator("#loss-chart canvas")).to_have_count(1)
 
-    # The jobs list: tick both jobs (the ticks survive the list's live refresh), then compare them.
+
+def _select_for_compare(page: Any, url: str, form_job: str, api_job: str) -> None:
+    """The jobs list: tick both jobs (the ticks survive the list's live refresh), then compare them."""
     page.goto(url + "/ui/jobs")
     expect(page.locator("#job-tables")).to_contain_text(form_job)
     page.get_by_label(f"Compare {form_job}").check()
@@ -223,7 +252,9 @@ def _scenario(
     page.wait_for_url(url + "/ui/compare?*")
     assert form_job in page.url and api_job in page.url
 
-    # Compare: three charts, each with both jobs; the specs' differences.
+
+def _compare(page: Any, final_points: int) -> None:
+    """Compare: three charts, each with both jobs; the specs' differences."""
     expect(page.locator("#compare-data")).to_have_attribute("data-drawn", "2")
     for chart in ("compare-loss", "compare-metric", "compare-ratio"):
         expect(page.locator(f"#{chart} canvas")).to_have_count(1)
@@ -232,7 +263,9 @@ def _scenario(
     expect(page.locator("body")).to_contain_text("architecture.family")
     _shot(page, "compare.png")
 
-    # The fake GPU, drained and undrained by the admin.
+
+def _drain_and_undrain(page: Any, url: str) -> None:
+    """The fake GPU, drained and undrained by the admin."""
     page.goto(url + "/ui/gpus")
     expect(page.locator(".gpu-card")).to_have_count(1)
     expect(page.locator(".gpu-card").first).to_contain_text("Fake GPU 16 GiB")
@@ -241,13 +274,17 @@ def _scenario(
     page.get_by_role("button", name="Undrain GPU 0").click()
     expect(page.locator(".gpu-card .state")).not_to_have_text("draining")
 
-    # A form posted without its CSRF token is refused (the browser's own cookie goes with it).
+
+def _csrf_refused(context: Any, url: str, form_job: str) -> None:
+    """A form posted without its CSRF token is refused (the browser's own cookie goes with it)."""
     refused = context.request.post(f"{url}/ui/jobs/{form_job}/cancel", form={"back": "list"})
     assert refused.status == 400, refused.status
     refused = context.request.post(f"{url}/v1/jobs/{form_job}/cancel")
     assert refused.status == 400 and refused.json()["error"] == "csrf_failed"
 
-    # A phone-sized screen.
+
+def _phone_screen(browser: Any, context: Any, watch: Watch, url: str, form_job: str) -> None:
+    """A phone-sized screen."""
     phone = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1, is_mobile=True)
     watch.attach(phone)
     phone.add_cookies(context.cookies())
@@ -258,7 +295,9 @@ def _scenario(
     _shot(small, "job-390px.png")
     phone.close()
 
-    # Another user: signed in, the admin's job is a 404 page, and not in their list.
+
+def _another_user(browser: Any, url: str, bob_token: str, form_job: str) -> None:
+    """Another user: signed in, the admin's job is a 404 page, and not in their list."""
     other = browser.new_context(viewport={"width": 1280, "height": 900})
     other_watch = Watch(url)
     other_watch.attach(other)
@@ -275,4 +314,3 @@ def _scenario(
     assert other_watch.offsite == []
     # The 404 navigation itself is the only error the browser may report there.
     assert all("404" in error for error in other_watch.errors), other_watch.errors
-    context.close()

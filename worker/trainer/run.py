@@ -93,41 +93,13 @@ def _resume_state(store: cbs.CheckpointStore) -> dict[str, Any] | None:
 def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[str, Any] | None, timings: dict) -> int:
     spec, settings, emitter, stop = job.spec, job.settings, job.emitter, job.stop
     training = spec.training
-    history: list[dict[str, Any]] = []
-    records: list[dict[str, Any]] = []
-    initial_epoch = 0
-    if state is None:
-        model = build_model(spec, job.summary, input_stats=_input_stats(spec, data))
-    else:
-        allow_deep_graphs()
-        model = keras.models.load_model(store.directory / state["model"], compile=True)
-        cbs.restore_seed_states(model, state["seed_states"])
-        history = list(state["history"])
-        records = list(state["diagnostics"])
-        initial_epoch = int(state["epoch"])
+    model, history, records, initial_epoch = _model_and_history(job, data, store, state)
     blocks = _blocks(model)
     probe_x, probe_y = data.probe(settings.probe_batch_size)
     diagnostics = Diagnostics(model, blocks, probe_x, probe_y)
     steps = len(data.train)
     train_rows = int(data.rows["train"])
-    emitter.emit(
-        "started",
-        name=spec.name,
-        family=spec.architecture.family,
-        backend=keras.backend.backend(),
-        device=_device_description(job.env.device),
-        memory_cap=job.env.memory_cap,
-        env=job.env.to_dict(),
-        rows=data.rows,
-        train_rows=train_rows,
-        input=input_path(data.train),
-        steps=steps,
-        epochs=training.epochs,
-        batch_size=training.batch_size,
-        parameters=model.count_params(),
-        resumed_from_epoch=initial_epoch if state is not None else None,
-        pid=os.getpid(),
-    )
+    _emit_started(job, data, model, state, initial_epoch)
     health = cbs.HealthMonitor(
         emitter,
         records,
@@ -200,14 +172,7 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
                 verbose=0,
             )
     except TrainingStopped as stopped:
-        # Checkpoints are written by elapsed time: the stop writes the one it needs (the last completed
-        # epoch, or the weights reached in the interrupted epoch, marked partial).
-        writer.set_model(model)
-        # A fresh run stopped before it completed an epoch keeps what it has, marked partial, as before.
-        in_epoch = monitor.in_epoch or (state is None and writer.completed_epoch == 0)
-        writer.save_on_stop(in_epoch=in_epoch)
-        partial = " (partial: the interrupted epoch restarts from it)" if in_epoch else ""
-        stopped.detail += f"; checkpoint at epoch {writer.last_epoch}{partial} in {store.directory}"
+        _checkpoint_on_stop(stopped, model, writer, monitor, fresh=state is None, store=store)
         raise
     finally:  # every attempt leaves its logs: finished, stopped, or failed (out of memory, a crash)
         board.close(job.out_dir / names.TENSORBOARD_ZIP)
@@ -217,22 +182,92 @@ def _train(job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[
         best = store.load_best_weights(state or {})
         if best is not None:
             model.set_weights(best)
+    ended_early = bool(early_stopping is not None and early_stopping.stopped_epoch > 0) or stopped_early
+    _finish(job, data, model, history, records, timings, progress.records, stopped_early=ended_early)
+    return int(ExitCode.SUCCEEDED)
 
+
+def _model_and_history(
+    job: TrainingJob, data: Any, store: cbs.CheckpointStore, state: dict[str, Any] | None
+) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]], int]:
+    """The model, its history, diagnostics records and first epoch: fresh, or as the checkpoint left them."""
+    if state is None:
+        return build_model(job.spec, job.summary, input_stats=_input_stats(job.spec, data)), [], [], 0
+    allow_deep_graphs()
+    model = keras.models.load_model(store.directory / state["model"], compile=True)
+    cbs.restore_seed_states(model, state["seed_states"])
+    return model, list(state["history"]), list(state["diagnostics"]), int(state["epoch"])
+
+
+def _emit_started(job: TrainingJob, data: Any, model: Any, state: dict[str, Any] | None, initial_epoch: int) -> None:
+    """The ``started`` event: what runs, where, on which data, resumed from which epoch."""
+    spec, training = job.spec, job.spec.training
+    job.emitter.emit(
+        "started",
+        name=spec.name,
+        family=spec.architecture.family,
+        backend=keras.backend.backend(),
+        device=_device_description(job.env.device),
+        memory_cap=job.env.memory_cap,
+        env=job.env.to_dict(),
+        rows=data.rows,
+        train_rows=int(data.rows["train"]),
+        input=input_path(data.train),
+        steps=len(data.train),
+        epochs=training.epochs,
+        batch_size=training.batch_size,
+        parameters=model.count_params(),
+        resumed_from_epoch=initial_epoch if state is not None else None,
+        pid=os.getpid(),
+    )
+
+
+def _checkpoint_on_stop(
+    stopped: TrainingStopped,
+    model: Any,
+    writer: cbs.CheckpointWriter,
+    monitor: cbs.BatchMonitor,
+    *,
+    fresh: bool,
+    store: cbs.CheckpointStore,
+) -> None:
+    """Write the checkpoint a stop needs and name it in the stop's detail."""
+    # Checkpoints are written by elapsed time: the stop writes the one it needs (the last completed
+    # epoch, or the weights reached in the interrupted epoch, marked partial).
+    writer.set_model(model)
+    # A fresh run stopped before it completed an epoch keeps what it has, marked partial, as before.
+    in_epoch = monitor.in_epoch or (fresh and writer.completed_epoch == 0)
+    writer.save_on_stop(in_epoch=in_epoch)
+    partial = " (partial: the interrupted epoch restarts from it)" if in_epoch else ""
+    stopped.detail += f"; checkpoint at epoch {writer.last_epoch}{partial} in {store.directory}"
+
+
+def _finish(
+    job: TrainingJob,
+    data: Any,
+    model: Any,
+    history: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    timings: dict,
+    epoch_records: Any,
+    *,
+    stopped_early: bool,
+) -> None:
+    """Evaluate, write the artifacts and emit ``finished``."""
     final = {
         "train": _last(history, val=False),
         "val": _last(history, val=True),
-        "test": evaluate_split(model, data.test, training.batch_size),
+        "test": evaluate_split(model, data.test, job.spec.training.batch_size),
     }
-    artifacts = _write_artifacts(job, model, history, records, final, timings, progress.records)
-    emitter.emit(
+    artifacts = _write_artifacts(job, model, history, records, final, timings, epoch_records)
+    job.emitter.emit(
         "finished",
         epochs_completed=history[-1]["epoch"] if history else 0,
-        stopped_early=bool(early_stopping is not None and early_stopping.stopped_epoch > 0) or stopped_early,
+        stopped_early=stopped_early,
         metrics=final,
         artifacts=artifacts,
         wall_s=round(time.monotonic() - job.started, 3),
     )
-    return int(ExitCode.SUCCEEDED)
 
 
 def _input_stats(spec: Any, data: Any) -> tuple[np.ndarray, np.ndarray] | None:
