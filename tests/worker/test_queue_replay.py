@@ -84,23 +84,72 @@ class Lab:
         return gpu_views(self.db, lambda uuids: {u: {"slots": SLOTS, "time": 0.0} for u in uuids})
 
 
-def test_a_lab_day_is_packed_fair_bounded_and_forecast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    serial = itertools.count()  # ids in submission order: the replay is the same every run
-    monkeypatch.setattr(job_store, "new_id", lambda prefix: f"{prefix}_{next(serial):012d}")
-    lab = Lab(tmp_path)
-    trace = lab_day()
-    ends: list[tuple[float, str]] = []  # (time, job id)
-    info: dict[str, dict] = {}
-    on_gpu: dict[str, dict[str, float]] = defaultdict(dict)  # uuid → job → fraction
-    peak_fraction = 0.0
-    fraction_seconds = 0.0
-    got: dict[str, float] = defaultdict(float)
-    busy_time = 0.0
-    settled = False
-    clock = 0.0
-    pending = list(trace)
+class LabDayReplay:
+    """The lab day's simulation: the replay's clock, the jobs' records and what the run measured."""
 
-    def run_pass(now: float) -> list[str]:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.pending = list(lab_day())
+        self.ends: list[tuple[float, str]] = []  # (time, job id)
+        self.info: dict[str, dict] = {}
+        self.on_gpu: dict[str, dict[str, float]] = defaultdict(dict)  # uuid → job → fraction
+        self.peak_fraction = 0.0
+        self.fraction_seconds = 0.0
+        self.got: dict[str, float] = defaultdict(float)
+        self.busy_time = 0.0
+        self.settled = False
+        self.clock = 0.0
+
+    def run(self) -> None:
+        """Every submission and every job's end, in time order, each followed by a dispatch pass."""
+        while self.pending or self.ends:
+            next_submit = self.pending[0].at if self.pending else float("inf")
+            next_end = self.ends[0][0] if self.ends else float("inf")
+            now = min(next_submit, next_end)
+            self._account(now)
+            self.clock = now
+            arrived = self._submit_due(now)
+            self._end_due(now)
+            self._report_etas(now)
+            self._dispatch_pass(now)
+            self._check_gpus()
+            if not self.pending and not self.settled:  # every job is in: the estimates from here on can come true
+                self._settle(now)
+            self._record_estimates(arrived, now)
+
+    def _account(self, now: float) -> None:
+        used = sum(sum(jobs.values()) for jobs in self.on_gpu.values())
+        self.fraction_seconds += used * (now - self.clock)
+        if {i["user"] for i in self.info.values() if "start" not in i} == set(USERS):
+            self.busy_time += now - self.clock  # the GPU-seconds each user held while every user had jobs waiting
+            for jobs in self.on_gpu.values():
+                for job_id, fraction in jobs.items():
+                    self.got[self.info[job_id]["user"]] += fraction * (now - self.clock)
+
+    def _submit_due(self, now: float) -> list[str]:
+        arrived = []
+        while self.pending and self.pending[0].at == now:
+            sub = self.pending.pop(0)
+            job_id = _submit(self.lab, sub, T0 + dt.timedelta(seconds=now))
+            self.info[job_id] = {"user": sub.user, "submit": now, "fraction": sub.fraction, "seconds": sub.seconds}
+            arrived.append(job_id)
+        return arrived
+
+    def _end_due(self, now: float) -> None:
+        while self.ends and self.ends[0][0] == now:
+            _, job_id = heapq.heappop(self.ends)
+            job = self.lab.db.get_job(job_id)
+            assert self.lab.db.finish_job(job_id, "w", "succeeded", now=T0 + dt.timedelta(seconds=now))
+            del self.on_gpu[job.gpu][job_id]
+
+    def _report_etas(self, now: float) -> None:
+        for jobs in self.on_gpu.values():  # the trainers' ETAs, as their epoch_end events report them
+            for job_id in jobs:
+                left = self.info[job_id]["start"] + self.info[job_id]["seconds"] - now
+                self.lab.db.record_progress(job_id, {"stage": "training", "eta_s": left})
+
+    def _dispatch_pass(self, now: float) -> None:
+        lab, info = self.lab, self.info
         sent: list[tuple[str, str]] = []
         dispatch(lab.db, lab.settings, lab.gpus(), lambda j, q: sent.append((j, q)), now=T0 + dt.timedelta(seconds=now))
         for job_id, _queue in sent:
@@ -108,59 +157,25 @@ def test_a_lab_day_is_packed_fair_bounded_and_forecast(tmp_path: Path, monkeypat
             assert lab.db.take_lease(job_id, "w", 10**6, gpu=job.gpu, now=T0 + dt.timedelta(seconds=now))
             info[job_id]["start"] = now
             info[job_id]["gpu"] = job.gpu
-            on_gpu[job.gpu][job_id] = info[job_id]["fraction"]
-            heapq.heappush(ends, (now + info[job_id]["seconds"], job_id))
-        return [j for j, _ in sent]
+            self.on_gpu[job.gpu][job_id] = info[job_id]["fraction"]
+            heapq.heappush(self.ends, (now + info[job_id]["seconds"], job_id))
 
-    while pending or ends:
-        next_submit = pending[0].at if pending else float("inf")
-        next_end = ends[0][0] if ends else float("inf")
-        now = min(next_submit, next_end)
-        used = sum(sum(jobs.values()) for jobs in on_gpu.values())
-        fraction_seconds += used * (now - clock)
-        if {i["user"] for i in info.values() if "start" not in i} == set(USERS):
-            busy_time += now - clock  # the GPU-seconds each user held while every user had jobs waiting
-            for jobs in on_gpu.values():
-                for job_id, fraction in jobs.items():
-                    got[info[job_id]["user"]] += fraction * (now - clock)
-        clock = now
-        arrived = []
-        while pending and pending[0].at == now:
-            sub = pending.pop(0)
-            spec = {"resources": {"gpu": "any", "memory_fraction": sub.fraction}, "training": {"epochs": sub.kind + 1}}
-            spec["architecture"] = {"family": "mlp"}
-            job = lab.db.create_job(
-                lab.users[sub.user],
-                lab.datasets[sub.user, sub.kind],
-                spec,
-                max_active=1000,
-                max_attempts=3,
-                priority=sub.priority,
-                now=T0 + dt.timedelta(seconds=now),
-            )
-            info[job.id] = {"user": sub.user, "submit": now, "fraction": sub.fraction, "seconds": sub.seconds}
-            arrived.append(job.id)
-        while ends and ends[0][0] == now:
-            _, job_id = heapq.heappop(ends)
-            job = lab.db.get_job(job_id)
-            assert lab.db.finish_job(job_id, "w", "succeeded", now=T0 + dt.timedelta(seconds=now))
-            del on_gpu[job.gpu][job_id]
-        for jobs in on_gpu.values():  # the trainers' ETAs, as their epoch_end events report them
-            for job_id in jobs:
-                left = info[job_id]["start"] + info[job_id]["seconds"] - now
-                lab.db.record_progress(job_id, {"stage": "training", "eta_s": left})
-        run_pass(now)
-        for uuid, jobs in on_gpu.items():
+    def _check_gpus(self) -> None:
+        for uuid, jobs in self.on_gpu.items():
             assert sum(jobs.values()) <= 1.0 + 1e-9 and len(jobs) <= SLOTS, f"GPU {uuid} over-committed: {jobs}"
-            peak_fraction = max(peak_fraction, sum(jobs.values()))
-        if not pending and not settled:  # every job is in: the estimates from here on can come true
-            settled = True
-            for job_id, i in info.items():
-                if "start" not in i:
-                    i["settled"] = lab.db.get_job(job_id).estimated_start_at
-                    i["settled_at"] = now
+            self.peak_fraction = max(self.peak_fraction, sum(jobs.values()))
+
+    def _settle(self, now: float) -> None:
+        self.settled = True
+        for job_id, i in self.info.items():
+            if "start" not in i:
+                i["settled"] = self.lab.db.get_job(job_id).estimated_start_at
+                i["settled_at"] = now
+
+    def _record_estimates(self, arrived: list[str], now: float) -> None:
+        info = self.info
         for job_id in arrived:  # the estimate a user sees right after submitting
-            job = lab.db.get_job(job_id)
+            job = self.lab.db.get_job(job_id)
             info[job_id]["ahead"] = sum(  # GPU work queued or running when it arrived, its own included
                 i["fraction"] * (i["seconds"] if "start" not in i else i["start"] + i["seconds"] - now)
                 for i in info.values()
@@ -170,9 +185,26 @@ def test_a_lab_day_is_packed_fair_bounded_and_forecast(tmp_path: Path, monkeypat
                 assert job.queue_position and job.waiting_reason and job.dispatch_note
                 info[job_id]["estimate"] = job.estimated_start_at
 
-    assert all("start" in i for i in info.values()) and len(info) == 200
-    equal = sum(got.values()) / len(USERS)
-    shares = {user: got[user] / equal for user in USERS}
+
+@dataclass
+class DayFigures:
+    """What the lab day's replay measured, for the report and the assertions."""
+
+    shares: dict[str, float]
+    waits: list[float]
+    bounds: list[float]
+    errors: list[float]
+    settled_errors: list[float]
+    makespan: float
+    utilisation: float
+    peak_fraction: float
+    busy_time: float
+
+
+def day_figures(day: LabDayReplay) -> DayFigures:
+    info = day.info
+    equal = sum(day.got.values()) / len(USERS)
+    shares = {user: day.got[user] / equal for user in USERS}
     # waits and start estimates
     waits = [i["start"] - i["submit"] for i in info.values()]
     # Start estimates, as a share of the wait still ahead: the one seen at submission (later submissions of
@@ -188,26 +220,43 @@ def test_a_lab_day_is_packed_fair_bounded_and_forecast(tmp_path: Path, monkeypat
         if i.get("settled") is not None and i["start"] - i["settled_at"] >= 60
     ]
     makespan = max(i["start"] + i["seconds"] for i in info.values())
-    utilisation = fraction_seconds / (GPUS * makespan)
+    utilisation = day.fraction_seconds / (GPUS * makespan)
     # The bound on a wait: the GPU work in the system when the job arrived (its own included), drained at
     # the utilisation reached, plus two aging steps (by then it outranks everything that came later).
-    bounds = [i["ahead"] / (GPUS * utilisation) + 2 * lab.settings.queue_aging_s for i in info.values()]
-    print(
-        f"\nreplay: 200 jobs, {GPUS} GPUs x {SLOTS} slots, makespan {makespan / 3600:.2f} h, "
-        f"GPU memory utilisation {utilisation:.0%} (peak fraction on one GPU {peak_fraction:.2f})\n"
-        f"share of the GPU-seconds held while all {len(USERS)} users had jobs waiting ({busy_time / 3600:.2f} h), "
-        "equal = 1: "
-        + ", ".join(f"{u} {s:.3f}" for u, s in shares.items())
-        + f"\nwaits: median {statistics.median(waits) / 60:.1f} min, max {max(waits) / 60:.1f} min; "
-        f"worst wait / bound {max(w / b for w, b in zip(waits, bounds, strict=True)):.2f}\n"
-        f"start estimates once every job is in: {len(settled_errors)} jobs, median error "
-        f"{statistics.median(settled_errors):.1%}, p90 {statistics.quantiles(settled_errors, n=10)[-1]:.1%}; "
-        f"at submission: median error {statistics.median(errors):.1%} ({len(errors)} jobs)"
+    bounds = [i["ahead"] / (GPUS * utilisation) + 2 * day.lab.settings.queue_aging_s for i in info.values()]
+    return DayFigures(
+        shares, waits, bounds, errors, settled_errors, makespan, utilisation, day.peak_fraction, day.busy_time
     )
-    assert peak_fraction <= 1.0 + 1e-9
-    assert all(0.9 <= s <= 1.1 for s in shares.values()), shares
-    assert all(w <= b for w, b in zip(waits, bounds, strict=True))
-    assert statistics.median(settled_errors) <= 0.25
+
+
+def print_day(f: DayFigures) -> None:
+    print(
+        f"\nreplay: 200 jobs, {GPUS} GPUs x {SLOTS} slots, makespan {f.makespan / 3600:.2f} h, "
+        f"GPU memory utilisation {f.utilisation:.0%} (peak fraction on one GPU {f.peak_fraction:.2f})\n"
+        f"share of the GPU-seconds held while all {len(USERS)} users had jobs waiting ({f.busy_time / 3600:.2f} h), "
+        "equal = 1: "
+        + ", ".join(f"{u} {s:.3f}" for u, s in f.shares.items())
+        + f"\nwaits: median {statistics.median(f.waits) / 60:.1f} min, max {max(f.waits) / 60:.1f} min; "
+        f"worst wait / bound {max(w / b for w, b in zip(f.waits, f.bounds, strict=True)):.2f}\n"
+        f"start estimates once every job is in: {len(f.settled_errors)} jobs, median error "
+        f"{statistics.median(f.settled_errors):.1%}, p90 {statistics.quantiles(f.settled_errors, n=10)[-1]:.1%}; "
+        f"at submission: median error {statistics.median(f.errors):.1%} ({len(f.errors)} jobs)"
+    )
+
+
+def test_a_lab_day_is_packed_fair_bounded_and_forecast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    serial = itertools.count()  # ids in submission order: the replay is the same every run
+    monkeypatch.setattr(job_store, "new_id", lambda prefix: f"{prefix}_{next(serial):012d}")
+    lab = Lab(tmp_path)
+    day = LabDayReplay(lab)
+    day.run()
+    assert all("start" in i for i in day.info.values()) and len(day.info) == 200
+    figures = day_figures(day)
+    print_day(figures)
+    assert figures.peak_fraction <= 1.0 + 1e-9
+    assert all(0.9 <= s <= 1.1 for s in figures.shares.values()), figures.shares
+    assert all(w <= b for w, b in zip(figures.waits, figures.bounds, strict=True))
+    assert statistics.median(figures.settled_errors) <= 0.25
     lab.db.dispose()
 
 
