@@ -8,12 +8,13 @@ import logging
 import os
 import shlex
 import socket
+import time
 
 import click
 
 from core.settings import Settings, get_settings
 from store import Database
-from store.errors import JobDBError
+from store.errors import DatabaseUnavailable, JobDBError
 from worker.celery_app import make_celery
 from worker.dispatch import Dispatcher
 from worker.fleet import WorkerPlan, plan_workers, run_fleet
@@ -189,13 +190,26 @@ def _print_plan(workers: list[WorkerPlan], loglevel: str, fleet: bool, pin: bool
         click.echo(command_line(worker.pinning() if pin else {}, worker.argv(loglevel)))
 
 
-def _require_schema(settings: Settings) -> None:
-    """Refuse to start on a job DB whose schema is behind (an empty one is created at head)."""
+def _require_schema(settings: Settings, wait_s: float = 300.0) -> None:
+    """Refuse to start on a job DB whose schema is behind (an empty one is created at head).
+
+    A database that does not answer is waited for (up to ``wait_s``, logged), not refused: a worker or janitor
+    restarted during an outage would otherwise exit again at once, over and over, until it was back.
+    """
     db = Database(settings.database_url)
+    deadline = time.monotonic() + wait_s
     try:
-        db.ensure_schema()
-    except JobDBError as exc:
-        raise click.ClickException(str(exc)) from exc
+        while True:
+            try:
+                db.ensure_schema()
+                return
+            except DatabaseUnavailable as exc:
+                if time.monotonic() > deadline:
+                    raise click.ClickException(str(exc)) from exc
+                log.warning("the job database does not answer (%s); waiting for it", exc)
+                time.sleep(2)
+            except JobDBError as exc:
+                raise click.ClickException(str(exc)) from exc
     finally:
         db.dispose()
 

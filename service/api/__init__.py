@@ -17,7 +17,7 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 def respond(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON response of a pydantic model, in its documented shape."""
     return current_app.response_class(
-        model.model_dump_json(), status=status, headers=headers, mimetype="application/json"
+        model.model_dump_json(by_alias=True), status=status, headers=headers, mimetype="application/json"
     )
 
 

@@ -309,9 +309,13 @@ def _event_stream(
 
 
 def _coalesce_batches(batch: Sequence[StreamedEvent]) -> list[StreamedEvent]:
-    """The events of one read with every ``batch`` progress event but the last dropped (order kept)."""
-    last_batch = max((i for i, e in enumerate(batch) if e.event.get("event") == "batch"), default=-1)
-    return [e for i, e in enumerate(batch) if i == last_batch or e.event.get("event") != "batch"]
+    """The events of one read with each run of ``batch`` progress events cut to its last (order kept): a
+    client still sees an epoch's last progress before its ``epoch_end``, not every batch of a burst."""
+
+    def is_batch(i: int) -> bool:
+        return batch[i].event.get("event") == "batch"
+
+    return [e for i, e in enumerate(batch) if not (is_batch(i) and i + 1 < len(batch) and is_batch(i + 1))]
 
 
 def _sse(job_event: StreamedEvent, roots: list[str]) -> str:

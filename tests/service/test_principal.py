@@ -179,7 +179,9 @@ def test_a_stream_coalesces_batch_events_and_sends_every_other_event(
     elapsed = time.monotonic() - started
     body = "".join(chunks)
     sent_batches = body.count("event: batch")
-    assert 1 <= sent_batches <= elapsed / app.extensions["gpuyard"].settings.sse_batch_interval_s + 2, sent_batches
+    reads_at_most = elapsed / app.extensions["gpuyard"].settings.sse_batch_interval_s + 2
+    # a run of batch events is cut to its last: one per read, plus one before each of the 4 health events
+    assert 1 <= sent_batches <= reads_at_most + 4, sent_batches
     assert '"step":99' in body  # the latest progress always arrives
     assert body.count("event: health") == 4 and "event: epoch_end" in body and '"state":"cancelled"' in body
     if publisher is not None:  # the published events came from the hub, not from a DB read per wake-up
