@@ -13,6 +13,7 @@ from rich.table import Table
 
 from cli.jobs import client_options
 from service.client import Client
+from store.usage import GROUP_BY
 
 _SINCE = re.compile(r"^(\d+)([hdw])$")
 _UNITS = {"h": dt.timedelta(hours=1), "d": dt.timedelta(days=1), "w": dt.timedelta(weeks=1)}
@@ -39,7 +40,7 @@ def parse_since(text: str, now: dt.datetime) -> dt.datetime:
 
 @click.command("usage")
 @click.option("--since", default="30d", show_default=True, help="How far back: 30d, 12h, 2w, or an ISO 8601 date.")
-@click.option("--by", "group_by", type=click.Choice(["user", "day", "gpu"]), default="user", show_default=True)
+@click.option("--by", "group_by", type=click.Choice(list(GROUP_BY)), default="user", show_default=True)
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV (key,gpu_seconds,gpu_hours,attempts).")
 @client_options
 def usage_command(client: Client, since: str, group_by: str, as_csv: bool) -> None:

@@ -20,7 +20,8 @@ from store.base import StoreBase
 from store.tables import Job, JobAttempt, User, utcnow
 
 #: What ``GET /v1/usage`` may group by.
-GROUP_BY = ("user", "day", "gpu")
+GROUP_BY = ("user", "day", "gpu", "study")
+NO_STUDY = "-"  # the key of jobs submitted on their own, in usage by study
 #: The periods a quota may count over.
 QUOTA_PERIODS = {"week": dt.timedelta(days=7), "month": dt.timedelta(days=30)}
 
@@ -114,9 +115,31 @@ class UsageStore(StoreBase):
         if end < start:
             raise ValueError(f"Expected from <= to. Received: from={start.isoformat()}, to={end.isoformat()}")
         now = now or utcnow()
+        seconds: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        rows = self._attempts_within(start, end, owner_id)
+        for attempt, user_name, study_id in rows:
+            lo, hi = max(attempt.started_at, start), min(attempt.ended_at or now, end, now)
+            if hi <= lo:
+                continue
+            if group_by == "day":
+                parts = list(split_by_day(lo, hi))
+            else:
+                key = {"user": user_name, "gpu": str(attempt.gpu), "study": study_id or NO_STUDY}[group_by]
+                parts = [(key, (hi - lo).total_seconds())]
+            for key, held in parts:
+                seconds[key] += attempt.memory_fraction * held
+                counts[key] += 1
+        return [UsageRow(key, round(seconds[key], 3), counts[key]) for key in sorted(seconds)]
+
+    def _attempts_within(
+        self, start: dt.datetime, end: dt.datetime, owner_id: int | None
+    ) -> list[tuple[JobAttempt, str, str | None]]:
+        """The GPU attempts that overlap ``[start, end)``, each with its user's name and its job's study."""
         query = (
-            select(JobAttempt, User.name)
+            select(JobAttempt, User.name, Job.study_id)
             .join(User, User.id == JobAttempt.owner_id)
+            .join(Job, Job.id == JobAttempt.job_id)
             .where(
                 JobAttempt.gpu.is_not(None),
                 JobAttempt.gpu != "cpu",
@@ -126,22 +149,8 @@ class UsageStore(StoreBase):
         )
         if owner_id is not None:
             query = query.where(JobAttempt.owner_id == owner_id)
-        seconds: dict[str, float] = defaultdict(float)
-        counts: dict[str, int] = defaultdict(int)
         with self._begin() as s:
-            rows = s.execute(query).all()
-        for attempt, user_name in rows:
-            lo, hi = max(attempt.started_at, start), min(attempt.ended_at or now, end, now)
-            if hi <= lo:
-                continue
-            if group_by == "day":
-                parts = list(split_by_day(lo, hi))
-            else:
-                parts = [(user_name if group_by == "user" else str(attempt.gpu), (hi - lo).total_seconds())]
-            for key, held in parts:
-                seconds[key] += attempt.memory_fraction * held
-                counts[key] += 1
-        return [UsageRow(key, round(seconds[key], 3), counts[key]) for key in sorted(seconds)]
+            return [(attempt, name, study) for attempt, name, study in s.execute(query).all()]
 
     def usage_by_user_and_day(
         self, start: dt.datetime, end: dt.datetime, *, owner_id: int | None = None, now: dt.datetime | None = None
@@ -149,21 +158,8 @@ class UsageStore(StoreBase):
         """``{user: {day: gpu_seconds}}`` in ``[start, end)`` (the dashboard's stacked chart)."""
         now = now or utcnow()
         out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        query = (
-            select(JobAttempt, User.name)
-            .join(User, User.id == JobAttempt.owner_id)
-            .where(
-                JobAttempt.gpu.is_not(None),
-                JobAttempt.gpu != "cpu",
-                JobAttempt.started_at < end,
-                or_(JobAttempt.ended_at.is_(None), JobAttempt.ended_at > start),
-            )
-        )
-        if owner_id is not None:
-            query = query.where(JobAttempt.owner_id == owner_id)
-        with self._begin() as s:
-            rows = s.execute(query).all()
-        for attempt, user_name in rows:
+        rows = self._attempts_within(start, end, owner_id)
+        for attempt, user_name, _study in rows:
             lo, hi = max(attempt.started_at, start), min(attempt.ended_at or now, end, now)
             for day, held in split_by_day(lo, hi) if hi > lo else ():
                 out[user_name][day] += attempt.memory_fraction * held

@@ -41,7 +41,7 @@ def _time(name: str, default: dt.datetime) -> dt.datetime:
     params=(
         query_param("from", {"type": "string"}, "Start, ISO 8601 (default: 30 days before `to`)."),
         query_param("to", {"type": "string"}, "End, ISO 8601 (default: now)."),
-        query_param("group_by", {"type": "string"}, "user, day or gpu (default user)."),
+        query_param("group_by", {"type": "string"}, "user, day, gpu or study (default user; jobs of no study: \"-\")."),
     ),
     responses={200: UsageOut},
     errors=(400, 401),

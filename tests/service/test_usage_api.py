@@ -16,6 +16,7 @@ from api_helpers import GPU0, MLP, Tokens, _db, assert_error_body, bearer, regis
 from click.testing import CliRunner
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import text
 
 from cli.main import main
 from core.settings import Settings, get_settings
@@ -77,6 +78,21 @@ def test_usage_by_user_day_and_gpu_from_the_attempts(
     assert_error_body(client.get("/v1/usage?group_by=planet", headers=bearer(tokens.admin)), 400)
     body = assert_error_body(client.get("/v1/usage?from=yesterday", headers=bearer(tokens.admin)), 400)
     assert body["field"] == "from" and "yesterday" in body["detail"]
+
+
+def test_usage_by_study_counts_trials_under_their_study(
+    client: FlaskClient, tokens: Tokens, history: Database, datasets: dict[str, str]
+) -> None:
+    assert usage(client, tokens.admin, "study") == {"-": 5400.0}  # no study yet: every job on its own
+    alice = history.user_by_name("alice")
+    assert alice is not None
+    study = history.create_study(alice.id, "lr sweep", datasets["alice"], {"trials": 1}, max_active=2)
+    job = post(client, tokens.alice, datasets["alice"], 0.25)
+    with history.engine.begin() as conn:  # as the study driver's submit_trial records it
+        trial = text("UPDATE jobs SET study_id = :s, trial_number = 0 WHERE id = :j")
+        conn.execute(trial, {"s": study.id, "j": job["id"]})
+    ran(history, job, T0, 1)
+    assert usage(client, tokens.admin, "study") == {"-": 5400.0, study.id: 900.0}
 
 
 def test_metrics_and_users_me_show_use_and_quota(client: FlaskClient, tokens: Tokens, history: Database) -> None:
