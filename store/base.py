@@ -85,8 +85,12 @@ class StoreBase:
 
     def ensure_schema(self) -> str:
         """What every process does on start: create an empty database at head, accept one at head, refuse one
-        behind with :class:`store.errors.SchemaBehind` (naming ``gpuyard db upgrade``)."""
-        return migrations.ensure_schema(self.engine)
+        behind with :class:`store.errors.SchemaBehind` (naming ``gpuyard db upgrade``); a database that does
+        not answer is :class:`DatabaseUnavailable`, as everywhere else (callers wait for it)."""
+        try:
+            return migrations.ensure_schema(self.engine)
+        except SQLAlchemyError as exc:
+            raise DatabaseUnavailable(f"job database unreachable: {type(exc).__name__}: {exc}") from exc
 
     # ── events ──
     def append_event(self, job_id: str, event_data: dict[str, Any], *, now: dt.datetime | None = None) -> int:
