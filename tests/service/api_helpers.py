@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from support import free_port  # noqa: F401  (re-exported to the service tests)
@@ -115,3 +120,30 @@ def submit(client: FlaskClient, token: str, dataset_id: str, **resources: Any) -
     return client.post("/v1/jobs", json={"dataset": dataset_id, "spec": spec}, headers=bearer(token))
 
 
+@contextlib.contextmanager
+def serving(argv: list[str], env: dict[str, str], workdir: Path, port: int) -> Iterator[str]:
+    """Run a server (gunicorn as ``gpuyard api`` runs it) until ``/v1/health`` answers; yield its URL, stop it
+    after. Its output goes to ``workdir/gunicorn.log``, quoted if it dies while starting."""
+    log_path = workdir / "gunicorn.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if requests.get(url + "/v1/health", timeout=1).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "gunicorn did not start"
+                time.sleep(0.2)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

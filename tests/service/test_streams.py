@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import statistics
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 import requests
-from api_helpers import Tokens, free_port
+from api_helpers import Tokens, free_port, serving
 from flask.testing import FlaskClient
 
 from core.settings import Settings
@@ -127,30 +126,11 @@ def api_server(tmp_path: Path, redis_url: str) -> Iterator[tuple[str, Database, 
         GPUYARD_REDIS_URL=redis_url,
         GPUYARD_MAX_STREAMS_PER_USER="1000",
     )
-    log = (tmp_path / "gunicorn.log").open("wb")
     argv = gunicorn_argv("127.0.0.1", port, 2, extra=["--graceful-timeout", "2"])
-    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(url + "/v1/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert process.poll() is None, (tmp_path / "gunicorn.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.2)
-        yield url, db, settings
+        with serving(argv, env, tmp_path, port) as url:
+            yield url, db, settings
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
         db.dispose()
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from api_helpers import Tokens, free_port
+from api_helpers import Tokens, free_port, serving
 
 from core.settings import Settings
 from service.stack import gunicorn_argv
@@ -57,28 +56,8 @@ def gunicorn_server(tmp_path: Path) -> Iterator[tuple[str, Settings, str]]:
         GPUYARD_UPLOAD_READ_TIMEOUT_S=str(TIMEOUT_S),
     )
     port = free_port()
-    with (tmp_path / "gunicorn.log").open("wb") as log:
-        process = subprocess.Popen(gunicorn_argv("127.0.0.1", port, 1), env=env, stdout=log, stderr=log, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(url + "/v1/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert process.poll() is None, (tmp_path / "gunicorn.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.2)
+    with serving(gunicorn_argv("127.0.0.1", port, 1), env, tmp_path, port) as url:
         yield url, settings, token
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
