@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from models.data.summary import DataKeys, DatasetSummary
+
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
@@ -81,3 +83,19 @@ def rewind_schema(execute: Callable[[str], object], version: int) -> None:
         "applied_at TIMESTAMP NOT NULL)"
     )
     execute(f"INSERT INTO schema_version VALUES ({version}, 'v{version}', '2026-01-01 00:00:00')")
+
+
+def digits_summary(input_shape: list[int], rows: int) -> DatasetSummary:
+    """The stored summary of a digits-like data set (10 integer classes) of ``rows`` training rows."""
+    return DatasetSummary(
+        sha256="0" * 64,
+        size_bytes=1,
+        keys=DataKeys(),
+        arrays={},
+        rows={"train": rows},
+        input_shape=input_shape,
+        target="integer_labels",
+        num_classes=10,
+        classes=list(range(10)),
+        output_dim=10,
+    )

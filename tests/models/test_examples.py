@@ -7,13 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from support import digits_summary
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
 
 from models.build import build_model, compute_input_stats, needs_input_stats
-from models.data.summary import DataKeys, DatasetSummary
 from models.dryrun import dry_run
 from models.spec import parse_spec
 
@@ -37,22 +38,6 @@ def load(name: str) -> dict[str, Any]:
     return json.loads((EXAMPLES / f"{name}.json").read_text())
 
 
-def digits_summary(name: str, rows: int) -> DatasetSummary:
-    shape = [8, 8, 1] if name in IMAGE_EXAMPLES else [64]
-    return DatasetSummary(
-        sha256="0" * 64,
-        size_bytes=1,
-        keys=DataKeys(),
-        arrays={},
-        rows={"train": rows},
-        input_shape=shape,
-        target="integer_labels",
-        num_classes=10,
-        classes=list(range(10)),
-        output_dim=10,
-    )
-
-
 def test_every_family_has_an_example() -> None:
     assert sorted(p.stem for p in EXAMPLES.glob("*.json")) == sorted(NAMES)
     families = {load(n)["architecture"]["family"] for n in NAMES}
@@ -64,7 +49,7 @@ def test_every_family_has_an_example() -> None:
 def test_example_parses_dry_runs_builds_and_trains(name: str, digits: tuple[np.ndarray, ...]) -> None:
     x_train, y_train, _, _ = digits
     x, y = x_train[:200], y_train[:200]
-    summary = digits_summary(name, len(x))
+    summary = digits_summary([8, 8, 1] if name in IMAGE_EXAMPLES else [64], len(x))
     x = x.reshape(-1, *summary.input_shape)
     spec = parse_spec(load(name))
     result = dry_run(load(name), summary)

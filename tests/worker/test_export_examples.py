@@ -12,13 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from support import digits_summary
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
 
 from models.build import build_model, compute_input_stats, needs_input_stats
-from models.data.summary import DataKeys, DatasetSummary
 from models.spec import parse_spec
 from worker.trainer.modelops import export_model, load_model
 
@@ -39,28 +40,13 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x[:600], y[:600], x[-360:]
 
 
-def _summary(shape: list[int], rows: int) -> DatasetSummary:
-    return DatasetSummary(
-        sha256="0" * 64,
-        size_bytes=1,
-        keys=DataKeys(),
-        arrays={},
-        rows={"train": rows},
-        input_shape=shape,
-        target="integer_labels",
-        num_classes=10,
-        classes=list(range(10)),
-        output_dim=10,
-    )
-
-
 def _trained(name: str, digits: tuple[np.ndarray, ...]) -> tuple[Any, np.ndarray]:
     x_train, y_train, x_test = digits
     shape = [8, 8, 1] if name in IMAGE_EXAMPLES else [64]
     x_train, x_test = x_train.reshape(-1, *shape), x_test.reshape(-1, *shape)
     spec = parse_spec(json.loads((EXAMPLES / f"{name}.json").read_text()))
     stats = compute_input_stats(x_train) if needs_input_stats(spec) else None
-    model = build_model(spec, _summary(shape, len(x_train)), input_stats=stats)
+    model = build_model(spec, digits_summary(shape, len(x_train)), input_stats=stats)
     model.fit(x_train, y_train, epochs=2, batch_size=64, verbose=0)
     return model, x_test
 
